@@ -1,0 +1,178 @@
+"""TrainConfig: the one typed config that holds every training setting.
+
+The search spaces (search_spaces/*.yaml) name these same keys; results record the whole config.
+Defaults are the paper's (Khaireddin & Chen 2021, usef-kh/fer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .common import FerTuneError
+
+OPTIMIZERS = ("sgd", "sgd_nesterov", "asgd", "adam", "amsgrad", "adamw", "adadelta", "adagrad")
+SCHEDULERS = ("constant", "rlrp", "cosine", "cosine_wr", "onecycle", "step")
+CROPS_TRAIN = ("ten", "one")
+CROPS_TEST = ("ten", "center")
+PROTOCOLS = ("paper", "standard")
+AMP_MODES = ("auto", "off")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "vgg_variant"
+    width: float = 1.0
+    dropout: float = 0.2
+    weights: str = ""  # optional local state_dict to start from (never downloaded)
+    # optimizer
+    optimizer: str = "sgd_nesterov"
+    lr: float = 0.01
+    momentum: float = 0.9  # sgd-family only
+    weight_decay: float = 1e-4
+    # scheduler and its parameters
+    scheduler: str = "rlrp"
+    factor: float = 0.75  # rlrp: lr *= factor when val_acc plateaus
+    patience: int = 5  # rlrp
+    t_0: int = 10  # cosine_wr: first restart period (epochs)
+    t_mult: int = 1  # cosine_wr
+    step_size: int = 30  # step (epochs)
+    gamma: float = 0.1  # step
+    eta_min: float = 0.0  # cosine, cosine_wr: final lr
+    # data and loop
+    batch_size: int = 64
+    epochs: int = 300
+    train_crops: str = "ten"
+    test_crops: str = "ten"
+    erase_p: float = 0.5  # RandomErasing probability per crop (paper: 0.5)
+    protocol: str = "paper"
+    seed: int = 0
+    amp: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + GradScaler pre-Ampere); off: fp32
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        from .models import MODELS  # local import: models imports nothing from here
+
+        def choice(key: str, allowed: tuple[str, ...] | list[str]) -> None:
+            value = getattr(self, key)
+            if value not in allowed:
+                raise FerTuneError(f"config: {key}={value!r} is not one of {', '.join(allowed)}")
+
+        def positive(key: str, allow_zero: bool = False) -> None:
+            value = getattr(self, key)
+            if value < 0 or (value == 0 and not allow_zero):
+                raise FerTuneError(f"config: {key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+        choice("model", sorted(MODELS))
+        choice("optimizer", OPTIMIZERS)
+        choice("scheduler", SCHEDULERS)
+        choice("train_crops", CROPS_TRAIN)
+        choice("test_crops", CROPS_TEST)
+        choice("protocol", PROTOCOLS)
+        choice("amp", AMP_MODES)
+        for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size", "eval_batch_size"):
+            positive(key)
+        for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed"):
+            positive(key, allow_zero=True)
+        for key in ("dropout", "erase_p"):
+            if not 0.0 <= getattr(self, key) < 1.0 + (key == "erase_p"):
+                raise FerTuneError(f"config: {key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not 0.0 < self.factor < 1.0:
+            raise FerTuneError(f"config: factor must be in (0, 1), got {self.factor!r}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise FerTuneError(f"config: gamma must be in (0, 1], got {self.gamma!r}")
+
+    # -- conversion -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        unknown = sorted(set(data) - set(cls.keys()))
+        if unknown:
+            raise FerTuneError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are: {', '.join(cls.keys())}"
+            )
+        return cls(**{k: coerce(k, v, source=source) for k, v in data.items()})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FerTuneError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+            raise FerTuneError(f"config file {path} is not valid {path.suffix.lstrip('.')}: {exc}") from None
+        if not isinstance(data, dict):
+            raise FerTuneError(f"config file {path} must hold a mapping of key: value")
+        if "config" in data and isinstance(data["config"], dict):  # a metrics.json
+            data = data["config"]
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def with_overrides(self, assignments: list[str]) -> "TrainConfig":
+        """Apply `--set key=value` strings."""
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise FerTuneError(f"--set expects key=value, got {item!r}")
+            changes[key.strip()] = value.strip()
+        return TrainConfig.from_dict({**self.to_dict(), **changes}, source="--set")
+
+
+_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+
+
+def coerce(key: str, value: Any, *, source: str = "config") -> Any:
+    """Turn a value (maybe a string from --set or YAML) into the field's type, with a readable error."""
+    kind = _TYPES.get(key)
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value), 10) if isinstance(value, str) else int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise FerTuneError(f"{source}: {key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
+    return value
