@@ -1,0 +1,181 @@
+"""`fer-tune models | train | evaluate`: one run without Ray."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from .common import FerTuneError
+
+
+def run_environment(device) -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"fer_tune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": name, "threads": torch.get_num_threads()}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_models(args) -> int:
+    from .models import model_table
+
+    table = model_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(f"{'model':<18}{'parameters':>14}")
+        for row in table:
+            print(f"{row['name']:<18}{row['params']:>14,}")
+    return 0
+
+
+def cmd_train(args, load_data) -> int:
+    from .config import TrainConfig
+    from .evaluate import evaluate_model, format_report, saliency_sample
+    from .train import fit, load_checkpoint, model_from_checkpoint, save_checkpoint, select_device
+
+    out = Path(args.out)
+    last, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
+    checkpoint = None
+    if args.resume:
+        if not last.is_file():
+            raise FerTuneError(f"--resume: {last} does not exist; there is nothing to resume in {out}")
+        checkpoint = load_checkpoint(last)
+        cfg = TrainConfig.from_dict(checkpoint["config"], source=str(last))
+        if args.config:
+            raise FerTuneError("--resume continues the run with its saved config; use --set to change keys")
+        cfg = cfg.with_overrides(args.set or [])
+    else:
+        if metrics_path.exists() or last.exists():
+            raise FerTuneError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+        cfg = cfg.with_overrides(args.set or [])
+        if args.protocol:
+            cfg = cfg.replace(protocol=args.protocol)
+    data = load_data(args, cfg.protocol)
+    device = select_device(args.device)
+    env = run_environment(device)
+    record = {"config": cfg.to_dict(), "protocol": data.protocol, "data": data.describe(), "environment": env,
+              "seed": cfg.seed, "status": "running", "message": "", "history": [], "best": {}, "test": {}}
+    if checkpoint is not None:
+        old = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        old_fp = old.get("data", {}).get("fingerprint")
+        if old_fp and old_fp != data.fingerprint and not args.force:
+            raise FerTuneError(f"--resume: the data differ from the run's (fingerprint {old_fp} -> "
+                               f"{data.fingerprint}); pass --force to continue anyway")
+        if checkpoint["epoch"] >= cfg.epochs:
+            print(f"{out}: already trained {checkpoint['epoch']} of {cfg.epochs} epochs; "
+                  "raise epochs with --set epochs=N to train further", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    sizes = data.describe()["sizes"]
+    print(f"training {cfg.model} (width {cfg.width}) on {data.format} data [{data.protocol}: train "
+          f"{sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}] on {device}, "
+          f"epochs {checkpoint['epoch'] + 1 if checkpoint else 1}..{cfg.epochs}", file=sys.stderr)
+
+    def on_epoch(metrics: dict, state: dict | None) -> None:
+        if state is not None:
+            save_checkpoint(state, last)
+            if metrics["is_best"]:
+                save_checkpoint({**state, "rng": {}, "optimizer": {}, "scheduler": {}}, best_path)
+            record["history"], record["best"] = state["history"], state["best"]
+        write_json(metrics_path, record)
+
+    result = fit(cfg, data, device=device, checkpoint=checkpoint, on_epoch=on_epoch, progress=not args.quiet)
+    if result.checkpoint is not None:
+        record["history"], record["best"] = result.checkpoint["history"], result.checkpoint["best"]
+    record["status"], record["message"] = result.status, result.message
+    if result.status == "diverged":
+        write_json(metrics_path, record)
+        print(f"fer-tune: {result.message}", file=sys.stderr)
+        return 1
+    if best_path.exists():
+        model, _ = model_from_checkpoint(load_checkpoint(best_path), device)
+        images, labels = data.arrays("test")
+        record["test"] = evaluate_model(model, images, labels, device=device, crops=cfg.test_crops,
+                                        batch_size=cfg.eval_batch_size, amp=cfg.amp)
+        record["test"]["checkpoint"] = "best.pt"
+        record["test"]["epoch"] = record["best"]["epoch"]
+        record["test"]["saliency"] = saliency_sample(model, images, labels, out, device=device)
+        print(f"\nbest val accuracy {record['best']['val_acc']:.2f} % at epoch {record['best']['epoch']}; "
+              f"test ({data.protocol} protocol), best-val checkpoint:", file=sys.stderr)
+        print(format_report(record["test"]), file=sys.stderr)
+    write_json(metrics_path, record)
+    print(f"\nwrote {metrics_path}, {last}, {best_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args, load_data) -> int:
+    from .evaluate import evaluate_model, format_report, saliency_sample
+    from .train import load_checkpoint, model_from_checkpoint, select_device
+
+    state = load_checkpoint(args.checkpoint)
+    device = select_device(args.device)
+    model, cfg = model_from_checkpoint(state, device)
+    data = load_data(args, args.protocol or cfg.protocol)
+    images, labels = data.arrays(args.split)
+    result = evaluate_model(model, images, labels, device=device, crops=args.crops or cfg.test_crops,
+                            batch_size=cfg.eval_batch_size, amp=cfg.amp)
+    result.update({"checkpoint": str(args.checkpoint), "split": args.split, "protocol": data.protocol,
+                   "data": data.describe()})
+    if args.saliency:
+        result["saliency"] = saliency_sample(model, images, labels, args.saliency, device=device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.checkpoint} on {args.split} ({data.protocol} protocol, {data.format} data):")
+        print(format_report(result))
+        if args.saliency:
+            print(f"\nsaliency maps: {result['saliency']['png']}")
+    return 0
+
+
+def register(sub, parser_with, add_data_options, load_data) -> None:
+    p = parser_with(sub, "models", "list the models with their parameter counts", """
+        fer-tune models
+        fer-tune models --json
+    """)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = parser_with(sub, "train", "train one model without Ray (progress bar, checkpoints, metrics.json)", """
+        fer-tune train --set width=0.25 --set epochs=5 --out results/first-run
+        fer-tune train --data fer2013.csv --config my.yaml --out results/paper-run
+        fer-tune train --out results/paper-run --resume --set epochs=350
+    """)
+    add_data_options(p)
+    p.add_argument("--config", default=None, help="TrainConfig as .yaml or .json (default: the paper's settings)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--out", required=True, help="run directory (metrics.json, last.pt, best.pt)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--force", action="store_true", help="resume even if the data changed")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda a: cmd_train(a, load_data))
+
+    p = parser_with(sub, "evaluate", "evaluate a checkpoint: top-1/top-2, confusion, P/R/F1, saliency", """
+        fer-tune evaluate results/first-run/best.pt
+        fer-tune evaluate best.pt --data fer2013.csv --split test --json
+        fer-tune evaluate best.pt --saliency results/first-run/saliency
+    """)
+    p.add_argument("checkpoint", type=Path)
+    add_data_options(p)
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--crops", choices=("ten", "center"), default=None, help="test crops (default: the config's)")
+    p.add_argument("--saliency", default=None, metavar="DIR", help="also write saliency maps (PNG + npz) to DIR")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: cmd_evaluate(a, load_data))

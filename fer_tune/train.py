@@ -1,0 +1,298 @@
+"""fit(): the ONE epoch loop. `fer-tune train`, every Ray Tune trial and the final stage call it.
+
+It knows nothing about Ray. It takes a TrainConfig, the data (anything with ``.arrays(split)``), a device, an
+optional starting checkpoint and a callback ``on_epoch(metrics, checkpoint) -> bool | None`` called after every
+epoch (return False to stop). The data moves to the device once; batches are augmented there (fer_tune.augment).
+A checkpoint is a plain dict (model, optimizer, scheduler, AMP scaler, RNG states, epoch, history, best) that
+``save_checkpoint`` writes atomically and ``load_checkpoint`` reads with ``weights_only=True``; resuming from
+epoch k reproduces the uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import augment
+from .common import FerTuneError
+from .config import TrainConfig
+from .models import create_model, load_tensor_file
+from .optim import Scheduler, create_optimizer
+
+CHECKPOINT_FORMAT = 1
+
+
+class Arrays(Protocol):
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class FitResult:
+    status: str  # completed | stopped | diverged
+    message: str
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    checkpoint: dict | None = None  # the last epoch's checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device and precision
+# ---------------------------------------------------------------------------------------------------------
+def select_device(name: str | None = None) -> torch.device:
+    """'cuda', 'cpu', 'cuda:1' or None (CUDA when usable, else CPU)."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise FerTuneError(f"device {name!r} requested but CUDA is not available here")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        try:
+            torch.zeros(1, device="cuda")
+            return torch.device("cuda")
+        except RuntimeError:  # e.g. CUDA_VISIBLE_DEVICES set by Ray for a fake GPU resource
+            pass
+    return torch.device("cpu")
+
+
+def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler): bf16 on CUDA where supported, else fp16 + scaler; CPU fp32."""
+    if device.type != "cuda" or amp == "off":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = create_model(cfg.model, width=cfg.width, dropout=cfg.dropout, weights=cfg.weights or None)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    state = load_tensor_file(path, "checkpoint")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise FerTuneError(f"{path} is not a fer-tune checkpoint (no model/config in it)")
+    return state
+
+
+def model_from_checkpoint(state: dict, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
+    cfg = TrainConfig.from_dict({**state["config"], "weights": ""}, source="checkpoint config")
+    model = build_model(cfg, device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg
+
+
+def _cpu_state(sd: Any) -> Any:
+    if isinstance(sd, torch.Tensor):
+        return sd.detach().to("cpu", copy=True)
+    if isinstance(sd, dict):
+        return {k: _cpu_state(v) for k, v in sd.items()}
+    if isinstance(sd, (list, tuple)):
+        return type(sd)(_cpu_state(v) for v in sd)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation pass (used each epoch and by fer_tune.evaluate)
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(model, images: torch.Tensor, *, crops: str, batch_size: int, dtype=None) -> torch.Tensor:
+    """Logits averaged over the test crops (TenCrop as the paper), float32 (N, 7), on the images' device."""
+    model.eval()
+    n_crops = augment.crops_per_image(crops)
+    cl = images.device.type == "cuda"
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = augment.eval_batch(images[i : i + batch_size], crops)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(images.device, dtype):
+            logits = model(x)
+        out.append(logits.float().view(-1, n_crops, logits.shape[-1]).mean(1))
+    return torch.cat(out) if out else torch.zeros(0, 7, device=images.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------------
+def fit(
+    cfg: TrainConfig,
+    data: Arrays,
+    *,
+    device: torch.device | None = None,
+    checkpoint: dict | None = None,
+    on_epoch: Callable[[dict, dict], bool | None] | None = None,
+    progress: bool = False,
+    fail_at_epoch: int | None = None,
+) -> FitResult:
+    """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring."""
+    device = device or select_device()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype, use_scaler = precision(device, cfg.amp)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    x_train, y_train = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in data.arrays("train"))
+    x_val, y_val = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in data.arrays("val"))
+    n_train = len(y_train)
+    n_crops = augment.crops_per_image(cfg.train_crops)
+    bs = cfg.batch_size
+    # drop a last batch too small for BatchNorm in train mode
+    steps = n_train // bs + (1 if (n_train % bs) * n_crops >= 2 else 0)
+    if steps == 0:
+        raise FerTuneError(f"the train split has {n_train} images: too few for batch_size {bs}")
+
+    model = build_model(cfg, device)
+    optimizer = create_optimizer(cfg, model.parameters())
+    scheduler = Scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    history: list[dict] = []
+    best: dict = {}
+    start = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if rng.get("gen_device") == device.type:
+            gen.set_state(rng["gen"])
+        history = list(checkpoint.get("history", []))
+        best = dict(checkpoint.get("best", {}))
+        start = int(checkpoint["epoch"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=(cfg.epochs - start) * steps, unit="batch", dynamic_ncols=True, leave=True)
+    status, message, state = "completed", f"trained {cfg.epochs} epochs", checkpoint
+    try:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            if fail_at_epoch is not None and epoch == fail_at_epoch:
+                raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+            t0 = time.perf_counter()
+            lr = scheduler.lr
+            model.train()
+            perm = torch.randperm(n_train, generator=gen, device=device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for b in range(steps):
+                idx = perm[b * bs : (b + 1) * bs]
+                x = augment.train_batch(x_train[idx], gen, cfg.train_crops, cfg.erase_p)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y_train[idx].repeat_interleave(n_crops)
+                with autocast(device, dtype):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.after_batch()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if bar is not None:
+                    bar.update(1)
+            train_loss = float(loss_sum) / seen
+            if not math.isfinite(train_loss):
+                status = "diverged"
+                message = (f"training diverged at epoch {epoch}: the loss became {train_loss} "
+                           f"(lr {lr:g}, optimizer {cfg.optimizer}); try a smaller lr")
+                metrics = {"epoch": epoch, "train_loss": train_loss, "status": "diverged", "lr": lr}
+                if on_epoch is not None:
+                    on_epoch(metrics, None)
+                break
+            train_time = time.perf_counter() - t0
+            logits = predict_logits(model, x_val, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype)
+            val_loss = float(F.cross_entropy(logits, y_val))
+            val_acc = 100.0 * float((logits.argmax(1) == y_val).float().mean())
+            scheduler.after_epoch(val_acc)
+            seconds = time.perf_counter() - t0
+            is_best = not best or val_acc > best["val_acc"]
+            metrics = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": 100.0 * float(correct) / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": lr,
+                "epoch_seconds": seconds,
+                "images_per_s": n_train / train_time,
+            }
+            if is_best:
+                best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+            metrics.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best,
+                            "status": "running"})
+            history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg.to_dict(),
+                "epoch": epoch,
+                "model": _cpu_state(model.state_dict()),
+                "optimizer": _cpu_state(optimizer.state_dict()),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else {},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "gen": gen.get_state(),
+                    "gen_device": device.type,
+                },
+                "history": list(history),
+                "best": dict(best),
+            }
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.2f}",
+                                best=f"{best['val_acc']:.2f}")
+            if on_epoch is not None and on_epoch(metrics, state) is False:
+                status, message = "stopped", f"stopped by the caller after epoch {epoch}"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return FitResult(status, message, history, best, state)
