@@ -10,6 +10,10 @@ from pathlib import Path
 from .common import FerTuneError
 
 
+# keys a resumed run may change: they do not alter the model, optimizer or data the checkpoint was made with
+RESUME_CHANGEABLE = {"epochs", "threads", "eval_batch_size"}
+
+
 def run_environment(device) -> dict:
     import numpy
     import torch
@@ -58,6 +62,14 @@ def cmd_train(args, load_data) -> int:
         if args.config:
             raise FerTuneError("--resume continues the run with its saved config; use --set to change keys")
         cfg = cfg.with_overrides(args.set or [])
+        changed = sorted(k for k, v in cfg.to_dict().items() if checkpoint["config"].get(k) != v)
+        if set(changed) - RESUME_CHANGEABLE:
+            raise FerTuneError(f"--resume: {', '.join(changed)} cannot change in a resumed run (only "
+                               f"{', '.join(sorted(RESUME_CHANGEABLE))} can); start a new run with another --out")
+        if "epochs" in changed and cfg.scheduler in ("cosine", "onecycle"):
+            raise FerTuneError(f"--resume: scheduler {cfg.scheduler} shapes its whole schedule over the "
+                               f"{checkpoint['config']['epochs']} epochs it was started with, so epochs cannot "
+                               "change; train a fine-tune run from best.pt instead (--set weights=...)")
     else:
         if metrics_path.exists() or last.exists():
             raise FerTuneError(f"{out} already holds a run; pass --resume to continue it or choose another --out")

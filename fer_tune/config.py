@@ -86,6 +86,9 @@ class TrainConfig:
         for key in ("dropout", "erase_p"):
             if not 0.0 <= getattr(self, key) < 1.0 + (key == "erase_p"):
                 raise FerTuneError(f"config: {key} must be in [0, 1), got {getattr(self, key)!r}")
+        if self.optimizer == "sgd_nesterov" and self.momentum <= 0:
+            raise FerTuneError("config: optimizer sgd_nesterov needs momentum > 0 (Nesterov momentum); "
+                               "use optimizer sgd for plain SGD")
         if not 0.0 < self.factor < 1.0:
             raise FerTuneError(f"config: factor must be in (0, 1), got {self.factor!r}")
         if not 0.0 < self.gamma <= 1.0:

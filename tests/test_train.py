@@ -1,0 +1,222 @@
+"""The training loop, checkpoints, divergence, evaluation metrics and the train/evaluate/models commands."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fer_tune import data as fdata
+from fer_tune.cli import main
+from fer_tune.common import EMOTIONS, FerTuneError
+from fer_tune.config import TrainConfig
+from fer_tune.evaluate import metrics_from_logits
+from fer_tune.train import fit, load_checkpoint, save_checkpoint
+
+CPU = torch.device("cpu")
+TINY = dict(width=0.0625, train_crops="one", test_crops="center", batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return fdata.load("synthetic:400", "paper")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_learns_the_synthetic_faces():
+    d = fdata.load("synthetic:3000", "paper")
+    y_val = d.arrays("val")[1]
+    majority = 100 * np.bincount(y_val).max() / len(y_val)
+    cfg = TrainConfig(width=0.125, epochs=5, lr=0.02, dropout=0.0, train_crops="one", test_crops="center",
+                      batch_size=32)
+    r = fit(cfg, d, device=CPU)
+    assert r.status == "completed" and [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5]
+    for h in r.history:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"} <= set(h)
+        assert 0 <= h["val_acc"] <= 100 and h["images_per_s"] > 0
+    assert r.best["val_acc"] == max(h["val_acc"] for h in r.history)
+    assert r.best["val_acc"] > majority + 15, (majority, [h["val_acc"] for h in r.history])
+
+
+@pytest.mark.parametrize("scheduler,crops", [("rlrp", "ten"), ("onecycle", "one"), ("cosine_wr", "one")])
+def test_resume_gives_the_same_weights(small, scheduler, crops):
+    cfg = TrainConfig(**{**TINY, "train_crops": crops}, epochs=3, scheduler=scheduler, patience=0, t_0=1)
+    straight = fit(cfg, small, device=CPU)
+    # an interrupted run: the caller stops it after epoch 1, then it resumes from that checkpoint
+    first = fit(cfg, small, device=CPU, on_epoch=lambda m, s: m["epoch"] < 1)
+    assert first.status == "stopped" and first.checkpoint["epoch"] == 1
+    resumed = fit(cfg, small, device=CPU, checkpoint=first.checkpoint)
+    a, b = straight.checkpoint["model"], resumed.checkpoint["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    timing = ("epoch_seconds", "images_per_s")
+    strip = lambda hist: [{k: v for k, v in h.items() if k not in timing} for h in hist]  # noqa: E731
+    assert strip(straight.history) == strip(resumed.history)
+
+
+def test_checkpoint_round_trip_through_a_file(small, tmp_path):
+    cfg = TrainConfig(**TINY, epochs=2)
+    straight = fit(cfg, small, device=CPU)
+    first = fit(cfg.replace(epochs=1), small, device=CPU)
+    save_checkpoint(first.checkpoint, tmp_path / "last.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+    resumed = fit(cfg, small, device=CPU, checkpoint=load_checkpoint(tmp_path / "last.pt"))
+    for k, v in straight.checkpoint["model"].items():
+        assert torch.equal(v, resumed.checkpoint["model"][k]), k
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FerTuneError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FerTuneError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(FerTuneError, match="not a fer-tune checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_divergence_is_a_result_not_a_crash(small):
+    seen = []
+    cfg = TrainConfig(**TINY, epochs=3, optimizer="sgd", momentum=0.0, lr=1e6)
+    r = fit(cfg, small, device=CPU, on_epoch=lambda m, s: seen.append((m, s)))
+    assert r.status == "diverged" and "diverged at epoch 1" in r.message and "smaller lr" in r.message
+    assert r.history == [] and r.checkpoint is None
+    assert len(seen) == 1 and seen[0][0]["status"] == "diverged" and seen[0][1] is None
+
+
+def test_caller_can_stop_early(small):
+    r = fit(TrainConfig(**TINY, epochs=5), small, device=CPU, on_epoch=lambda m, s: m["epoch"] < 2)
+    assert r.status == "stopped" and len(r.history) == 2 and r.checkpoint["epoch"] == 2
+
+
+def test_too_small_train_split():
+    class Tiny:
+        def arrays(self, split):
+            return np.zeros((1, 48, 48), np.uint8), np.zeros(1, np.int64)
+
+    with pytest.raises(FerTuneError, match="too few"):
+        fit(TrainConfig(**{**TINY, "batch_size": 64}, epochs=1), Tiny(), device=CPU)
+
+
+def test_metrics_on_a_hand_made_case():
+    # 4 images: true 0,0,1,3. predictions (argmax) 0,1,1,2; second choices 1,0,0,3
+    logits = torch.full((4, 7), -5.0)
+    for i, (p1, p2) in enumerate([(0, 1), (1, 0), (1, 0), (2, 3)]):
+        logits[i, p1], logits[i, p2] = 5.0, 1.0
+    m = metrics_from_logits(logits, torch.tensor([0, 0, 1, 3]))
+    assert m["n"] == 4 and m["top1"] == 50.0 and m["top2"] == 100.0
+    conf = np.zeros((7, 7), int)
+    conf[0, 0], conf[0, 1], conf[1, 1], conf[3, 2] = 1, 1, 1, 1
+    assert m["confusion"] == conf.tolist()
+    pc = m["per_class"]
+    assert list(pc) == list(EMOTIONS)
+    assert pc["angry"] == pytest.approx({"precision": 100.0, "recall": 50.0, "f1": 200 / 3, "support": 2})
+    assert pc["disgust"] == pytest.approx({"precision": 50.0, "recall": 100.0, "f1": 200 / 3, "support": 1})
+    assert pc["happy"] == pytest.approx({"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1})
+    assert pc["fear"]["support"] == 0
+    # macro F1 over the classes present in the labels (angry, disgust, happy)
+    assert m["macro_f1"] == pytest.approx((200 / 3 + 200 / 3 + 0) / 3)
+    expected_loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0, 1, 3])).item()
+    assert m["loss"] == pytest.approx(expected_loss)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(FerTuneError, match="optimizer='rmsprop' is not one of"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(FerTuneError, match="dropout must be in"):
+        TrainConfig().with_overrides(["dropout=1.5"])
+    with pytest.raises(FerTuneError, match="sgd_nesterov needs momentum"):
+        TrainConfig(momentum=0.0)
+
+
+def test_models_command(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    table = {row["name"]: row["params"] for row in json.loads(out)}
+    assert code == 0 and table["vgg_variant"] == 29_890_759
+    assert set(table) == {"vgg_variant", "vgg16", "resnet50", "efficientnet_b3"}
+
+
+def test_train_and_evaluate_commands_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = ["train", "--data", "synthetic:1500", "--out", str(out_dir), "--quiet",
+            "--set", "width=0.125", "--set", "epochs=3", "--set", "lr=0.02", "--set", "dropout=0",
+            "--set", "train_crops=one", "--set", "batch_size=32"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert "Traceback" not in err and "best val accuracy" in err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["protocol"] == "paper" and m["config"]["width"] == 0.125
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    sizes = m["data"]["sizes"]
+    assert sizes["test"] == 150 and sizes["train"] + sizes["val"] == 1350
+    test = m["test"]
+    assert test["crops"] == "ten" and test["n"] == 150 and test["epoch"] == m["best"]["epoch"]
+    conf = np.array(test["confusion"])
+    assert conf.sum() == 150
+    majority = 100 * conf.sum(1).max() / 150  # always guessing the most frequent class
+    assert test["top1"] > majority + 3 and test["top2"] >= test["top1"]
+    assert Path(test["saliency"]["png"]).is_file() and Path(test["saliency"]["npz"]).is_file()
+    assert test["saliency"]["n"] == sum(min(4, n) for n in conf.sum(1))  # 4 per class where there are 4
+    assert {p.name for p in out_dir.iterdir()} >= {"metrics.json", "config.json", "last.pt", "best.pt"}
+
+    # evaluate gives the same numbers as the metrics.json test block
+    code, out, err = run(capsys, "evaluate", str(out_dir / "best.pt"), "--data", "synthetic:1500", "--json")
+    assert code == 0, err
+    ev = json.loads(out)
+    assert ev["top1"] == pytest.approx(test["top1"]) and ev["confusion"] == test["confusion"]
+
+    # the same --out again is refused; resume can only extend
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already holds a run" in err
+    code, _, err = run(capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume",
+                       "--set", "lr=0.1", "--quiet")
+    assert code == 2 and "lr cannot change" in err
+    code, _, err = run(capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume",
+                       "--set", "epochs=4", "--quiet")
+    assert code == 0, err
+    m2 = json.loads((out_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in m2["history"]] == [1, 2, 3, 4]
+    assert m2["history"][:3] == m["history"]
+    code, _, err = run(capsys, "train", "--data", "synthetic:1600", "--out", str(out_dir), "--resume",
+                       "--set", "epochs=5", "--quiet")
+    assert code == 2 and "data differ" in err
+
+
+def test_train_command_reports_divergence(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", "synthetic:300", "--out", str(tmp_path / "d"), "--quiet",
+                       "--set", "width=0.0625", "--set", "optimizer=sgd", "--set", "momentum=0",
+                       "--set", "lr=1e6", "--set", "train_crops=one", "--set", "epochs=2")
+    assert code == 1 and "diverged" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--out", "X", "--set", "nope=1"], "unknown key(s) nope"),
+    (["train", "--out", "X", "--set", "lr"], "expects key=value"),
+    (["train", "--out", "X", "--set", "lr=abc"], "lr"),
+    (["train", "--out", "X", "--resume"], "nothing to resume"),
+    (["train", "--out", "X", "--config", "missing.yaml"], "missing.yaml"),
+    (["evaluate", "missing.pt"], "does not exist"),
+])
+def test_cli_user_errors(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def test_resume_cannot_stretch_a_fixed_length_schedule(tmp_path, capsys):
+    base = ["train", "--data", "synthetic:300", "--out", str(tmp_path / "oc"), "--quiet"]
+    code, _, err = run(capsys, *base, "--set", "width=0.0625", "--set", "scheduler=onecycle",
+                       "--set", "train_crops=one", "--set", "test_crops=center", "--set", "epochs=1")
+    assert code == 0, err
+    code, _, err = run(capsys, *base, "--resume", "--set", "epochs=2")
+    assert code == 2 and "onecycle shapes its whole schedule" in err
