@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("""
             fer-tune data check ../shared/datasets/fer2013
             fer-tune train --set width=0.25 --set epochs=5 --out results/first-run
+            fer-tune sweep search_spaces/smoke.yaml
+            fer-tune status results/smoke
             fer-tune <command> --help
         """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_train
 
     cli_train.register(sub, _parser_with, _add_data_options, _load_data)
+    from . import cli_study
+
+    cli_study.register(sub, _parser_with, _load_data)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""`fer-tune sweep | resume | extend | status`: studies on Ray Tune + Optuna."""
+
+from __future__ import annotations
+
+import json
+
+
+def _loader(args, load_data):
+    """(source, protocol) -> FerData with this command's cache / resize / skip-bad-rows options."""
+
+    def load(source: str, protocol: str):
+        args.data = source
+        return load_data(args, protocol)
+
+    return load
+
+
+def _data_options(p) -> None:
+    p.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default ~/.cache/fer-tune)")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 48x48 instead of refusing them")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
+
+
+def _common(p) -> None:
+    p.add_argument("--address", default=None, help="join a running Ray cluster (auto, ray://HOST:10001); default: "
+                                                   "start a local Ray")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+
+
+def cmd_sweep(args, load_data) -> int:
+    from .study import sweep
+
+    data_arg = args.data
+    return sweep(args.space, data_arg=data_arg, name=args.name, results=args.results, storage=args.storage,
+                 address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                 gpus=args.gpus_per_trial, cpus=args.cpus_per_trial, quiet=args.quiet,
+                 loader=_loader(args, load_data))
+
+
+def cmd_resume(args, load_data) -> int:
+    from .study import resume
+
+    return resume(args.study, force=args.force, address=args.address, quiet=args.quiet,
+                  loader=_loader(args, load_data))
+
+
+def cmd_extend(args, load_data) -> int:
+    from .study import extend
+
+    return extend(args.study, num_samples=args.num_samples, force=args.force, address=args.address,
+                  quiet=args.quiet, loader=_loader(args, load_data))
+
+
+def cmd_status(args) -> int:
+    from .study import read_study
+    from .trials import status_summary
+
+    record = read_study(args.study)
+    s = status_summary(args.study, record)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    metric = s["metric"]
+    print(f"study {s['name']} ({s['directory']}): {s['finished']}/{s['num_samples']} trials finished "
+          f"({', '.join(f'{n} {k}' for k, n in sorted(s['states'].items())) or 'none yet'}); "
+          f"{s['epochs_trained']} epochs trained, {s['device_hours']:.3f} device-hours")
+    params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
+    widths = [max(len(p) - 6, 10) for p in params]
+    print(f"{'#':>4} {'status':<10}{'epochs':>7}{'best ' + metric:>14}  "
+          + " ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)))
+    for r in s["rows"]:
+        best = f"{r['best_' + metric]:.2f}" if r["best_" + metric] != "" else "-"
+        vals = " ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths))
+        print(f"{r['number']:>4} {r['status']:<10}{r['epochs']:>7}{best:>14}  {vals}")
+    if s["best"]:
+        b = s["best"]
+        print(f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})")
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v) if v != "" else "-"
+
+
+def register(sub, parser_with, load_data) -> None:
+    p = parser_with(sub, "sweep", "run a hyperparameter study (Ray Tune trials, Optuna search, early stopping)", """
+        fer-tune sweep search_spaces/smoke.yaml
+        fer-tune sweep search_spaces/joint.yaml --data ../shared/datasets/fer2013 --gpus-per-trial 0.25
+        fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --name joint-a
+    """)
+    p.add_argument("space", help="search space YAML (see search_spaces/)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="dataset (default: the space's data.path, else synthetic)")
+    p.add_argument("--name", default=None, help="study name (default: the space's name); results go to RESULTS/NAME")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--storage", default=None, metavar="DIR|URI",
+                   help="Optuna storage: a directory for optuna.db, a SQLAlchemy URL, or env:VAR holding one "
+                        "(default: RESULTS/NAME/optuna.db)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25 = 4 per GPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    _common(p)
+    _data_options(p)
+    p.set_defaults(func=lambda a: cmd_sweep(a, load_data))
+
+    p = parser_with(sub, "resume", "continue an interrupted study where it stopped", """
+        fer-tune resume results/joint
+        fer-tune resume results/joint --force     # even though the space file or data changed
+    """)
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--force", action="store_true", help="resume although the recorded fingerprint changed")
+    _common(p)
+    _data_options(p)
+    p.set_defaults(func=lambda a: cmd_resume(a, load_data))
+
+    p = parser_with(sub, "extend", "add trials to a finished study, informed by all earlier ones", """
+        fer-tune extend results/joint --num-samples 16
+    """)
+    p.add_argument("study")
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--force", action="store_true")
+    _common(p)
+    _data_options(p)
+    p.set_defaults(func=lambda a: cmd_extend(a, load_data))
+
+    p = parser_with(sub, "status", "trials, states, best result and device-hours of a study", """
+        fer-tune status results/joint
+        fer-tune status results/joint --json
+    """)
+    p.add_argument("study")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)

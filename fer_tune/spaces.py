@@ -1,0 +1,371 @@
+"""Search spaces: search_spaces/*.yaml -> a validated StudySpec -> an Optuna define-by-run function.
+
+A space file (every key but ``space`` is optional; defaults shown)::
+
+    name: joint                       # default: the file name
+    description: what it reproduces
+    metric: val_acc                   # any per-epoch metric a trial reports
+    mode: max                         # max | min
+    sampler: tpe                      # tpe | random | grid | cmaes | qmc
+    seed: 0
+    num_samples: 20                   # grid: default (and at most) the grid size
+    max_epochs: 30                    # every trial's TrainConfig.epochs
+    early_stopping: {type: asha, grace_period: 2, reduction_factor: 3}   # asha | median | none
+    resources: {cpu: 1, gpu: 0}       # per trial; gpu may be a fraction (0.25 = four trials per GPU)
+    data: {path: synthetic:1500, protocol: paper}                       # default: --data, else synthetic
+    fixed: {width: 0.5, train_crops: one}                               # TrainConfig keys for every trial
+    space:
+      optimizer: {type: categorical, choices: [sgd_nesterov, adam]}
+      lr: {type: float, low: 1.0e-4, high: 0.1, log: true}
+      momentum: {type: float, low: 0.5, high: 0.99, when: {optimizer: [sgd, sgd_nesterov]}}
+      batch_size: {type: int, low: 32, high: 128, step: 32}
+      dropout: 0.3                    # a plain value: fixed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import FerTuneError
+from .config import TrainConfig, coerce
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+STOPPERS = ("asha", "median", "none")
+PARAM_TYPES = ("categorical", "float", "int", "fixed")
+TOP_KEYS = ("name", "description", "metric", "mode", "sampler", "seed", "num_samples", "max_epochs",
+            "early_stopping", "resources", "data", "fixed", "space")
+# keys a space may not set per trial: the data protocol belongs to `data`, the length to `max_epochs`
+NOT_SEARCHABLE = ("protocol", "epochs")
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    choices: list = field(default_factory=list)  # categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    value: Any = None  # fixed
+    when: dict[str, list] = field(default_factory=dict)  # {earlier param: [values that enable this one]}
+
+    def to_dict(self) -> dict:
+        keep = {"categorical": ("choices",), "float": ("low", "high", "log", "step"), "int": ("low", "high", "log",
+                "step"), "fixed": ("value",)}[self.type]
+        out = {"type": self.type, **{k: getattr(self, k) for k in keep if getattr(self, k) not in (None, False)}}
+        if self.when:
+            out["when"] = self.when
+        return out
+
+
+@dataclass
+class StudySpec:
+    name: str
+    description: str = ""
+    metric: str = "val_acc"
+    mode: str = "max"
+    sampler: str = "tpe"
+    seed: int = 0
+    num_samples: int = 10
+    max_epochs: int = 10
+    early_stopping: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    data: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    space: dict[str, Param] = field(default_factory=dict)
+    source: str = ""
+    text: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def base_config(self) -> dict:
+        """The TrainConfig every trial starts from: defaults + fixed + epochs = max_epochs."""
+        return TrainConfig.from_dict({**self.fixed, "epochs": self.max_epochs}, source=self.source).to_dict()
+
+    def grid(self) -> dict[str, list]:
+        return {p.name: list(p.choices) for p in self.space.values() if p.type == "categorical"}
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.grid().values())
+
+    def trial_config(self, params: dict) -> TrainConfig:
+        return TrainConfig.from_dict({**self.base_config(), **params}, source=f"{self.source}: trial params")
+
+    def define_by_run(self) -> Callable:
+        """The Optuna define-by-run function: suggests the searched params, returns the fixed ones."""
+        params = list(self.space.values())
+
+        def define(trial) -> dict:
+            chosen: dict[str, Any] = {}
+            constants: dict[str, Any] = {}
+            for p in params:
+                if any(chosen.get(k, constants.get(k)) not in vals for k, vals in p.when.items()):
+                    continue
+                if p.type == "fixed":
+                    constants[p.name] = p.value
+                elif p.type == "categorical":
+                    chosen[p.name] = trial.suggest_categorical(p.name, p.choices)
+                elif p.type == "float":
+                    chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+                else:
+                    chosen[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=p.step or 1)
+            return constants
+
+        return define
+
+    def make_sampler(self, seed: int | None = None):
+        import optuna
+
+        seed = self.seed if seed is None else seed
+        if self.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, self.num_samples // 4)),
+                                              constant_liar=True)
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler == "grid":
+            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if self.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "metric": self.metric, "mode": self.mode,
+                "sampler": self.sampler, "seed": self.seed, "num_samples": self.num_samples,
+                "max_epochs": self.max_epochs, "early_stopping": self.early_stopping, "resources": self.resources,
+                "data": self.data, "fixed": self.fixed, "space": {k: p.to_dict() for k, p in self.space.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading and validation
+# ---------------------------------------------------------------------------------------------------------
+def load_space(path: str | Path) -> StudySpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        builtin = Path(__file__).resolve().parents[1] / "search_spaces"
+        if builtin.is_dir():
+            hint = f" (shipped spaces: {', '.join(sorted(p.name for p in builtin.glob('*.yaml')))} in {builtin})"
+        raise FerTuneError(f"search space file {path} does not exist{hint}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FerTuneError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_space(raw, source=str(path), text=text, default_name=path.stem)
+
+
+def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "study") -> StudySpec:
+    def err(msg: str) -> FerTuneError:
+        return FerTuneError(f"{source}: {msg}")
+
+    if not isinstance(raw, dict):
+        raise err("a search space file must be a mapping with at least a `space:` key")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise err(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
+
+    def get(key, kind, default, check=None, what=""):
+        value = raw.get(key, default)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise err(f"{key} must be an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise err(f"{key} must be a string, got {value!r}")
+        if kind is dict and not isinstance(value, dict):
+            raise err(f"{key} must be a mapping, got {value!r}")
+        if check is not None and not check(value):
+            raise err(f"{key}={value!r}: {what}")
+        return value
+
+    spec = StudySpec(name=get("name", str, default_name, lambda v: v.strip() and "/" not in v, "must be a "
+                              "non-empty name without '/'"), source=source, text=text)
+    spec.description = get("description", str, "")
+    spec.mode = get("mode", str, "max", lambda v: v in ("max", "min"), "must be max or min")
+    spec.metric = get("metric", str, "val_acc", lambda v: v in METRICS, f"must be one of {', '.join(METRICS)}")
+    spec.sampler = get("sampler", str, "tpe", lambda v: v in SAMPLERS, f"must be one of {', '.join(SAMPLERS)}")
+    spec.seed = get("seed", int, 0, lambda v: v >= 0, "must be >= 0")
+    spec.max_epochs = get("max_epochs", int, 10, lambda v: v >= 1, "must be >= 1")
+    spec.fixed = _parse_fixed(get("fixed", dict, {}), err)
+    spec.space = _parse_params(raw.get("space"), err)
+    spec.data = _parse_data(get("data", dict, {}), err)
+    spec.resources = _parse_resources(get("resources", dict, {}), err)
+    spec.early_stopping = _parse_stopping(get("early_stopping", dict, {"type": "asha"}), spec.max_epochs, err)
+
+    if spec.sampler == "grid":
+        bad = [p.name for p in spec.space.values() if p.type in ("float", "int")]
+        if bad:
+            raise err(f"sampler grid needs categorical parameters; {', '.join(bad)} are ranges "
+                      "(list the values as `choices:`)")
+        cond = [p.name for p in spec.space.values() if p.when and p.type == "categorical"]
+        if cond:
+            raise err(f"sampler grid cannot search conditional parameters ({', '.join(cond)}); give them fixed "
+                      "values or split the grid into several files")
+        size = spec.grid_size()
+        spec.num_samples = get("num_samples", int, size, lambda v: 1 <= v <= size,
+                               f"must be 1..{size} (the grid has {size} points)")
+    else:
+        spec.num_samples = get("num_samples", int, 10, lambda v: v >= 1, "must be >= 1")
+        if not any(p.type != "fixed" for p in spec.space.values()):
+            raise err(f"sampler {spec.sampler}: the space has nothing to search (only fixed values)")
+    if spec.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise err("sampler cmaes needs the `cmaes` package (pip install cmaes)") from None
+
+    # every value the space can produce must make a valid TrainConfig (names, ranges), checked now, not in trial 7
+    base = spec.base_config()
+    for p in spec.space.values():
+        values = {"categorical": p.choices, "fixed": [p.value], "float": [p.low, p.high], "int": [p.low, p.high]}
+        for v in values[p.type]:
+            try:
+                TrainConfig.from_dict({**base, p.name: v}, source="")
+            except FerTuneError as exc:
+                raise err(f"space.{p.name}: value {v!r} is invalid ({str(exc).removeprefix('config: ')})") from None
+    return spec
+
+
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc")
+
+
+def _parse_fixed(fixed: dict, err) -> dict:
+    bad = [k for k in fixed if k in NOT_SEARCHABLE]
+    if bad:
+        raise err(f"fixed.{bad[0]}: set {'max_epochs' if bad[0] == 'epochs' else 'data.protocol'} instead")
+    unknown = [k for k in fixed if k not in TrainConfig.keys()]
+    if unknown:
+        raise err(f"fixed: unknown training key(s) {', '.join(unknown)}; valid: {', '.join(TrainConfig.keys())}")
+    try:
+        return {k: coerce(k, v, source=f"fixed.{k}") for k, v in fixed.items()}
+    except FerTuneError as exc:
+        raise err(str(exc)) from None
+
+
+def _parse_params(space: Any, err) -> dict[str, Param]:
+    if not isinstance(space, dict) or not space:
+        raise err("`space:` must be a non-empty mapping of training key -> parameter")
+    out: dict[str, Param] = {}
+    for name, body in space.items():
+        where = f"space.{name}"
+        if name in NOT_SEARCHABLE:
+            raise err(f"{where}: {name} cannot be searched ({'max_epochs sets it' if name == 'epochs' else 'set data.protocol'})")
+        if name not in TrainConfig.keys():
+            raise err(f"{where}: unknown training key; valid: {', '.join(TrainConfig.keys())}")
+        if not isinstance(body, dict):
+            body = {"type": "fixed", "value": body}
+        body = dict(body)
+        kind = body.pop("type", None)
+        if kind not in PARAM_TYPES:
+            raise err(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+        when = body.pop("when", {}) or {}
+        if not isinstance(when, dict):
+            raise err(f"{where}.when must be a mapping like {{optimizer: [sgd, sgd_nesterov]}}")
+        for key, vals in list(when.items()):
+            if key not in out:
+                raise err(f"{where}.when: {key!r} must be a parameter defined above {name}")
+            when[key] = vals if isinstance(vals, list) else [vals]
+        allowed = {"categorical": {"choices"}, "float": {"low", "high", "log", "step"},
+                   "int": {"low", "high", "log", "step"}, "fixed": {"value"}}[kind]
+        extra = sorted(set(body) - allowed)
+        if extra:
+            raise err(f"{where}: unknown field(s) {', '.join(extra)} for type {kind} (allowed: {', '.join(sorted(allowed))})")
+        p = Param(name=name, type=kind, when=when)
+        if kind == "categorical":
+            choices = body.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise err(f"{where}.choices must be a non-empty list")
+            if len(set(map(repr, choices))) != len(choices):
+                raise err(f"{where}.choices has duplicates: {choices}")
+            try:
+                p.choices = [coerce(name, c, source=where) for c in choices]
+            except FerTuneError as exc:
+                raise err(str(exc)) from None
+        elif kind == "fixed":
+            if "value" not in body:
+                raise err(f"{where}: a fixed parameter needs `value:`")
+            p.value = coerce(name, body["value"], source=where)
+        else:
+            num = int if kind == "int" else (int, float)
+            for k in ("low", "high"):
+                if k not in body or isinstance(body[k], bool) or not isinstance(body[k], num):
+                    raise err(f"{where}.{k} must be {'an integer' if kind == 'int' else 'a number'}, got {body.get(k)!r}")
+            p.low, p.high = body["low"], body["high"]
+            p.log = bool(body.get("log", False))
+            p.step = body.get("step")
+            if not p.low < p.high:
+                raise err(f"{where}: low ({p.low}) must be below high ({p.high})")
+            if p.log and p.low <= 0:
+                raise err(f"{where}: log scale needs low > 0, got {p.low}")
+            if p.log and p.step is not None and kind == "float":
+                raise err(f"{where}: log and step cannot be combined")
+            if p.step is not None and (isinstance(p.step, bool) or not isinstance(p.step, num) or p.step <= 0):
+                raise err(f"{where}.step must be a positive {'integer' if kind == 'int' else 'number'}")
+            if _TYPE_OF.get(name) == "int" and kind == "float":
+                raise err(f"{where}: {name} is an integer setting; use type int")
+            if _TYPE_OF.get(name) not in ("int", "float"):
+                raise err(f"{where}: {name} is not numeric; use type categorical")
+        out[name] = p
+    return out
+
+
+_TYPE_OF = {k: type(v).__name__ for k, v in TrainConfig().to_dict().items()}
+
+
+def _parse_data(data: dict, err) -> dict:
+    unknown = sorted(set(data) - {"path", "protocol"})
+    if unknown:
+        raise err(f"data: unknown key(s) {', '.join(unknown)} (allowed: path, protocol)")
+    if "protocol" in data and data["protocol"] not in ("paper", "standard"):
+        raise err(f"data.protocol must be paper or standard, got {data['protocol']!r}")
+    if "path" in data and not isinstance(data["path"], str):
+        raise err(f"data.path must be a string, got {data['path']!r}")
+    return dict(data)
+
+
+def _parse_resources(res: dict, err) -> dict:
+    unknown = sorted(set(res) - {"cpu", "gpu"})
+    if unknown:
+        raise err(f"resources: unknown key(s) {', '.join(unknown)} (allowed: cpu, gpu)")
+    out = {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise err(f"resources.{k} must be a number >= 0, got {v!r}")
+    if out["cpu"] == 0 and out["gpu"] == 0:
+        raise err("resources: a trial needs cpu > 0 or gpu > 0")
+    if out["gpu"] > 1 and out["gpu"] != int(out["gpu"]):
+        raise err(f"resources.gpu: above 1 it must be a whole number of GPUs, got {out['gpu']}")
+    return out
+
+
+def _parse_stopping(es: dict, max_epochs: int, err) -> dict:
+    kind = es.get("type", "asha")
+    if kind == "pbt":
+        raise err("early_stopping.type pbt is not supported: PBT mutates configs itself and cannot share trials "
+                  "with an Optuna searcher; use asha or median")
+    if kind not in STOPPERS:
+        raise err(f"early_stopping.type must be one of {', '.join(STOPPERS)}, got {kind!r}")
+    allowed = {"asha": {"type", "grace_period", "reduction_factor"}, "median": {"type", "grace_period"},
+               "none": {"type"}}[kind]
+    extra = sorted(set(es) - allowed)
+    if extra:
+        raise err(f"early_stopping: unknown field(s) {', '.join(extra)} for {kind} (allowed: {', '.join(sorted(allowed))})")
+    out = {"type": kind}
+    if kind in ("asha", "median"):
+        g = es.get("grace_period", 1)
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max_epochs:
+            raise err(f"early_stopping.grace_period must be an integer in 1..max_epochs ({max_epochs}), got {g!r}")
+        out["grace_period"] = g
+    if kind == "asha":
+        rf = es.get("reduction_factor", 2)
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
+            raise err(f"early_stopping.reduction_factor must be a number > 1, got {rf!r}")
+        out["reduction_factor"] = rf
+    return out

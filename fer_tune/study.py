@@ -1,0 +1,555 @@
+"""The study engine: a search space + data -> a Ray Tune experiment driven by Optuna, resumable and extendable.
+
+results/NAME/
+    study.json      what was launched: spec, data source, Optuna storage, runs, fingerprint
+    space.yaml      a copy of the space file as launched
+    optuna.db       the Optuna study (sqlite, unless --storage points elsewhere)
+    tune/           Ray's experiment directory of the sweep (trial dirs, checkpoints, experiment state)
+    extend-1/ ...   one Ray experiment per `fer-tune extend`
+    trials.csv      one row per trial, rewritten at the end of every run and by `status`
+
+Every trial runs fer_tune.train.fit; the few lines in `_trial` turn its per-epoch callback into
+`ray.tune.report(metrics, checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import FerTuneError
+from .spaces import StudySpec, load_space, parse_space
+from .trials import write_trials_csv
+
+STUDY_FILE = "study.json"
+SNAPSHOT_S = "3"  # TUNE_GLOBAL_CHECKPOINT_S: a crash redoes at most a few seconds of bookkeeping
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trial: fit() inside Ray Tune
+# ---------------------------------------------------------------------------------------------------------
+class _Splits:
+    """The uint8 arrays from Ray's object store (read-only, shared by the trials of a node)."""
+
+    def __init__(self, arrays: dict):
+        self._arrays = arrays
+
+    def arrays(self, split: str):
+        return self._arrays[split]
+
+
+def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = "") -> None:
+    import ray
+    import torch
+    from ray import tune
+
+    from .config import TrainConfig
+    from .train import fit, load_checkpoint, save_checkpoint, select_device
+
+    cfg = TrainConfig.from_dict({**base, **config}, source="trial config")
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / "state.pt")
+    fail_at = None
+    if crash:  # test hook "MARKER_FILE:EPOCH": the first trial to get here crashes once at EPOCH
+        marker, _, epoch = crash.rpartition(":")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, tune.get_context().get_trial_id().encode())
+            os.close(fd)
+            fail_at = int(epoch)
+        except FileExistsError:
+            pass
+    start_epoch = int(state["epoch"]) if state else 0
+    node = ray.util.get_node_ip_address()
+    device = select_device()
+
+    def on_epoch(metrics: dict, st: dict | None):
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        out.update(node=node, device=str(device), start_epoch=start_epoch)
+        if st is None:  # diverged: no checkpoint, the study goes on
+            out.setdefault("val_acc", 0.0)
+            out["device_seconds"] = 0.0
+            tune.report(out)
+            return False
+        out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st["history"])
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(st, Path(d) / "state.pt")
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+        return None
+
+    torch.set_num_threads(cfg.threads)
+    fit(cfg, data=_Splits(data), device=device, checkpoint=state, on_epoch=on_epoch, fail_at_epoch=fail_at)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optuna searcher that survives crashes and restores, and records early stopping as pruning
+# ---------------------------------------------------------------------------------------------------------
+def _searcher_class():
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch on a persistent storage that (1) ignores Tune's repeated reports for trials the DB
+        already holds as finished (a trial that finished after Tune's last snapshot runs again on resume),
+        (2) on restore marks RUNNING DB trials Tune does not know as FAIL and draws a fresh sampler seed (so
+        old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged ones as FAIL,
+        (4) never pickles the storage URL (it may hold a password): it is re-resolved on restore."""
+
+        def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, spec_seed: int, **kw):
+            self._storage_ref = storage_ref
+            self._max_epochs = max_epochs
+            self._spec_seed = spec_seed
+            self._last: dict[str, dict] = {}
+            self._orphans: list[int] = []
+            super().__init__(storage=resolve_storage(storage_ref), study_name=study_name, **kw)
+
+        def _db_state(self, trial_id: str):
+            ot = self._ot_trials.get(trial_id)
+            if ot is None:
+                return None
+            return self._ot_study._storage.get_trial(ot._trial_id).state
+
+        def suggest(self, trial_id: str):
+            if trial_id not in self._ot_trials and self._orphans:
+                # a trial asked after Tune's last snapshot: Tune forgot it, so hand its (already sampled)
+                # params to the next Tune trial instead of asking a new one; the study keeps num_samples trials
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans.pop(0))
+            params = super().suggest(trial_id)
+            ot = self._ot_trials[trial_id]
+            self._ot_study._storage.set_trial_user_attr(ot._trial_id, "ray_trial_id", trial_id)
+            return params
+
+        def _report(self, trial_id: str, result: dict) -> None:
+            """The epoch's metric as an Optuna intermediate value (step = epoch, stable across restarts)."""
+            if self.metric in result and "epoch" in result and result.get("status") != "diverged":
+                ot = self._ot_trials[trial_id]
+                if int(result["epoch"]) not in self._ot_study._storage.get_trial(ot._trial_id).intermediate_values:
+                    ot.report(float(result[self.metric]), int(result["epoch"]))
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            state = self._db_state(trial_id)
+            if state is None or state.is_finished():
+                return
+            self._last[trial_id] = result
+            self._report(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            state = self._db_state(trial_id)
+            if state is None or state.is_finished():
+                self._completed_trials.add(trial_id)
+                return
+            result = result or self._last.get(trial_id) or {}
+            ot = self._ot_trials[trial_id]
+            storage = self._ot_study._storage
+            self._report(trial_id, result)  # Tune hands the last result only to on_trial_complete
+            values = storage.get_trial(ot._trial_id).intermediate_values.values()
+            status = result.get("status")
+            epochs = int(result.get("epoch", 0) or 0)
+            if error or status == "diverged" or not values:
+                storage.set_trial_user_attr(ot._trial_id, "status", "diverged" if status == "diverged" else "error")
+                self._tell(ot, state=TrialState.FAIL)
+            elif epochs < self._max_epochs:  # stopped early by the scheduler (ASHA, median)
+                storage.set_trial_user_attr(ot._trial_id, "status", "pruned")
+                self._tell(ot, state=TrialState.PRUNED)
+            else:  # the trial's value: its best epoch (the checkpoint a user would keep)
+                storage.set_trial_user_attr(ot._trial_id, "status", "completed")
+                self._tell(ot, (max if self.mode == "max" else min)(values))
+            self._completed_trials.add(trial_id)
+            self._last.pop(trial_id, None)
+
+        def _tell(self, ot, *args, **kw):
+            try:
+                self._ot_study.tell(ot, *args, **kw)
+            except RuntimeError as exc:  # GridSampler calls study.stop() after the last grid point
+                if "Study.stop" not in str(exc):
+                    raise
+
+        # pickling (tuner.pkl, searcher state): no storage object, no URL; reconnect from the reference
+        def __getstate__(self):
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_ot_study", "_ot_trials", "_storage")}
+            state["_ot_trial_ids"] = {tid: t._trial_id for tid, t in self.__dict__.get("_ot_trials", {}).items()}
+            state["_has_study"] = self.__dict__.get("_ot_study") is not None
+            return state
+
+        def __setstate__(self, state):
+            state = dict(state)
+            ids = state.pop("_ot_trial_ids", {})
+            has_study = state.pop("_has_study", False)
+            self.__dict__.update(state)
+            self._storage = resolve_storage(self._storage_ref)
+            self._ot_trials = {}
+            self._ot_study = None
+            if has_study:
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                                   sampler=self._sampler)
+                self._ot_trials = {tid: optuna.Trial(self._ot_study, i) for tid, i in ids.items()}
+
+        def save(self, checkpoint_path: str):
+            import pickle
+
+            state = self.__getstate__()
+            state.pop("_space", None)  # the define-by-run closure lives in tuner.pkl (cloudpickle)
+            with open(checkpoint_path, "wb") as fh:
+                pickle.dump(state, fh)
+
+        def restore(self, checkpoint_path: str):
+            import pickle
+
+            with open(checkpoint_path, "rb") as fh:
+                self.__setstate__(pickle.load(fh))
+            # a fresh seed: the pickled sampler would replay the suggestions made after the last snapshot
+            self._sampler.reseed_rng()
+            known = {t._trial_id for t in self._ot_trials.values()}
+            self._orphans = [t._trial_id for t in self._ot_study.get_trials(deepcopy=False, states=(
+                TrialState.RUNNING, TrialState.WAITING)) if t._trial_id not in known]
+
+    return StudySearch
+
+
+def resolve_storage(ref: str):
+    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL."""
+    import optuna
+
+    url = ref
+    if ref.startswith("env:"):
+        url = os.environ.get(ref[4:], "")
+        if not url:
+            raise FerTuneError(f"storage {ref}: the environment variable {ref[4:]} is not set on this machine")
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                                      else {"connect_args": {"timeout": 60}})
+
+
+def _storage_ref(arg: str | None, sdir: Path) -> str:
+    if not arg:
+        return f"sqlite:///{sdir / 'optuna.db'}"
+    if arg.startswith("env:") or "://" in arg:
+        from urllib.parse import urlsplit
+
+        if "://" in arg and urlsplit(arg).password:
+            raise FerTuneError("--storage: the URL holds a password, which would be written to the study files; "
+                               "put the URL in an environment variable and pass --storage env:VARNAME")
+        return arg
+    return f"sqlite:///{Path(arg).expanduser().resolve() / 'optuna.db'}"
+
+
+def _scheduler(spec: StudySpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    es = spec.early_stopping
+    if es["type"] == "asha":
+
+        class ResumableASHA(ASHAScheduler):
+            """ASHA whose rungs are rebuilt from the results trials reported before an interruption (Ray does
+            not save them): after a resume it prunes as strictly as an uninterrupted study."""
+
+            def __init__(self, history_dirs: list[str], **kw):
+                super().__init__(**kw)
+                self._history_dirs = history_dirs
+                self._seeded = False
+
+            def on_trial_add(self, tune_controller, trial):
+                super().on_trial_add(tune_controller, trial)
+                if not self._seeded:
+                    self._seeded = True
+                    n = self.seed_rungs()
+                    if n:
+                        print(f"ASHA: rebuilt its rungs from {n} results reported before the interruption",
+                              flush=True)
+
+            def seed_rungs(self) -> int:
+                from .trials import read_results
+
+                n = 0
+                for tid, rows in read_results(self._history_dirs).items():
+                    for bracket in self._brackets:
+                        for row in rows:
+                            if self._metric not in row or self._time_attr not in row:
+                                continue
+                            it, rew = row[self._time_attr], self._metric_op * row[self._metric]
+                            for milestone, recorded in bracket._rungs:
+                                if it < milestone or tid in recorded:
+                                    continue
+                                recorded[tid] = rew
+                                n += 1
+                                break
+                return n
+
+        return ResumableASHA(history_dirs=[], metric=spec.metric, mode=spec.mode, max_t=spec.max_epochs,
+                             grace_period=es["grace_period"], reduction_factor=es["reduction_factor"],
+                             time_attr="training_iteration")
+    if es["type"] == "median":
+        return MedianStoppingRule(metric=spec.metric, mode=spec.mode, time_attr="training_iteration",
+                                  grace_period=es["grace_period"], min_samples_required=3)
+    return FIFOScheduler()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# study files
+# ---------------------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import optuna
+    import ray
+    import torch
+
+    from . import __version__
+
+    return {"fer_tune": __version__, "torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__}
+
+
+def read_study(sdir: str | Path) -> dict:
+    sdir = Path(sdir)
+    f = sdir / STUDY_FILE
+    if not f.is_file():
+        hint = " (it does not exist)" if not sdir.exists() else f" ({sdir} has no {STUDY_FILE})"
+        raise FerTuneError(f"{sdir} is not a fer-tune study directory{hint}; start one with fer-tune sweep")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
+
+
+def _write_study(sdir: Path, record: dict) -> None:
+    tmp = sdir / f".{STUDY_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(sdir / STUDY_FILE)
+
+
+def _fingerprint(spec: StudySpec, data) -> dict:
+    return {"space_sha256": spec.sha256, "data_source": data.source, "data_fingerprint": data.fingerprint,
+            "protocol": data.protocol, "versions": _versions()}
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------
+def _init_ray(address: str | None, quiet: bool) -> bool:
+    """Start (or join) Ray; returns True when this call started it (and so must shut it down)."""
+    import ray
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
+    # a snapshot per reported checkpoint is what we want (a crash redoes little); do not warn about it
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet, "configure_logging": True,
+                          "logging_level": "WARNING"}
+    try:
+        ray.init(address=address, **kw)
+    except ConnectionError as exc:
+        raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    return True
+
+
+def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore: bool, address: str | None,
+         quiet: bool, crash: str = "") -> int:
+    import ray
+    from ray import tune
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = _init_ray(address, quiet)
+    try:
+        res = spec.resources
+        weight = res["gpu"] if res["gpu"] else res["cpu"]  # device-seconds per second of training
+        base = spec.base_config()
+        base["threads"] = base["threads"] or max(1, int(res["cpu"]))
+        arrays = {s: data.arrays(s) for s in ("train", "val")}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, data=arrays, weight=weight, crash=crash),
+            resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+        )
+        exp_dir = sdir / run["dir"]
+        max_conc = run.get("max_concurrent") or 0
+        if max_conc:
+            os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_conc))
+        if restore and (exp_dir / "tuner.pkl").exists():
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            Search = _searcher_class()
+            search = Search(space=spec.define_by_run(), metric=spec.metric, mode=spec.mode,
+                            sampler=spec.make_sampler(run["seed"]), storage_ref=record["storage"],
+                            study_name=record["optuna_study"], max_epochs=spec.max_epochs, spec_seed=spec.seed)
+            scheduler = _scheduler(spec)
+            if hasattr(scheduler, "_history_dirs"):  # rungs rebuilt from every run of the study on a restore
+                scheduler._history_dirs = [str(sdir / r["dir"]) for r in record["runs"]]
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=run["num_samples"],
+                                            max_concurrent_trials=max_conc or None, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=run["dir"], storage_path=str(sdir), verbose=0 if quiet else 1,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
+                                                            checkpoint_score_order=spec.mode),
+                    failure_config=tune.FailureConfig(max_failures=2),
+                ),
+            )
+        t0 = time.time()
+        interrupted = False
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            interrupted, grid = True, None
+        run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
+        _write_study(sdir, record)
+        table = write_trials_csv(sdir, record)
+        if interrupted or (grid is not None and _interrupted(exp_dir)):
+            print(f"\nstudy interrupted; continue it with:\n    fer-tune resume {sdir}", flush=True)
+            return 130
+        _print_summary(sdir, spec, table)
+        return 0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _interrupted(exp_dir: Path) -> bool:
+    """True when Ray's experiment state still holds trials that are not TERMINATED/ERROR (a Ctrl-C)."""
+    from .trials import experiment_trial_states
+
+    states = experiment_trial_states(exp_dir)
+    return any(s not in ("TERMINATED", "ERROR") for s in states.values())
+
+
+def _print_summary(sdir: Path, spec: StudySpec, table: list[dict]) -> None:
+    done = [r for r in table if r["best_" + spec.metric] != ""]
+    states: dict[str, int] = {}
+    for r in table:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    print(f"\n{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})")
+    if done:
+        key = "best_" + spec.metric
+        best = (max if spec.mode == "max" else min)(done, key=lambda r: float(r[key]))
+        params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_") and v != ""}
+        print(f"best: trial {best['number']} {spec.metric} {float(best[key]):.2f} at epoch {best['best_epoch']} "
+              f"with {params}")
+    print(f"trials: {sdir / 'trials.csv'}")
+
+
+def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: str, storage: str | None,
+          address: str | None, num_samples: int | None, max_concurrent: int | None, gpus: float | None,
+          cpus: float | None, quiet: bool, loader) -> int:
+    spec = load_space(space_path)
+    raw_overrides = {}
+    if num_samples is not None:
+        raw_overrides["num_samples"] = num_samples
+    if gpus is not None or cpus is not None:
+        raw_overrides["resources"] = {**spec.resources, **({"gpu": gpus} if gpus is not None else {}),
+                                      **({"cpu": cpus} if cpus is not None else {})}
+    if raw_overrides:
+        import yaml
+
+        raw = yaml.safe_load(spec.text)
+        spec = parse_space({**raw, **raw_overrides}, source=f"{space_path} (with command-line overrides)",
+                           text=spec.text, default_name=spec.name)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise FerTuneError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    name = name or spec.name
+    if not name or "/" in name:
+        raise FerTuneError(f"--name {name!r}: use a plain name (it becomes results/NAME)")
+    sdir = (Path(results) / name).resolve()
+    if (sdir / STUDY_FILE).exists():
+        raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add trials "
+                           f"with `fer-tune extend {sdir} --num-samples N`, or choose another --name")
+    source = data_arg or spec.data.get("path") or "synthetic"
+    protocol = spec.data.get("protocol", "paper")
+    data = loader(source, protocol)
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "space.yaml").write_text(spec.text)
+    record = {
+        "name": name, "space_file": str(Path(space_path).resolve()), "spec": spec.to_dict(),
+        "overrides": raw_overrides, "data": {"source": source, "protocol": protocol, **data.describe()},
+        "storage": _storage_ref(storage, sdir), "optuna_study": name, "fingerprint": _fingerprint(spec, data),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": [{"dir": "tune", "num_samples": spec.num_samples, "seed": spec.seed,
+                  "max_concurrent": max_concurrent}],
+    }
+    _write_study(sdir, record)
+    print(f"study {name}: {spec.num_samples} trials of at most {spec.max_epochs} epochs, sampler {spec.sampler}, "
+          f"early stopping {spec.early_stopping['type']}, {spec.resources['cpu']} CPU / {spec.resources['gpu']} "
+          f"GPU per trial, data {source} ({protocol}); results in {sdir}", flush=True)
+    return _run(sdir, record, spec, data, record["runs"][0], restore=False, address=address, quiet=quiet,
+                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""))
+
+
+def _reopen(sdir: Path, force: bool, loader) -> tuple[dict, StudySpec, Any]:
+    record = read_study(sdir)
+    spec = parse_space({**__import__("yaml").safe_load((sdir / "space.yaml").read_text()), **record["overrides"]},
+                       source=str(sdir / "space.yaml"), text=(sdir / "space.yaml").read_text(),
+                       default_name=record["name"])
+    data = loader(record["data"]["source"], record["data"]["protocol"])
+    now = _fingerprint(spec, data)
+    changes = _diff(record["fingerprint"], now)
+    space_file = Path(record["space_file"])
+    if space_file.is_file() and space_file.read_text() != spec.text:
+        changes.append(f"space file {space_file} was edited since the study started (the study keeps its copy)")
+    if changes and not force:
+        raise FerTuneError(f"{sdir}: the study's inputs changed since it started: " + "; ".join(changes)
+                           + ". Pass --force to continue anyway.")
+    return record, spec, data
+
+
+def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader) -> int:
+    sdir_p = Path(sdir).resolve()
+    record, spec, data = _reopen(sdir_p, force, loader)
+    run = record["runs"][-1]
+    if not (sdir_p / run["dir"] / "tuner.pkl").exists():
+        raise FerTuneError(f"{sdir_p / run['dir']} holds no Ray experiment state; nothing to resume")
+    if not _interrupted(sdir_p / run["dir"]):
+        table = write_trials_csv(sdir_p, record)
+        print(f"{sdir_p}: the study is complete; nothing to resume "
+              f"(add trials with fer-tune extend {sdir_p} --num-samples N)")
+        _print_summary(sdir_p, spec, table)
+        return 0
+    print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
+    return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
+                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""))
+
+
+def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader) -> int:
+    sdir_p = Path(sdir).resolve()
+    record, spec, data = _reopen(sdir_p, force, loader)
+    if num_samples < 1:
+        raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
+    last = record["runs"][-1]
+    if (sdir_p / last["dir"] / "tuner.pkl").exists() and _interrupted(sdir_p / last["dir"]):
+        raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
+    if spec.sampler == "grid":
+        import optuna
+
+        done = len(optuna.load_study(study_name=record["optuna_study"],
+                                     storage=resolve_storage(record["storage"])).trials)
+        left = spec.grid_size() - done
+        if num_samples > left:
+            raise FerTuneError(f"the grid has {spec.grid_size()} points and {done} were tried; "
+                               f"extend by at most {left}")
+    k = len(record["runs"])
+    run = {"dir": f"extend-{k}", "num_samples": num_samples, "seed": spec.seed + 1000 * k,
+           "max_concurrent": last.get("max_concurrent")}
+    record["runs"].append(run)
+    _write_study(sdir_p, record)
+    print(f"extending study {record['name']} by {num_samples} trials ({run['dir']}); the sampler sees all "
+          "earlier trials", flush=True)
+    return _run(sdir_p, record, spec, data, run, restore=False, address=address, quiet=quiet)

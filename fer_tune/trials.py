@@ -1,0 +1,168 @@
+"""Reading a study back: Ray's per-trial results + the Optuna storage -> one row per trial (trials.csv).
+
+Only files and the Optuna storage are read; no Ray runtime is needed, so `fer-tune status` works while a study
+runs, after it crashed, or on a laptop that copied results/NAME from the cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable
+
+RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
+               "epoch_seconds", "device_seconds", "node", "device", "status", "lr", "trial_id", "time_total_s",
+               "start_epoch")
+
+
+def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
+    """{ray trial id: [per-epoch result, ...]} from every trial's result.json (JSON lines) under the dirs.
+
+    A trial that restarted from a checkpoint reports some epochs twice: the later report wins.
+    """
+    out: dict[str, dict[int, dict]] = {}
+    for d in exp_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for f in sorted(d.glob("*/result.json")):
+            for line in f.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                tid = row.get("trial_id")
+                if not tid or "epoch" not in row:
+                    continue
+                kept = {k: row[k] for k in RESULT_KEYS if k in row}
+                out.setdefault(tid, {})[int(row["epoch"])] = kept
+    return {tid: [rows[e] for e in sorted(rows)] for tid, rows in out.items()}
+
+
+def restarts(exp_dirs: Iterable[str | Path]) -> dict[str, int]:
+    """How often each trial started again (crash retries, study resumes): a new start_epoch or a step back."""
+    out: dict[str, int] = {}
+    for d in exp_dirs:
+        for f in sorted(Path(d).glob("*/result.json")) if Path(d).is_dir() else []:
+            last = None
+            for line in f.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "epoch" not in row:
+                    continue
+                key = (int(row.get("start_epoch", 0)), int(row["epoch"]))
+                if last is not None and (key[0] != last[0] or key[1] <= last[1]):
+                    out[row["trial_id"]] = out.get(row["trial_id"], 0) + 1
+                last = key
+    return out
+
+
+def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
+    """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
+    files = sorted(Path(exp_dir).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for entry in state.get("trial_data", []):
+        raw = entry[0] if isinstance(entry, (list, tuple)) else entry
+        try:
+            t = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            continue
+        if isinstance(t, dict) and "trial_id" in t:
+            out[t["trial_id"]] = t.get("status", "")
+    return out
+
+
+def trials_table(sdir: str | Path, record: dict) -> list[dict]:
+    """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns)."""
+    import optuna
+
+    from .study import resolve_storage
+
+    sdir = Path(sdir)
+    spec = record["spec"]
+    metric = spec["metric"]
+    runs = [sdir / r["dir"] for r in record["runs"]]
+    results = read_results(runs)
+    restarted = restarts(runs)
+    tune_states: dict[str, str] = {}
+    for r in runs:
+        tune_states.update(experiment_trial_states(r))
+    es = spec["early_stopping"]
+    rungs: list[int] = []
+    if es["type"] == "asha":
+        m = es["grace_period"]
+        while m < spec["max_epochs"]:
+            rungs.append(int(m))
+            m *= es["reduction_factor"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
+    names = list(spec["space"])
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        tid = t.user_attrs.get("ray_trial_id", "")
+        res = results.get(tid, [])
+        vals = [r[metric] for r in res if metric in r and r.get("status") != "diverged"]
+        pick = max if spec["mode"] == "max" else min
+        best = pick(vals) if vals else None
+        best_epoch = next((r["epoch"] for r in res if vals and r.get(metric) == best), "")
+        state = t.state.name
+        status = t.user_attrs.get("status", "")
+        if state == "RUNNING":
+            status = tune_states.get(tid, "RUNNING").lower()
+        row = {"number": t.number, "ray_trial_id": tid, "state": state, "status": status or state.lower(),
+               "epochs": res[-1]["epoch"] if res else 0,
+               f"best_{metric}": "" if best is None else round(best, 4), "best_epoch": best_epoch,
+               f"last_{metric}": round(res[-1][metric], 4) if res and metric in res[-1] else "",
+               "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
+               "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
+               "node": res[-1].get("node", "") if res else "", "device": res[-1].get("device", "") if res else "",
+               "restarts": restarted.get(tid, 0)}
+        by_epoch = {r["epoch"]: r for r in res}
+        for m in rungs:
+            row[f"{metric}@{m}"] = round(by_epoch[m][metric], 4) if m in by_epoch and metric in by_epoch[m] else ""
+        for n in names:
+            row[f"param_{n}"] = t.params.get(n, "")
+        rows.append(row)
+    return rows
+
+
+def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
+    rows = trials_table(sdir, record)
+    path = Path(sdir) / "trials.csv"
+    tmp = path.with_name(".trials.csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        if rows:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    tmp.replace(path)
+    return rows
+
+
+def status_summary(sdir: str | Path, record: dict) -> dict:
+    rows = trials_table(sdir, record)
+    spec = record["spec"]
+    total = sum(r["num_samples"] for r in record["runs"])
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["status"]] = states.get(r["status"], 0) + 1
+    key = f"best_{spec['metric']}"
+    scored = [r for r in rows if r[key] != ""]
+    best = None
+    if scored:
+        best = (max if spec["mode"] == "max" else min)(scored, key=lambda r: r[key])
+    finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
+    return {"name": record["name"], "directory": str(sdir), "metric": spec["metric"], "mode": spec["mode"],
+            "num_samples": total, "trials": len(rows), "finished": finished, "states": states,
+            "epochs_trained": sum(int(r["epochs"]) for r in rows),
+            "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
+            "best": best, "rows": rows}

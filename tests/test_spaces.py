@@ -1,0 +1,135 @@
+"""Search space files: the shipped ones, conditionals, and every kind of bad input."""
+
+import importlib.util
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from fer_tune.cli import main
+from fer_tune.common import FerTuneError
+from fer_tune.spaces import load_space, parse_space
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+OK = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}
+
+
+def test_shipped_spaces_load_with_descriptions():
+    names = sorted(p.stem for p in SPACES.glob("*.yaml"))
+    assert names == ["architecture", "dropout", "joint", "optimizer", "scheduler", "smoke"]
+    sizes = {}
+    for name in names:
+        spec = load_space(SPACES / f"{name}.yaml")
+        assert spec.name == name and len(spec.description) > 80, name
+        if spec.sampler == "grid":
+            sizes[name] = (spec.grid_size(), spec.num_samples)
+    assert sizes == {"optimizer": (14, 14), "scheduler": (6, 6), "dropout": (4, 4), "architecture": (4, 4)}
+    assert load_space(SPACES / "optimizer.yaml").max_epochs == 100
+    joint = load_space(SPACES / "joint.yaml")
+    assert (joint.sampler, joint.early_stopping["type"]) == ("tpe", "asha")
+
+
+def test_grid_covers_every_point():
+    spec = load_space(SPACES / "optimizer.yaml")
+    study = optuna.create_study(sampler=spec.make_sampler(), direction="maximize")
+    seen = set()
+    for _ in range(spec.num_samples):
+        t = study.ask()
+        spec.define_by_run()(t)
+        seen.add((t.params["optimizer"], t.params["scheduler"]))
+        if len(seen) < spec.num_samples:  # GridSampler stops the study after the last point
+            study.tell(t, 1.0)
+    assert len(seen) == 14
+
+
+def test_conditional_parameters_only_where_they_apply():
+    spec = load_space(SPACES / "joint.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), direction="maximize")
+    kinds = set()
+    for _ in range(60):
+        t = study.ask()
+        constants = spec.define_by_run()(t)
+        p = {**t.params, **constants}
+        assert ("momentum" in p) == (p["optimizer"] in ("sgd", "sgd_nesterov"))
+        assert ("factor" in p) == ("patience" in p) == (p["scheduler"] == "rlrp")
+        assert ("t_0" in p) == (p["scheduler"] == "cosine_wr")
+        cfg = spec.trial_config(p)
+        assert cfg.epochs == 60 and 1e-4 <= cfg.lr <= 0.1 and cfg.batch_size in (32, 64, 128)
+        kinds.add(p["scheduler"])
+        study.tell(t, 1.0)
+    assert kinds == {"rlrp", "cosine", "cosine_wr", "onecycle"}
+
+
+BAD = [
+    ([], "must be a mapping"),
+    ({}, "`space:` must be a non-empty mapping"),
+    ({**OK, "nmae": "x"}, "unknown key(s) nmae"),
+    ({**OK, "sampler": "bayes"}, "sampler='bayes': must be one of tpe, random, grid, cmaes, qmc"),
+    ({**OK, "mode": "maximize"}, "mode='maximize': must be max or min"),
+    ({**OK, "metric": "accuracy"}, "metric='accuracy'"),
+    ({**OK, "num_samples": 0}, "num_samples=0: must be >= 1"),
+    ({**OK, "num_samples": "ten"}, "num_samples must be an integer"),
+    ({**OK, "max_epochs": 0}, "max_epochs=0"),
+    ({**OK, "early_stopping": {"type": "hyperband"}}, "early_stopping.type must be one of asha, median, none"),
+    ({**OK, "early_stopping": {"type": "pbt"}}, "pbt is not supported"),
+    ({**OK, "early_stopping": {"type": "asha", "grace_period": 50}}, "grace_period must be an integer in 1..max_epochs"),
+    ({**OK, "early_stopping": {"type": "asha", "reduction_factor": 1}}, "reduction_factor must be a number > 1"),
+    ({**OK, "early_stopping": {"type": "none", "grace_period": 2}}, "unknown field(s) grace_period for none"),
+    ({**OK, "resources": {"gpu": -1}}, "resources.gpu must be a number >= 0"),
+    ({**OK, "resources": {"gpu": 1.5}}, "whole number of GPUs"),
+    ({**OK, "resources": {"cpu": 0}}, "needs cpu > 0 or gpu > 0"),
+    ({**OK, "resources": {"tpu": 1}}, "resources: unknown key(s) tpu"),
+    ({**OK, "data": {"protocol": "kaggle"}}, "data.protocol must be paper or standard"),
+    ({**OK, "fixed": {"epochs": 5}}, "fixed.epochs: set max_epochs instead"),
+    ({**OK, "fixed": {"widht": 0.5}}, "fixed: unknown training key(s) widht"),
+    ({**OK, "fixed": {"width": "wide"}}, "width"),
+    ({"space": {"lr": {"type": "float", "low": 0.1, "high": 0.01}}}, "space.lr: low (0.1) must be below high"),
+    ({"space": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "log scale needs low > 0"),
+    ({"space": {"lr": {"type": "float", "low": "a", "high": 0.1}}}, "space.lr.low must be a number"),
+    ({"space": {"lr": {"type": "uniform", "low": 0.1, "high": 1}}}, "space.lr: type must be one of"),
+    ({"space": {"lr": {"type": "float", "min": 0.1, "max": 1}}}, "space.lr: unknown field(s) max, min"),
+    ({"space": {"batch_size": {"type": "float", "low": 16, "high": 64}}}, "integer setting; use type int"),
+    ({"space": {"optimizer": {"type": "int", "low": 1, "high": 3}}}, "not numeric; use type categorical"),
+    ({"space": {"optimizer": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
+    ({"space": {"optimizer": {"type": "categorical", "choices": ["adam", "adam"]}}}, "duplicates"),
+    ({"space": {"optimizer": {"type": "categorical", "choices": ["adam", "rmsprop"]}}},
+     "space.optimizer: value 'rmsprop' is invalid (optimizer='rmsprop' is not one of"),
+    ({"space": {"dropout": {"type": "float", "low": 0.0, "high": 1.5}}}, "space.dropout: value 1.5 is invalid"),
+    ({"space": {"epochs": {"type": "int", "low": 1, "high": 5}}}, "epochs cannot be searched"),
+    ({"space": {"learning_rate": {"type": "float", "low": 0.1, "high": 1}}}, "space.learning_rate: unknown training key"),
+    ({"space": {"momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd"]}}}},
+     "space.momentum.when: 'optimizer' must be a parameter defined above momentum"),
+    ({"sampler": "grid", "space": {"lr": {"type": "float", "low": 0.1, "high": 1}}}, "grid needs categorical"),
+    ({"sampler": "grid", "num_samples": 5, "space": {"dropout": {"type": "categorical", "choices": [0.1, 0.2]}}},
+     "num_samples=5: must be 1..2 (the grid has 2 points)"),
+    ({"space": {"dropout": 0.3}}, "nothing to search"),
+    ({**OK, "sampler": "cmaes"}, "needs the `cmaes` package"),
+]
+
+
+@pytest.mark.parametrize("raw,expected", BAD, ids=[e[:40] for _, e in BAD])
+def test_bad_space_errors(raw, expected):
+    if "cmaes" in expected and importlib.util.find_spec("cmaes"):
+        pytest.skip("cmaes is installed here")
+    with pytest.raises(FerTuneError) as info:
+        parse_space(raw, source="bad.yaml")
+    msg = str(info.value)
+    assert msg.startswith("bad.yaml: ") and expected in msg, msg
+
+
+def test_bad_files_through_the_cli(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: {lr: [1, 2\n")
+    assert main(["sweep", str(bad), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and str(bad) in err and err.count("\n") == 1
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "smoke.yaml" in err  # names the shipped spaces
+    bad.write_text(yaml.safe_dump({"space": {"lr": {"type": "float", "low": 1, "high": 0.1}}}))
+    assert main(["sweep", str(bad), "--results", str(tmp_path)]) == 2
+    assert "low (1) must be below high (0.1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written for a refused space
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+    assert "not a fer-tune study directory" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""The study engine with real Ray, run as the user runs it: `fer-tune sweep / resume / extend / status` in
+subprocesses (each starts and stops its own local Ray under a private RAY_TMPDIR)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+SPACE = {
+    "name": "t", "description": "test study", "sampler": "tpe", "seed": 0, "num_samples": 6, "max_epochs": 4,
+    "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0}, "data": {"path": "synthetic:1000", "protocol": "paper"},
+    "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
+    "space": {"optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+              "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+              "dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+}
+
+
+@pytest.fixture
+def env(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    e = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "FER_TUNE_CACHE": str(tmp_path / "cache"),
+         "PYTHONUNBUFFERED": "1"}
+    yield e
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def fer_tune(env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_space(tmp_path, **changes):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **changes}, sort_keys=False))
+    return path
+
+
+def study_trials(sdir, name="t"):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sdir / 'optuna.db'}").trials
+
+
+def read_csv(sdir):
+    with open(sdir / "trials.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sweep_with_a_crash_then_extend(tmp_path, env):
+    space = write_space(tmp_path)
+    results = tmp_path / "results"
+    sdir = results / "t"
+    marker = tmp_path / "crashed"
+    r = fer_tune({**env, "FER_TUNE_CRASH_ONCE": f"{marker}:2"}, "sweep", space, "--results", results, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "best: trial" in r.stdout
+
+    trials = study_trials(sdir)
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+    states = [t.state.name for t in trials]
+    assert "PRUNED" in states, states  # ASHA stopped at least one trial, and Optuna sees it as pruned
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert all(t.intermediate_values for t in pruned)  # with its per-epoch values
+
+    rows = read_csv(sdir)
+    assert len(rows) == 6 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    crashed = marker.read_text()
+    row = next(r for r in rows if r["ray_trial_id"] == crashed)
+    assert int(row["restarts"]) == 1 and row["state"] in ("COMPLETE", "PRUNED")
+    assert all(float(r["device_seconds"]) > 0 for r in rows)
+    assert {"val_acc@1", "val_acc@2", "param_lr", "best_val_acc", "node"} <= set(rows[0])
+    for name in ("study.json", "space.yaml", "optuna.db", "tune/tuner.pkl"):
+        assert (sdir / name).exists(), name
+
+    # the same study name again is refused
+    r = fer_tune(env, "sweep", space, "--results", results)
+    assert r.returncode == 2 and "already holds a study" in r.stderr
+
+    # nothing to resume in a finished study
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0 and "nothing to resume" in r.stdout
+
+    # extend: 2 more trials, told to the same Optuna study (which sees all 6 earlier ones)
+    r = fer_tune(env, "extend", sdir, "--num-samples", 2, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = study_trials(sdir)
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == 8
+    assert len(read_csv(sdir)) == 8 and (sdir / "extend-1").is_dir()
+
+    r = fer_tune(env, "status", sdir, "--json")
+    s = json.loads(r.stdout)
+    assert r.returncode == 0 and s["trials"] == 8 and s["num_samples"] == 8 and s["finished"] == 8
+    assert s["device_hours"] > 0 and s["best"]["best_val_acc"] == max(float(x["best_val_acc"]) for x in s["rows"])
+    r = fer_tune(env, "status", sdir)
+    assert r.returncode == 0 and "8/8 trials finished" in r.stdout
+
+    # an edited space file: resume/extend refuse with the difference, unless --force
+    space.write_text(space.read_text().replace("max_epochs: 4", "max_epochs: 5"))
+    r = fer_tune(env, "extend", sdir, "--num-samples", 1)
+    assert r.returncode == 2 and "was edited since the study started" in r.stderr and "--force" in r.stderr
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, env):
+    # slower trials (about 2 s an epoch) so that the kill lands in the middle of one
+    space = write_space(tmp_path, num_samples=6, max_epochs=4, data={"path": "synthetic:3000"},
+                        fixed={**SPACE["fixed"], "width": 0.125},
+                        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    results = tmp_path / "results"
+    sdir = results / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results),
+                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # kill once a trial is half-way (2 of 4 epochs reported)
+            if any(len(f.read_text().splitlines()) == 2 for f in sdir.glob("tune/*/result.json")):
+                time.sleep(1.0)  # let Tune's experiment snapshot learn about that checkpoint
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no results within 180 s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, like a machine going away
+        proc.wait()
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it had started (same session)
+        except ProcessLookupError:
+            pass
+    before = {t.number: t.state.name for t in study_trials(sdir)}
+    assert before and len(before) < 6 or any(s == "RUNNING" for s in before.values())
+
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = study_trials(sdir)
+    assert len(trials) == 6, [t.state.name for t in trials]  # no duplicates, no orphans left over
+    assert all(t.state.is_finished() for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no replayed suggestions
+    rows = read_csv(sdir)
+    assert len(rows) == 6
+    # a trial that was running continued from its checkpoint (start_epoch > 0), not from scratch
+    starts = [json.loads(line).get("start_epoch", 0) for f in sdir.glob("tune/*/result.json")
+              for line in f.read_text().splitlines() if line.strip()]
+    assert max(starts) > 0
