@@ -124,14 +124,15 @@ def throughput(args) -> None:
     res = fit(cfg, Subset({"train": (images, labels), "val": (images[:2], labels[:2])}), device=torch.device("cpu"))
     ours = res.history[0]["images_per_s"]
 
-    torch.manual_seed(0)
-    model = create_model("vgg_variant", width=1.0, dropout=0.2)
-    opt = create_optimizer(cfg, model.parameters())
-    sched = Scheduler(cfg, opt, args.steps)
     loader = DataLoader(ReferenceDataset(images, labels, reference_train_transform("ten")), batch_size=64,
                         shuffle=True)
-    reference_epoch(model, loader, opt, sched, max_steps=1)  # warm-up
-    seen, dt = reference_epoch(model, loader, opt, sched)
+    # like fit above: one warm-up step on a throw-away model, then a fresh model, optimizer and scheduler
+    for max_steps in (1, None):
+        torch.manual_seed(0)
+        model = create_model("vgg_variant", width=1.0, dropout=0.2)
+        opt = create_optimizer(cfg, model.parameters())
+        sched = Scheduler(cfg, opt, args.steps)
+        seen, dt = reference_epoch(model, loader, opt, sched, max_steps=max_steps)
     ref = seen / dt
     print(f"reference (per-image PIL transforms in a DataLoader): {ref:7.1f} images/s ({10 * ref:7.1f} crops/s)")
     print(f"fer_tune fit (batched on-device augmentation):        {ours:7.1f} images/s ({10 * ours:7.1f} crops/s)")

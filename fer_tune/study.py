@@ -56,6 +56,7 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / "state.pt")
+    trial_start = time.time()
     fail_at = None
     if crash:  # test hook "MARKER_FILE:EPOCH": the first trial to get here crashes once at EPOCH
         marker, _, epoch = crash.rpartition(":")
@@ -68,11 +69,13 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
             pass
     start_epoch = int(state["epoch"]) if state else 0
     node = ray.util.get_node_ip_address()
+    node_id = ray.get_runtime_context().get_node_id()[:12]
     device = select_device()
 
     def on_epoch(metrics: dict, st: dict | None):
         out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        out.update(node=node, device=str(device), start_epoch=start_epoch)
+        out.update(node=node, node_id=node_id, device=str(device), start_epoch=start_epoch,
+                   trial_start=trial_start, **_memory_mb())
         if st is None:  # diverged: no checkpoint, the study goes on
             out.setdefault("val_acc", 0.0)
             out["device_seconds"] = 0.0
@@ -86,6 +89,21 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
 
     torch.set_num_threads(cfg.threads)
     fit(cfg, data=_Splits(data), device=device, checkpoint=state, on_epoch=on_epoch, fail_at_epoch=fail_at)
+
+
+def _memory_mb() -> dict:
+    """This trial process's resident memory: rss (shared pages counted in full), pss (shared pages split between
+    the processes that map them) and uss (private pages only; the dataset in Ray's object store is not in it)."""
+    kb: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                kb[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        return {}
+    return {"rss_mb": round(kb.get("Rss", 0) / 1024, 1), "pss_mb": round(kb.get("Pss", 0) / 1024, 1),
+            "uss_mb": round((kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,12 +443,13 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
             ray.shutdown()
 
 
-def _interrupted(exp_dir: Path) -> bool:
-    """True when Ray's experiment state still holds trials that are not TERMINATED/ERROR (a Ctrl-C)."""
+def _interrupted(exp_dir: Path, *, errors: bool = False) -> bool:
+    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver);
+    with errors=True, trials that errored out count as unfinished too (resume retries them)."""
     from .trials import experiment_trial_states
 
-    states = experiment_trial_states(exp_dir)
-    return any(s not in ("TERMINATED", "ERROR") for s in states.values())
+    done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
+    return any(s not in done for s in experiment_trial_states(exp_dir).values())
 
 
 def _print_summary(sdir: Path, spec: StudySpec, table: list[dict]) -> None:
@@ -445,6 +464,10 @@ def _print_summary(sdir: Path, spec: StudySpec, table: list[dict]) -> None:
         params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_") and v != ""}
         print(f"best: trial {best['number']} {spec.metric} {float(best[key]):.2f} at epoch {best['best_epoch']} "
               f"with {params}")
+    errored = states.get("FAIL", 0)
+    if errored:
+        print(f"{errored} trial(s) diverged or errored (see the status column); `fer-tune resume {sdir}` retries "
+              "errored ones")
     print(f"trials: {sdir / 'trials.csv'}")
 
 
@@ -517,7 +540,7 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader) 
     run = record["runs"][-1]
     if not (sdir_p / run["dir"] / "tuner.pkl").exists():
         raise FerTuneError(f"{sdir_p / run['dir']} holds no Ray experiment state; nothing to resume")
-    if not _interrupted(sdir_p / run["dir"]):
+    if not _interrupted(sdir_p / run["dir"], errors=True):
         table = write_trials_csv(sdir_p, record)
         print(f"{sdir_p}: the study is complete; nothing to resume "
               f"(add trials with fer-tune extend {sdir_p} --num-samples N)")

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
-               "epoch_seconds", "device_seconds", "node", "device", "status", "lr", "trial_id", "time_total_s",
-               "start_epoch")
+               "epoch_seconds", "device_seconds", "node", "node_id", "device", "status", "lr", "trial_id", "time_total_s",
+               "start_epoch", "rss_mb", "pss_mb", "uss_mb", "trial_start")
 
 
 def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
@@ -125,6 +125,8 @@ def trials_table(sdir: str | Path, record: dict) -> list[dict]:
                "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
                "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
                "node": res[-1].get("node", "") if res else "", "device": res[-1].get("device", "") if res else "",
+               "nodes": len({r.get("node_id") for r in res}), "peak_pss_mb": max((r.get("pss_mb", 0) for r in res),
+                                                                                  default=0),
                "restarts": restarted.get(tid, 0)}
         by_epoch = {r["epoch"]: r for r in res}
         for m in rungs:

@@ -156,3 +156,73 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     starts = [json.loads(line).get("start_epoch", 0) for f in sdir.glob("tune/*/result.json")
               for line in f.read_text().splitlines() if line.strip()]
     assert max(starts) > 0
+
+
+def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
+    """A head and two GPU worker nodes (fake GPUs; trials fall back to CPU). Trials need half a GPU, so they
+    run on the workers only; one worker is killed mid-study and its trial finishes on the other one from its
+    checkpoint. All nodes share this machine's filesystem, as a cluster shares NFS."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", env["RAY_TMPDIR"])
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    space = write_space(tmp_path, num_samples=4, max_epochs=4, data={"path": "synthetic:3000"},
+                        fixed={**SPACE["fixed"], "width": 0.125}, early_stopping={"type": "none"},
+                        resources={"cpu": 1, "gpu": 0.5})
+    sdir = tmp_path / "results" / "t"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        doomed = cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results",
+                                 str(tmp_path / "results"), "--address", cluster.address, "--quiet"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        doomed_id = doomed.node_id[:12]
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            rows = [json.loads(line) for f in sdir.glob("tune/*/result.json") for line in f.read_text().splitlines()
+                    if line.strip()]
+            if any(r["node_id"] == doomed_id and r["epoch"] == 2 for r in rows):
+                cluster.remove_node(doomed, allow_graceful=False)
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("no trial reached epoch 2 on the second worker")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    finally:
+        cluster.shutdown()
+    trials = study_trials(sdir)
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    rows = read_csv(sdir)
+    moved = [r for r in rows if int(r["nodes"]) == 2]
+    assert moved and all(int(r["restarts"]) >= 1 and r["epochs"] == "4" for r in moved)
+    starts = [json.loads(line)["start_epoch"] for f in sdir.glob("tune/*/result.json")
+              for line in f.read_text().splitlines() if line.strip()]
+    assert max(starts) >= 1  # continued from its checkpoint on the other node
+
+
+def test_asha_rungs_are_rebuilt_from_earlier_results(tmp_path):
+    """After a restore, ASHA knows what trials reported before the interruption (Ray does not save rungs)."""
+    from fer_tune.spaces import parse_space
+    from fer_tune.study import _scheduler
+
+    spec = parse_space({**SPACE, "max_epochs": 8, "early_stopping": {"type": "asha", "grace_period": 1,
+                                                                     "reduction_factor": 2}}, source="t.yaml")
+    exp = tmp_path / "tune"
+    for tid, accs in {"a": [10, 20, 30, 40], "b": [15, 25], "c": [5]}.items():
+        (exp / f"trial_{tid}").mkdir(parents=True)
+        lines = [json.dumps({"trial_id": tid, "epoch": e + 1, "training_iteration": e + 1, "val_acc": v})
+                 for e, v in enumerate(accs)]
+        (exp / f"trial_{tid}" / "result.json").write_text("\n".join(lines) + "\n")
+    asha = _scheduler(spec)
+    asha._history_dirs = [str(exp)]
+    assert asha.seed_rungs() == 6
+    rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
+    assert rungs[1] == {"a": 10, "b": 15, "c": 5}
+    assert rungs[2] == {"a": 20, "b": 25}
+    assert rungs[4] == {"a": 40}
+    # a new trial at rung 1 is now judged against the earlier ones: 6 is below the median cutoff of 10
+    cutoff = asha._brackets[0].cutoff(rungs[1])
+    assert cutoff == 10

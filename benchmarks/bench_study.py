@@ -1,0 +1,114 @@
+"""Study engine costs, measured with the real `fer-tune sweep` command (a subprocess, its own local Ray).
+
+    python benchmarks/bench_study.py overhead [--trials 8] [--epochs 6] [--n 6000]
+        8 trials of about 30 s each on 2 CPUs (1 CPU per trial, no early stopping): study wall time against
+        the sum of the trials' training time / concurrency, and the delay from launching `fer-tune sweep` to
+        the first trial's training start.
+    python benchmarks/bench_study.py memory [--data ../shared/datasets/fer2013]
+        one trial alone, then two concurrent trials, on the full dataset: each trial process's resident memory
+        (RSS counts the shared object-store pages; USS is private memory only) next to the dataset's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = {"width": 0.125, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1}
+
+
+def run_sweep(space: dict, workdir: Path) -> tuple[float, float, Path]:
+    path = workdir / f"{space['name']}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "fer_tune.cli", "sweep", str(path), "--results", str(workdir),
+                        "--quiet"], env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode:
+        sys.exit(f"sweep failed:\n{r.stdout}\n{r.stderr}")
+    return t0, wall, workdir / space["name"]
+
+
+def results(sdir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in sdir.glob("tune/*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def overhead(args) -> None:
+    space = {"name": "overhead", "sampler": "random", "seed": 0, "num_samples": args.trials,
+             "max_epochs": args.epochs, "early_stopping": {"type": "none"}, "resources": {"cpu": 1, "gpu": 0},
+             "data": {"path": f"synthetic:{args.n}"}, "fixed": FIXED,
+             "space": {"lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}}
+    with tempfile.TemporaryDirectory() as d:
+        t0, wall, sdir = run_sweep(space, Path(d))
+        res = results(sdir)
+    train = {tid: sum(r["epoch_seconds"] for r in rows) for tid, rows in res.items()}
+    total = sum(train.values())
+    concurrency = min(os.cpu_count() or 1, args.trials)
+    ideal = total / concurrency
+    first = min(rows[0]["trial_start"] for rows in res.values()) - t0
+    print(f"{len(res)} trials x {args.epochs} epochs (synthetic:{args.n}, width 0.125, 1 CPU each, "
+          f"{concurrency} at a time)")
+    print(f"per-trial training time: mean {total / len(train):.1f} s (min {min(train.values()):.1f}, "
+          f"max {max(train.values()):.1f})")
+    print(f"study wall time (fer-tune sweep, launch to exit): {wall:.1f} s")
+    print(f"sum of trial training time / {concurrency}:          {ideal:.1f} s")
+    print(f"overhead: {100 * (wall / ideal - 1):.1f} %  ({wall - ideal:.1f} s: Ray start, data load, trial "
+          "start-up, bookkeeping, shutdown)")
+    print(f"first trial training started {first:.1f} s after `fer-tune sweep` was launched")
+
+
+def memory(args) -> None:
+    from fer_tune.data import load
+
+    data = load(str(args.data), "paper")
+    mb = sum(a.nbytes + b.nbytes for a, b in (data.arrays("train"), data.arrays("val"))) / 2**20
+    print(f"dataset {args.data}: train+val arrays {mb:.1f} MB (uint8 images + int64 labels), shared through "
+          "Ray's object store")
+    for n in (1, 2):
+        space = {"name": f"mem{n}", "sampler": "random", "seed": 0, "num_samples": n, "max_epochs": 1,
+                 "early_stopping": {"type": "none"}, "resources": {"cpu": 1, "gpu": 0},
+                 "data": {"path": str(args.data)}, "fixed": {**FIXED, "width": 0.0625},
+                 "space": {"lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}}
+        with tempfile.TemporaryDirectory() as d:
+            _, wall, sdir = run_sweep(space, Path(d))
+            res = results(sdir)
+        starts = sorted(rows[0]["trial_start"] for rows in res.values())
+        ends = sorted(rows[0]["trial_start"] + rows[-1]["time_total_s"] for rows in res.values())
+        overlap = n == 1 or starts[-1] < ends[0]
+        for tid, rows in res.items():
+            last = rows[-1]
+            print(f"  {n} trial(s){' concurrently' if n > 1 else ''}: trial {tid}: RSS {last['rss_mb']:.0f} MB, "
+                  f"PSS {last['pss_mb']:.0f} MB, USS (private) {last['uss_mb']:.0f} MB")
+        if n > 1:
+            print(f"  the two trials ran at the same time: {overlap}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--n", type=int, default=6000, help="synthetic images")
+    p = sub.add_parser("memory")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "fer2013")
+    args = ap.parse_args()
+    overhead(args) if args.mode == "overhead" else memory(args)
+
+
+if __name__ == "__main__":
+    main()
