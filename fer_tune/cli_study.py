@@ -24,6 +24,7 @@ def _data_options(p) -> None:
 def _common(p) -> None:
     p.add_argument("--address", default=None, help="join a running Ray cluster (auto, ray://HOST:10001); default: "
                                                    "start a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
 
 
@@ -34,21 +35,21 @@ def cmd_sweep(args, load_data) -> int:
     return sweep(args.space, data_arg=data_arg, name=args.name, results=args.results, storage=args.storage,
                  address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                  gpus=args.gpus_per_trial, cpus=args.cpus_per_trial, quiet=args.quiet,
-                 loader=_loader(args, load_data))
+                 loader=_loader(args, load_data), num_cpus=args.num_cpus)
 
 
 def cmd_resume(args, load_data) -> int:
     from .study import resume
 
     return resume(args.study, force=args.force, address=args.address, quiet=args.quiet,
-                  loader=_loader(args, load_data))
+                  loader=_loader(args, load_data), num_cpus=args.num_cpus)
 
 
 def cmd_extend(args, load_data) -> int:
     from .study import extend
 
     return extend(args.study, num_samples=args.num_samples, force=args.force, address=args.address,
-                  quiet=args.quiet, loader=_loader(args, load_data))
+                  quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus)
 
 
 def cmd_status(args) -> int:

@@ -360,18 +360,26 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------
-def _init_ray(address: str | None, quiet: bool) -> bool:
-    """Start (or join) Ray; returns True when this call started it (and so must shut it down)."""
-    import ray
-
+def _tune_env(quiet: bool) -> None:
+    """Tune settings read from the environment; set before ray.tune is imported."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
     # a snapshot per reported checkpoint is what we want (a crash redoes little); do not warn about it
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
+
+
+def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> bool:
+    """Start (or join) Ray; returns True when this call started it (and so must shut it down)."""
+    import ray
+
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet, "configure_logging": True,
                           "logging_level": "WARNING"}
+    if num_cpus is not None:
+        if address:
+            raise FerTuneError("--num-cpus applies to a local Ray only; a cluster's CPUs are set where it starts")
+        kw["num_cpus"] = num_cpus
     try:
         ray.init(address=address, **kw)
     except ConnectionError as exc:
@@ -380,14 +388,15 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
 
 
 def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore: bool, address: str | None,
-         quiet: bool, crash: str = "") -> int:
+         quiet: bool, crash: str = "", num_cpus: int | None = None) -> int:
+    _tune_env(quiet)
     import ray
     from ray import tune
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = _init_ray(address, quiet)
+    started = _init_ray(address, quiet, num_cpus)
     try:
         res = spec.resources
         weight = res["gpu"] if res["gpu"] else res["cpu"]  # device-seconds per second of training
@@ -473,7 +482,7 @@ def _print_summary(sdir: Path, spec: StudySpec, table: list[dict]) -> None:
 
 def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: str, storage: str | None,
           address: str | None, num_samples: int | None, max_concurrent: int | None, gpus: float | None,
-          cpus: float | None, quiet: bool, loader) -> int:
+          cpus: float | None, quiet: bool, loader, num_cpus: int | None = None) -> int:
     spec = load_space(space_path)
     raw_overrides = {}
     if num_samples is not None:
@@ -514,7 +523,7 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
           f"early stopping {spec.early_stopping['type']}, {spec.resources['cpu']} CPU / {spec.resources['gpu']} "
           f"GPU per trial, data {source} ({protocol}); results in {sdir}", flush=True)
     return _run(sdir, record, spec, data, record["runs"][0], restore=False, address=address, quiet=quiet,
-                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""))
+                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""), num_cpus=num_cpus)
 
 
 def _reopen(sdir: Path, force: bool, loader) -> tuple[dict, StudySpec, Any]:
@@ -534,7 +543,8 @@ def _reopen(sdir: Path, force: bool, loader) -> tuple[dict, StudySpec, Any]:
     return record, spec, data
 
 
-def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader) -> int:
+def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
+           num_cpus: int | None = None) -> int:
     sdir_p = Path(sdir).resolve()
     record, spec, data = _reopen(sdir_p, force, loader)
     run = record["runs"][-1]
@@ -548,10 +558,11 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader) 
         return 0
     print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
     return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
-                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""))
+                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""), num_cpus=num_cpus)
 
 
-def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader) -> int:
+def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader,
+           num_cpus: int | None = None) -> int:
     sdir_p = Path(sdir).resolve()
     record, spec, data = _reopen(sdir_p, force, loader)
     if num_samples < 1:
@@ -575,4 +586,4 @@ def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, qui
     _write_study(sdir_p, record)
     print(f"extending study {record['name']} by {num_samples} trials ({run['dir']}); the sampler sees all "
           "earlier trials", flush=True)
-    return _run(sdir_p, record, spec, data, run, restore=False, address=address, quiet=quiet)
+    return _run(sdir_p, record, spec, data, run, restore=False, address=address, quiet=quiet, num_cpus=num_cpus)

@@ -37,7 +37,10 @@ def env(tmp_path):
 
 
 def fer_tune(env, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *map(str, args)], env=env, capture_output=True,
+    args = [*map(str, args)]
+    if args[0] in ("sweep", "resume", "extend"):
+        args.append("--num-cpus=2")  # the local Ray each command starts gets an explicit CPU count
+    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -121,7 +124,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     results = tmp_path / "results"
     sdir = results / "t"
     proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results),
-                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--quiet", "--num-cpus", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + 180
