@@ -73,7 +73,10 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
     device = select_device()
 
     def on_epoch(metrics: dict, st: dict | None):
-        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        # the metric first: Tune's progress table shows the first few columns
+        first = [k for k in ("val_acc", "best_val_acc", "epoch", "val_loss") if k in metrics]
+        out = {k: metrics[k] for k in first + [k for k in metrics if k not in first]
+               if isinstance(metrics[k], (int, float, str, bool))}
         out.update(node=node, node_id=node_id, device=str(device), start_epoch=start_epoch,
                    trial_start=trial_start, **_memory_mb())
         if st is None:  # diverged: no checkpoint, the study goes on
@@ -374,7 +377,9 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
 
     if ray.is_initialized():
         return False
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet, "configure_logging": True,
+    # trial workers' logs (one "Checkpoint successfully created" line per epoch) stay in Ray's log files;
+    # Tune's own progress tables and trial error reports print in the driver
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
                           "logging_level": "WARNING"}
     if num_cpus is not None:
         if address:
