@@ -62,7 +62,8 @@ def restarts(exp_dirs: Iterable[str | Path]) -> dict[str, int]:
 
 def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
     """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
-    files = sorted(Path(exp_dir).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # newest session by the timestamp in the name (Tune re-syncs old files at the end, so mtimes lie)
+    files = sorted(Path(exp_dir).glob("experiment_state-*.json"))
     if not files:
         return {}
     try:
