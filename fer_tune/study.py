@@ -124,10 +124,9 @@ def _searcher_class():
         old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged ones as FAIL,
         (4) never pickles the storage URL (it may hold a password): it is re-resolved on restore."""
 
-        def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, spec_seed: int, **kw):
+        def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, **kw):
             self._storage_ref = storage_ref
             self._max_epochs = max_epochs
-            self._spec_seed = spec_seed
             self._last: dict[str, dict] = {}
             self._orphans: list[int] = []
             super().__init__(storage=resolve_storage(storage_ref), study_name=study_name, **kw)
@@ -423,7 +422,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
             Search = _searcher_class()
             search = Search(space=spec.define_by_run(), metric=spec.metric, mode=spec.mode,
                             sampler=spec.make_sampler(run["seed"]), storage_ref=record["storage"],
-                            study_name=record["optuna_study"], max_epochs=spec.max_epochs, spec_seed=spec.seed)
+                            study_name=record["optuna_study"], max_epochs=spec.max_epochs)
             scheduler = _scheduler(spec)
             if hasattr(scheduler, "_history_dirs"):  # rungs rebuilt from every run of the study on a restore
                 scheduler._history_dirs = [str(sdir / r["dir"]) for r in record["runs"]]
