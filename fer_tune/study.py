@@ -44,7 +44,6 @@ class _Splits:
 
 def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = "") -> None:
     import ray
-    import torch
     from ray import tune
 
     from .config import TrainConfig
@@ -90,7 +89,6 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
         return None
 
-    torch.set_num_threads(cfg.threads)
     fit(cfg, data=_Splits(data), device=device, checkpoint=state, on_epoch=on_epoch, fail_at_epoch=fail_at)
 
 
@@ -392,8 +390,9 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
 
 
 def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore: bool, address: str | None,
-         quiet: bool, crash: str = "", num_cpus: int | None = None) -> int:
+         quiet: bool, num_cpus: int | None = None) -> int:
     _tune_env(quiet)
+    crash = os.environ.get("FER_TUNE_CRASH_ONCE", "")  # test hook, see _trial
     import ray
     from ray import tune
 
@@ -495,11 +494,7 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
         raw_overrides["resources"] = {**spec.resources, **({"gpu": gpus} if gpus is not None else {}),
                                       **({"cpu": cpus} if cpus is not None else {})}
     if raw_overrides:
-        import yaml
-
-        raw = yaml.safe_load(spec.text)
-        spec = parse_space({**raw, **raw_overrides}, source=f"{space_path} (with command-line overrides)",
-                           text=spec.text, default_name=spec.name)
+        spec = _spec_with(spec.text, raw_overrides, f"{space_path} (with command-line overrides)", spec.name)
     if max_concurrent is not None and max_concurrent < 1:
         raise FerTuneError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     name = name or spec.name
@@ -527,14 +522,20 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
           f"early stopping {spec.early_stopping['type']}, {spec.resources['cpu']} CPU / {spec.resources['gpu']} "
           f"GPU per trial, data {source} ({protocol}); results in {sdir}", flush=True)
     return _run(sdir, record, spec, data, record["runs"][0], restore=False, address=address, quiet=quiet,
-                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""), num_cpus=num_cpus)
+                num_cpus=num_cpus)
+
+
+def _spec_with(text: str, overrides: dict, source: str, name: str) -> StudySpec:
+    """The spec of a space file's text with the command-line overrides a study was launched with."""
+    import yaml
+
+    return parse_space({**yaml.safe_load(text), **overrides}, source=source, text=text, default_name=name)
 
 
 def _reopen(sdir: Path, force: bool, loader) -> tuple[dict, StudySpec, Any]:
     record = read_study(sdir)
-    spec = parse_space({**__import__("yaml").safe_load((sdir / "space.yaml").read_text()), **record["overrides"]},
-                       source=str(sdir / "space.yaml"), text=(sdir / "space.yaml").read_text(),
-                       default_name=record["name"])
+    spec = _spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"),
+                      record["name"])
     data = loader(record["data"]["source"], record["data"]["protocol"])
     now = _fingerprint(spec, data)
     changes = _diff(record["fingerprint"], now)
@@ -561,8 +562,7 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
         _print_summary(sdir_p, spec, table)
         return 0
     print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
-    return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
-                crash=os.environ.get("FER_TUNE_CRASH_ONCE", ""), num_cpus=num_cpus)
+    return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet, num_cpus=num_cpus)
 
 
 def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader,

@@ -16,17 +16,19 @@ RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc",
                "start_epoch", "rss_mb", "pss_mb", "uss_mb", "trial_start")
 
 
-def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
-    """{ray trial id: [per-epoch result, ...]} from every trial's result.json (JSON lines) under the dirs.
+def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """One pass over every trial's result.json (JSON lines) under the dirs:
 
-    A trial that restarted from a checkpoint reports some epochs twice: the later report wins.
+    - {ray trial id: [per-epoch result, ...]}: a trial that restarted from a checkpoint reports some epochs
+      twice; the later report wins;
+    - {ray trial id: restarts}: how often it started again (crash retries, study resumes), seen as a new
+      start_epoch or a step back in epochs.
     """
-    out: dict[str, dict[int, dict]] = {}
-    for d in exp_dirs:
-        d = Path(d)
-        if not d.is_dir():
-            continue
-        for f in sorted(d.glob("*/result.json")):
+    results: dict[str, dict[int, dict]] = {}
+    restarted: dict[str, int] = {}
+    for d in map(Path, exp_dirs):
+        for f in sorted(d.glob("*/result.json")) if d.is_dir() else []:
+            last = None
             for line in f.read_text(errors="replace").splitlines():
                 try:
                     row = json.loads(line)
@@ -35,29 +37,17 @@ def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
                 tid = row.get("trial_id")
                 if not tid or "epoch" not in row:
                     continue
-                kept = {k: row[k] for k in RESULT_KEYS if k in row}
-                out.setdefault(tid, {})[int(row["epoch"])] = kept
-    return {tid: [rows[e] for e in sorted(rows)] for tid, rows in out.items()}
-
-
-def restarts(exp_dirs: Iterable[str | Path]) -> dict[str, int]:
-    """How often each trial started again (crash retries, study resumes): a new start_epoch or a step back."""
-    out: dict[str, int] = {}
-    for d in exp_dirs:
-        for f in sorted(Path(d).glob("*/result.json")) if Path(d).is_dir() else []:
-            last = None
-            for line in f.read_text(errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "epoch" not in row:
-                    continue
+                results.setdefault(tid, {})[int(row["epoch"])] = {k: row[k] for k in RESULT_KEYS if k in row}
                 key = (int(row.get("start_epoch", 0)), int(row["epoch"]))
                 if last is not None and (key[0] != last[0] or key[1] <= last[1]):
-                    out[row["trial_id"]] = out.get(row["trial_id"], 0) + 1
+                    restarted[tid] = restarted.get(tid, 0) + 1
                 last = key
-    return out
+    return {tid: [rows[e] for e in sorted(rows)] for tid, rows in results.items()}, restarted
+
+
+def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
+    """{ray trial id: [per-epoch result, ...]} (see scan_results)."""
+    return scan_results(exp_dirs)[0]
 
 
 def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
@@ -92,8 +82,7 @@ def trials_table(sdir: str | Path, record: dict) -> list[dict]:
     spec = record["spec"]
     metric = spec["metric"]
     runs = [sdir / r["dir"] for r in record["runs"]]
-    results = read_results(runs)
-    restarted = restarts(runs)
+    results, restarted = scan_results(runs)
     tune_states: dict[str, str] = {}
     for r in runs:
         tune_states.update(experiment_trial_states(r))
