@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_study
 
     cli_study.register(sub, _parser_with, _load_data)
+    from . import cli_report
+
+    cli_report.register(sub, _parser_with)
+    from . import cli_cluster
+
+    cli_cluster.register(sub, _parser_with)
+    from . import cli_final
+
+    cli_final.register(sub, _parser_with, _load_data)
     return parser
 
 

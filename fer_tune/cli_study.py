@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from .cli_report import refresh_report
 
 
 def _loader(args, load_data):
@@ -32,24 +35,42 @@ def cmd_sweep(args, load_data) -> int:
     from .study import sweep
 
     data_arg = args.data
-    return sweep(args.space, data_arg=data_arg, name=args.name, results=args.results, storage=args.storage,
-                 address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                 gpus=args.gpus_per_trial, cpus=args.cpus_per_trial, quiet=args.quiet,
-                 loader=_loader(args, load_data), num_cpus=args.num_cpus)
+    rc = sweep(args.space, data_arg=data_arg, name=args.name, results=args.results, storage=args.storage,
+               address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+               gpus=args.gpus_per_trial, cpus=args.cpus_per_trial, quiet=args.quiet,
+               loader=_loader(args, load_data), num_cpus=args.num_cpus, optuna_storage=args.optuna_storage)
+    from .spaces import load_space
+
+    refresh_report(Path(args.results) / (args.name or load_space(args.space).name))
+    return rc
 
 
 def cmd_resume(args, load_data) -> int:
+    from pathlib import Path
+
     from .study import resume
 
-    return resume(args.study, force=args.force, address=args.address, quiet=args.quiet,
-                  loader=_loader(args, load_data), num_cpus=args.num_cpus)
+    if (Path(args.study) / "final.json").is_file():  # a final stage directory (results/NAME/final)
+        from .final import run_final
+
+        rec = json.loads((Path(args.study) / "final.json").read_text())
+        rc = run_final(rec["study_dir"], trial=None, out=args.study, given={}, gpus=None, address=args.address,
+                       quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus, force=args.force)
+        refresh_report(rec["study_dir"])
+        return rc
+    rc = resume(args.study, force=args.force, address=args.address, quiet=args.quiet,
+                loader=_loader(args, load_data), num_cpus=args.num_cpus)
+    refresh_report(args.study)
+    return rc
 
 
 def cmd_extend(args, load_data) -> int:
     from .study import extend
 
-    return extend(args.study, num_samples=args.num_samples, force=args.force, address=args.address,
-                  quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus)
+    rc = extend(args.study, num_samples=args.num_samples, force=args.force, address=args.address,
+                quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus)
+    refresh_report(args.study)
+    return rc
 
 
 def cmd_status(args) -> int:
@@ -89,16 +110,22 @@ def register(sub, parser_with, load_data) -> None:
     p = parser_with(sub, "sweep", "run a hyperparameter study (Ray Tune trials, Optuna search, early stopping)", """
         fer-tune sweep search_spaces/smoke.yaml
         fer-tune sweep search_spaces/joint.yaml --data ../shared/datasets/fer2013 --gpus-per-trial 0.25
-        fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --name joint-a
+        fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --storage s3://my-bucket/fer-tune
     """)
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="dataset (default: the space's data.path, else synthetic)")
     p.add_argument("--name", default=None, help="study name (default: the space's name); results go to RESULTS/NAME")
     p.add_argument("--results", default="results", help="results root (default: results)")
-    p.add_argument("--storage", default=None, metavar="DIR|URI",
-                   help="Optuna storage: a directory for optuna.db, a SQLAlchemy URL, or env:VAR holding one "
-                        "(default: RESULTS/NAME/optuna.db)")
+    p.add_argument("--storage", default=None, metavar="URI|DIR",
+                   help="Ray storage for the trials' checkpoints and results: s3://BUCKET/PREFIX (any pyarrow "
+                        "filesystem URI) or a directory on a mount every node shares; the study gets a NAME folder "
+                        "there (default: RESULTS/NAME itself, fine for one machine; a multi-node cluster refuses a "
+                        "node-local path). study.json, optuna.db and trials.csv stay in RESULTS/NAME")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="the Optuna database: a SQLAlchemy URL (postgresql://USER@HOST/DB) or env:VAR naming an "
+                        "environment variable that holds one, e.g. with a password (default: sqlite "
+                        "RESULTS/NAME/optuna.db on this machine)")
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25 = 4 per GPU)")
@@ -110,8 +137,9 @@ def register(sub, parser_with, load_data) -> None:
     p = parser_with(sub, "resume", "continue an interrupted study where it stopped", """
         fer-tune resume results/joint
         fer-tune resume results/joint --force     # even though the space file or data changed
+        fer-tune resume results/joint/final       # an interrupted final stage
     """)
-    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("study", help="the study directory (results/NAME), or a final stage's (results/NAME/final)")
     p.add_argument("--force", action="store_true", help="resume although the recorded fingerprint changed")
     _common(p)
     _data_options(p)

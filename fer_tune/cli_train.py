@@ -7,7 +7,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .common import FerTuneError
+from .common import FerTuneError, write_json
 
 
 # keys a resumed run may change: they do not alter the model, optimizer or data the checkpoint was made with
@@ -25,12 +25,6 @@ def run_environment(device) -> dict:
     return {"fer_tune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": name, "threads": torch.get_num_threads()}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def cmd_models(args) -> int:

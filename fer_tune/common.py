@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 # FER2013 challenge label order.
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(EMOTIONS)
@@ -13,3 +16,11 @@ class FerTuneError(Exception):
 
     The CLI turns it into one clear message on stderr and exit code 2; library callers can catch it.
     """
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (a temp file beside it, then rename): a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

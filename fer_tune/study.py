@@ -1,12 +1,15 @@
 """The study engine: a search space + data -> a Ray Tune experiment driven by Optuna, resumable and extendable.
 
-results/NAME/
-    study.json      what was launched: spec, data source, Optuna storage, runs, fingerprint
+results/NAME/       (on the driver)
+    study.json      what was launched: spec, data source, Optuna storage, Ray storage, runs, fingerprint
     space.yaml      a copy of the space file as launched
-    optuna.db       the Optuna study (sqlite, unless --storage points elsewhere)
+    optuna.db       the Optuna study (sqlite, unless --optuna-storage points elsewhere)
     tune/           Ray's experiment directory of the sweep (trial dirs, checkpoints, experiment state)
     extend-1/ ...   one Ray experiment per `fer-tune extend`
     trials.csv      one row per trial, rewritten at the end of every run and by `status`
+
+With --storage URI|DIR (a cluster's shared storage) tune/ and extend-N/ live in URI/NAME/ instead; study.json
+records it as `ray_storage` and fer_tune.storage reads them from there.
 
 Every trial runs fer_tune.train.fit; the few lines in `_trial` turn its per-epoch callback into
 `ray.tune.report(metrics, checkpoint=...)`.
@@ -21,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import FerTuneError
+from .common import FerTuneError, write_json
 from .spaces import StudySpec, load_space, parse_space
+from .storage import experiment_dir, study_storage
 from .trials import write_trials_csv
 
 STUDY_FILE = "study.json"
@@ -247,16 +251,21 @@ def resolve_storage(ref: str):
 
 
 def _storage_ref(arg: str | None, sdir: Path) -> str:
+    """The Optuna storage reference recorded in study.json (`storage`): --optuna-storage, else sqlite in sdir."""
     if not arg:
         return f"sqlite:///{sdir / 'optuna.db'}"
-    if arg.startswith("env:") or "://" in arg:
-        from urllib.parse import urlsplit
-
-        if "://" in arg and urlsplit(arg).password:
-            raise FerTuneError("--storage: the URL holds a password, which would be written to the study files; "
-                               "put the URL in an environment variable and pass --storage env:VARNAME")
+    if arg.startswith("env:"):
         return arg
-    return f"sqlite:///{Path(arg).expanduser().resolve() / 'optuna.db'}"
+    if "://" not in arg:
+        raise FerTuneError(f"--optuna-storage {arg}: give a SQLAlchemy URL (sqlite:////ABS/PATH/optuna.db, "
+                           "postgresql://USER@HOST/DB) or env:VAR naming an environment variable that holds one; "
+                           "--storage is where Ray keeps checkpoints and results")
+    from urllib.parse import urlsplit
+
+    if urlsplit(arg).password:
+        raise FerTuneError("--optuna-storage: the URL holds a password, which would be written to the study files; "
+                           "put the URL in an environment variable and pass --optuna-storage env:VARNAME")
+    return arg
 
 
 def _scheduler(spec: StudySpec):
@@ -336,9 +345,7 @@ def read_study(sdir: str | Path) -> dict:
 
 
 def _write_study(sdir: Path, record: dict) -> None:
-    tmp = sdir / f".{STUDY_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(sdir / STUDY_FILE)
+    write_json(sdir / STUDY_FILE, record)
 
 
 def _fingerprint(spec: StudySpec, data) -> dict:
@@ -389,6 +396,58 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
     return True
 
 
+def _check_storage(loc: str, address: str | None, resources: dict) -> None:
+    """Refuse a node-local Ray storage path on a multi-node cluster (after ray.init). Multi-node: more than one
+    alive node, or (joining a cluster) no alive node has what a trial asks for, so an autoscaler must add nodes.
+    A path counts as shared when its filesystem is a network one or every other alive node sees a probe file."""
+    import ray
+
+    from . import storage as st
+    from .preflight import alive_nodes, nodes_missing_file
+
+    if st.is_uri(loc):
+        return
+    nodes = alive_nodes()
+    need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
+    grows = bool(address) and not any(n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0)
+                                      >= need_gpu for n in nodes)
+    if len(nodes) <= 1 and not grows:
+        return
+    if st.filesystem_type(loc) in st.NETWORK_FS:
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in nodes if n["NodeID"] != here]
+    probe_dir = Path(loc)
+    while not probe_dir.is_dir() and probe_dir != probe_dir.parent:  # nothing is created before the check
+        probe_dir = probe_dir.parent
+    unseen = nodes_missing_file(str(probe_dir), others) if others else None
+    problem = st.node_local_problem(loc, len(nodes), grows=grows, unseen=unseen)
+    if problem:
+        raise FerTuneError(problem)
+
+
+def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, spec: StudySpec) -> bool:
+    """Start or join Ray and check the Ray storage suits it; True when this call started Ray."""
+    _tune_env(quiet)
+    started = _init_ray(address, quiet, num_cpus)
+    try:
+        _check_storage(loc, address, spec.resources)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    return started
+
+
+def _stop(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
 def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore: bool, address: str | None,
          quiet: bool, num_cpus: int | None = None) -> int:
     _tune_env(quiet)
@@ -410,12 +469,12 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
             tune.with_parameters(_trial, base=base, data=arrays, weight=weight, crash=crash),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]},
         )
-        exp_dir = sdir / run["dir"]
+        exp_dir = experiment_dir(sdir, record, run)
         max_conc = run.get("max_concurrent") or 0
         if max_conc:
             os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_conc))
-        if restore and (exp_dir / "tuner.pkl").exists():
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+        if restore and _has_state(exp_dir):
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             Search = _searcher_class()
@@ -424,13 +483,13 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
                             study_name=record["optuna_study"], max_epochs=spec.max_epochs)
             scheduler = _scheduler(spec)
             if hasattr(scheduler, "_history_dirs"):  # rungs rebuilt from every run of the study on a restore
-                scheduler._history_dirs = [str(sdir / r["dir"]) for r in record["runs"]]
+                scheduler._history_dirs = [experiment_dir(sdir, record, r) for r in record["runs"]]
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=run["num_samples"],
                                             max_concurrent_trials=max_conc or None, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=run["dir"], storage_path=str(sdir), verbose=0 if quiet else 1,
+                    name=run["dir"], storage_path=study_storage(sdir, record), verbose=0 if quiet else 1,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
                                                             checkpoint_score_order=spec.mode),
                     failure_config=tune.FailureConfig(max_failures=2),
@@ -455,7 +514,14 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
             ray.shutdown()
 
 
-def _interrupted(exp_dir: Path, *, errors: bool = False) -> bool:
+def _has_state(exp_dir: str) -> bool:
+    """True when a Ray experiment (local path or URI) holds Tune's state, so Tuner.restore can continue it."""
+    from .storage import exists, join
+
+    return exists(join(exp_dir, "tuner.pkl"))
+
+
+def _interrupted(exp_dir: str, *, errors: bool = False) -> bool:
     """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver);
     with errors=True, trials that errored out count as unfinished too (resume retries them)."""
     from .trials import experiment_trial_states
@@ -485,7 +551,10 @@ def _print_summary(sdir: Path, spec: StudySpec, table: list[dict]) -> None:
 
 def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: str, storage: str | None,
           address: str | None, num_samples: int | None, max_concurrent: int | None, gpus: float | None,
-          cpus: float | None, quiet: bool, loader, num_cpus: int | None = None) -> int:
+          cpus: float | None, quiet: bool, loader, num_cpus: int | None = None,
+          optuna_storage: str | None = None) -> int:
+    """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
+    gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR."""
     spec = load_space(space_path)
     raw_overrides = {}
     if num_samples is not None:
@@ -504,15 +573,35 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
     if (sdir / STUDY_FILE).exists():
         raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add trials "
                            f"with `fer-tune extend {sdir} --num-samples N`, or choose another --name")
+    from . import storage as st
+
+    ray_storage = st.join(st.normalize(storage), name) if storage else None
+    loc = ray_storage or str(sdir)
+    if ray_storage and st.exists(st.join(ray_storage, "tune")):
+        raise FerTuneError(f"the Ray storage {ray_storage} already holds a study's experiments; choose another "
+                           "--name or --storage")
+    optuna_ref = _storage_ref(optuna_storage, sdir)
     source = data_arg or spec.data.get("path") or "synthetic"
     protocol = spec.data.get("protocol", "paper")
     data = loader(source, protocol)
+    started = _start(address, quiet, num_cpus, loc, spec)  # refuses a node-local path on a cluster, before any file
+    try:
+        return _new_study(sdir, spec, space_path, raw_overrides, name, source, protocol, data, optuna_ref,
+                          ray_storage, max_concurrent, address=address, quiet=quiet, num_cpus=num_cpus)
+    finally:
+        _stop(started)
+
+
+def _new_study(sdir: Path, spec: StudySpec, space_path: str, raw_overrides: dict, name: str, source: str,
+               protocol: str, data, optuna_ref: str, ray_storage: str | None, max_concurrent: int | None, *,
+               address: str | None, quiet: bool, num_cpus: int | None) -> int:
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / "space.yaml").write_text(spec.text)
     record = {
         "name": name, "space_file": str(Path(space_path).resolve()), "spec": spec.to_dict(),
         "overrides": raw_overrides, "data": {"source": source, "protocol": protocol, **data.describe()},
-        "storage": _storage_ref(storage, sdir), "optuna_study": name, "fingerprint": _fingerprint(spec, data),
+        "storage": optuna_ref, "ray_storage": ray_storage, "optuna_study": name,
+        "fingerprint": _fingerprint(spec, data),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "runs": [{"dir": "tune", "num_samples": spec.num_samples, "seed": spec.seed,
                   "max_concurrent": max_concurrent}],
@@ -520,7 +609,8 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
     _write_study(sdir, record)
     print(f"study {name}: {spec.num_samples} trials of at most {spec.max_epochs} epochs, sampler {spec.sampler}, "
           f"early stopping {spec.early_stopping['type']}, {spec.resources['cpu']} CPU / {spec.resources['gpu']} "
-          f"GPU per trial, data {source} ({protocol}); results in {sdir}", flush=True)
+          f"GPU per trial, data {source} ({protocol}); results in {sdir}"
+          + (f", Ray storage {ray_storage}" if ray_storage else ""), flush=True)
     return _run(sdir, record, spec, data, record["runs"][0], restore=False, address=address, quiet=quiet,
                 num_cpus=num_cpus)
 
@@ -553,16 +643,22 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
     sdir_p = Path(sdir).resolve()
     record, spec, data = _reopen(sdir_p, force, loader)
     run = record["runs"][-1]
-    if not (sdir_p / run["dir"] / "tuner.pkl").exists():
-        raise FerTuneError(f"{sdir_p / run['dir']} holds no Ray experiment state; nothing to resume")
-    if not _interrupted(sdir_p / run["dir"], errors=True):
+    exp = experiment_dir(sdir_p, record, run)
+    if not _has_state(exp):
+        raise FerTuneError(f"{exp} holds no Ray experiment state; nothing to resume")
+    if not _interrupted(exp, errors=True):
         table = write_trials_csv(sdir_p, record)
         print(f"{sdir_p}: the study is complete; nothing to resume "
               f"(add trials with fer-tune extend {sdir_p} --num-samples N)")
         _print_summary(sdir_p, spec, table)
         return 0
     print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
-    return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet, num_cpus=num_cpus)
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec)
+    try:
+        return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
+                    num_cpus=num_cpus)
+    finally:
+        _stop(started)
 
 
 def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader,
@@ -572,7 +668,8 @@ def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, qui
     if num_samples < 1:
         raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
     last = record["runs"][-1]
-    if (sdir_p / last["dir"] / "tuner.pkl").exists() and _interrupted(sdir_p / last["dir"]):
+    last_exp = experiment_dir(sdir_p, record, last)
+    if _has_state(last_exp) and _interrupted(last_exp):
         raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
     if spec.sampler == "grid":
         import optuna
@@ -583,6 +680,16 @@ def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, qui
         if num_samples > left:
             raise FerTuneError(f"the grid has {spec.grid_size()} points and {done} were tried; "
                                f"extend by at most {left}")
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec)
+    try:
+        return _extend_run(sdir_p, record, spec, data, num_samples, last, address=address, quiet=quiet,
+                           num_cpus=num_cpus)
+    finally:
+        _stop(started)
+
+
+def _extend_run(sdir_p: Path, record: dict, spec: StudySpec, data, num_samples: int, last: dict, *,
+                address: str | None, quiet: bool, num_cpus: int | None) -> int:
     k = len(record["runs"])
     run = {"dir": f"extend-{k}", "num_samples": num_samples, "seed": spec.seed + 1000 * k,
            "max_concurrent": last.get("max_concurrent")}

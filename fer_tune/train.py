@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import augment
-from .common import FerTuneError
+from .common import EMOTIONS, FerTuneError
 from .config import TrainConfig
 from .models import create_model, load_tensor_file
 from .optim import Scheduler, create_optimizer
@@ -152,6 +152,15 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
+def _val_recall(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{val_recall_<emotion>: recall in percent} for the classes present in the val split."""
+    n = len(EMOTIONS)
+    support = torch.bincount(labels, minlength=n)
+    hits = torch.bincount(labels[logits.argmax(1) == labels], minlength=n)
+    recall = (100.0 * hits / support.clamp_min(1)).tolist()
+    return {f"val_recall_{e}": recall[i] for i, e in enumerate(EMOTIONS) if int(support[i])}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------
@@ -164,8 +173,16 @@ def fit(
     on_epoch: Callable[[dict, dict], bool | None] | None = None,
     progress: bool = False,
     fail_at_epoch: int | None = None,
+    init_model: dict | None = None,
+    track: tuple[np.ndarray, np.ndarray] | None = None,
+    track_every: int = 0,
 ) -> FitResult:
-    """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring."""
+    """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring.
+
+    ``init_model``: model weights to start from when not resuming (a fine-tune). ``track``: (images, labels) whose
+    accuracy is measured every ``track_every`` epochs and at the last epoch as ``test_acc`` (the final stage's
+    overfitting curve; never used for selection).
+    """
     device = device or select_device()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -190,6 +207,11 @@ def fit(
     history: list[dict] = []
     best: dict = {}
     start = 0
+    if init_model is not None and checkpoint is None:
+        model.load_state_dict(init_model)
+    x_track = y_track = None
+    if track is not None:
+        x_track, y_track = (_as_tensor(a, device) for a in track)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -267,11 +289,16 @@ def fit(
                 "epoch_seconds": seconds,
                 "images_per_s": n_train / train_time,
             }
+            if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
+                t_logits = predict_logits(model, x_track, crops=cfg.test_crops, batch_size=cfg.eval_batch_size,
+                                          dtype=dtype)
+                metrics["test_acc"] = 100.0 * float((t_logits.argmax(1) == y_track).float().mean())
             if is_best:
                 best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
             metrics.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best,
                             "status": "running"})
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
+            metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "config": cfg.to_dict(),

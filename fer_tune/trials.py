@@ -1,7 +1,8 @@
 """Reading a study back: Ray's per-trial results + the Optuna storage -> one row per trial (trials.csv).
 
 Only files and the Optuna storage are read; no Ray runtime is needed, so `fer-tune status` works while a study
-runs, after it crashed, or on a laptop that copied results/NAME from the cluster.
+runs, after it crashed, or on a laptop that copied results/NAME from the cluster. Experiment directories are
+local paths or URIs (a study's Ray storage, e.g. s3://...): fer_tune.storage reads both.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import csv
 import json
 from pathlib import Path
 from typing import Iterable
+
+from .storage import experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
                "epoch_seconds", "device_seconds", "node", "node_id", "device", "status", "lr", "trial_id", "time_total_s",
@@ -26,10 +29,13 @@ def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]],
     """
     results: dict[str, dict[int, dict]] = {}
     restarted: dict[str, int] = {}
-    for d in map(Path, exp_dirs):
-        for f in sorted(d.glob("*/result.json")) if d.is_dir() else []:
+    for d in exp_dirs:
+        for trial_dir in listdir(d):
+            text = read_text(join(str(d), trial_dir, "result.json"))
+            if text is None:
+                continue
             last = None
-            for line in f.read_text(errors="replace").splitlines():
+            for line in text.splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill
@@ -37,7 +43,8 @@ def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]],
                 tid = row.get("trial_id")
                 if not tid or "epoch" not in row:
                     continue
-                results.setdefault(tid, {})[int(row["epoch"])] = {k: row[k] for k in RESULT_KEYS if k in row}
+                results.setdefault(tid, {})[int(row["epoch"])] = {
+                    k: v for k, v in row.items() if k in RESULT_KEYS or k.startswith("val_recall_")}
                 key = (int(row.get("start_epoch", 0)), int(row["epoch"]))
                 if last is not None and (key[0] != last[0] or key[1] <= last[1]):
                     restarted[tid] = restarted.get(tid, 0) + 1
@@ -53,11 +60,11 @@ def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
 def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
     """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
     # newest session by the timestamp in the name (Tune re-syncs old files at the end, so mtimes lie)
-    files = sorted(Path(exp_dir).glob("experiment_state-*.json"))
+    files = [n for n in listdir(exp_dir) if n.startswith("experiment_state-") and n.endswith(".json")]
     if not files:
         return {}
     try:
-        state = json.loads(files[-1].read_text())
+        state = json.loads(read_text(join(str(exp_dir), max(files))) or "")
     except json.JSONDecodeError:
         return {}
     out = {}
@@ -81,7 +88,7 @@ def trials_table(sdir: str | Path, record: dict) -> list[dict]:
     sdir = Path(sdir)
     spec = record["spec"]
     metric = spec["metric"]
-    runs = [sdir / r["dir"] for r in record["runs"]]
+    runs = [experiment_dir(sdir, record, r) for r in record["runs"]]
     results, restarted = scan_results(runs)
     tune_states: dict[str, str] = {}
     for r in runs:

@@ -1,0 +1,96 @@
+"""`fer-tune final | predict | demo`: a study's final stage, classifying images with its model, and the demo."""
+
+from __future__ import annotations
+
+import json
+
+from .final import DEFAULTS
+
+
+def cmd_final(args, load_data) -> int:
+    from .cli_study import _loader
+    from .final import run_final
+
+    from .cli_report import refresh_report
+
+    given = {k: getattr(args, k) for k in DEFAULTS}
+    rc = run_final(args.study, trial=args.trial, out=args.out, given=given, gpus=args.gpus_per_run,
+                   address=args.address, quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus,
+                   force=args.force)
+    if args.out is None:  # the report shows STUDY/final
+        refresh_report(args.study)
+    return rc
+
+
+def cmd_demo(args, load_data) -> int:
+    from .cli_study import _loader
+    from .demo import run_demo
+
+    return run_demo(args.out, quick=args.quick, num_cpus=args.num_cpus, quiet=not args.verbose,
+                    loader=_loader(args, load_data))
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    results = predict(args.model, args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
+        print(f"{r['image']}: {r['emotion']}  (" + ", ".join(f"{e} {p * 100:.1f} %" for e, p in top[:3]) + ")")
+    return 0
+
+
+def register(sub, parser_with, load_data) -> None:
+    from .cli_study import _common, _data_options
+
+    p = parser_with(sub, "final", "retrain a study's best configuration, fine-tune it, evaluate it (resumable)", f"""
+        fer-tune final results/joint                      # {DEFAULTS['epochs']} epochs + {DEFAULTS['finetune_epochs']} fine-tune, 1 seed
+        fer-tune final results/joint --seeds 3 --gpus-per-run 1 --address auto
+        fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
+        fer-tune final results/joint                      # again: continues an interrupted final stage
+    """)
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help=f"fine-tune epochs from the best-val checkpoint (default {DEFAULTS['finetune_epochs']})")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help=f"fine-tune starting lr (default {DEFAULTS['finetune_lr']:g})")
+    p.add_argument("--finetune-scheduler", choices=("cosine", "cosine_wr"), default=None,
+                   help="fine-tune schedule (default cosine)")
+    p.add_argument("--finetune-on", choices=("train+val", "train"), default=None,
+                   help="fine-tune data (default train+val, as the paper)")
+    p.add_argument("--seeds", type=int, default=None, help="independent runs, in parallel (default 1)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"test accuracy and a kept checkpoint every N epochs (default {DEFAULTS['eval_every']})")
+    p.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed (default: the study's)")
+    p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
+    p.add_argument("--force", action="store_true", help="run although the study's data or space changed")
+    _common(p)
+    _data_options(p)
+    p.set_defaults(func=lambda a: cmd_final(a, load_data))
+
+    p = parser_with(sub, "predict", "classify face images (any size; grayscale 48x48, TenCrop) with a model", """
+        fer-tune predict results/joint/final/model.pt face1.jpg face2.png
+        fer-tune predict results/joint/final photo.jpg --json
+    """)
+    p.add_argument("model", help="a model.pt (final stage), a training checkpoint, or a final stage directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = parser_with(sub, "demo", "the whole study on synthetic faces in minutes on a CPU: sweep, final stage, report",
+                    """
+        fer-tune demo
+        fer-tune demo --out /tmp/demo --quick
+    """)
+    p.add_argument("--out", default="results/demo", help="the demo's study directory (default results/demo); "
+                                                       "running again continues or re-reports it")
+    p.add_argument("--quick", action="store_true", help="a smaller budget (about a minute; what the tests run)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+    p.add_argument("--verbose", action="store_true", help="show Tune's progress tables")
+    _data_options(p)
+    p.set_defaults(func=lambda a: cmd_demo(a, load_data), data=None)

@@ -1,0 +1,255 @@
+"""The report's final-stage section, from results/NAME/final/ (written by fer_tune.final):
+
+final.json (at launch), history.csv (every seed's train and fine-tune epochs, also while running), metrics.json
+(when the stage finished: per seed models last / best_val / finetuned, and mean +- std over seeds) and
+seed-S/saliency.png. A stage that is running or was interrupted has no metrics.json: its curves come from
+history.csv and the section says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from .common import EMOTIONS
+from .report import Page, esc, fmt, table
+
+MODELS = ("last", "best_val", "finetuned")
+MODEL_LABEL = {"last": "last epoch", "best_val": "best val epoch", "finetuned": "fine-tuned"}
+CURVES = (("train_acc", "#1f77b4", "train acc"), ("val_acc", "#ff7f0e", "val acc"), ("test_acc", "#2ca02c", "test acc"),
+          ("train_loss", "#1f77b4", "train loss"), ("val_loss", "#ff7f0e", "val loss"))
+
+
+def _read_json(path: Path) -> tuple[dict | None, str]:
+    if not path.is_file():
+        return None, ""
+    try:
+        return json.loads(path.read_text()), ""
+    except (json.JSONDecodeError, OSError) as exc:
+        return None, f"{path.name} cannot be read ({exc})"
+
+
+def _num(v: str):
+    try:
+        return float(v) if v not in ("", None) else None
+    except ValueError:
+        return None
+
+
+def load_final(sdir: Path) -> dict | None:
+    """Everything the section shows, or None when the study has no final/ directory."""
+    fdir = Path(sdir) / "final"
+    if not fdir.is_dir():
+        return None
+    info, err1 = _read_json(fdir / "final.json")
+    metrics, err2 = _read_json(fdir / "metrics.json")
+    history: list[dict] = []
+    if (fdir / "history.csv").is_file():
+        with (fdir / "history.csv").open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                history.append({"seed": int(r["seed"]), "phase": r["phase"], "epoch": int(r["epoch"]),
+                                **{k: _num(v) for k, v in r.items() if k not in ("seed", "phase", "epoch")}})
+    return {"dir": fdir, "info": info, "metrics": metrics, "history": history,
+            "errors": [e for e in (err1, err2) if e]}
+
+
+def _seed_runs(fin: dict) -> dict[int, dict]:
+    """{seed: {"train": [epoch rows], "finetune": [...], "best_epoch": int | None}} from metrics.json when the
+    stage finished, else from history.csv."""
+    m = fin["metrics"]
+    runs: dict[int, dict] = {}
+    if m:
+        for s in m.get("seeds", []):
+            runs[s["seed"]] = {"train": s.get("history", []), "finetune": s.get("finetune_history", []),
+                               "best_epoch": s.get("best_epoch")}
+        if any(r["train"] for r in runs.values()):
+            return runs
+    for h in fin["history"]:
+        run = runs.setdefault(h["seed"], {"train": [], "finetune": [], "best_epoch": None})
+        run["train" if h["phase"] == "train" else "finetune"].append(h)
+    for run in runs.values():
+        if run["train"] and run["best_epoch"] is None:
+            run["best_epoch"] = max(run["train"], key=lambda h: h.get("val_acc") or -1)["epoch"]
+    return runs
+
+
+def _complete(seed: dict) -> bool:
+    return seed.get("status", "complete") == "complete" and "models" in seed
+
+
+def final_section(page: Page, fin: dict) -> None:
+    parts = page.section("final", "Final stage: best configuration retrained, fine-tuned, tested")
+    info, m = fin["info"], fin["metrics"]
+    for e in fin["errors"]:
+        parts.append(f'<p class="banner">{esc(e)}</p>')
+    if info is None:
+        parts.append(f'<p class="banner" id="final-state">{esc(fin["dir"])} holds no final.json yet: the final stage '
+                     "is starting or was stopped before it wrote one.</p>")
+        return
+    runs = _seed_runs(fin)
+    if m and m.get("status") == "complete":
+        state = "complete"
+    elif m:
+        state = "finished with failed seeds: " + ", ".join(
+            f"seed {s['seed']} {s.get('status')}" for s in m.get("seeds", []) if not _complete(s))
+    else:
+        done = {s: len(r["train"]) + len(r["finetune"]) for s, r in runs.items()}
+        state = ("running or interrupted (no metrics.json yet; `fer-tune final` continues it). Epochs so far: "
+                 + (", ".join(f"seed {s}: {n}" for s, n in sorted(done.items())) or "none"))
+    if state != "complete":
+        parts.append(f'<p class="banner" id="final-state">Final stage {esc(state)}.</p>')
+    trial, ft = info.get("trial", {}), info.get("finetune", {})
+    items = [("state", state), ("trial", f"#{trial.get('number')} ({trial.get('ray_trial_id')}): "
+                                         f"{trial.get('metric')} {fmt(trial.get('value'))}"),
+             ("params", ", ".join(f"{k}={fmt(v, 4)}" for k, v in trial.get("params", {}).items())),
+             ("training", f"{info.get('config', {}).get('epochs', '?')} epochs; "
+                          + ", ".join(f"{k}={v}" for k, v in sorted(info.get("config", {}).items()) if k != "epochs")),
+             ("fine-tune", f"{ft.get('epochs')} epochs, lr {ft.get('lr')}, {ft.get('scheduler')}, on {ft.get('on')}"),
+             ("seeds", ", ".join(map(str, info.get("seeds", [])))),
+             ("test accuracy tracked", f"every {info.get('eval_every')} epochs (never used for selection)"),
+             ("protocol", f"{info.get('protocol')}: {(m or {}).get('protocol_note', '')}"),
+             ("created", info.get("created", ""))]
+    parts.append('<table id="final-table">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+                                                     for k, v in items) + "</table>")
+    if runs:
+        parts.append(page.figure(_curves(runs), "final-curves"))
+        if ft.get("on") == "train+val":
+            parts.append('<p class="note">The fine-tune trains on train + val (as the paper): its val curves are '
+                         "measured on data the model learns from.</p>")
+    if not m:
+        _saliency(parts, fin["dir"], sorted(runs) or info.get("seeds", []))
+        return
+    ok = [s for s in m.get("seeds", []) if _complete(s)]
+    if not ok:
+        parts.append('<p class="note">No seed completed: no test evaluation to show.</p>')
+        return
+    agg = m.get("aggregate", {})
+    rows = [[MODEL_LABEL[n]] + [f"{a[k]['mean']:.2f} ± {a[k]['std']:.2f}" for k in ("top1", "top2", "macro_f1")]
+            + [", ".join(f"{v:.2f}" for v in a["top1"]["values"])] for n in MODELS if (a := agg.get(n))]
+    parts.append(f"<h3>Test accuracy over {len(ok)} seed(s) (mean ± std)</h3>" + table(
+        ["model", "top-1 %", "top-2 %", "macro F1 %", "top-1 per seed"], rows, {1, 2, 3}).replace(
+        "<table>", '<table id="final-accuracy">', 1))
+    parts.append(page.figure(_accuracy_bars(agg), "final-accuracy"))
+    parts.append(page.figure(_confusions(ok), "final-confusion"))
+    parts.append(page.figure(_per_class(ok), "final-per-class"))
+    _saliency(parts, fin["dir"], [s["seed"] for s in ok])
+
+
+def _curves(runs: dict[int, dict]):
+    from plotly.subplots import make_subplots
+
+    seeds = sorted(runs)
+    fig = make_subplots(rows=len(seeds), cols=2, shared_xaxes=True, vertical_spacing=0.12 / max(1, len(seeds)),
+                        subplot_titles=[t for s in seeds for t in (f"seed {s}: accuracy %", f"seed {s}: loss")])
+    for i, s in enumerate(seeds, 1):
+        run = runs[s]
+        n_train = max((h["epoch"] for h in run["train"]), default=0)
+        for phase, rows, dash in (("train", run["train"], "solid"), ("fine-tune", run["finetune"], "dot")):
+            for key, color, label in CURVES:
+                pts = [(h["epoch"] + (n_train if phase == "fine-tune" else 0), h.get(key)) for h in rows
+                       if h.get(key) is not None]
+                if not pts:
+                    continue
+                fig.add_trace(dict(type="scatter", x=[p[0] for p in pts], y=[p[1] for p in pts],
+                                   mode="lines+markers" if key == "test_acc" else "lines",
+                                   name=f"{label} ({phase})", legendgroup=f"{key}-{phase}", showlegend=i == 1,
+                                   line={"color": color, "dash": dash}),
+                              row=i, col=1 if key.endswith("acc") else 2)
+        if run["best_epoch"]:
+            for col in (1, 2):
+                fig.add_vline(x=run["best_epoch"], line={"color": "#888", "dash": "dash"}, row=i, col=col)
+            fig.add_annotation(x=run["best_epoch"], y=1, yref="y domain", text="best val",
+                               showarrow=False, xanchor="left", row=i, col=1)
+        if run["finetune"]:
+            for col in (1, 2):
+                fig.add_vrect(x0=n_train + 0.5, x1=n_train + len(run["finetune"]) + 0.5, fillcolor="#999",
+                              opacity=0.12, line_width=0, row=i, col=col)
+    fig.update_xaxes(title_text="epoch (fine-tune epochs follow the training epochs, shaded)", row=len(seeds))
+    fig.update_layout(title="Train / val / test per epoch; the dashed line marks the best-val epoch",
+                      height=320 * len(seeds) + 80)
+    return fig
+
+
+def _accuracy_bars(agg: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for k, label in (("top1", "top-1"), ("top2", "top-2"), ("macro_f1", "macro F1")):
+        names = [n for n in MODELS if n in agg]
+        fig.add_trace(go.Bar(x=[MODEL_LABEL[n] for n in names], y=[agg[n][k]["mean"] for n in names], name=label,
+                             error_y={"type": "data", "array": [agg[n][k]["std"] for n in names]},
+                             text=[f"{agg[n][k]['mean']:.2f}" for n in names]))
+    fig.update_layout(barmode="group", title="Test metrics per model, mean ± std over seeds (%)", height=400,
+                      yaxis_title="%")
+    return fig
+
+
+def _confusions(seeds: list[dict]):
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=3, horizontal_spacing=0.08, vertical_spacing=0.14,
+                        subplot_titles=[f"{MODEL_LABEL[n]}: {kind}" for kind in ("counts", "row-normalized %")
+                                        for n in MODELS])
+    for j, n in enumerate(MODELS, 1):
+        total = [[sum(s["models"][n]["confusion"][a][b] for s in seeds) for b in range(len(EMOTIONS))]
+                 for a in range(len(EMOTIONS))]
+        norm = [[100.0 * v / max(1, sum(row)) for v in row] for row in total]
+        for i, (z, digits) in enumerate(((total, 0), (norm, 1)), 1):
+            fig.add_trace(dict(type="heatmap", z=z, x=list(EMOTIONS), y=list(EMOTIONS), colorscale="Blues",
+                               showscale=False, text=[[f"{v:.{digits}f}" for v in row] for row in z],
+                               texttemplate="%{text}",
+                               hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"),
+                          row=i, col=j)
+    fig.update_yaxes(autorange="reversed", title_text="true")
+    fig.update_xaxes(title_text="predicted")
+    fig.update_layout(title=f"Confusion matrices on the test split, summed over {len(seeds)} seed(s)", height=820)
+    return fig
+
+
+def _per_class(seeds: list[dict]):
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=["precision %", "recall %", "F1 %"])
+    for n, color in zip(MODELS, ("#9ecae1", "#3182bd", "#08519c")):
+        for j, k in enumerate(("precision", "recall", "f1"), 1):
+            vals = [[s["models"][n]["per_class"][e][k] for s in seeds] for e in EMOTIONS]
+            fig.add_trace(dict(type="bar", x=list(EMOTIONS), y=[statistics.fmean(v) for v in vals],
+                               error_y={"type": "data", "array": [statistics.stdev(v) if len(v) > 1 else 0.0
+                                                                  for v in vals]},
+                               name=MODEL_LABEL[n], legendgroup=n, showlegend=j == 1, marker={"color": color}),
+                          row=1, col=j)
+    fig.update_layout(barmode="group", title="Per-class precision / recall / F1 on the test split, mean ± std "
+                                             "over seeds", height=420)
+    return fig
+
+
+def _saliency(parts: list[str], fdir: Path, seeds: list[int]) -> None:
+    shown = 0
+    for s in seeds:
+        png = fdir / f"seed-{s}" / "saliency.png"
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(f"<h3>Saliency maps, seed {esc(s)}</h3><p class=\"note\">Test faces (center 40x40 crop) "
+                         "and |d loss / d pixel| overlaid, four per class in the order "
+                         f"{esc(', '.join(EMOTIONS))}.</p><img class=\"saliency\" alt=\"saliency maps of seed "
+                         f"{esc(s)}\" src=\"data:image/png;base64,{data}\">")
+            shown += 1
+    if not shown:
+        parts.append('<p class="note">No saliency maps yet (written when a seed finishes).</p>')
+
+
+def reference_rows(fin: dict) -> list[dict]:
+    """This study's final test accuracies as rows of the comparison table."""
+    m = fin.get("metrics") or {}
+    agg = m.get("aggregate") or {}
+    ft = m.get("finetune", {})
+    epochs = m.get("config", {}).get("epochs", "")
+    note = f"; {m.get('protocol_note')}" if m.get("protocol_note") else ""
+    return [{"result": f"this study, {MODEL_LABEL[n]} (mean ± std over {len(agg[n]['top1']['values'])} seed(s))",
+             "top1_pct": f"{agg[n]['top1']['mean']:.2f} ± {agg[n]['top1']['std']:.2f}", "split": "test",
+             "protocol": f"{m.get('protocol', '')}{note}",
+             "epochs": f"{epochs} + {ft.get('epochs')} fine-tune" if n == "finetuned" else epochs,
+             "source": "final/metrics.json"} for n in MODELS if n in agg]

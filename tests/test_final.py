@@ -1,0 +1,200 @@
+"""The final stage and predict, run as the user runs them (CLI subprocesses over a real tiny study)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_study import SPACE
+
+FAST = ["--epochs", "3", "--finetune-epochs", "2", "--eval-every", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    e = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+         "FER_TUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    yield e
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def cli(env, *args, timeout=300, cwd=None):
+    args = [*map(str, args)]
+    if args[0] in ("sweep", "resume", "final"):
+        args.append("--num-cpus=2")
+    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def study(env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    space = root / "t.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "num_samples": 3, "max_epochs": 2}, sort_keys=False))
+    r = cli(env, "sweep", space, "--results", root / "results", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "results" / "t"
+
+
+def faces(tmp_path, n=3):
+    from PIL import Image
+
+    from fer_tune.synthetic import generate_dataset_arrays
+
+    images, labels, _ = generate_dataset_arrays(n, 11)
+    paths = []
+    for i, im in enumerate(images):  # any size: the model resizes to 48x48 grayscale
+        p = tmp_path / f"face{i}.png"
+        Image.fromarray(im).convert("RGB").resize((64 + 10 * i, 80)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_final_two_seeds_end_to_end(env, study, tmp_path):
+    r = cli(env, "final", study, "--seeds", "2", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    out = study / "final"
+    rec = json.loads((out / "final.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    # the study's best trial by its metric
+    with open(study / "trials.csv") as fh:
+        rows = [x for x in csv.DictReader(fh) if x["best_val_acc"]]
+    best = max(rows, key=lambda x: float(x["best_val_acc"]))
+    assert rec["trial"]["number"] == int(best["number"])
+    assert m["status"] == "complete" and m["protocol"] == "paper" and len(m["seeds"]) == 2
+    assert rec["config"]["epochs"] == 3 and rec["finetune"] == {"epochs": 2, "lr": 1e-4, "scheduler": "cosine",
+                                                                 "on": "train+val"}
+    for s in m["seeds"]:
+        assert s["status"] == "complete"
+        assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and len(s["finetune_history"]) == 2
+        assert ["test_acc" in h for h in s["history"]] == [False, True, True]  # every 2 epochs and the last
+        assert s["best_val_acc"] == max(h["val_acc"] for h in s["history"])
+        for name in ("last", "best_val", "finetuned"):
+            ev = s["models"][name]
+            assert ev["crops"] == "ten" and sum(map(sum, ev["confusion"])) == ev["n"] > 0
+            seed_dir = out / f"seed-{s['seed']}"
+            with open(seed_dir / f"confusion_{name}.csv") as fh:
+                table = [list(map(int, row[1:])) for row in list(csv.reader(fh))[1:]]
+            assert table == ev["confusion"]
+        assert (seed_dir / "saliency.png").stat().st_size > 0
+        # the last-epoch model is the epoch-3 model: its test accuracy is the tracked one
+        assert s["models"]["last"]["top1"] == pytest.approx(s["history"][-1]["test_acc"], abs=1e-6)
+    for name in ("last", "best_val", "finetuned"):
+        vals = [s["models"][name]["top1"] for s in m["seeds"]]
+        agg = m["aggregate"][name]["top1"]
+        assert agg["values"] == vals
+        assert agg["mean"] == pytest.approx(statistics.fmean(vals))
+        assert agg["std"] == pytest.approx(statistics.stdev(vals))
+    with open(out / "history.csv") as fh:
+        hist = list(csv.DictReader(fh))
+    assert len(hist) == 2 * (3 + 2) and {h["phase"] for h in hist} == {"train", "finetune"}
+    assert {int(h["seed"]) for h in hist} == {s["seed"] for s in m["seeds"]}
+
+    # exports: the checkpoint and the torch.export program give the same logits
+    import torch
+
+    from fer_tune.train import load_checkpoint, model_from_checkpoint
+
+    model, _ = model_from_checkpoint(load_checkpoint(out / "model.pt"), torch.device("cpu"))
+    program = torch.export.load(str(out / "model.pt2")).module()
+    x = torch.rand(5, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.allclose(model(x), program(x), atol=1e-4)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"][0] == "angry" and m["exported_seed"] in rec["seeds"]
+
+    # predict: images of any size, JSON; probabilities sum to one
+    paths = faces(tmp_path)
+    r = cli(env, "predict", out, *paths, "--json")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout)
+    assert [p["image"] for p in preds] == list(map(str, paths))
+    for p in preds:
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert p["emotion"] == max(p["probabilities"], key=p["probabilities"].get)
+    r = cli(env, "predict", out / "model.pt", paths[0])
+    assert r.returncode == 0 and r.stdout.startswith(str(paths[0]))
+
+    # the same command again: complete, nothing re-run; other settings: refused
+    r = cli(env, "final", study, "--seeds", "2", *FAST)
+    assert r.returncode == 0 and "complete" in r.stdout
+    r = cli(env, "final", study, "--epochs", "5")
+    assert r.returncode == 2 and "--epochs 5 (recorded: 3)" in r.stderr and "--out" in r.stderr
+
+
+def test_final_resume_after_kill(env, study, tmp_path):
+    out = tmp_path / "final"
+    args = [sys.executable, "-m", "fer_tune.cli", "final", str(study), "--out", str(out), "--epochs", "12",
+            "--finetune-epochs", "2", "--eval-every", "4", "--quiet", "--num-cpus=2"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            res = list(out.glob("tune/*/result.json"))
+            if res and len(res[0].read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the final stage reported nothing")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, as a crash would
+        proc.wait()
+    assert not (out / "metrics.json").exists()
+    time.sleep(1)
+    r = cli(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]
+    assert max(x.get("resumed_at", 0) for x in rows) >= 3  # continued from a checkpoint, not from scratch
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["seeds"][0]
+    assert s["status"] == "complete" and [h["epoch"] for h in s["history"]] == list(range(1, 13))
+    assert [h["epoch"] for h in s["history"] if "test_acc" in h] == [4, 8, 12]
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 12 + 2
+
+
+def test_final_bad_inputs(env, study, tmp_path):
+    r = cli(env, "final", tmp_path / "nope")
+    assert r.returncode == 2 and "not a fer-tune study directory" in r.stderr and "Traceback" not in r.stderr
+    r = cli(env, "final", study, "--trial", "99", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "no trial 99" in r.stderr
+    r = cli(env, "final", study, "--epochs", "0", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "--epochs must be > 0" in r.stderr
+    # a study whose trials never finished: nothing to retrain
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    record = json.loads((study / "study.json").read_text())
+    record["storage"] = f"sqlite:///{empty / 'optuna.db'}"
+    (empty / "study.json").write_text(json.dumps(record))
+    shutil.copy(study / "space.yaml", empty / "space.yaml")
+    import optuna
+
+    optuna.create_study(study_name=record["optuna_study"], storage=record["storage"], direction="maximize").ask()
+    r = cli(env, "final", empty)
+    assert r.returncode == 2 and "no finished trial" in r.stderr and "Traceback" not in r.stderr
+    # predict: unreadable files are named, nothing is printed for the others
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    from fer_tune.config import TrainConfig
+    from fer_tune.models import create_model
+    from fer_tune.train import save_checkpoint
+
+    cfg = TrainConfig(width=0.0625)
+    save_checkpoint({"config": cfg.to_dict(), "model": create_model(cfg.model, width=cfg.width).state_dict()},
+                    tmp_path / "model.pt")
+    r = cli(env, "predict", tmp_path / "model.pt", bad, tmp_path / "missing.png")
+    assert r.returncode == 2 and "bad.jpg: not a readable image" in r.stderr and "missing.png: no such file" in r.stderr
+    r = cli(env, "predict", tmp_path / "empty", bad)
+    assert r.returncode == 2 and "holds no model.pt" in r.stderr

@@ -1,0 +1,447 @@
+"""The study report: one real tiny study (a `fer-tune sweep` subprocess, once per module) plus a made-up final/
+directory in the layout fer_tune.final writes; content checks on the HTML and a real browser (headless chromium,
+offline, file://) that must render every figure without console errors."""
+
+import csv
+import html
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fer_tune.cli import main
+from fer_tune.common import EMOTIONS
+from fer_tune.evaluate import metrics_from_logits
+from fer_tune.report import write_report
+
+EVIL = "<img src=x onerror=alert(1)>"
+SPACE = {
+    "name": "r", "description": 'report test <script>alert("d")</script> & co', "sampler": "tpe", "seed": 0,
+    "num_samples": 4, "max_epochs": 3, "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0}, "data": {"path": "synthetic:700", "protocol": "paper"},
+    "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
+    "space": {"optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+              "lr": {"type": "float", "low": 2e-3, "high": 5e-2, "log": True},
+              "dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A real study named EVIL, swept by the CLI (which writes the report when it finishes)."""
+    tmp = tmp_path_factory.mktemp("report")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    space = tmp / "r.yaml"
+    space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "FER_TUNE_CACHE": str(tmp / "cache"),
+           "PYTHONUNBUFFERED": "1"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results",
+                            str(tmp / "results"), "--name", EVIL, "--quiet", "--num-cpus=2"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sdir = tmp / "results" / EVIL
+    return {"dir": sdir, "stdout": r.stdout, "tmp": tmp}
+
+
+def copy_study(study, tmp_path) -> Path:
+    dest = tmp_path / "results" / "copy"
+    shutil.copytree(study["dir"], dest, ignore=shutil.ignore_patterns("report.html"))
+    rec = json.loads((dest / "study.json").read_text())
+    rec["storage"] = f"sqlite:///{dest / 'optuna.db'}"
+    (dest / "study.json").write_text(json.dumps(rec))
+    return dest
+
+
+def _eval(rng, n=70) -> dict:
+    labels = np.arange(n) % len(EMOTIONS)
+    logits = rng.normal(size=(n, len(EMOTIONS))) + 2.0 * np.eye(len(EMOTIONS))[labels] * (rng.random(n)[:, None] > 0.4)
+    return {**metrics_from_logits(logits, labels), "crops": "ten"}
+
+
+def _history(rng, epochs, eval_every, base):
+    rows = []
+    for e in range(1, epochs + 1):
+        h = {"epoch": e, "train_loss": round(2.0 - 0.15 * e + rng.random() * 0.05, 4),
+             "train_acc": round(base + 4 * e + rng.random(), 3), "val_loss": round(1.9 - 0.1 * e, 4),
+             "val_acc": round(base + 3 * e - (e == epochs) * 2 + rng.random(), 3), "lr": 0.01, "epoch_seconds": 1.5}
+        if e % eval_every == 0 or e == epochs:
+            h["test_acc"] = round(base + 2.5 * e + rng.random(), 3)
+        rows.append(h)
+    return rows
+
+
+def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1)) -> dict:
+    """results/NAME/final/ as fer_tune.final writes it, with small made-up numbers."""
+    fdir = sdir / "final"
+    fdir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    params = {"optimizer": "adam", "lr": 0.01, "dropout": 0.2}
+    info = {"study": sdir.name, "trial": {"number": 1, "ray_trial_id": "abc123", "metric": "val_acc", "value": 40.5,
+                                         "params": params},
+            "config": {"epochs": 6, "width": 0.0625, **params}, "seeds": list(seeds), "eval_every": 2,
+            "finetune": {"epochs": 3, "lr": 1e-4, "scheduler": "cosine", "on": "train+val"}, "protocol": "paper",
+            "created": "2026-11-29 10:00:00"}
+    (fdir / "final.json").write_text(json.dumps(info))
+    seed_rows, hist_rows = [], []
+    for i, s in enumerate(seeds):
+        hist, ft = _history(rng, 6, 2, 20 + 3 * i), _history(rng, 3, 1, 40 + 3 * i)
+        best = max(hist, key=lambda h: h["val_acc"])
+        models = {m: _eval(rng) for m in ("last", "best_val", "finetuned")}
+        seed_rows.append({"seed": s, "status": "complete", "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                          "history": hist, "finetune_history": ft, "models": models, "device_seconds": 12.5})
+        for phase, rows in (("train", hist), ("finetune", ft)):
+            hist_rows += [{"seed": s, "phase": phase, **{k: h.get(k, "") for k in (
+                "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")}}
+                for h in rows]
+        sd = fdir / f"seed-{s}"
+        sd.mkdir()
+        from PIL import Image
+
+        Image.fromarray((rng.random((40, 80, 3)) * 255).astype(np.uint8)).save(sd / "saliency.png")
+        np.savez(sd / "saliency.npz", images=np.zeros((7, 40, 40), np.uint8),
+                 saliency=np.zeros((7, 40, 40), np.float32), labels=np.arange(7), preds=np.arange(7))
+    with (fdir / "history.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(hist_rows[0]))
+        w.writeheader()
+        w.writerows(hist_rows)
+
+    def mean_std(v):
+        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+
+    metrics = {"study": sdir.name, "protocol": "paper", "protocol_note": "train=Training, val=PrivateTest, "
+               "test=PublicTest", "trial": info["trial"], "config": info["config"], "finetune": info["finetune"],
+               "seeds": seed_rows, "status": "complete",
+               "aggregate": {m: {k: mean_std([s["models"][m][k] for s in seed_rows]) for k in ("top1", "top2",
+                                                                                                "macro_f1")}
+                             for m in ("last", "best_val", "finetuned")}}
+    if complete:
+        (fdir / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading the HTML back
+# ---------------------------------------------------------------------------------------------------------
+def figure(text: str, div_id: str) -> dict:
+    """The data and layout handed to Plotly.newPlot for one figure div."""
+    m = re.search(r'Plotly\.newPlot\(\s*"' + re.escape(div_id) + r'",\s*', text)
+    assert m, f"no figure {div_id}"
+    dec = json.JSONDecoder()
+    data, end = dec.raw_decode(text, m.end())
+    layout, _ = dec.raw_decode(text, text.index("{", end))
+    return {"data": data, "layout": layout}
+
+
+class Tables(HTMLParser):
+    """Rows of text of every <table id=...>."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tables, self._cur, self._cell = {}, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._cur = self.tables.setdefault(a.get("id", f"t{len(self.tables)}"), [])
+        elif tag == "tr" and self._cur is not None:
+            self._cur.append([])
+        elif tag in ("td", "th") and self._cur is not None:
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cur is not None and self._cell is not None:
+            self._cur[-1].append(self._cell)
+            self._cell = None
+        elif tag == "table":
+            self._cur = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def set_status(db, number: int, state: str, status: str) -> None:
+    """Edit a trial in the Optuna sqlite DB as the study engine leaves it: state + the `status` user attribute."""
+    tid = db.execute("SELECT trial_id FROM trials WHERE number=?", (number,)).fetchone()[0]
+    db.execute("UPDATE trials SET state=? WHERE trial_id=?", (state, tid))
+    db.execute("UPDATE trial_user_attributes SET value_json=? WHERE trial_id=? AND key='status'",
+               (json.dumps(status), tid))
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def figure_ids(text):
+    return re.findall(r'<div id="(fig-[\w-]+)" class="plotly-graph-div"', text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------------------
+def test_sweep_writes_the_report_with_the_studys_numbers(study):
+    sdir = study["dir"]
+    report = sdir / "report.html"
+    assert f"report: {report.resolve()}" in study["stdout"]
+    text = report.read_text()
+    ids = figure_ids(text)
+    for fid in ("fig-optuna-history", "fig-optuna-parallel", "fig-optuna-slice", "fig-curves", "fig-cmp-optimizer",
+                "fig-cmp-dropout", "fig-class-recall"):
+        assert fid in ids, (fid, ids)
+    assert "fig-optuna-importance" in ids or 'id="importance-note"' in text
+    rows = read_csv(sdir / "trials.csv")
+    assert len(rows) == 4
+    tables = Tables(text).tables
+    shown = {r[0]: r for r in tables["trials-table"][1:]}
+    header = tables["trials-table"][0]
+    for r in rows:
+        t = shown[r["number"]]
+        assert t[header.index("status")] == r["status"]
+        assert t[header.index("best_val_acc")] == r["best_val_acc"]
+        assert t[header.index("epochs")] == r["epochs"]
+    summary = dict((k, v) for k, v in tables["summary-table"])
+    assert summary["trials"].startswith("4 of 4 finished")
+    best = max(rows, key=lambda r: float(r["best_val_acc"]))
+    assert summary["best"].startswith(f"trial {best['number']}: val_acc {float(best['best_val_acc']):.2f}")
+    # learning curves: one trace per trial, its values those of the trial's result.json
+    curves = figure(text, "fig-curves")["data"]
+    assert len(curves) == 4
+    for tr in curves:
+        number = re.match(r"trial (\d+)", tr["customdata"][0][0]).group(1)
+        assert round(max(tr["y"]), 4) == float(next(r for r in rows if r["number"] == number)["best_val_acc"])
+    # best per optimizer = the max over trials.csv
+    bars = figure(text, "fig-cmp-optimizer")["data"][0]
+    for opt, y in zip(bars["x"], bars["y"]):
+        assert round(y, 4) == max(float(r["best_val_acc"]) for r in rows if r["param_optimizer"] == opt)
+    # the class-aware view: recall of the best epoch, which averages (weighted by support) to val_acc
+    from fer_tune.data import load
+
+    y_val = load(SPACE["data"]["path"], "paper", cache_dir=str(study["tmp"] / "cache")).arrays("val")[1]
+    support = np.bincount(y_val, minlength=len(EMOTIONS))
+    heat = figure(text, "fig-class-recall")["data"][0]
+    res = {}
+    for f in sdir.glob("tune/*/result.json"):
+        for line in f.read_text().splitlines():
+            d = json.loads(line)
+            res[(d["trial_id"], d["epoch"])] = d
+    for label, z in zip(heat["y"], heat["z"]):
+        r = next(r for r in rows if f"trial {r['number']}" == label)
+        acc = res[(r["ray_trial_id"], int(r["best_epoch"]))]["val_acc"]
+        recall = [v or 0.0 for v in z]
+        assert abs(sum(np.array(recall) * support) / support.sum() - acc) < 1e-3
+
+
+def test_offline_and_escaped(study):
+    text = (study["dir"] / "report.html").read_text()
+    from plotly.offline import get_plotlyjs
+
+    assert text.count(get_plotlyjs()[:300]) == 1  # plotly.js inline, once
+    assert not re.findall(r"<script[^>]*\bsrc\s*=", text, re.I)
+    assert not re.findall(r"<link[^>]*\bhref\s*=", text, re.I)
+    markup = re.sub(r"<script\b[^>]*>.*?</script>", "<script></script>", text, flags=re.S | re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|ftp:)?//""", markup, re.I)  # no URL outside scripts
+    # the study name and the YAML description appear as text, never as markup
+    assert EVIL not in text and "<script>alert" not in text
+    assert html.escape(EVIL) in text
+    assert html.escape('report test <script>alert("d")</script> & co') in text
+    # plotly renders HTML-like tags in titles: the name is escaped there too
+    title = figure(text, "fig-optuna-history")["layout"]["title"]["text"]
+    assert title == f"Optimization history of {html.escape(EVIL, quote=False)}"
+
+
+def test_partial_study_is_shown_as_such(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    rec = json.loads((sdir / "study.json").read_text())
+    rec["runs"][0]["num_samples"] = 6  # two trials never started
+    (sdir / "study.json").write_text(json.dumps(rec))
+    with sqlite3.connect(sdir / "optuna.db") as db:  # a killed driver leaves its trial RUNNING
+        db.execute("UPDATE trials SET state='RUNNING', datetime_complete=NULL WHERE number=0")
+        set_status(db, 1, "PRUNED", "pruned")
+    text = write_report(sdir).read_text()
+    assert 'id="partial"' in text and "Partial study: 3 of 6 trials finished (1 started and unfinished)" in text
+    curves = {tr["customdata"][0][0]: tr for tr in figure(text, "fig-curves")["data"]}
+    running, pruned = curves["trial 0 (running)"], curves["trial 1 (pruned)"]
+    assert running["line"]["dash"] == "dashdot" and running["marker"]["symbol"][-1] == "circle-open"
+    assert pruned["line"]["dash"] == "dash" and pruned["marker"]["symbol"][-1] == "x"
+
+
+def test_importance_is_explained_when_it_cannot_be_computed(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    with sqlite3.connect(sdir / "optuna.db") as db:  # one trial completed, the others diverged
+        for n in (1, 2, 3):
+            set_status(db, n, "FAIL", "diverged")
+    text = write_report(sdir).read_text()
+    ids = figure_ids(text)
+    assert "fig-optuna-importance" not in ids and "fig-optuna-contour" not in ids
+    assert "Hyperparameter importance is not shown: only 1 trial has completed" in text
+    assert "fig-optuna-history" in ids
+    for tr in figure(text, "fig-curves")["data"]:  # failed trials drawn dotted, red, with a thin x at the end
+        failed = "(diverged)" in tr["customdata"][0][0]
+        assert (tr["line"]["dash"] == "dot" and tr["marker"]["symbol"][-1] == "x-thin-open") == failed
+    assert sum("(diverged)" in tr["customdata"][0][0] for tr in figure(text, "fig-curves")["data"]) == 3
+
+
+def test_final_stage_complete(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    m = make_final(sdir)
+    text = write_report(sdir).read_text()
+    ids = figure_ids(text)
+    for fid in ("fig-final-curves", "fig-final-accuracy", "fig-final-confusion", "fig-final-per-class"):
+        assert fid in ids
+    assert 'id="final-state"' not in text  # complete: no running banner
+    acc = Tables(text).tables["final-accuracy"]
+    for row, name in zip(acc[1:], ("last", "best_val", "finetuned")):
+        a = m["aggregate"][name]
+        assert row[1] == f"{a['top1']['mean']:.2f} ± {a['top1']['std']:.2f}"
+        assert row[2] == f"{a['top2']['mean']:.2f} ± {a['top2']['std']:.2f}"
+    conf = figure(text, "fig-final-confusion")["data"]
+    summed = np.sum([s["models"]["last"]["confusion"] for s in m["seeds"]], axis=0)
+    assert conf[0]["z"] == summed.tolist()  # counts of the last-epoch model, summed over seeds
+    assert np.allclose(conf[1]["z"], 100 * summed / summed.sum(1, keepdims=True))
+    curves = figure(text, "fig-final-curves")["data"]
+    val = next(t for t in curves if t["name"] == "val acc (train)")  # seed 0's
+    assert val["y"] == [h["val_acc"] for h in m["seeds"][0]["history"]]
+    test = next(t for t in curves if t["name"] == "test acc (train)")
+    assert test["x"] == [2, 4, 6]  # only the tracked epochs
+    ft = next(t for t in curves if t["name"] == "val acc (fine-tune)")
+    assert ft["x"] == [7, 8, 9]
+    per_class = figure(text, "fig-final-per-class")["data"][0]  # last model's precision
+    assert per_class["y"][0] == pytest.approx(statistics.fmean(
+        s["models"]["last"]["per_class"]["angry"]["precision"] for s in m["seeds"]))
+    assert len(re.findall(r'<img class="saliency" alt="[^"]*" src="data:image/png;base64,', text)) == 2
+    ref = Tables(text).tables["reference-table"]
+    own = next(r for r in ref if r[0].startswith("this study, fine-tuned"))
+    top1 = m["aggregate"]["finetuned"]["top1"]
+    assert own[1] == f"{top1['mean']:.2f} ± {top1['std']:.2f}"
+    assert any(r[1] == "73.28" and r[3].startswith("paper") for r in ref)  # results/reference/paper.csv
+
+
+def test_final_stage_running(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir, complete=False)
+    with open(sdir / "final" / "history.csv") as fh:  # seed 1 interrupted after 4 epochs
+        lines = fh.read().splitlines()
+    keep = [l for l in lines if not l.startswith("1,")] + [l for l in lines if l.startswith("1,train,")][:4]
+    (sdir / "final" / "history.csv").write_text("\n".join(keep) + "\n")
+    text = write_report(sdir).read_text()
+    assert 'id="final-state"' in text and "running or interrupted" in text
+    assert "seed 0: 9, seed 1: 4" in text
+    ids = figure_ids(text)
+    assert "fig-final-curves" in ids and "fig-final-confusion" not in ids
+    curves = figure(text, "fig-final-curves")["data"]
+    assert [t["x"] for t in curves if t["name"] == "val acc (train)"][1] == [1, 2, 3, 4]
+
+
+def test_the_seeds_comparisons_from_trial_rows():
+    """Grid studies like optimizer.yaml / scheduler.yaml / architecture.yaml: best value per group."""
+    from fer_tune.report import Page, _comparisons_section
+
+    spec = {"metric": "val_acc", "mode": "max", "space": {
+        "optimizer": {"type": "categorical"}, "scheduler": {"type": "categorical"},
+        "dropout": {"type": "categorical"}, "model": {"type": "categorical"}}}
+    rng = np.random.default_rng(1)
+    combos = [(o, s, d, m) for o in ("sgd", "adam", "adagrad") for s in ("constant", "rlrp") for d in (0.2, 0.5)
+              for m in ("vgg_variant", "resnet50")]
+    rows = [{"number": i, "status": "completed", "best_val_acc": round(float(rng.uniform(20, 70)), 4),
+             "param_optimizer": o, "param_scheduler": s, "param_dropout": d, "param_model": m}
+            for i, (o, s, d, m) in enumerate(combos)]
+    rows.append({**rows[0], "number": 99, "best_val_acc": ""})  # running, no value yet: ignored
+    page = Page("t")
+    _comparisons_section(page, spec, rows)
+    text = "".join(page.sections[0][2])
+    assert figure_ids(text) == ["fig-cmp-optimizer-scheduler", "fig-cmp-scheduler", "fig-cmp-dropout",
+                                "fig-cmp-model"]
+    grouped = figure(text, "fig-cmp-optimizer-scheduler")["data"]
+    assert [t["name"] for t in grouped] == ["constant", "rlrp"]
+    for t in grouped:
+        for opt, y in zip(t["x"], t["y"]):
+            assert y == max(r["best_val_acc"] for r in rows[:-1]
+                            if (r["param_optimizer"], r["param_scheduler"]) == (opt, t["name"]))
+    for name in ("dropout", "model"):
+        bars = figure(text, f"fig-cmp-{name}")["data"][0]
+        for v, y, n in zip(bars["x"], bars["y"], bars["customdata"]):
+            group = [r["best_val_acc"] for r in rows[:-1] if str(r[f"param_{name}"]) == v]
+            assert (y, n) == (max(group), 12)
+
+
+def test_cli_report(study, tmp_path, capsys):
+    out = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(study["dir"]), "--out", str(out)]) == 0
+    assert f"report: {out.resolve()}" in capsys.readouterr().out and out.stat().st_size > 1_000_000
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fer-tune: error:") and "is not a fer-tune study directory" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real browser
+# ---------------------------------------------------------------------------------------------------------
+PROBE = """<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push('error: '+e.message));
+(function(){const c=console.error;console.error=function(...a){window.__errors.push('console.error: '+a.join(' '));
+c.apply(console,a);};})();window.addEventListener('load',()=>setTimeout(()=>{const p=document.createElement('pre');
+p.id='probe-errors';p.textContent=JSON.stringify(window.__errors);document.body.appendChild(p);},500));</script>"""
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess:
+    args = [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+            "--no-first-run", "--enable-logging=stderr", "--v=0", "--window-size=1280,4200",
+            "--virtual-time-budget=20000", *flags, url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_a_real_browser(study, tmp_path):
+    if chromium() is None:
+        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir)
+    report = write_report(sdir)
+    text = report.read_text()
+    n_figures = len(figure_ids(text))
+    assert n_figures >= 12
+    probe = report.with_name("probe.html")  # the same page with an error recorder first in <head>
+    probe.write_text(text.replace("<head>", "<head>" + PROBE, 1))
+    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom")
+    dom = r.stdout
+    assert r.returncode == 0 and "</html>" in dom, r.stderr[-3000:]
+    m = re.search(r'<pre id="probe-errors">(.*?)</pre>', dom, re.S)
+    assert m, "the page did not finish loading"
+    assert json.loads(html.unescape(m.group(1))) == []
+    console = [l for l in r.stderr.splitlines() if "CONSOLE" in l]
+    assert not [l for l in console if re.search(r"error|uncaught", l, re.I)], console
+    # every plotly div has drawn its SVG
+    divs = re.split(r'(?=<div id="fig-[\w-]+" class="plotly-graph-div[^"]*")', dom)[1:]
+    assert len(divs) == n_figures
+    for d in divs:
+        assert 'class="main-svg"' in d, d[:80]  # from this div to the next one
+    # the study name is text in the page, not an element
+    assert "<img src=\"x\"" not in dom and "onerror=\"alert" not in dom
+    assert html.escape(EVIL, quote=False) in dom
+    shot = Path(os.environ.get("FER_TUNE_SCREENSHOT_DIR", tmp_path)) / "report.png"
+    r = run_chromium(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}")
+    assert r.returncode == 0 and shot.stat().st_size > 50_000, r.stderr[-3000:]
