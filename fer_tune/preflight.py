@@ -7,7 +7,8 @@
 
 One tiny Ray task is pinned to each node (NodeAffinitySchedulingStrategy, soft=False) and asks for no CPU, so it
 runs even on a busy node. `nodes_missing_file` is the same probe, reduced to "does every other node see this
-file", which the study engine uses to tell a shared mount from a node-local path.
+file", which `check_study_storage` (called by sweep / resume / extend) uses to tell a shared mount from a
+node-local path.
 """
 
 from __future__ import annotations
@@ -71,6 +72,34 @@ def nodes_missing_file(directory: str, node_ids: list[str], timeout: float = 60.
     finally:
         st.delete(probe)
     return sum(1 for a in answers if a is False)
+
+
+def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
+    """Refuse (FerTuneError) a node-local Ray storage path on a multi-node cluster; called after ray.init.
+    Multi-node: more than one alive node, or (joining a cluster) no alive node has what a trial asks for, so an
+    autoscaler must add nodes. A path is shared when its filesystem is a network one or every other alive node
+    sees a probe file written there."""
+    import ray
+
+    from .common import FerTuneError
+
+    if st.is_uri(loc):
+        return
+    nodes = alive_nodes()
+    need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
+    grows = bool(address) and not any(n["Resources"].get("CPU", 0) >= need_cpu
+                                      and n["Resources"].get("GPU", 0) >= need_gpu for n in nodes)
+    if (len(nodes) <= 1 and not grows) or st.filesystem_type(loc) in st.NETWORK_FS:
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in nodes if n["NodeID"] != here]
+    probe_dir = Path(loc)
+    while not probe_dir.is_dir() and probe_dir != probe_dir.parent:  # nothing is created before the check
+        probe_dir = probe_dir.parent
+    unseen = nodes_missing_file(str(probe_dir), others) if others else None
+    problem = st.node_local_problem(loc, len(nodes), grows=grows, unseen=unseen)
+    if problem:
+        raise FerTuneError(problem)
 
 
 # ---------------------------------------------------------------------------------------------------------

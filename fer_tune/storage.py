@@ -13,6 +13,7 @@ Since Ray 2.7 a multi-node run needs storage every node reaches: `node_local_pro
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -66,6 +67,18 @@ def _fs(loc: str):
         raise FerTuneError(f"storage {loc}: {exc}") from None
 
 
+@contextmanager
+def _reading(loc: str):
+    """A remote storage this machine cannot read (credentials, network) -> one clear FerTuneError."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        raise FerTuneError(f"cannot read the Ray storage {loc}: {exc}; this machine needs access to it "
+                           "(credentials, network)") from None
+
+
 def listdir(loc: str | Path) -> list[str]:
     """Names of the entries in a directory (empty if it does not exist)."""
     if not is_uri(loc):
@@ -75,8 +88,9 @@ def listdir(loc: str | Path) -> list[str]:
 
     fs, path = _fs(str(loc))
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except FileNotFoundError:
+        with _reading(str(loc)):
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(i.base_name for i in infos)
 
@@ -87,7 +101,8 @@ def exists(loc: str | Path) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = _fs(str(loc))
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _reading(str(loc)):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_text(loc: str | Path) -> str | None:
@@ -99,9 +114,9 @@ def read_text(loc: str | Path) -> str | None:
             return None
     fs, path = _fs(str(loc))
     try:
-        with fs.open_input_stream(path) as fh:
+        with _reading(str(loc)), fs.open_input_stream(path) as fh:
             return fh.read().decode(errors="replace")
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
 
 

@@ -396,42 +396,14 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
     return True
 
 
-def _check_storage(loc: str, address: str | None, resources: dict) -> None:
-    """Refuse a node-local Ray storage path on a multi-node cluster (after ray.init). Multi-node: more than one
-    alive node, or (joining a cluster) no alive node has what a trial asks for, so an autoscaler must add nodes.
-    A path counts as shared when its filesystem is a network one or every other alive node sees a probe file."""
-    import ray
-
-    from . import storage as st
-    from .preflight import alive_nodes, nodes_missing_file
-
-    if st.is_uri(loc):
-        return
-    nodes = alive_nodes()
-    need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
-    grows = bool(address) and not any(n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0)
-                                      >= need_gpu for n in nodes)
-    if len(nodes) <= 1 and not grows:
-        return
-    if st.filesystem_type(loc) in st.NETWORK_FS:
-        return
-    here = ray.get_runtime_context().get_node_id()
-    others = [n["NodeID"] for n in nodes if n["NodeID"] != here]
-    probe_dir = Path(loc)
-    while not probe_dir.is_dir() and probe_dir != probe_dir.parent:  # nothing is created before the check
-        probe_dir = probe_dir.parent
-    unseen = nodes_missing_file(str(probe_dir), others) if others else None
-    problem = st.node_local_problem(loc, len(nodes), grows=grows, unseen=unseen)
-    if problem:
-        raise FerTuneError(problem)
-
-
 def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, spec: StudySpec) -> bool:
     """Start or join Ray and check the Ray storage suits it; True when this call started Ray."""
     _tune_env(quiet)
     started = _init_ray(address, quiet, num_cpus)
     try:
-        _check_storage(loc, address, spec.resources)
+        from .preflight import check_study_storage
+
+        check_study_storage(loc, address, spec.resources)
     except BaseException:
         if started:
             import ray
