@@ -320,7 +320,8 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
 
 def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None) -> int:
     from . import storage
-    from .study import _check_storage, _init_ray, _tune_env
+    from .preflight import check_study_storage
+    from .study import _init_ray, _tune_env
 
     _tune_env(quiet)
     import ray
@@ -329,7 +330,7 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
     started = _init_ray(address, quiet, num_cpus)
     try:
         res = rec["resources"]
-        _check_storage(rec["ray_storage"], address, res)
+        check_study_storage(rec["ray_storage"], address, res)
         weight = res["gpu"] if res["gpu"] else res["cpu"]
         base = dict(rec["config"])
         base["threads"] = base.get("threads") or max(1, int(res["cpu"]))
