@@ -254,7 +254,10 @@ def _settings(out: Path, given: dict) -> dict | None:
     f = out / FINAL_FILE
     if not f.is_file():
         return None
-    rec = json.loads(f.read_text())
+    try:
+        rec = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise FerTuneError(f"{f} is damaged ({exc}); remove {out} to start the final stage again") from None
     conflicts = [f"--{k.replace('_', '-')} {v} (recorded: {rec['settings'][k]})" for k, v in given.items()
                  if v is not None and rec["settings"].get(k) != v]
     if conflicts:
