@@ -92,7 +92,8 @@ def memory(args) -> None:
         for tid, rows in res.items():
             last = rows[-1]
             print(f"  {n} trial(s){' concurrently' if n > 1 else ''}: trial {tid}: RSS {last['rss_mb']:.0f} MB, "
-                  f"PSS {last['pss_mb']:.0f} MB, USS (private) {last['uss_mb']:.0f} MB")
+                  f"PSS {last['pss_mb']:.0f} MB, USS (private) {last['uss_mb']:.0f} MB; of which Ray's object store "
+                  f"(the dataset): RSS {last['store_rss_mb']:.1f} MB, PSS {last['store_pss_mb']:.1f} MB")
         if n > 1:
             print(f"  the two trials ran at the same time: {overlap}")
 

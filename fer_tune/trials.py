@@ -16,7 +16,7 @@ from .storage import experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
                "epoch_seconds", "device_seconds", "node", "node_id", "device", "status", "lr", "trial_id", "time_total_s",
-               "start_epoch", "rss_mb", "pss_mb", "uss_mb", "trial_start")
+               "start_epoch", "rss_mb", "pss_mb", "uss_mb", "store_rss_mb", "store_pss_mb", "trial_start")
 
 
 def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]], dict[str, int]]:
