@@ -19,9 +19,8 @@ import warnings
 from pathlib import Path
 
 from .common import EMOTIONS, FerTuneError
-from .storage import experiment_dir
 from .study import read_study, resolve_storage
-from .trials import read_results, status_summary
+from .trials import status_summary, study_results
 
 STATUS_STYLE = {  # learning-curve style per trial status: color, dash, end-marker symbol
     "completed": ("#1f77b4", "solid", "circle"), "pruned": ("#ff7f0e", "dash", "x"),
@@ -146,8 +145,9 @@ def build_report(sdir: Path) -> str:
 
     record = read_study(sdir)
     spec = record["spec"]
-    summary = status_summary(sdir, record)
-    results = read_results([experiment_dir(sdir, record, r) for r in record["runs"]])  # local or s3://...
+    scanned = study_results(sdir, record)  # one pass over the trials' results, local or s3://...
+    summary = status_summary(sdir, record, scanned)
+    results = scanned[0]
     page = Page(f"fer-tune study {record['name']}")
     header = ""
     unfinished = [r for r in summary["rows"] if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")]

@@ -79,7 +79,12 @@ def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def trials_table(sdir: str | Path, record: dict) -> list[dict]:
+def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """scan_results over every Ray experiment of the study (local or in its Ray storage)."""
+    return scan_results([experiment_dir(sdir, record, r) for r in record["runs"]])
+
+
+def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -> list[dict]:
     """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns)."""
     import optuna
 
@@ -89,7 +94,7 @@ def trials_table(sdir: str | Path, record: dict) -> list[dict]:
     spec = record["spec"]
     metric = spec["metric"]
     runs = [experiment_dir(sdir, record, r) for r in record["runs"]]
-    results, restarted = scan_results(runs)
+    results, restarted = scanned or scan_results(runs)
     tune_states: dict[str, str] = {}
     for r in runs:
         tune_states.update(experiment_trial_states(r))
@@ -147,8 +152,9 @@ def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
     return rows
 
 
-def status_summary(sdir: str | Path, record: dict) -> dict:
-    rows = trials_table(sdir, record)
+def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None) -> dict:
+    """The study at a glance; `scanned`: study_results() when the caller has already read them."""
+    rows = trials_table(sdir, record, scanned)
     spec = record["spec"]
     total = sum(r["num_samples"] for r in record["runs"])
     states: dict[str, int] = {}
