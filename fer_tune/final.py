@@ -323,17 +323,13 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
 
 def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None) -> int:
     from . import storage
-    from .preflight import check_study_storage
-    from .study import _init_ray, _tune_env
+    from .study import _start, _stop
 
-    _tune_env(quiet)
-    import ray
+    started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"])
     from ray import tune
 
-    started = _init_ray(address, quiet, num_cpus)
     try:
         res = rec["resources"]
-        check_study_storage(rec["ray_storage"], address, res)
         weight = res["gpu"] if res["gpu"] else res["cpu"]
         base = dict(rec["config"])
         base["threads"] = base.get("threads") or max(1, int(res["cpu"]))
@@ -371,8 +367,7 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
         _print_final(done, out)
         return 0 if all(s["status"] == "complete" for s in done["seeds"]) else 1
     finally:
-        if started:
-            ray.shutdown()
+        _stop(started)
 
 
 def _collect(out: Path, rec: dict, grid) -> dict | None:

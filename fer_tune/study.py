@@ -408,14 +408,15 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
     return True
 
 
-def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, spec: StudySpec) -> bool:
-    """Start or join Ray and check the Ray storage suits it; True when this call started Ray."""
+def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, resources: dict) -> bool:
+    """Start or join Ray and check the Ray storage `loc` suits trials of `resources`; True when this call
+    started Ray (the study and the final stage both start here)."""
     _tune_env(quiet)
     started = _init_ray(address, quiet, num_cpus)
     try:
         from .preflight import check_study_storage
 
-        check_study_storage(loc, address, spec.resources)
+        check_study_storage(loc, address, resources)
     except BaseException:
         if started:
             import ray
@@ -568,7 +569,8 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
     source = data_arg or spec.data.get("path") or "synthetic"
     protocol = spec.data.get("protocol", "paper")
     data = loader(source, protocol)
-    started = _start(address, quiet, num_cpus, loc, spec)  # refuses a node-local path on a cluster, before any file
+    # refuses a node-local path on a cluster, before any file is written
+    started = _start(address, quiet, num_cpus, loc, spec.resources)
     try:
         return _new_study(sdir, spec, space_path, raw_overrides, name, source, protocol, data, optuna_ref,
                           ray_storage, max_concurrent, address=address, quiet=quiet, num_cpus=num_cpus)
@@ -637,7 +639,7 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
         _print_summary(sdir_p, spec, table)
         return 0
     print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
-    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec)
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources)
     try:
         return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
                     num_cpus=num_cpus)
@@ -664,7 +666,7 @@ def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, qui
         if num_samples > left:
             raise FerTuneError(f"the grid has {spec.grid_size()} points and {done} were tried; "
                                f"extend by at most {left}")
-    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec)
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources)
     try:
         return _extend_run(sdir_p, record, spec, data, num_samples, last, address=address, quiet=quiet,
                            num_cpus=num_cpus)
