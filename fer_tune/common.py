@@ -9,6 +9,8 @@ from pathlib import Path
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(EMOTIONS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# the model zoo's names (fer_tune.models builds them); here so that validating a config needs no torch import
+MODEL_NAMES: tuple[str, ...] = ("vgg_variant", "vgg16", "resnet50", "efficientnet_b3")
 
 
 class FerTuneError(Exception):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .common import FerTuneError
+from .common import MODEL_NAMES, FerTuneError
 
 OPTIMIZERS = ("sgd", "sgd_nesterov", "asgd", "adam", "amsgrad", "adamw", "adadelta", "adagrad")
 SCHEDULERS = ("constant", "rlrp", "cosine", "cosine_wr", "onecycle", "step")
@@ -60,8 +60,6 @@ class TrainConfig:
 
     # -- validation -------------------------------------------------------------------------------------
     def validate(self) -> None:
-        from .models import MODELS  # local import: models imports nothing from here
-
         def choice(key: str, allowed: tuple[str, ...] | list[str]) -> None:
             value = getattr(self, key)
             if value not in allowed:
@@ -72,7 +70,7 @@ class TrainConfig:
             if value < 0 or (value == 0 and not allow_zero):
                 raise FerTuneError(f"config: {key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        choice("model", sorted(MODELS))
+        choice("model", sorted(MODEL_NAMES))
         choice("optimizer", OPTIMIZERS)
         choice("scheduler", SCHEDULERS)
         choice("train_crops", CROPS_TRAIN)

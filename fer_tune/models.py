@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-from .common import NUM_CLASSES, FerTuneError
+from .common import MODEL_NAMES, NUM_CLASSES, FerTuneError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,11 +105,12 @@ def _vgg_variant(*, width: float, dropout: float, num_classes: int, weights: str
 # ---------------------------------------------------------------------------------------------------------
 # torchvision baselines
 # ---------------------------------------------------------------------------------------------------------
-# name -> (builder, kwargs for the head dropout or None, first conv, head Linear) as module paths
-_TORCHVISION: dict[str, tuple[Callable[..., nn.Module], str | None, str, str]] = {
-    "vgg16": (torchvision.models.vgg16, "dropout", "features.0", "classifier.6"),
-    "resnet50": (torchvision.models.resnet50, None, "conv1", "fc"),
-    "efficientnet_b3": (torchvision.models.efficientnet_b3, "dropout", "features.0.0", "classifier.1"),
+# name -> (kwarg for the head dropout or None, first conv, head Linear) as module paths; the builder is
+# torchvision.models.<name>, imported when one is built (torchvision's import costs about a second)
+_TORCHVISION: dict[str, tuple[str | None, str, str]] = {
+    "vgg16": ("dropout", "features.0", "classifier.6"),
+    "resnet50": (None, "conv1", "fc"),
+    "efficientnet_b3": ("dropout", "features.0.0", "classifier.1"),
 }
 
 
@@ -122,7 +122,10 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def _torchvision(name: str, *, width: float, dropout: float, num_classes: int, weights: str | None) -> nn.Module:
     if width != 1:
         raise FerTuneError(f"width is only supported for vgg_variant; {name} needs width 1 (got {width})")
-    builder, dropout_kw, conv_path, head_path = _TORCHVISION[name]
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    dropout_kw, conv_path, head_path = _TORCHVISION[name]
     kwargs = {dropout_kw: dropout} if dropout_kw else {}
     model = builder(weights=None, num_classes=num_classes, **kwargs)  # torchvision's own init, new-size head
 
@@ -163,6 +166,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg_variant": _vgg_variant,
     **{name: _torchvision_builder(name) for name in _TORCHVISION},
 }
+assert tuple(MODELS) == MODEL_NAMES, "fer_tune.common.MODEL_NAMES lists the models built here"
 
 
 def create_model(name: str, *, width: float = 1.0, dropout: float = 0.2, num_classes: int = NUM_CLASSES,

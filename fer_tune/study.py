@@ -249,6 +249,28 @@ def _searcher_class():
     return StudySearch
 
 
+def _tensorboard_callback():
+    """Tune's TensorBoard logger (event files in every trial directory) without torch in the driver: tensorboardX
+    imports torch if it can (`try: import torch`, for tensor inputs), which cost about 2 s of CPU before the
+    first trial could start. Tune logs plain numbers, which tensorboardX writes with numpy."""
+    import sys
+
+    from ray.tune.logger import TBXLoggerCallback
+
+    class NumpyTBXLoggerCallback(TBXLoggerCallback):
+        def __init__(self):
+            block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+            if block:
+                sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+            try:
+                super().__init__()
+            finally:
+                if block:
+                    del sys.modules["torch"]
+
+    return NumpyTBXLoggerCallback()
+
+
 def resolve_storage(ref: str):
     """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL."""
     import optuna
@@ -337,11 +359,26 @@ def _scheduler(spec: StudySpec):
 def _versions() -> dict:
     import optuna
     import ray
-    import torch
 
     from . import __version__
 
-    return {"fer_tune": __version__, "torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__}
+    return {"fer_tune": __version__, "torch": _torch_version(), "ray": ray.__version__, "optuna": optuna.__version__}
+
+
+def _torch_version() -> str:
+    """torch.__version__ (with its local part, e.g. 2.14.1+cu130) read from torch/version.py: the driver never
+    imports torch (about 2.5 s of a study's start; the trials import it)."""
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FerTuneError("PyTorch is not installed in this Python environment (pip install torch)")
+    namespace: dict = {}
+    exec((Path(spec.submodule_search_locations[0]) / "version.py").read_text(), namespace)
+    return str(namespace["__version__"])
 
 
 def read_study(sdir: str | Path) -> dict:
@@ -456,8 +493,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
         )
         exp_dir = experiment_dir(sdir, record, run)
         max_conc = run.get("max_concurrent") or 0
-        if max_conc:
-            os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_conc))
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _USER_PENDING or str(max_conc or _trials_that_fit(res))
         if restore and _has_state(exp_dir):
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -477,7 +513,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
                     name=run["dir"], storage_path=study_storage(sdir, record), verbose=0 if quiet else 1,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
                                                             checkpoint_score_order=spec.mode),
-                    failure_config=tune.FailureConfig(max_failures=2),
+                    failure_config=tune.FailureConfig(max_failures=2), callbacks=[_tensorboard_callback()],
                 ),
             )
         t0 = time.time()
@@ -497,6 +533,21 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
     finally:
         if started:
             ray.shutdown()
+
+
+# Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
+# trial's worker would start only once the first one's had (about 5 s later on this 2-CPU machine), and an
+# autoscaler would see one waiting trial at a time. fer-tune sets it (unless the user did) to --max-concurrent,
+# else to the number of trials the cluster's resources hold now.
+_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
+
+
+def _trials_that_fit(res: dict) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get(key.upper(), 0) / res[key] + 1e-9) for key in ("cpu", "gpu") if res[key]]
+    return max(1, min(fits, default=1))
 
 
 def _has_state(exp_dir: str) -> bool:

@@ -78,6 +78,11 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
 
     rows = read_csv(sdir)
     assert len(rows) == 6 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    # both CPUs' trials start together (Tune would start one trial at a time with a searcher: ~5 s apart here)
+    from fer_tune.trials import read_results
+
+    starts = sorted(rows_[0]["trial_start"] for rows_ in read_results([sdir / "tune"]).values())
+    assert starts[1] - starts[0] < 2.5, starts
     crashed = marker.read_text()
     row = next(r for r in rows if r["ray_trial_id"] == crashed)
     assert int(row["restarts"]) == 1 and row["state"] in ("COMPLETE", "PRUNED")
@@ -114,6 +119,20 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
     space.write_text(space.read_text().replace("max_epochs: 4", "max_epochs: 5"))
     r = fer_tune(env, "extend", sdir, "--num-samples", 1)
     assert r.returncode == 2 and "was edited since the study started" in r.stderr and "--force" in r.stderr
+
+
+def test_the_study_driver_never_imports_torch(tmp_path):
+    """The driver's start is on the critical path of every study: its own code and Tune's TensorBoard logger
+    (tensorboardX imports torch if it can) must leave torch to the trials (about 2.5 s of CPU)."""
+    code = ("import sys\n"
+            "from fer_tune import cli, cli_study, data, report, spaces, study\n"
+            "spec = spaces.load_space('search_spaces/joint.yaml')\n"
+            "spec.base_config(); spec.define_by_run(); study._versions(); study._tensorboard_callback()\n"
+            "data.load('synthetic:100', 'paper')\n"
+            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, env={**os.environ, "FER_TUNE_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, env):
