@@ -164,10 +164,10 @@ def realdata(args) -> None:
     model = create_model("vgg_variant", width=args.width, dropout=cfg.dropout)
     model.load_state_dict(res.checkpoint["model"])
     x_test = torch.from_numpy(xte)
-    ours_final = metrics_from_logits(predict_logits(model, x_test, crops="ten", batch_size=256), yte)["top1"]
+    ours_final = metrics_from_logits(predict_logits(model, x_test, crops="ten"), yte)["top1"]
     ours_wall = time.perf_counter() - t0
     model.load_state_dict(best_ours["model"])
-    ours_best_test = metrics_from_logits(predict_logits(model, x_test, crops="ten", batch_size=256), yte)["top1"]
+    ours_best_test = metrics_from_logits(predict_logits(model, x_test, crops="ten"), yte)["top1"]
     ours_best = res.best
 
     # ---- reference

@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + GradScaler pre-Ampere); off: fp32
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    eval_batch_size: int = 256
+    eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.predict_logits)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,9 +77,9 @@ class TrainConfig:
         choice("test_crops", CROPS_TEST)
         choice("protocol", PROTOCOLS)
         choice("amp", AMP_MODES)
-        for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size", "eval_batch_size"):
+        for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size"):
             positive(key)
-        for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed"):
+        for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed", "eval_batch_size"):
             positive(key, allow_zero=True)
         for key in ("dropout", "erase_p"):
             if not 0.0 <= getattr(self, key) < 1.0 + (key == "erase_p"):

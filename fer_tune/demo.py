@@ -30,7 +30,6 @@ fixed:
   train_crops: one
   test_crops: ten
   batch_size: 32
-  eval_batch_size: 512
   threads: 1
   erase_p: 0.0   # no random erasing: a tiny model on 3,000 faces learns within the demo's few epochs
 space:

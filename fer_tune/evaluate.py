@@ -47,7 +47,7 @@ def metrics_from_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor 
 
 
 def evaluate_model(model, images: np.ndarray, labels: np.ndarray, *, device: torch.device, crops: str = "ten",
-                   batch_size: int = 256, amp: str = "auto") -> dict:
+                   batch_size: int = 0, amp: str = "auto") -> dict:
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     dtype, _ = precision(device, amp)
     logits = predict_logits(model, x, crops=crops, batch_size=batch_size, dtype=dtype)
@@ -81,7 +81,7 @@ def saliency_sample(model, images: np.ndarray, labels: np.ndarray, out_dir: str 
         sal = saliency(model, images[idx], labels[idx], device=device)
     with torch.no_grad():
         logits = predict_logits(model, torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
-                                crops="ten", batch_size=256)
+                                crops="ten")
     preds = logits.argmax(1).cpu().numpy()
     crops = images[idx][:, 4:44, 4:44]
     out_dir = Path(out_dir)

@@ -49,7 +49,7 @@ def predict(model_path: str | Path, paths: list[str], device=None) -> list[dict]
     state = load_checkpoint(model_file(model_path))
     faces = read_faces(paths)
     model, _ = model_from_checkpoint(state, device)
-    logits = predict_logits(model, torch.from_numpy(faces).to(device), crops="ten", batch_size=256)
+    logits = predict_logits(model, torch.from_numpy(faces).to(device), crops="ten")
     probs = torch.softmax(logits, 1).cpu().numpy()
     out = []
     for p, pr in zip(paths, probs):

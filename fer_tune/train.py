@@ -129,11 +129,29 @@ def _cpu_state(sd: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 # evaluation pass (used each epoch and by fer_tune.evaluate)
 # ---------------------------------------------------------------------------------------------------------
+# Crops per evaluation forward pass on a CPU when the batch size is auto: a batch whose activations stay in the
+# caches. TenCrop val of vgg_variant width 0.25 on this 2-core EPYC: 9.8 s at 16 images (160 crops) per pass,
+# 21.4 s at 256 images (benchmarks/bench_eval_batch.py, benchmarks/RESULTS.md). GPUs want large batches.
+CPU_EVAL_CROPS = 128
+CUDA_EVAL_IMAGES = 256
+
+
+def eval_images_per_batch(device: torch.device, crops: str, batch_size: int = 0) -> int:
+    """`batch_size` images per evaluation pass if > 0, else auto: 256 on CUDA, 128 crops' worth on CPU."""
+    if batch_size > 0:
+        return batch_size
+    if device.type == "cuda":
+        return CUDA_EVAL_IMAGES
+    return max(1, CPU_EVAL_CROPS // augment.crops_per_image(crops))
+
+
 @torch.no_grad()
-def predict_logits(model, images: torch.Tensor, *, crops: str, batch_size: int, dtype=None) -> torch.Tensor:
-    """Logits averaged over the test crops (TenCrop as the paper), float32 (N, 7), on the images' device."""
+def predict_logits(model, images: torch.Tensor, *, crops: str, batch_size: int = 0, dtype=None) -> torch.Tensor:
+    """Logits averaged over the test crops (TenCrop as the paper), float32 (N, 7), on the images' device;
+    `batch_size` images per forward pass (0: auto, see eval_images_per_batch)."""
     model.eval()
     n_crops = augment.crops_per_image(crops)
+    batch_size = eval_images_per_batch(images.device, crops, batch_size)
     out = []
     for i in range(0, len(images), batch_size):
         x = augment.eval_batch(images[i : i + batch_size], crops)

@@ -12,7 +12,7 @@ from fer_tune.cli import main
 from fer_tune.common import EMOTIONS, FerTuneError
 from fer_tune.config import TrainConfig
 from fer_tune.evaluate import metrics_from_logits
-from fer_tune.train import fit, load_checkpoint, save_checkpoint
+from fer_tune.train import build_model, eval_images_per_batch, fit, load_checkpoint, predict_logits, save_checkpoint
 
 CPU = torch.device("cpu")
 TINY = dict(width=0.0625, train_crops="one", test_crops="center", batch_size=32)
@@ -126,6 +126,23 @@ def test_metrics_on_a_hand_made_case():
     assert m["macro_f1"] == pytest.approx((200 / 3 + 200 / 3 + 0) / 3)
     expected_loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0, 1, 3])).item()
     assert m["loss"] == pytest.approx(expected_loss)
+
+
+def test_evaluation_batches_do_not_change_the_logits():
+    """eval_batch_size 0 = auto: 128 crops' worth per pass on a CPU (cache-sized), 256 images on CUDA; the logits
+    do not depend on the batch size (BatchNorm in eval mode)."""
+    assert eval_images_per_batch(CPU, "ten") == 12 and eval_images_per_batch(CPU, "center") == 128
+    assert eval_images_per_batch(CPU, "ten", 5) == 5 and eval_images_per_batch(torch.device("cuda"), "ten") == 256
+    assert TrainConfig().eval_batch_size == 0
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(width=0.0625), CPU)
+    images = torch.randint(0, 256, (30, 48, 48), dtype=torch.uint8)
+    auto = predict_logits(model, images, crops="ten")
+    assert auto.shape == (30, 7)
+    torch.testing.assert_close(predict_logits(model, images, crops="ten", batch_size=256), auto)
+    torch.testing.assert_close(predict_logits(model, images, crops="ten", batch_size=7), auto)
+    with pytest.raises(FerTuneError, match="eval_batch_size must be >= 0"):
+        TrainConfig(eval_batch_size=-1)
 
 
 def test_config_rejects_bad_values():
