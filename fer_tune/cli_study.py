@@ -129,8 +129,9 @@ def register(sub, parser_with, load_data) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="at most this many trials at once; also how many trials Tune keeps waiting for resources: "
-                        "on an autoscaling cluster give the pool's trial capacity so nodes are requested for all of them at once "
-                        "(default: no limit; trials that fit in the cluster's current resources wait at once)")
+                        "on an autoscaling cluster give the pool's trial capacity so that nodes are requested for "
+                        "all of them at once (default: no limit; as many trials wait at once as the cluster's "
+                        "current resources hold)")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25 = 4 per GPU)")
     p.add_argument("--cpus-per-trial", type=float, default=None)
     _common(p)

@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + GradScaler pre-Ampere); off: fp32
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.predict_logits)
+    eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.eval_images_per_batch)
 
     def __post_init__(self) -> None:
         self.validate()

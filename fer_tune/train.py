@@ -130,8 +130,8 @@ def _cpu_state(sd: Any) -> Any:
 # evaluation pass (used each epoch and by fer_tune.evaluate)
 # ---------------------------------------------------------------------------------------------------------
 # Crops per evaluation forward pass on a CPU when the batch size is auto: a batch whose activations stay in the
-# caches. TenCrop val of vgg_variant width 0.25 on this 2-core EPYC: 9.8 s at 16 images (160 crops) per pass,
-# 21.4 s at 256 images (benchmarks/bench_eval_batch.py, benchmarks/RESULTS.md). GPUs want large batches.
+# caches. TenCrop val of vgg_variant width 0.25 on a 2-core EPYC: 14.2 s at 12 images (120 crops) per pass,
+# 21.8 s at 256 images (benchmarks/bench_eval_batch.py, benchmarks/RESULTS.md). GPUs want large batches.
 CPU_EVAL_CROPS = 128
 CUDA_EVAL_IMAGES = 256
 
