@@ -424,6 +424,21 @@ def _tune_env(quiet: bool) -> None:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
 
 
+# Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
+# trial's worker would start only once the first one's had (about 5 s later on this 2-CPU machine), and an
+# autoscaler would see one waiting trial at a time. fer-tune sets it (unless the user did) to --max-concurrent,
+# else to the number of trials the cluster's resources hold now.
+_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
+
+
+def _trials_that_fit(res: dict) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get(key.upper(), 0) / res[key] + 1e-9) for key in ("cpu", "gpu") if res[key]]
+    return max(1, min(fits, default=1))
+
+
 def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> bool:
     """Start (or join) Ray; returns True when this call started it (and so must shut it down)."""
     import ray
@@ -533,21 +548,6 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
     finally:
         if started:
             ray.shutdown()
-
-
-# Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
-# trial's worker would start only once the first one's had (about 5 s later on this 2-CPU machine), and an
-# autoscaler would see one waiting trial at a time. fer-tune sets it (unless the user did) to --max-concurrent,
-# else to the number of trials the cluster's resources hold now.
-_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
-
-
-def _trials_that_fit(res: dict) -> int:
-    import ray
-
-    total = ray.cluster_resources()
-    fits = [int(total.get(key.upper(), 0) / res[key] + 1e-9) for key in ("cpu", "gpu") if res[key]]
-    return max(1, min(fits, default=1))
 
 
 def _has_state(exp_dir: str) -> bool:
