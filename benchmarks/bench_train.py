@@ -5,8 +5,10 @@ torchvision transforms in a DataLoader with the default num_workers=0, the same 
         full-width vgg_variant, batches of 64 images with TenCrop (640 crops), synthetic images:
         train images/s of both loops (data pipeline included), side by side in this process.
     python benchmarks/bench_train.py realdata [--data ../shared/datasets/fer2013] [--epochs 8] [--width 0.25]
-        the real FER2013, paper protocol, train_crops one, test_crops ten: both loops train the same epochs;
-        prints wall time and PublicTest top-1 (final model and best-val model) of each.
+            [--arms reference,fp32,bf16] [--seeds 0,1]
+        the real FER2013, paper protocol, train_crops one, test_crops ten: every arm trains the same epochs;
+        prints wall time and PublicTest top-1 (final model and best-val model) of each, and the bf16 / fp32
+        ratios per seed (fer_tune fit with amp=off vs amp=bf16).
 
 Both loops use the same model class and initial weights (same seed), the same optimizer and scheduler.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from fer_tune.config import TrainConfig
 from fer_tune.evaluate import metrics_from_logits
 from fer_tune.models import create_model
 from fer_tune.optim import Scheduler, create_optimizer
-from fer_tune.train import fit, predict_logits
+from fer_tune.train import cpu_has_native_bf16, fit, precision, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +117,7 @@ def throughput(args) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
     labels = rng.integers(0, 7, n)
-    cfg = TrainConfig(epochs=1, train_crops="ten", test_crops="center", batch_size=64, seed=0)
+    cfg = TrainConfig(epochs=1, train_crops="ten", test_crops="center", batch_size=64, seed=0, amp="off")
     print(f"torch {torch.__version__}, {args.threads} CPU threads; vgg_variant width 1 (29,890,759 params), "
           f"{args.steps} steps of 64 images x TenCrop = 640 crops, SGD-Nesterov")
 
@@ -123,6 +126,8 @@ def throughput(args) -> None:
     fit(cfg, warm, device=torch.device("cpu"))
     res = fit(cfg, Subset({"train": (images, labels), "val": (images[:2], labels[:2])}), device=torch.device("cpu"))
     ours = res.history[0]["images_per_s"]
+    bf16 = fit(cfg.replace(amp="bf16"), Subset({"train": (images, labels), "val": (images[:2], labels[:2])}),
+               device=torch.device("cpu")).history[0]["images_per_s"]
 
     loader = DataLoader(ReferenceDataset(images, labels, reference_train_transform("ten")), batch_size=64,
                         shuffle=True)
@@ -136,48 +141,51 @@ def throughput(args) -> None:
     ref = seen / dt
     print(f"reference (per-image PIL transforms in a DataLoader): {ref:7.1f} images/s ({10 * ref:7.1f} crops/s)")
     print(f"fer_tune fit (batched on-device augmentation):        {ours:7.1f} images/s ({10 * ours:7.1f} crops/s)")
-    print(f"ratio: {ours / ref:.2f}x")
+    print(f"ratio: {ours / ref:.2f}x (both fp32)")
+    print(f"fer_tune fit with amp=bf16:                           {bf16:7.1f} images/s ({10 * bf16:7.1f} crops/s), "
+          f"{bf16 / ours:.2f}x its fp32")
 
 
-def realdata(args) -> None:
-    torch.set_num_threads(args.threads)
-    d = fdata.load(str(args.data), "paper")
-    (xtr, ytr), (xva, yva), (xte, yte) = (d.arrays(s) for s in ("train", "val", "test"))
-    cfg = TrainConfig(width=args.width, epochs=args.epochs, train_crops="one", test_crops="ten", seed=0,
-                      batch_size=64)
-    print(f"FER2013 paper protocol: train {len(ytr):,} / val (PrivateTest) {len(yva):,} / test (PublicTest) "
-          f"{len(yte):,}; vgg_variant width {args.width}, train_crops one, test_crops ten, {args.epochs} epochs, "
-          f"SGD-Nesterov lr 0.01, RLRP; torch {torch.__version__}, {args.threads} CPU threads")
-    dev = torch.device("cpu")
-
-    # ---- fer_tune
+def _fer_tune_arm(d, args, amp: str, seed: int) -> dict:
+    """fit() with `amp` and `seed`; wall time (train + val + test) and PublicTest top-1 of the final and best-val
+    models."""
+    xte, yte = d.arrays("test")
+    cfg = TrainConfig(width=args.width, epochs=args.epochs, train_crops="one", test_crops="ten", seed=seed,
+                      batch_size=64, amp=amp)
+    label = f"fer_tune {'fp32' if amp == 'off' else amp} seed {seed}"
     t0 = time.perf_counter()
-    best_ours: dict = {}
+    best_state: dict = {}
 
     def on_epoch(m, state):
         if m.get("is_best"):
-            best_ours["model"] = state["model"]
-        print(f"  fer_tune  epoch {m['epoch']}: train_acc {m['train_acc']:.2f} val_acc {m['val_acc']:.2f} "
+            best_state["model"] = state["model"]
+        print(f"  {label} epoch {m['epoch']}: train_acc {m['train_acc']:.2f} val_acc {m['val_acc']:.2f} "
               f"({m['epoch_seconds']:.0f} s)", flush=True)
 
-    res = fit(cfg, d, device=dev, on_epoch=on_epoch)
+    res = fit(cfg, d, device=torch.device("cpu"), on_epoch=on_epoch)
+    dtype = precision(torch.device("cpu"), amp)[0]
     model = create_model("vgg_variant", width=args.width, dropout=cfg.dropout)
     model.load_state_dict(res.checkpoint["model"])
     x_test = torch.from_numpy(xte)
-    ours_final = metrics_from_logits(predict_logits(model, x_test, crops="ten"), yte)["top1"]
-    ours_wall = time.perf_counter() - t0
-    model.load_state_dict(best_ours["model"])
-    ours_best_test = metrics_from_logits(predict_logits(model, x_test, crops="ten"), yte)["top1"]
-    ours_best = res.best
+    final = metrics_from_logits(predict_logits(model, x_test, crops="ten", dtype=dtype), yte)["top1"]
+    wall = time.perf_counter() - t0
+    model.load_state_dict(best_state["model"])
+    best_test = metrics_from_logits(predict_logits(model, x_test, crops="ten", dtype=dtype), yte)["top1"]
+    return {"label": label, "precision": res.precision, "wall": wall, "final": final, "best_test": best_test,
+            "best_val": res.best["val_acc"], "best_epoch": res.best["epoch"],
+            "epoch_s": [h["epoch_seconds"] for h in res.history]}
 
-    # ---- reference
+
+def _reference_arm(d, args) -> dict:
+    (xtr, ytr), (xva, yva), (xte, yte) = (d.arrays(s) for s in ("train", "val", "test"))
+    cfg = TrainConfig(width=args.width, epochs=args.epochs, seed=0, batch_size=64)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = create_model("vgg_variant", width=args.width, dropout=cfg.dropout)
     opt = create_optimizer(cfg, model.parameters())
     sched = Scheduler(cfg, opt, (len(ytr) + 63) // 64)
     loader = DataLoader(ReferenceDataset(xtr, ytr, reference_train_transform("one")), batch_size=64, shuffle=True)
-    best_val, best_state, best_epoch = -1.0, None, 0
+    best_val, best_state, best_epoch, epoch_s = -1.0, None, 0, []
     for epoch in range(1, args.epochs + 1):
         te = time.perf_counter()
         reference_epoch(model, loader, opt, sched)
@@ -185,19 +193,64 @@ def realdata(args) -> None:
         sched.after_epoch(val)
         if val > best_val:
             best_val, best_state, best_epoch = val, copy.deepcopy(model.state_dict()), epoch
-        print(f"  reference epoch {epoch}: val_acc {val:.2f} ({time.perf_counter() - te:.0f} s)", flush=True)
-    ref_final = reference_evaluate(model, xte, yte)["top1"]
-    ref_wall = time.perf_counter() - t0
+        epoch_s.append(time.perf_counter() - te)
+        print(f"  reference epoch {epoch}: val_acc {val:.2f} ({epoch_s[-1]:.0f} s)", flush=True)
+    final = reference_evaluate(model, xte, yte)["top1"]
+    wall = time.perf_counter() - t0
     model.load_state_dict(best_state)
-    ref_best_test = reference_evaluate(model, xte, yte)["top1"]
+    return {"label": "reference per-image PIL", "precision": "fp32", "wall": wall, "final": final,
+            "best_test": reference_evaluate(model, xte, yte)["top1"], "best_val": best_val,
+            "best_epoch": best_epoch, "epoch_s": epoch_s}
+
+
+def realdata(args) -> None:
+    torch.set_num_threads(args.threads)
+    d = fdata.load(str(args.data), "paper")
+    sizes = [len(d.arrays(s)[1]) for s in ("train", "val", "test")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = sorted(set(arms) - {"reference", "fp32", "bf16"})
+    if bad:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(bad)} (reference, fp32, bf16)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"FER2013 paper protocol: train {sizes[0]:,} / val (PrivateTest) {sizes[1]:,} / test (PublicTest) "
+          f"{sizes[2]:,}; vgg_variant width {args.width}, train_crops one, test_crops ten, {args.epochs} epochs, "
+          f"SGD-Nesterov lr 0.01, RLRP; torch {torch.__version__}, {args.threads} CPU threads; "
+          f"native bf16 on this CPU: {cpu_has_native_bf16()}; arms {', '.join(arms)}; seeds {seeds}")
+    runs = []
+    if "reference" in arms:
+        runs.append(_reference_arm(d, args))
+    for seed in seeds:  # fp32 and bf16 interleaved, so that a drift in the machine's load hits both alike
+        for amp in ("fp32", "bf16"):
+            if amp in arms:
+                runs.append(_fer_tune_arm(d, args, "off" if amp == "fp32" else "bf16", seed))
 
     print()
-    print(f"{'':28}{'wall (train+val+test)':>24}{'PublicTest top-1 (final)':>27}{'best val (epoch)':>20}")
-    print(f"{'reference per-image PIL':28}{ref_wall:22.0f} s{ref_final:26.2f} %{best_val:14.2f} % ({best_epoch})")
-    print(f"{'fer_tune fit':28}{ours_wall:22.0f} s{ours_final:26.2f} %"
-          f"{ours_best['val_acc']:14.2f} % ({ours_best['epoch']})")
-    print(f"best-val model on PublicTest: reference {ref_best_test:.2f} %, fer_tune {ours_best_test:.2f} %")
-    print(f"speed-up {ref_wall / ours_wall:.2f}x; accuracy difference (final) {ours_final - ref_final:+.2f} points")
+    print(f"{'':28}{'wall (train+val+test)':>24}{'median epoch':>14}{'PublicTest top-1 (final)':>27}"
+          f"{'best-val model':>16}{'best val (epoch)':>20}")
+    for r in runs:
+        print(f"{r['label']:28}{r['wall']:22.0f} s{statistics.median(r['epoch_s']):12.1f} s{r['final']:26.2f} %"
+              f"{r['best_test']:14.2f} %{r['best_val']:14.2f} % ({r['best_epoch']})")
+    by = {p: [r for r in runs if r["label"].startswith("fer_tune") and r["precision"] == p] for p in ("fp32", "bf16")}
+    ref = next((r for r in runs if r["label"].startswith("reference")), None)
+    for p, rs in by.items():
+        if not rs:
+            continue
+        finals = [r["final"] for r in rs]
+        spread = f" (spread over seeds {max(finals) - min(finals):.2f} points)" if len(rs) > 1 else ""
+        line = (f"fer_tune {p}: mean wall {statistics.fmean(r['wall'] for r in rs):.0f} s, PublicTest final "
+                f"{statistics.fmean(finals):.2f} %{spread}")
+        if ref is not None:
+            line += f"; speed-up vs reference {ref['wall'] / statistics.fmean(r['wall'] for r in rs):.2f}x"
+        print(line)
+    if by["fp32"] and by["bf16"]:
+        pairs = [(a, b) for a in by["fp32"] for b in by["bf16"] if a["label"].split()[-1] == b["label"].split()[-1]]
+        for a, b in pairs:
+            print(f"seed {a['label'].split()[-1]}: bf16 / fp32 wall {a['wall'] / b['wall']:.2f}x faster, "
+                  f"PublicTest final {b['final'] - a['final']:+.2f} points, best-val model "
+                  f"{b['best_test'] - a['best_test']:+.2f} points")
+        fw = statistics.fmean(r["wall"] for r in by["fp32"]) / statistics.fmean(r["wall"] for r in by["bf16"])
+        fa = statistics.fmean(r["final"] for r in by["bf16"]) - statistics.fmean(r["final"] for r in by["fp32"])
+        print(f"bf16 vs fp32 over seeds {seeds}: {fw:.2f}x faster, PublicTest final {fa:+.2f} points")
 
 
 def main() -> None:
@@ -211,6 +264,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arms", default="reference,fp32,bf16",
+                   help="comma-separated: reference (per-image PIL loop, fp32), fp32 (fit, amp=off), bf16 (fit)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the fp32 and bf16 arms, e.g. 0,1")
     args = ap.parse_args()
     throughput(args) if args.mode == "throughput" else realdata(args)
 

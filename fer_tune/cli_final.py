@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .final import DEFAULTS
+from .final import BASELINES, DEFAULTS
 
 
 def cmd_final(args, load_data) -> int:
@@ -15,6 +15,7 @@ def cmd_final(args, load_data) -> int:
 
     given = {k: getattr(args, k) for k in DEFAULTS}
     rc = run_final(args.study, trial=args.trial, out=args.out, given=given, gpus=args.gpus_per_run,
+                   cpus=args.cpus_per_run,
                    address=args.address, quiet=args.quiet, loader=_loader(args, load_data), num_cpus=args.num_cpus,
                    force=args.force)
     if args.out is None:  # the report shows STUDY/final
@@ -50,6 +51,7 @@ def register(sub, parser_with, load_data) -> None:
         fer-tune final results/joint                      # {DEFAULTS['epochs']} epochs + {DEFAULTS['finetune_epochs']} fine-tune, 1 seed
         fer-tune final results/joint --seeds 3 --gpus-per-run 1 --address auto
         fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
+        fer-tune final results/fer2013_cpu --epochs 16 --seeds 2 --baseline paper   # the tuned vs the paper's recipe
         fer-tune final results/joint                      # again: continues an interrupted final stage
     """)
     p.add_argument("study", help="the study directory (results/NAME)")
@@ -67,6 +69,11 @@ def register(sub, parser_with, load_data) -> None:
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"test accuracy and a kept checkpoint every N epochs (default {DEFAULTS['eval_every']})")
     p.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed (default: the study's)")
+    p.add_argument("--cpus-per-run", type=float, default=None, help="CPUs per seed (default: the study's)")
+    p.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="also retrain this recipe with the same epochs, fine-tune and seeds, and compare: paper = "
+                        "SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2, weight decay "
+                        "1e-4, batch 64 on the study's model, width, crops and data")
     p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
     p.add_argument("--force", action="store_true", help="run although the study's data or space changed")
     _common(p)

@@ -43,7 +43,8 @@ def cmd_models(args) -> int:
 def cmd_train(args, load_data) -> int:
     from .config import TrainConfig
     from .evaluate import evaluate_model, format_report, saliency_sample
-    from .train import fit, load_checkpoint, model_from_checkpoint, save_checkpoint, select_device
+    from .train import fit, load_checkpoint, model_from_checkpoint, precision, precision_name, save_checkpoint
+    from .train import select_device
 
     out = Path(args.out)
     last, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
@@ -75,7 +76,7 @@ def cmd_train(args, load_data) -> int:
     device = select_device(args.device)
     env = run_environment(device)
     record = {"config": cfg.to_dict(), "protocol": data.protocol, "data": data.describe(), "environment": env,
-              "seed": cfg.seed, "status": "running", "message": "", "history": [], "best": {}, "test": {}}
+              "precision": precision_name(precision(device, cfg.amp)[0]), "seed": cfg.seed, "status": "running", "message": "", "history": [], "best": {}, "test": {}}
     if checkpoint is not None:
         old = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         old_fp = old.get("data", {}).get("fingerprint")
@@ -89,7 +90,8 @@ def cmd_train(args, load_data) -> int:
     cfg.save(out / "config.json")
     sizes = data.describe()["sizes"]
     print(f"training {cfg.model} (width {cfg.width}) on {data.format} data [{data.protocol}: train "
-          f"{sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}] on {device}, "
+          f"{sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}] on {device} "
+          f"({record['precision']}), "
           f"epochs {checkpoint['epoch'] + 1 if checkpoint else 1}..{cfg.epochs}", file=sys.stderr)
 
     def on_epoch(metrics: dict, state: dict | None) -> None:
@@ -164,7 +166,8 @@ def register(sub, parser_with, add_data_options, load_data) -> None:
     """)
     add_data_options(p)
     p.add_argument("--config", default=None, help="TrainConfig as .yaml or .json (default: the paper's settings)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="override config keys: --set width=0.25 epochs=5 (repeatable)")
     p.add_argument("--out", required=True, help="run directory (metrics.json, last.pt, best.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--force", action="store_true", help="resume even if the data changed")

@@ -19,7 +19,7 @@ SCHEDULERS = ("constant", "rlrp", "cosine", "cosine_wr", "onecycle", "step")
 CROPS_TRAIN = ("ten", "one")
 CROPS_TEST = ("ten", "center")
 PROTOCOLS = ("paper", "standard")
-AMP_MODES = ("auto", "off")
+AMP_MODES = ("auto", "bf16", "off")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TrainConfig:
     erase_p: float = 0.5  # RandomErasing probability per crop (paper: 0.5)
     protocol: str = "paper"
     seed: int = 0
-    amp: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + GradScaler pre-Ampere); off: fp32
+    amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler pre-Ampere) and on CPUs with native bf16; bf16; off
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.eval_images_per_batch)
 

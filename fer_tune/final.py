@@ -32,9 +32,25 @@ from .common import EMOTIONS, FerTuneError, write_json
 
 FINAL_FILE = "final.json"
 MODELS = ("last", "best_val", "finetuned")
+TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
+WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 DEFAULTS = {"epochs": 300, "finetune_epochs": 50, "finetune_lr": 1e-4, "finetune_scheduler": "cosine",
-            "finetune_on": "train+val", "seeds": 1, "eval_every": 25}
+            "finetune_on": "train+val", "seeds": 1, "eval_every": 25, "baseline": None}
+BASELINES = ("paper",)
+# the paper's recipe (Khaireddin & Chen 2021, usef-kh/fer): TrainConfig's defaults; a baseline keeps the study's
+# model, its size and input, the data and the run settings, and takes every other key from the recipe
+BASELINE_KEEPS = ("model", "width", "weights", "train_crops", "test_crops", "epochs", "protocol", "seed", "amp",
+                  "threads", "eval_batch_size")
+
+
+def baseline_config(config: dict, name: str) -> dict:
+    """The `name` recipe (paper: SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2,
+    weight decay 1e-4, batch 64, the paper's augmentation) on the winner's model, width, crops and data."""
+    from .config import TrainConfig
+
+    return TrainConfig.from_dict({k: config[k] for k in BASELINE_KEEPS if k in config},
+                                 source=f"baseline {name}").to_dict()
 
 
 class _FinetuneSplits:
@@ -54,7 +70,8 @@ class _FinetuneSplits:
 # ---------------------------------------------------------------------------------------------------------
 # one seed, inside Ray Tune
 # ---------------------------------------------------------------------------------------------------------
-def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_every: int, weight: float) -> None:
+def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_every: int, weight: float,
+                 arms: dict | None = None) -> None:
     from ray import tune
 
     from .config import TrainConfig
@@ -63,10 +80,12 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
     from .train import fit, save_checkpoint, select_device
 
     seed = int(config["seed"])
-    cfg = TrainConfig.from_dict({**base, "seed": seed}, source="final config")
+    arm = config.get("arm", WINNER)
+    cfg = TrainConfig.from_dict({**(base if arm == WINNER else (arms or {})[arm]), "seed": seed},
+                                source="final config")
     ft_cfg = cfg.replace(epochs=finetune["epochs"], lr=finetune["lr"], scheduler=finetune["scheduler"])
     device = select_device()
-    progress: dict[str, Any] = {"phase": "train", "seed": seed}
+    progress: dict[str, Any] = {"phase": "train", "seed": seed, "arm": arm}
     state = None
     weights: dict[str, Any] = {"best": None, "last": None}  # best-val and last-epoch weights of the train phase
     ckpt = tune.get_checkpoint()
@@ -86,7 +105,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
 
     def report(metrics: dict, st: dict | None, keep: float, outputs: Path | None = None) -> None:
         out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        out.update(seed=seed, phase=progress["phase"], keep=keep, device=str(device), resumed_at=resumed_at,
+        out.update(seed=seed, arm=arm, phase=progress["phase"], keep=keep, device=str(device), resumed_at=resumed_at,
                    **_memory_mb())
         out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in
                                              progress.get("train_history", []) + progress.get("finetune_history", []))
@@ -122,7 +141,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
             return None
 
         res = fit(cfg, _Splits(data), device=device, checkpoint=state, on_epoch=on_train_epoch,
-                  track=test, track_every=eval_every)
+                  track=test, track_every=eval_every, track_crops=TEST_CROPS)
         if res.status == "diverged":
             return
         weights["last"] = res.checkpoint["model"]
@@ -140,7 +159,8 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
             return None
 
         res = fit(ft_cfg, _FinetuneSplits(data, finetune["on"]), device=device, checkpoint=state,
-                  init_model=weights["best"], on_epoch=on_ft_epoch, track=test, track_every=eval_every)
+                  init_model=weights["best"], on_epoch=on_ft_epoch, track=test, track_every=eval_every,
+                  track_crops=TEST_CROPS)
         if res.status == "diverged":
             return
         progress.setdefault("finetune_history", res.history)
@@ -151,16 +171,19 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
     with tempfile.TemporaryDirectory() as d:
         out_dir = Path(d) / "outputs"
         result = _evaluate_and_export(cfg, ft_cfg, {**weights, "finetuned": finetuned}, data, device, out_dir,
-                                      progress)
+                                      progress, export=arm == WINNER)
         progress["phase"] = "done"
         weights.update(best=None, last=None)  # the exports hold them now
         report({"epoch": ft_cfg.epochs, "val_acc": result["best_val_acc"], "test_acc": result["models"]["finetuned"]
                 ["top1"], "status": "done"}, None, keep=2e6, outputs=out_dir)
 
 
-def _evaluate_and_export(cfg, ft_cfg, weights: dict, data: dict, device, out_dir: Path, progress: dict) -> dict:
+def _evaluate_and_export(cfg, ft_cfg, weights: dict, data: dict, device, out_dir: Path, progress: dict, *,
+                         export: bool = True) -> dict:
+    """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
+    files (a baseline's models are measured, not exported)."""
     from .evaluate import evaluate_model, saliency_sample
-    from .train import model_from_checkpoint, save_checkpoint
+    from .train import model_from_checkpoint, precision, precision_name
 
     out_dir.mkdir(parents=True)
     x_test, y_test = data["test"]
@@ -168,11 +191,25 @@ def _evaluate_and_export(cfg, ft_cfg, weights: dict, data: dict, device, out_dir
     key = {"last": "last", "best_val": "best", "finetuned": "finetuned"}
     for name in MODELS:
         model, _ = model_from_checkpoint({"config": cfg.to_dict(), "model": weights[key[name]]}, device)
-        models[name] = evaluate_model(model, x_test, y_test, device=device, crops="ten",
+        models[name] = evaluate_model(model, x_test, y_test, device=device, crops=TEST_CROPS,
                                       batch_size=cfg.eval_batch_size, amp=cfg.amp)
         _write_confusion(out_dir / f"confusion_{name}.csv", models[name]["confusion"])
     saliency_sample(model, x_test, y_test, out_dir, device=device, seed=cfg.seed)
-    export = {"format": 1, "kind": "fer-tune model", "config": ft_cfg.to_dict(), "model": weights["finetuned"],
+    if export:
+        _export(model, ft_cfg, cfg, weights["finetuned"], models, out_dir)
+    result = {"seed": cfg.seed, "status": progress.get("status", "complete"),
+              "precision": precision_name(precision(device, cfg.amp)[0]), "best_epoch": progress["best"]["epoch"],
+              "best_val_acc": progress["best"]["val_acc"],
+              "history": progress["train_history"], "finetune_history": progress["finetune_history"],
+              "models": models}
+    write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def _export(model, ft_cfg, cfg, finetuned: dict, models: dict, out_dir: Path) -> None:
+    from .train import save_checkpoint
+
+    export = {"format": 1, "kind": "fer-tune model", "config": ft_cfg.to_dict(), "model": finetuned,
               "classes": list(EMOTIONS)}
     save_checkpoint(export, out_dir / "model.pt")
     _export_program(model, out_dir / "model.pt2")
@@ -186,12 +223,6 @@ def _evaluate_and_export(cfg, ft_cfg, weights: dict, data: dict, device, out_dir
         "files": {"model.pt": "fer-tune checkpoint (fer-tune predict / evaluate)",
                   "model.pt2": "torch.export program: torch.export.load(path).module()(crops)"},
     })
-    result = {"seed": cfg.seed, "status": progress.get("status", "complete"),
-              "best_epoch": progress["best"]["epoch"], "best_val_acc": progress["best"]["val_acc"],
-              "history": progress["train_history"], "finetune_history": progress["finetune_history"],
-              "models": models}
-    write_json(out_dir / "metrics.json", result)
-    return result
 
 
 def _export_program(model, path: Path) -> None:
@@ -258,7 +289,14 @@ def _settings(out: Path, given: dict) -> dict | None:
         rec = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise FerTuneError(f"{f} is damaged ({exc}); remove {out} to start the final stage again") from None
-    conflicts = [f"--{k.replace('_', '-')} {v} (recorded: {rec['settings'][k]})" for k, v in given.items()
+    def recorded(k: str) -> str:
+        if rec["settings"].get(k) is not None:
+            return f"recorded: {rec['settings'][k]}"
+        if k == "trial":
+            return f"it retrains trial {rec['trial']['number']}, the study's best"
+        return "it was started without it"
+
+    conflicts = [f"--{k.replace('_', '-')} {v} ({recorded(k)})" for k, v in given.items()
                  if v is not None and rec["settings"].get(k) != v]
     if conflicts:
         raise FerTuneError(f"{out} already holds a final stage with other settings: {', '.join(conflicts)}. Run it "
@@ -267,6 +305,7 @@ def _settings(out: Path, given: dict) -> dict | None:
 
 
 def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gpus: float | None,
+              cpus: float | None = None,
               address: str | None, quiet: bool, loader, num_cpus: int | None = None, force: bool = False) -> int:
     """`fer-tune final`: start, continue or report a study's final stage. ``given``: the options the user passed
     (None = not given) among DEFAULTS' keys."""
@@ -276,12 +315,17 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / "final"
     for k, v in given.items():
-        if v is not None and k != "finetune_scheduler" and k != "finetune_on" and v <= 0:
+        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline") and v <= 0:
             raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    if given.get("baseline") not in (None, *BASELINES):
+        raise FerTuneError(f"--baseline {given['baseline']}: the baselines are {', '.join(BASELINES)}")
     if gpus is not None and gpus < 0:
         raise FerTuneError(f"--gpus-per-run must be >= 0, got {gpus}")
+    if cpus is not None and cpus <= 0:
+        raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")
     record, spec, data = _reopen(sdir, force, loader)
     rec = _settings(out_p, {**given, "trial": trial})
+    new = False
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in DEFAULTS.items()}
         settings["trial"] = trial
@@ -297,46 +341,58 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
                             "scheduler": settings["finetune_scheduler"], "on": settings["finetune_on"]},
                "seeds": seeds, "eval_every": settings["eval_every"], "protocol": data.protocol,
                "protocol_note": data.protocol_note,
-               "resources": {"cpu": res["cpu"], "gpu": res["gpu"] if gpus is None else gpus},
+               "resources": {"cpu": res["cpu"] if cpus is None else cpus, "gpu": res["gpu"] if gpus is None else gpus},
                # Ray's experiment: beside the study's own (its --storage on a cluster), else in OUT
                "ray_storage": join(study_storage(sdir, record), out_p.name) if record.get("ray_storage")
                else str(out_p),
                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": 0.0}
+        if settings["baseline"]:
+            rec["baselines"] = {settings["baseline"]: baseline_config(config, settings["baseline"])}
         from .config import TrainConfig
 
         TrainConfig.from_dict({**config, "epochs": settings["finetune_epochs"], "lr": settings["finetune_lr"],
                                "scheduler": settings["finetune_scheduler"]}, source="fine-tune settings")
-        out_p.mkdir(parents=True, exist_ok=True)
-        write_json(out_p / FINAL_FILE, rec)
+        new = True
         print(f"final stage of {record['name']}: trial {best['number']} ({spec.metric} {best['value']:.2f}) "
               f"with {best['params']}; {settings['epochs']} epochs + {settings['finetune_epochs']} fine-tune epochs "
               f"({settings['finetune_scheduler']} from lr {settings['finetune_lr']:g} on {settings['finetune_on']}), "
-              f"seeds {seeds}; results in {out_p}", flush=True)
+              f"seeds {seeds}"
+              + (f"; beside it the {settings['baseline']} recipe with the same epochs, fine-tune and seeds"
+                 if settings["baseline"] else "") + f"; results in {out_p}", flush=True)
     elif (out_p / "metrics.json").exists():
         print(f"{out_p}: the final stage is complete")
         _print_final(json.loads((out_p / "metrics.json").read_text()), out_p)
         return 0
     else:
         print(f"continuing the final stage in {out_p} from its last checkpoints", flush=True)
-    return _run_final(out_p, rec, data, address=address, quiet=quiet, num_cpus=num_cpus)
+    return _run_final(out_p, rec, data, address=address, quiet=quiet, num_cpus=num_cpus, new=new)
 
 
-def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None) -> int:
+_FINAL_FIX = ("start the final stage with --cpus-per-run N and --gpus-per-run F that fit it (--gpus-per-run 0 on a "
+              "machine without a GPU), or run it on a Ray cluster with --address")
+
+
+def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None,
+               new: bool = False) -> int:
     from . import storage
     from .study import _start, _stop
 
-    started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"])
+    started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"], _FINAL_FIX, what="run")
     from ray import tune
 
     try:
+        if new:  # written once Ray has accepted the runs: a refused stage leaves nothing behind
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / FINAL_FILE, rec)
         res = rec["resources"]
         weight = res["gpu"] if res["gpu"] else res["cpu"]
-        base = dict(rec["config"])
-        base["threads"] = base.get("threads") or max(1, int(res["cpu"]))
+        threads = max(1, int(res["cpu"]))
+        base = {**rec["config"], "threads": rec["config"].get("threads") or threads}
+        arms = {name: {**c, "threads": c.get("threads") or threads} for name, c in rec.get("baselines", {}).items()}
         arrays = {s: data.arrays(s) for s in ("train", "val", "test")}
         trainable = tune.with_resources(
             tune.with_parameters(_final_trial, base=base, finetune=rec["finetune"], data=arrays,
-                                 eval_every=rec["eval_every"], weight=weight),
+                                 eval_every=rec["eval_every"], weight=weight, arms=arms),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]})
         exp = storage.join(rec["ray_storage"], "tune")
         if storage.exists(storage.join(exp, "tuner.pkl")):
@@ -344,7 +400,8 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
         else:
             keep = rec["config"]["epochs"] // rec["eval_every"] + 3  # snapshots, the finished one, the latest
             tuner = tune.Tuner(
-                trainable, param_space={"seed": tune.grid_search(rec["seeds"])},
+                trainable, param_space={"seed": tune.grid_search(rec["seeds"]),
+                                        **({"arm": tune.grid_search([WINNER, *arms])} if arms else {})},
                 tune_config=tune.TuneConfig(reuse_actors=False),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=rec["ray_storage"], verbose=0 if quiet else 1,
@@ -371,13 +428,15 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
 
 
 def _collect(out: Path, rec: dict, grid) -> dict | None:
-    """Per-seed outputs from the finished checkpoints into seed-S/, then metrics.json; None if a seed is unfinished."""
-    seeds: list[dict] = []
+    """Per-seed outputs from the finished checkpoints into seed-S/ (a baseline's into baseline-NAME/seed-S/), then
+    metrics.json; None if a run is unfinished."""
+    arms: dict[str, list[dict]] = {}
     for r in grid:
         m = r.metrics or {}
-        seed = int((r.config or {}).get("seed", m.get("seed", -1)))
+        cfg = r.config or {}
+        seed, arm = int(cfg.get("seed", m.get("seed", -1))), cfg.get("arm", WINNER)
         if m.get("status") == "done" and r.checkpoint is not None:
-            dest = out / f"seed-{seed}"
+            dest = out / (f"seed-{seed}" if arm == WINNER else f"baseline-{arm}/seed-{seed}")
             with r.checkpoint.as_directory() as d:
                 if dest.exists():
                     shutil.rmtree(dest)
@@ -390,17 +449,28 @@ def _collect(out: Path, rec: dict, grid) -> dict | None:
         else:
             return None
         s["device_seconds"] = float(m.get("device_seconds", 0.0))
-        seeds.append(s)
-    seeds.sort(key=lambda s: s["seed"])
+        arms.setdefault(arm, []).append(s)
+    seeds = sorted(arms.pop(WINNER, []), key=lambda s: s["seed"])
     ok = [s for s in seeds if s["status"] == "complete"]
-    aggregate = {name: {k: _mean_std([s["models"][name][k] for s in ok]) for k in ("top1", "top2", "macro_f1")}
-                 for name in MODELS} if ok else {}
+    baselines = {}
+    for name, runs in sorted(arms.items()):
+        runs.sort(key=lambda s: s["seed"])
+        done = [s for s in runs if s["status"] == "complete"]
+        baselines[name] = {"name": name, "config": rec["baselines"][name], "seeds": runs, "aggregate": _aggregate(done),
+                           "status": "complete" if len(done) == len(runs) else "partial"}
+    everything = seeds + [s for b in baselines.values() for s in b["seeds"]]
     metrics = {"study": rec["study"], "protocol": rec["protocol"], "protocol_note": rec["protocol_note"],
                "test_split": "test (" + rec["protocol_note"] + ")", "trial": rec["trial"], "config": rec["config"],
-               "finetune": rec["finetune"], "seeds": seeds, "aggregate": aggregate,
-               "device_hours": round(sum(s["device_seconds"] for s in seeds) / 3600, 4),
+               "finetune": rec["finetune"], "seeds": seeds, "aggregate": _aggregate(ok),
+               "device_hours": round(sum(s["device_seconds"] for s in everything) / 3600, 4),
                "wall_seconds": round(rec["wall_seconds"], 1),
-               "status": "complete" if len(ok) == len(seeds) else "partial"}
+               "status": "complete" if all(s["status"] == "complete" for s in everything) else "partial"}
+    for name, b in baselines.items():  # the winner's mean minus the baseline's, per model and metric
+        b["difference"] = {n: {k: metrics["aggregate"][n][k]["mean"] - b["aggregate"][n][k]["mean"]
+                               for k in ("top1", "top2", "macro_f1")}
+                           for n in MODELS if n in metrics["aggregate"] and n in b["aggregate"]}
+    if baselines:
+        metrics["baseline"] = next(iter(baselines.values()))
     if ok:
         top = max(ok, key=lambda s: s["best_val_acc"])
         for f in ("model.pt", "model.pt2", "model.json"):
@@ -408,6 +478,14 @@ def _collect(out: Path, rec: dict, grid) -> dict | None:
         metrics["exported_seed"] = top["seed"]
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """{model: {metric: mean/std/values}} over the completed runs."""
+    if not runs:
+        return {}
+    return {name: {k: _mean_std([s["models"][name][k] for s in runs]) for k in ("top1", "top2", "macro_f1")}
+            for name in MODELS}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -430,28 +508,45 @@ def write_history(out: Path, exp: str) -> list[dict]:
                 continue
             if r.get("phase") not in ("train", "finetune") or "epoch" not in r or "train_loss" not in r:
                 continue
-            rows[(r["seed"], r["phase"] != "train", r["epoch"])] = {
+            arm = r.get("arm", WINNER)
+            rows[(arm != WINNER, arm, r["seed"], r["phase"] != "train", r["epoch"])] = {
                 "seed": r["seed"], "phase": r["phase"], "epoch": r["epoch"],
-                **{k: r.get(k, "") for k in HISTORY_KEYS}}
+                **{k: r.get(k, "") for k in HISTORY_KEYS}, "arm": arm}
     table = [rows[k] for k in sorted(rows)]
     tmp = out / ".history.csv.tmp"
     with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["seed", "phase", "epoch", *HISTORY_KEYS])
+        w = csv.DictWriter(fh, fieldnames=["seed", "phase", "epoch", *HISTORY_KEYS, "arm"])
         w.writeheader()
         w.writerows(table)
     tmp.replace(out / "history.csv")
     return table
 
 
+def pm(agg: dict, digits: int = 2) -> str:
+    """'mean +- std' over the seeds; the mean alone with one seed (a spread needs two)."""
+    if len(agg["values"]) < 2:
+        return f"{agg['mean']:.{digits}f}"
+    return f"{agg['mean']:.{digits}f} +- {agg['std']:.{digits}f}"
+
+
 def _print_final(m: dict, out: Path) -> None:
     print(f"\nfinal stage of {m['study']} ({m['status']}); test split: {m['protocol_note']}")
-    for s in m["seeds"]:
-        if s["status"] != "complete":
-            print(f"  seed {s['seed']}: {s['status']}: {s.get('message', '')}")
-            continue
-        print(f"  seed {s['seed']}: best val {s['best_val_acc']:.2f} % at epoch {s['best_epoch']}; test top-1 "
-              + ", ".join(f"{n} {s['models'][n]['top1']:.2f} %" for n in MODELS))
+    b = m.get("baseline")
+    groups = [("", m["seeds"])] + ([(f"{b['name']} recipe ", b["seeds"])] if b else [])
+    for label, seeds in groups:
+        for s in seeds:
+            if s["status"] != "complete":
+                print(f"  {label}seed {s['seed']}: {s['status']}: {s.get('message', '')}")
+                continue
+            print(f"  {label}seed {s['seed']}: best val {s['best_val_acc']:.2f} % at epoch {s['best_epoch']}; "
+                  "test top-1 " + ", ".join(f"{n} {s['models'][n]['top1']:.2f} %" for n in MODELS))
+    n_seeds = len(next(iter(m["aggregate"].values()))["top1"]["values"]) if m["aggregate"] else 0
+    if m["aggregate"]:
+        print(f"  test top-1 / top-2 %, {'mean +- std over ' if n_seeds > 1 else ''}{n_seeds} seed(s):")
     for n, a in m["aggregate"].items():
-        print(f"  {n:<9} top-1 {a['top1']['mean']:.2f} +- {a['top1']['std']:.2f} %   "
-              f"top-2 {a['top2']['mean']:.2f} +- {a['top2']['std']:.2f} %")
+        line = f"  {n:<9} top-1 {pm(a['top1']):>14}   top-2 {pm(a['top2']):>14}"
+        if b and n in b.get("difference", {}):
+            line += (f"   {b['name']} recipe top-1 {pm(b['aggregate'][n]['top1']):>14}   difference "
+                     f"{b['difference'][n]['top1']:+.2f} points")
+        print(line)
     print(f"results: {out / 'metrics.json'}; model: {out / 'model.pt'}")

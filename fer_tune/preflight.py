@@ -102,6 +102,35 @@ def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
         raise FerTuneError(problem)
 
 
+def _amount(x: float) -> str:
+    return f"{x:g}"
+
+
+def check_trials_fit(resources: dict, address: str | None, fix: str, what: str = "trial") -> None:
+    """Called after ray.init. A local Ray can never grow: if no node holds one `what` (its CPUs and GPUs), refuse
+    (FerTuneError) with what is asked, what this machine has and `fix` (the flags that fix it). On a cluster an
+    autoscaler may add such a node: say once what is being waited for, and go on."""
+    import sys
+
+    from .common import FerTuneError
+
+    need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
+    nodes = alive_nodes()
+    if any(n["Resources"].get("CPU", 0) + 1e-9 >= need_cpu and n["Resources"].get("GPU", 0) + 1e-9 >= need_gpu
+           for n in nodes):
+        return
+    ask = f"{_amount(need_cpu)} CPU" + (f" and {_amount(need_gpu)} GPU" if need_gpu else "")
+    biggest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)), default=None)
+    have = (f"{_amount(biggest['Resources'].get('CPU', 0))} CPU and {_amount(biggest['Resources'].get('GPU', 0))} "
+            "GPU" if biggest else "no node")
+    if address is None:
+        raise FerTuneError(f"each {what} asks for {ask}, but the local Ray on this machine has {have} and cannot "
+                           f"grow, so no {what} would ever start; {fix}")
+    print(f"fer-tune: no node of the Ray cluster can hold a {what} yet ({ask} each; the largest node has {have}); "
+          "waiting for the cluster to add one (an autoscaler does this; a fixed cluster never will)",
+          file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the per-node report
 # ---------------------------------------------------------------------------------------------------------

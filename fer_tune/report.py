@@ -41,6 +41,8 @@ vertical-align:top;font-size:14px}th{background:#f5f5f5}td.num{text-align:right;
 .banner{background:#fff3cd;border:1px solid #e0c060;padding:8px 12px;margin:12px 0}
 .note{color:#555;font-size:14px}nav a{margin-right:12px}code{background:#f3f3f3;padding:0 3px}
 img.saliency{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
+.data{position:sticky;top:0;z-index:10;background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:8px 0;
+font-size:14px}.data.synthetic{background:#fde8e8;border-color:#e6a0a0}
 """
 
 
@@ -164,12 +166,34 @@ def build_report(sdir: Path) -> str:
     final = report_final.load_final(sdir)
     if final is not None:
         report_final.final_section(page, final)
-    _reference_section(page, sdir, report_final.reference_rows(final) if final else [])
-    return page.html(header)
+    _reference_section(page, sdir, report_final.reference_rows(final) if final else [], record["data"])
+    return page.html(_data_line(record["data"]) + header)
+
+
+def is_synthetic(data: dict) -> bool:
+    return data.get("format") == "synthetic" or str(data.get("source", "")).startswith("synthetic")
+
+
+def _data_line(data: dict) -> str:
+    """The data the study used, at the top of the report."""
+    sizes = ", ".join(f"{k} {v:,}" for k, v in data.get("sizes", {}).items())
+    if is_synthetic(data):
+        return (f'<p class="data synthetic" id="data-used">Data: the embedded synthetic faces ({esc(data.get("source"))}; '
+                f"{esc(sizes)}), not FER2013. Accuracies here measure the pipeline, not emotion recognition on real "
+                "faces.</p>")
+    return (f'<p class="data" id="data-used">Data: {esc(data.get("source"))} ({esc(data.get("format", ""))}; '
+            f"{esc(sizes)}), protocol {esc(data.get('protocol', ''))}.</p>")
 
 
 def _params(row: dict) -> str:
     return ", ".join(f"{k[6:]}={fmt(v, 4)}" for k, v in row.items() if k.startswith("param_") and v != "")
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
@@ -194,6 +218,8 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
         ("best", f"trial {best['number']}: {metric} {fmt(best['best_' + metric])} at epoch {best['best_epoch']}; "
                  f"{_params(best)}" if best else "no trial has reported yet"),
         ("device-hours", fmt(s["device_hours"], 4)), ("wall time", f"{duration(wall)} (all runs)"),
+        ("precision", ", ".join(f"{p} ({n} trial{'s' if n > 1 else ''})" for p, n in sorted(_count(
+            r.get("precision") or "not recorded" for r in s["rows"] if int(r["epochs"])).items())) or "-"),
         ("epochs trained", s["epochs_trained"]), ("created", record.get("created", "")),
         ("fixed settings", ", ".join(f"{k}={v}" for k, v in spec.get("fixed", {}).items()) or "-"),
         ("versions", ", ".join(f"{k} {v}" for k, v in record.get("fingerprint", {}).get("versions", {}).items())),
@@ -407,8 +433,13 @@ def _class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> N
             [[r["number"], fmt(recalls[r["number"]][i], 1), fmt(r[key]), _params(r)] for r in ranked], {0, 1, 2}))
 
 
-def _reference_section(page: Page, sdir: Path, own: list[dict]) -> None:
+def _reference_section(page: Page, sdir: Path, own: list[dict], data: dict) -> None:
     parts = page.section("reference", "Against published numbers")
+    if is_synthetic(data):  # synthetic numbers are never set beside FER2013 numbers
+        parts.append('<p class="note" id="reference-synthetic">This study ran on the embedded synthetic faces, so its '
+                     "accuracies are not comparable with results on FER2013 and are not listed here; the published "
+                     "numbers alone:</p>")
+        own = []
     dirs = [sdir.resolve().parent / "reference", REPO_REFERENCE]
     seen: set[str] = set()
     rows: list[dict] = []

@@ -50,8 +50,10 @@ def load_final(sdir: Path) -> dict | None:
     if (fdir / "history.csv").is_file():
         with (fdir / "history.csv").open(newline="") as fh:
             for r in csv.DictReader(fh):
+                if r.get("arm") not in (None, "", "winner"):  # a baseline's epochs: compared in the table only
+                    continue
                 history.append({"seed": int(r["seed"]), "phase": r["phase"], "epoch": int(r["epoch"]),
-                                **{k: _num(v) for k, v in r.items() if k not in ("seed", "phase", "epoch")}})
+                                **{k: _num(v) for k, v in r.items() if k not in ("seed", "phase", "epoch", "arm")}})
     return {"dir": fdir, "info": info, "metrics": metrics, "history": history,
             "errors": [e for e in (err1, err2) if e]}
 
@@ -109,6 +111,8 @@ def final_section(page: Page, fin: dict) -> None:
                           + ", ".join(f"{k}={v}" for k, v in sorted(info.get("config", {}).items()) if k != "epochs")),
              ("fine-tune", f"{ft.get('epochs')} epochs, lr {ft.get('lr')}, {ft.get('scheduler')}, on {ft.get('on')}"),
              ("seeds", ", ".join(map(str, info.get("seeds", [])))),
+             ("precision", ", ".join(sorted({s.get("precision", "not recorded") for s in (m or {}).get("seeds", [])}))
+              or "-"),
              ("test accuracy tracked", f"every {info.get('eval_every')} epochs (never used for selection)"),
              ("protocol", f"{info.get('protocol')}: {(m or {}).get('protocol_note', '')}"),
              ("created", info.get("created", ""))]
@@ -127,15 +131,46 @@ def final_section(page: Page, fin: dict) -> None:
         parts.append('<p class="note">No seed completed: no test evaluation to show.</p>')
         return
     agg = m.get("aggregate", {})
-    rows = [[MODEL_LABEL[n]] + [f"{a[k]['mean']:.2f} ± {a[k]['std']:.2f}" for k in ("top1", "top2", "macro_f1")]
+    rows = [[MODEL_LABEL[n]] + [pm(a[k]) for k in ("top1", "top2", "macro_f1")]
             + [", ".join(f"{v:.2f}" for v in a["top1"]["values"])] for n in MODELS if (a := agg.get(n))]
-    parts.append(f"<h3>Test accuracy over {len(ok)} seed(s) (mean ± std)</h3>" + table(
+    parts.append(f"<h3>Test accuracy over {len(ok)} seed(s){' (mean ± std)' if len(ok) > 1 else ''}</h3>" + table(
         ["model", "top-1 %", "top-2 %", "macro F1 %", "top-1 per seed"], rows, {1, 2, 3}).replace(
         "<table>", '<table id="final-accuracy">', 1))
+    if m.get("baseline"):
+        parts.append(_baseline_table(m))
     parts.append(page.figure(_accuracy_bars(agg), "final-accuracy"))
     parts.append(page.figure(_confusions(ok), "final-confusion"))
     parts.append(page.figure(_per_class(ok), "final-per-class"))
     _saliency(parts, fin["dir"], [s["seed"] for s in ok])
+
+
+def pm(a: dict, digits: int = 2) -> str:
+    """'mean ± std' over seeds; the mean alone with one seed (a spread needs two)."""
+    if len(a["values"]) < 2:
+        return f"{a['mean']:.{digits}f}"
+    return f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+
+
+def _baseline_table(m: dict) -> str:
+    b = m["baseline"]
+    agg, bagg = m["aggregate"], b.get("aggregate", {})
+    n = len(next(iter(agg.values()))["top1"]["values"]) if agg else 0
+    rows = [[MODEL_LABEL[k], pm(agg[k]["top1"]), pm(bagg[k]["top1"]), f"{b['difference'][k]['top1']:+.2f}",
+             ", ".join(f"{v:.2f}" for v in agg[k]["top1"]["values"]),
+             ", ".join(f"{v:.2f}" for v in bagg[k]["top1"]["values"])]
+            for k in MODELS if k in agg and k in bagg and k in b.get("difference", {})]
+    cfg = b.get("config", {})
+    recipe = ", ".join(f"{k}={cfg[k]}" for k in ("optimizer", "lr", "momentum", "scheduler", "factor", "patience",
+                                                 "dropout", "weight_decay", "batch_size") if k in cfg)
+    spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
+    failed = [s["seed"] for s in b.get("seeds", []) if not _complete(s)]
+    return (f"<h3>The study's configuration against the {esc(b['name'])} recipe (test top-1 %, {spread})</h3>"
+            + table(["model", "this study's configuration", f"{b['name']} recipe",
+                                     "difference (points)", "per seed (study)", f"per seed ({b['name']})"],
+                                    rows, {1, 2, 3}).replace("<table>", '<table id="final-baseline">', 1)
+            + f'<p class="note">The {esc(b["name"])} recipe ({esc(recipe)}) was retrained on the same model, '
+            "width, crops and data with the same epochs, fine-tune and seeds; the difference is the study's mean "
+            "minus the recipe's." + (f" Seeds that did not complete: {esc(failed)}." if failed else "") + "</p>")
 
 
 def _curves(runs: dict[int, dict]):
@@ -248,8 +283,10 @@ def reference_rows(fin: dict) -> list[dict]:
     ft = m.get("finetune", {})
     epochs = m.get("config", {}).get("epochs", "")
     note = f"; {m.get('protocol_note')}" if m.get("protocol_note") else ""
-    return [{"result": f"this study, {MODEL_LABEL[n]} (mean ± std over {len(agg[n]['top1']['values'])} seed(s))",
-             "top1_pct": f"{agg[n]['top1']['mean']:.2f} ± {agg[n]['top1']['std']:.2f}", "split": "test",
+    return [{"result": f"this study, {MODEL_LABEL[n]} ("
+                       + (f"mean ± std over {len(agg[n]['top1']['values'])} seeds)" if len(agg[n]["top1"]["values"]) > 1
+                          else "one seed)"),
+             "top1_pct": pm(agg[n]["top1"]), "split": "test",
              "protocol": f"{m.get('protocol', '')}{note}",
              "epochs": f"{epochs} + {ft.get('epochs')} fine-tune" if n == "finetuned" else epochs,
              "source": "final/metrics.json"} for n in MODELS if n in agg]

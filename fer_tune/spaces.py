@@ -13,6 +13,7 @@ A space file (every key but ``space`` is optional; defaults shown)::
     early_stopping: {type: asha, grace_period: 2, reduction_factor: 3}   # asha | median | none
     resources: {cpu: 1, gpu: 0}       # per trial; gpu may be a fraction (0.25 = four trials per GPU)
     data: {path: synthetic:1500, protocol: paper}                       # default: --data, else synthetic
+                                      # data: {required: true}: the study needs --data with real images
     fixed: {width: 0.5, train_crops: one}                               # TrainConfig keys for every trial
     space:
       optimizer: {type: categorical, choices: [sgd_nesterov, adam]}
@@ -20,6 +21,14 @@ A space file (every key but ``space`` is optional; defaults shown)::
       momentum: {type: float, low: 0.5, high: 0.99, when: {optimizer: [sgd, sgd_nesterov]}}
       batch_size: {type: int, low: 32, high: 128, step: 32}
       dropout: 0.3                    # a plain value: fixed
+
+A parameter's name is the training key it sets, or any name with `key:` naming the training key: two
+parameters may then set one key under disjoint conditions of the same parent, each with its own range::
+
+      lr_sgd: {type: float, low: 3.0e-3, high: 0.1, log: true, key: lr, when: {optimizer: [sgd_nesterov]}}
+      lr_adam: {type: float, low: 1.0e-4, high: 3.0e-3, log: true, key: lr, when: {optimizer: [adam]}}
+
+Every value in a `when:` list must be one the parent can take (a choice, a fixed value, an int in range).
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ class Param:
     step: float | int | None = None
     value: Any = None  # fixed
     when: dict[str, list] = field(default_factory=dict)  # {earlier param: [values that enable this one]}
+    key: str = ""  # the training key it sets (default: its name)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     def to_dict(self) -> dict:
         keep = {"categorical": ("choices",), "float": ("low", "high", "log", "step"), "int": ("low", "high", "log",
@@ -60,6 +73,8 @@ class Param:
         out = {"type": self.type, **{k: getattr(self, k) for k in keep if getattr(self, k) not in (None, False)}}
         if self.when:
             out["when"] = self.when
+        if self.key != self.name:
+            out["key"] = self.key
         return out
 
 
@@ -95,8 +110,13 @@ class StudySpec:
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid().values())
 
+    def renames(self) -> dict[str, str]:
+        """{parameter name: training key} for the parameters whose name is not their key."""
+        return {p.name: p.key for p in self.space.values() if p.key != p.name}
+
     def trial_config(self, params: dict) -> TrainConfig:
-        return TrainConfig.from_dict({**self.base_config(), **params}, source=f"{self.source}: trial params")
+        return TrainConfig.from_dict({**self.base_config(), **train_keys(params, self.renames())},
+                                     source=f"{self.source}: trial params")
 
     def define_by_run(self) -> Callable:
         """The Optuna define-by-run function: suggests the searched params, returns the fixed ones."""
@@ -140,6 +160,11 @@ class StudySpec:
                 "sampler": self.sampler, "seed": self.seed, "num_samples": self.num_samples,
                 "max_epochs": self.max_epochs, "early_stopping": self.early_stopping, "resources": self.resources,
                 "data": self.data, "fixed": self.fixed, "space": {k: p.to_dict() for k, p in self.space.items()}}
+
+
+def train_keys(params: dict, renames: dict[str, str]) -> dict:
+    """A trial's parameters (Optuna's names) as training keys."""
+    return {renames.get(k, k): v for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +252,7 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
         values = {"categorical": p.choices, "fixed": [p.value], "float": [p.low, p.high], "int": [p.low, p.high]}
         for v in values[p.type]:
             try:
-                TrainConfig.from_dict({**base, p.name: v}, source="")
+                TrainConfig.from_dict({**base, p.key: v}, source="")
             except FerTuneError as exc:
                 raise err(f"space.{p.name}: value {v!r} is invalid ({str(exc).removeprefix('config: ')})") from None
     return spec
@@ -257,27 +282,34 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
         where = f"space.{name}"
         if name in NOT_SEARCHABLE:
             raise err(f"{where}: {name} cannot be searched ({'max_epochs sets it' if name == 'epochs' else 'set data.protocol'})")
-        if name not in TrainConfig.keys():
-            raise err(f"{where}: unknown training key; valid: {', '.join(TrainConfig.keys())}")
         if not isinstance(body, dict):
             body = {"type": "fixed", "value": body}
         body = dict(body)
+        key = body.pop("key", name)
+        if key not in TrainConfig.keys() or key in NOT_SEARCHABLE:
+            what = f"key {key!r} is not a searchable training key" if key != name else "unknown training key"
+            raise err(f"{where}: {what}; valid: {', '.join(k for k in TrainConfig.keys() if k not in NOT_SEARCHABLE)}"
+                      + ("" if key != name else " (or give `key:` naming the training key it sets)"))
         kind = body.pop("type", None)
         if kind not in PARAM_TYPES:
             raise err(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
         when = body.pop("when", {}) or {}
         if not isinstance(when, dict):
             raise err(f"{where}.when must be a mapping like {{optimizer: [sgd, sgd_nesterov]}}")
-        for key, vals in list(when.items()):
-            if key not in out:
-                raise err(f"{where}.when: {key!r} must be a parameter defined above {name}")
-            when[key] = vals if isinstance(vals, list) else [vals]
+        for parent, vals in list(when.items()):
+            if parent not in out:
+                raise err(f"{where}.when: {parent!r} must be a parameter defined above {name}")
+            when[parent] = vals if isinstance(vals, list) else [vals]
+            never = [v for v in when[parent] if not _can_take(out[parent], v)]
+            if never:
+                raise err(f"{where}.when.{parent}: {parent} can never be {', '.join(map(repr, never))} "
+                          f"({_values_of(out[parent])})")
         allowed = {"categorical": {"choices"}, "float": {"low", "high", "log", "step"},
                    "int": {"low", "high", "log", "step"}, "fixed": {"value"}}[kind]
         extra = sorted(set(body) - allowed)
         if extra:
             raise err(f"{where}: unknown field(s) {', '.join(extra)} for type {kind} (allowed: {', '.join(sorted(allowed))})")
-        p = Param(name=name, type=kind, when=when)
+        p = Param(name=name, type=kind, when=when, key=key)
         if kind == "categorical":
             choices = body.get("choices")
             if not isinstance(choices, list) or not choices:
@@ -285,13 +317,13 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
             if len(set(map(repr, choices))) != len(choices):
                 raise err(f"{where}.choices has duplicates: {choices}")
             try:
-                p.choices = [coerce(name, c, source=where) for c in choices]
+                p.choices = [coerce(key, c, source=where) for c in choices]
             except FerTuneError as exc:
                 raise err(str(exc)) from None
         elif kind == "fixed":
             if "value" not in body:
                 raise err(f"{where}: a fixed parameter needs `value:`")
-            p.value = coerce(name, body["value"], source=where)
+            p.value = coerce(key, body["value"], source=where)
         else:
             num = int if kind == "int" else (int, float)
             for k in ("low", "high"):
@@ -308,21 +340,50 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
                 raise err(f"{where}: log and step cannot be combined")
             if p.step is not None and (isinstance(p.step, bool) or not isinstance(p.step, num) or p.step <= 0):
                 raise err(f"{where}.step must be a positive {'integer' if kind == 'int' else 'number'}")
-            if _TYPE_OF.get(name) == "int" and kind == "float":
-                raise err(f"{where}: {name} is an integer setting; use type int")
-            if _TYPE_OF.get(name) not in ("int", "float"):
-                raise err(f"{where}: {name} is not numeric; use type categorical")
+            if _TYPE_OF.get(key) == "int" and kind == "float":
+                raise err(f"{where}: {key} is an integer setting; use type int")
+            if _TYPE_OF.get(key) not in ("int", "float"):
+                raise err(f"{where}: {key} is not numeric; use type categorical")
+        for other in out.values():
+            if other.key == key and not _exclusive(other, p):
+                raise err(f"{where}: sets {key} like space.{other.name}; two parameters may set one key only under "
+                          "disjoint `when:` values of the same parent")
         out[name] = p
     return out
+
+
+def _can_take(p: Param, value: Any) -> bool:
+    if p.type == "categorical":
+        return value in p.choices
+    if p.type == "fixed":
+        return value == p.value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return p.low <= value <= p.high and (p.type == "float" or float(value).is_integer())
+
+
+def _values_of(p: Param) -> str:
+    if p.type == "categorical":
+        return "choices: " + ", ".join(map(str, p.choices))
+    if p.type == "fixed":
+        return f"fixed at {p.value!r}"
+    return f"range {p.low}..{p.high}"
+
+
+def _exclusive(a: Param, b: Param) -> bool:
+    """True when a and b can never be active in the same trial: disjoint values of a parent both depend on."""
+    return any(set(map(repr, a.when[k])).isdisjoint(map(repr, b.when[k])) for k in set(a.when) & set(b.when))
 
 
 _TYPE_OF = {k: type(v).__name__ for k, v in TrainConfig().to_dict().items()}
 
 
 def _parse_data(data: dict, err) -> dict:
-    unknown = sorted(set(data) - {"path", "protocol"})
+    unknown = sorted(set(data) - {"path", "protocol", "required"})
     if unknown:
-        raise err(f"data: unknown key(s) {', '.join(unknown)} (allowed: path, protocol)")
+        raise err(f"data: unknown key(s) {', '.join(unknown)} (allowed: path, protocol, required)")
+    if not isinstance(data.get("required", False), bool):
+        raise err(f"data.required must be true or false, got {data['required']!r}")
     if "protocol" in data and data["protocol"] not in ("paper", "standard"):
         raise err(f"data.protocol must be paper or standard, got {data['protocol']!r}")
     if "path" in data and not isinstance(data["path"], str):

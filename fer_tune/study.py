@@ -46,14 +46,16 @@ class _Splits:
         return self._arrays[split]
 
 
-def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = "") -> None:
+def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = "",
+           renames: dict | None = None) -> None:
     import ray
     from ray import tune
 
     from .config import TrainConfig
+    from .spaces import train_keys
     from .train import fit, load_checkpoint, save_checkpoint, select_device
 
-    cfg = TrainConfig.from_dict({**base, **config}, source="trial config")
+    cfg = TrainConfig.from_dict({**base, **train_keys(config, renames or {})}, source="trial config")
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -460,14 +462,17 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
     return True
 
 
-def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, resources: dict) -> bool:
-    """Start or join Ray and check the Ray storage `loc` suits trials of `resources`; True when this call
-    started Ray (the study and the final stage both start here)."""
+def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, resources: dict, fix: str,
+           what: str = "trial") -> bool:
+    """Start or join Ray, check that one `what` of `resources` fits (else `fix` says which flags help) and that
+    the Ray storage `loc` suits it; True when this call started Ray (the study and the final stage both start
+    here)."""
     _tune_env(quiet)
     started = _init_ray(address, quiet, num_cpus)
     try:
-        from .preflight import check_study_storage
+        from .preflight import check_study_storage, check_trials_fit
 
+        check_trials_fit(resources, address, fix, what)
         check_study_storage(loc, address, resources)
     except BaseException:
         if started:
@@ -503,7 +508,8 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
         base["threads"] = base["threads"] or max(1, int(res["cpu"]))
         arrays = {s: data.arrays(s) for s in ("train", "val")}
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=base, data=arrays, weight=weight, crash=crash),
+            tune.with_parameters(_trial, base=base, data=arrays, weight=weight, crash=crash,
+                                 renames=spec.renames()),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]},
         )
         exp_dir = experiment_dir(sdir, record, run)
@@ -618,10 +624,15 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
                            "--name or --storage")
     optuna_ref = _storage_ref(optuna_storage, sdir)
     source = data_arg or spec.data.get("path") or "synthetic"
+    if spec.data.get("required") and source.startswith("synthetic"):
+        raise FerTuneError(f"{space_path} is a study of real faces: pass --data PATH (FER2013's fer2013.csv or its "
+                           "Kaggle image folders)" + (", not synthetic data" if data_arg else ""))
     protocol = spec.data.get("protocol", "paper")
     data = loader(source, protocol)
-    # refuses a node-local path on a cluster, before any file is written
-    started = _start(address, quiet, num_cpus, loc, spec.resources)
+    # refuses a trial too big for a local Ray and a node-local path on a cluster, before any file is written
+    started = _start(address, quiet, num_cpus, loc, spec.resources,
+                     "pass --cpus-per-trial N and --gpus-per-trial F that fit it (--gpus-per-trial 0 on a machine "
+                     "without a GPU), or --address to run on a Ray cluster")
     try:
         return _new_study(sdir, spec, space_path, raw_overrides, name, source, protocol, data, optuna_ref,
                           ray_storage, max_concurrent, address=address, quiet=quiet, num_cpus=num_cpus)
@@ -675,6 +686,10 @@ def _reopen(sdir: Path, force: bool, loader) -> tuple[dict, StudySpec, Any]:
     return record, spec, data
 
 
+_RESUME_FIX = ("the study was launched with these resources per trial: run it on a Ray cluster that has them "
+               "(--address), or on this machine with --num-cpus N to let Ray count more CPUs than it found")
+
+
 def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
            num_cpus: int | None = None) -> int:
     sdir_p = Path(sdir).resolve()
@@ -690,7 +705,7 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
         _print_summary(sdir_p, spec, table)
         return 0
     print(f"resuming study {record['name']} ({run['dir']}) in {sdir_p}", flush=True)
-    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources)
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources, _RESUME_FIX)
     try:
         return _run(sdir_p, record, spec, data, run, restore=True, address=address, quiet=quiet,
                     num_cpus=num_cpus)
@@ -717,7 +732,7 @@ def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, qui
         if num_samples > left:
             raise FerTuneError(f"the grid has {spec.grid_size()} points and {done} were tried; "
                                f"extend by at most {left}")
-    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources)
+    started = _start(address, quiet, num_cpus, study_storage(sdir_p, record), spec.resources, _RESUME_FIX)
     try:
         return _extend_run(sdir_p, record, spec, data, num_samples, last, address=address, quiet=quiet,
                            num_cpus=num_cpus)

@@ -43,6 +43,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)
     checkpoint: dict | None = None  # the last epoch's checkpoint
+    precision: str = "fp32"  # bf16 | fp16 | fp32: the autocast dtype the run trained with
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,13 +64,42 @@ def select_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on a CPU with bf16 arithmetic in hardware: x86 avx512_bf16 or AMX (amx_bf16), Arm bf16 (Linux's
+    /proc/cpuinfo flags). Other CPUs emulate bf16 and gain nothing from it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
 def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler): bf16 on CUDA where supported, else fp16 + scaler; CPU fp32."""
-    if device.type != "cuda" or amp == "off":
+    """(autocast dtype or None for fp32, use GradScaler) for `amp` (auto | bf16 | off) on `device`.
+
+    auto: CUDA -> bf16 where supported, else fp16 + GradScaler; CPU -> bf16 where the CPU has it natively
+    (benchmarks/RESULTS.md, "bf16 on a CPU"), else fp32. bf16 forces bf16 autocast; off is fp32 everywhere.
+    The loss and the softmax are computed in fp32 in every mode."""
+    if amp == "off" or device.type not in ("cuda", "cpu"):
         return None, False
+    if device.type == "cpu":
+        return (torch.bfloat16, False) if amp == "bf16" or cpu_has_native_bf16() else (None, False)
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
+    if amp == "bf16":
+        raise FerTuneError(f"amp=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use amp=auto "
+                           "(fp16 with a gradient scaler) or amp=off")
     return torch.float16, True
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32': what a run records as its precision."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -194,17 +224,19 @@ def fit(
     init_model: dict | None = None,
     track: tuple[np.ndarray, np.ndarray] | None = None,
     track_every: int = 0,
+    track_crops: str | None = None,
 ) -> FitResult:
     """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring.
 
     ``init_model``: model weights to start from when not resuming (a fine-tune). ``track``: (images, labels) whose
     accuracy is measured every ``track_every`` epochs and at the last epoch as ``test_acc`` (the final stage's
-    overfitting curve; never used for selection).
+    overfitting curve; never used for selection), with ``track_crops`` (default: the config's test crops).
     """
     device = device or select_device()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype, use_scaler = precision(device, cfg.amp)
+    prec = precision_name(dtype)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -286,7 +318,8 @@ def fit(
                 status = "diverged"
                 message = (f"training diverged at epoch {epoch}: the loss became {train_loss} "
                            f"(lr {lr:g}, optimizer {cfg.optimizer}); try a smaller lr")
-                metrics = {"epoch": epoch, "train_loss": train_loss, "status": "diverged", "lr": lr}
+                metrics = {"epoch": epoch, "train_loss": train_loss, "status": "diverged", "lr": lr,
+                           "precision": prec}
                 if on_epoch is not None:
                     on_epoch(metrics, None)
                 break
@@ -308,14 +341,15 @@ def fit(
                 "images_per_s": n_train / train_time,
             }
             if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
-                t_logits = predict_logits(model, x_track, crops=cfg.test_crops, batch_size=cfg.eval_batch_size,
-                                          dtype=dtype)
+                t_logits = predict_logits(model, x_track, crops=track_crops or cfg.test_crops,
+                                          batch_size=cfg.eval_batch_size, dtype=dtype)
                 metrics["test_acc"] = 100.0 * float((t_logits.argmax(1) == y_track).float().mean())
             if is_best:
                 best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
             metrics.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best,
                             "status": "running"})
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
+            metrics["precision"] = prec
             metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -343,4 +377,4 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    return FitResult(status, message, history, best, state)
+    return FitResult(status, message, history, best, state, prec)

@@ -15,7 +15,7 @@ from typing import Iterable
 from .storage import experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
-               "epoch_seconds", "device_seconds", "node", "node_id", "device", "status", "lr", "trial_id", "time_total_s",
+               "epoch_seconds", "device_seconds", "node", "node_id", "device", "precision", "status", "lr", "trial_id", "time_total_s",
                "start_epoch", "rss_mb", "pss_mb", "uss_mb", "store_rss_mb", "store_pss_mb", "trial_start")
 
 
@@ -127,6 +127,7 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -
                "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
                "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
                "node": res[-1].get("node", "") if res else "", "device": res[-1].get("device", "") if res else "",
+               "precision": res[-1].get("precision", "") if res else "",
                "nodes": len({r.get("node_id") for r in res}), "peak_pss_mb": max((r.get("pss_mb", 0) for r in res),
                                                                                   default=0),
                "restarts": restarted.get(tid, 0)}

@@ -198,3 +198,54 @@ def test_final_bad_inputs(env, study, tmp_path):
     assert r.returncode == 2 and "bad.jpg: not a readable image" in r.stderr and "missing.png: no such file" in r.stderr
     r = cli(env, "predict", tmp_path / "empty", bad)
     assert r.returncode == 2 and "holds no model.pt" in r.stderr
+
+
+def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
+    out = tmp_path / "fb"
+    r = cli(env, "final", study, "--out", out, "--baseline", "paper", "--epochs", "2", "--finetune-epochs", "1",
+            "--eval-every", "2", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    rec = json.loads((out / "final.json").read_text())
+    paper = rec["baselines"]["paper"]
+    recipe = {"optimizer": "sgd_nesterov", "lr": 0.01, "momentum": 0.9, "scheduler": "rlrp", "factor": 0.75,
+              "patience": 5, "dropout": 0.2, "weight_decay": 1e-4, "batch_size": 64, "erase_p": 0.5}
+    assert {k: paper[k] for k in recipe} == recipe
+    for k in ("model", "width", "train_crops", "test_crops", "epochs", "seed", "protocol"):  # the study's
+        assert paper[k] == rec["config"][k], k
+    assert paper["width"] == 0.0625 and paper["epochs"] == 2
+    m = json.loads((out / "metrics.json").read_text())
+    b = m["baseline"]
+    assert m["status"] == "complete" and b["name"] == "paper" and b["status"] == "complete"
+    assert [s["seed"] for s in b["seeds"]] == [s["seed"] for s in m["seeds"]] == rec["seeds"]
+    assert b["aggregate"].keys() == m["aggregate"].keys() == {"last", "best_val", "finetuned"}
+    for name in ("last", "best_val", "finetuned"):
+        assert b["aggregate"][name]["top1"]["values"] == [s["models"][name]["top1"] for s in b["seeds"]]
+        assert b["difference"][name]["top1"] == pytest.approx(
+            m["aggregate"][name]["top1"]["mean"] - b["aggregate"][name]["top1"]["mean"])
+    s = b["seeds"][0]
+    assert [h["epoch"] for h in s["history"]] == [1, 2] and len(s["finetune_history"]) == 1
+    assert s["history"] != m["seeds"][0]["history"]  # another recipe, another run
+    base_dir = out / "baseline-paper" / f"seed-{s['seed']}"
+    assert (base_dir / "metrics.json").is_file() and (base_dir / "confusion_finetuned.csv").is_file()
+    assert not (base_dir / "model.pt").exists() and (out / "model.pt").is_file()  # only the study's model ships
+    with open(out / "history.csv") as fh:
+        hist = list(csv.DictReader(fh))
+    assert sorted((h["arm"], h["phase"]) for h in hist) == sorted(
+        [("paper", "train")] * 2 + [("paper", "finetune")] + [("winner", "train")] * 2 + [("winner", "finetune")])
+    assert "paper recipe top-1" in r.stdout and "difference" in r.stdout and "+-" not in r.stdout  # one seed
+    # again: complete; a final stage started without a baseline refuses one, naming why
+    r = cli(env, "final", study, "--out", out, "--baseline", "paper")
+    assert r.returncode == 0 and "complete" in r.stdout
+    other = tmp_path / "plain"
+    other.mkdir()
+    rec["settings"]["baseline"] = None
+    (other / "final.json").write_text(json.dumps(rec))
+    r = cli(env, "final", study, "--out", other, "--baseline", "paper")
+    assert r.returncode == 2 and "--baseline paper (it was started without it)" in r.stderr
+
+
+def test_final_refuses_a_run_too_big_for_the_local_ray(env, study, tmp_path):
+    r = cli(env, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has 2 CPU and 0 GPU" in r.stderr
+    assert "--gpus-per-run F" in r.stderr and not (tmp_path / "big").exists()

@@ -87,7 +87,7 @@ def _history(rng, epochs, eval_every, base):
     return rows
 
 
-def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1)) -> dict:
+def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1), baseline: bool = False) -> dict:
     """results/NAME/final/ as fer_tune.final writes it, with small made-up numbers."""
     fdir = sdir / "final"
     fdir.mkdir(parents=True)
@@ -131,6 +131,16 @@ def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1)) -> dict:
                "aggregate": {m: {k: mean_std([s["models"][m][k] for s in seed_rows]) for k in ("top1", "top2",
                                                                                                 "macro_f1")}
                              for m in ("last", "best_val", "finetuned")}}
+    if baseline:  # the paper recipe beside it, 1.5 points worse on every model
+        runs = [{**s, "models": {n: {**e, "top1": e["top1"] - 1.5} for n, e in s["models"].items()}}
+                for s in seed_rows]
+        agg = {n: {k: mean_std([s["models"][n][k] for s in runs]) for k in ("top1", "top2", "macro_f1")}
+               for n in ("last", "best_val", "finetuned")}
+        metrics["baseline"] = {
+            "name": "paper", "seeds": runs, "aggregate": agg, "status": "complete",
+            "config": {"optimizer": "sgd_nesterov", "lr": 0.01, "scheduler": "rlrp", "dropout": 0.2},
+            "difference": {n: {k: metrics["aggregate"][n][k]["mean"] - agg[n][k]["mean"] for k in agg[n]}
+                           for n in agg}}
     if complete:
         (fdir / "metrics.json").write_text(json.dumps(metrics))
     return metrics
@@ -328,11 +338,43 @@ def test_final_stage_complete(study, tmp_path):
     assert per_class["y"][0] == pytest.approx(statistics.fmean(
         s["models"]["last"]["per_class"]["angry"]["precision"] for s in m["seeds"]))
     assert len(re.findall(r'<img class="saliency" alt="[^"]*" src="data:image/png;base64,', text)) == 2
+    # a synthetic study's numbers are never set beside FER2013's
+    assert 'id="data-used"' in text and "not FER2013" in text
+    ref = Tables(text).tables["reference-table"]
+    assert not any(r[0].startswith("this study") for r in ref) and 'id="reference-synthetic"' in text
+    assert any(r[1] == "73.28" and r[3].startswith("paper") for r in ref)  # results/reference/paper.csv
+    assert not any("issue" in cell for r in ref for cell in r)  # papers and repositories only
+    rec = json.loads((sdir / "study.json").read_text())
+    rec["data"].update(format="folders", source="/data/fer2013")
+    (sdir / "study.json").write_text(json.dumps(rec))
+    text = write_report(sdir).read_text()
+    assert "Data: /data/fer2013 (folders" in text and 'id="reference-synthetic"' not in text
     ref = Tables(text).tables["reference-table"]
     own = next(r for r in ref if r[0].startswith("this study, fine-tuned"))
     top1 = m["aggregate"]["finetuned"]["top1"]
     assert own[1] == f"{top1['mean']:.2f} ± {top1['std']:.2f}"
-    assert any(r[1] == "73.28" and r[3].startswith("paper") for r in ref)  # results/reference/paper.csv
+
+
+def test_final_stage_against_the_paper_recipe(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    m = make_final(sdir, baseline=True)
+    text = write_report(sdir).read_text()
+    rows = Tables(text).tables["final-baseline"]
+    assert rows[0][:4] == ["model", "this study's configuration", "paper recipe", "difference (points)"]
+    for row, name in zip(rows[1:], ("last", "best_val", "finetuned")):
+        a, b = m["aggregate"][name]["top1"], m["baseline"]["aggregate"][name]["top1"]
+        assert row[1] == f"{a['mean']:.2f} ± {a['std']:.2f}" and row[2] == f"{b['mean']:.2f} ± {b['std']:.2f}"
+        assert row[3] == "+1.50"
+    assert "mean ± std over 2 seeds" in text
+
+
+def test_one_seed_shows_no_spread(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    m = make_final(sdir, seeds=(0,), baseline=True)
+    text = write_report(sdir).read_text()
+    acc = Tables(text).tables["final-accuracy"]
+    assert acc[1][1] == f"{m['aggregate']['last']['top1']['mean']:.2f}" and "±" not in "".join(acc[1])
+    assert "±" not in "".join(Tables(text).tables["final-baseline"][1]) and "one seed" in text
 
 
 def test_final_stage_running(study, tmp_path):

@@ -17,7 +17,7 @@ OK = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}
 
 def test_shipped_spaces_load_with_descriptions():
     names = sorted(p.stem for p in SPACES.glob("*.yaml"))
-    assert names == ["architecture", "dropout", "joint", "optimizer", "scheduler", "smoke"]
+    assert names == ["architecture", "dropout", "fer2013_cpu", "joint", "optimizer", "scheduler", "smoke"]
     sizes = {}
     for name in names:
         spec = load_space(SPACES / f"{name}.yaml")
@@ -105,7 +105,58 @@ BAD = [
      "num_samples=5: must be 1..2 (the grid has 2 points)"),
     ({"space": {"dropout": 0.3}}, "nothing to search"),
     ({**OK, "sampler": "cmaes"}, "needs the `cmaes` package"),
+    ({**OK, "data": {"required": "yes"}}, "data.required must be true or false"),
+    # a when: value the parent can never take
+    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd_nesterov"]}}}},
+     "space.momentum.when.optimizer: optimizer can never be 'sgd_nesterov' (choices: sgd, adam)"),
+    ({"space": {"patience": {"type": "int", "low": 1, "high": 4},
+                "factor": {"type": "float", "low": 0.5, "high": 0.9, "when": {"patience": [2, 9]}}}},
+     "space.factor.when.patience: patience can never be 9 (range 1..4)"),
+    # two parameters setting one training key
+    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr"},
+                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr"}}},
+     "space.lr_b: sets lr like space.lr_a; two parameters may set one key only under disjoint `when:` values"),
+    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr", "when": {"optimizer": ["sgd"]}},
+                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr",
+                         "when": {"optimizer": ["sgd", "adam"]}}}}, "space.lr_b: sets lr like space.lr_a"),
+    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "learning_rate"}}},
+     "space.lr_a: key 'learning_rate' is not a searchable training key"),
+    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "epochs"}}},
+     "space.lr_a: key 'epochs' is not a searchable training key"),
+    ({"space": {"lr_a": {"type": "float", "low": 1.0, "high": 2.0, "key": "dropout"}}},
+     "space.lr_a: value 1.0 is invalid (dropout must be in [0, 1)"),
 ]
+
+
+def test_two_parameters_set_one_key_under_disjoint_conditions():
+    spec = load_space(SPACES / "fer2013_cpu.yaml")
+    assert spec.renames() == {"lr_sgd": "lr", "lr_adamw": "lr"} and spec.data["required"] is True
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), direction="maximize")
+    seen = set()
+    for _ in range(40):
+        t = study.ask()
+        constants = spec.define_by_run()(t) or {}
+        p = {**t.params, **constants}
+        cfg = spec.trial_config(p)
+        if cfg.optimizer == "adamw":
+            assert "lr_sgd" not in p and cfg.lr == p["lr_adamw"] and 2e-4 <= cfg.lr <= 3e-3
+        else:
+            assert "lr_adamw" not in p and cfg.lr == p["lr_sgd"] and 3e-3 <= cfg.lr <= 0.1
+        assert cfg.width == 0.25 and cfg.epochs == 8 and cfg.train_crops == "one"
+        seen.add(cfg.optimizer)
+        study.tell(t, 1.0)
+    assert seen == {"sgd_nesterov", "sgd", "adamw"}
+    assert spec.to_dict()["space"]["lr_sgd"]["key"] == "lr"
+
+
+def test_a_real_data_space_needs_data(tmp_path, capsys):
+    for extra in ([], ["--data", "synthetic:500"]):
+        assert main(["sweep", str(SPACES / "fer2013_cpu.yaml"), "--results", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is a study of real faces: pass --data PATH" in err and err.count("\n") == 1
+    assert not (tmp_path / "fer2013_cpu").exists()
 
 
 @pytest.mark.parametrize("raw,expected", BAD, ids=[e[:40] for _, e in BAD])

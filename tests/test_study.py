@@ -248,3 +248,36 @@ def test_asha_rungs_are_rebuilt_from_earlier_results(tmp_path):
     # a new trial at rung 1 is now judged against the earlier ones: 6 is below the median cutoff of 10
     cutoff = asha._brackets[0].cutoff(rungs[1])
     assert cutoff == 10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a study never waits for resources that cannot come
+# ---------------------------------------------------------------------------------------------------------
+def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path, env):
+    space = write_space(tmp_path)
+    for flags, asked in ((["--gpus-per-trial", "0.25"], "1 CPU and 0.25 GPU"), (["--cpus-per-trial", "3"], "3 CPU")):
+        t0 = time.time()
+        r = fer_tune(env, "sweep", space, "--results", tmp_path / "results", "--quiet", *flags)
+        assert r.returncode == 2, r.stdout + r.stderr
+        line = r.stderr.strip()
+        assert line.count("\n") == 0 and "Traceback" not in line, line
+        assert f"each trial asks for {asked}, but the local Ray on this machine has 2 CPU and 0 GPU" in line
+        assert "--cpus-per-trial N and --gpus-per-trial F" in line and "--address" in line
+        assert time.time() - t0 < 60
+    assert not (tmp_path / "results" / "t").exists()  # refused before anything was written
+
+
+def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, capsys):
+    from fer_tune import preflight
+    from fer_tune.common import FerTuneError
+
+    nodes = [{"Resources": {"CPU": 8.0}}, {"Resources": {"CPU": 4.0, "GPU": 0.0}}]
+    monkeypatch.setattr(preflight, "alive_nodes", lambda: nodes)
+    preflight.check_trials_fit({"cpu": 4, "gpu": 0}, None, "fix")  # fits: silent
+    assert capsys.readouterr().err == ""
+    preflight.check_trials_fit({"cpu": 4, "gpu": 1}, "auto", "fix")  # a cluster may grow: wait, say it once
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no node of the Ray cluster can hold a trial yet (4 CPU and 1 GPU each" in err
+    assert "waiting for the cluster to add one" in err
+    with pytest.raises(FerTuneError, match=r"each run asks for 4 CPU and 1 GPU, but the local Ray .* fix$"):
+        preflight.check_trials_fit({"cpu": 4, "gpu": 1}, None, "fix", what="run")

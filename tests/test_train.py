@@ -237,3 +237,56 @@ def test_resume_cannot_stretch_a_fixed_length_schedule(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(capsys, *base, "--resume", "--set", "epochs=2")
     assert code == 2 and "onecycle shapes its whole schedule" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# precision: bf16 autocast on CPUs that have it
+# ---------------------------------------------------------------------------------------------------------
+def test_precision_follows_amp_and_the_cpu(monkeypatch):
+    from fer_tune import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.precision(CPU, "auto") == (torch.bfloat16, False)
+    assert train.precision(CPU, "off") == (None, False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.precision(CPU, "auto") == (None, False)  # emulated bf16 gains nothing: fp32
+    assert train.precision(CPU, "bf16") == (torch.bfloat16, False)  # forced
+    assert [train.precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
+    with pytest.raises(FerTuneError, match=r"amp='fp16' is not one of auto, bf16, off"):
+        TrainConfig(amp="fp16")
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from fer_tune import train
+
+    real = Path.read_text
+    for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu avx512f avx2", False)):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: f"processor\t: 0\nflags\t\t: {_f}\n"
+                            if str(self) == "/proc/cpuinfo" else real(self, *a, **k))
+        assert train.cpu_has_native_bf16() is expected, flags
+
+
+def test_bf16_training_is_recorded_and_resumes_bit_exact(small):
+    cfg = TrainConfig(**TINY, epochs=2, amp="bf16")
+    seen = []
+    straight = fit(cfg, small, device=CPU, on_epoch=lambda m, s: seen.append(m["precision"]))
+    assert straight.precision == "bf16" and seen == ["bf16", "bf16"]
+    assert "precision" not in straight.history[0]  # history holds numbers only
+    first = fit(cfg, small, device=CPU, on_epoch=lambda m, s: m["epoch"] < 1)
+    resumed = fit(cfg, small, device=CPU, checkpoint=first.checkpoint)
+    for k, v in straight.checkpoint["model"].items():
+        assert torch.equal(v, resumed.checkpoint["model"][k]), k
+    fp32 = fit(cfg.replace(amp="off"), small, device=CPU)
+    assert fp32.precision == "fp32"
+    # bf16 and fp32 train the same model, not the same bits
+    assert any(not torch.equal(v, straight.checkpoint["model"][k]) for k, v in fp32.checkpoint["model"].items())
+
+
+def test_train_command_records_its_precision(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", "synthetic:300", "--out", str(out_dir), "--quiet",
+                       "--set", "width=0.0625", "epochs=1", "train_crops=one", "test_crops=center", "amp=bf16")
+    assert code == 0, err
+    assert json.loads((out_dir / "metrics.json").read_text())["precision"] == "bf16"
+    assert "on cpu (bf16)" in err
