@@ -2,7 +2,7 @@
 against TPE + ASHA over the same space, both with the real `fer-tune sweep`.
 
 For each study, trials in the order they were started: epochs consumed until a trial whose best val_acc is
-within 1 point of the grid's best has been seen. Target (issue 4): TPE + ASHA needs <= 30 % of the grid's epochs.
+within 1 point of the grid's best has been seen. Target: TPE + ASHA needs <= 30 % of the grid's epochs.
 
     python benchmarks/bench_search.py [--n 2500] [--epochs 6] [--tpe-trials 20] [--seeds 0,1,2]
 

@@ -223,7 +223,7 @@ def test_synth_csv_roundtrip(tmp_path, capsys):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="../shared/datasets/fer2013 is absent")
+@pytest.mark.skipif(not REAL_DATA.exists(), reason=f"FER2013 is absent ({REAL_DATA}; set FER2013_DIR)")
 def test_real_fer2013_counts(capsys):
     code, out, err = check(capsys, REAL_DATA, "--json")
     assert code == 0, err
