@@ -71,7 +71,7 @@ class _FinetuneSplits:
 # one seed, inside Ray Tune
 # ---------------------------------------------------------------------------------------------------------
 def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_every: int, weight: float,
-                 arms: dict | None = None) -> None:
+                 arms: dict | None = None, track_crops: str | None = None) -> None:
     from ray import tune
 
     from .config import TrainConfig
@@ -141,7 +141,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
             return None
 
         res = fit(cfg, _Splits(data), device=device, checkpoint=state, on_epoch=on_train_epoch,
-                  track=test, track_every=eval_every, track_crops=TEST_CROPS)
+                  track=test, track_every=eval_every, track_crops=track_crops)
         if res.status == "diverged":
             return
         weights["last"] = res.checkpoint["model"]
@@ -160,7 +160,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
 
         res = fit(ft_cfg, _FinetuneSplits(data, finetune["on"]), device=device, checkpoint=state,
                   init_model=weights["best"], on_epoch=on_ft_epoch, track=test, track_every=eval_every,
-                  track_crops=TEST_CROPS)
+                  track_crops=track_crops)
         if res.status == "diverged":
             return
         progress.setdefault("finetune_history", res.history)
@@ -345,7 +345,7 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
                # Ray's experiment: beside the study's own (its --storage on a cluster), else in OUT
                "ray_storage": join(study_storage(sdir, record), out_p.name) if record.get("ray_storage")
                else str(out_p),
-               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": 0.0}
+               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": 0.0, "track_crops": TEST_CROPS}
         if settings["baseline"]:
             rec["baselines"] = {settings["baseline"]: baseline_config(config, settings["baseline"])}
         from .config import TrainConfig
@@ -359,6 +359,10 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
               f"seeds {seeds}"
               + (f"; beside it the {settings['baseline']} recipe with the same epochs, fine-tune and seeds"
                  if settings["baseline"] else "") + f"; results in {out_p}", flush=True)
+    elif any(v is not None and v != rec["resources"][k] for k, v in (("cpu", cpus), ("gpu", gpus))):
+        raise FerTuneError(f"{out_p} already holds a final stage that runs with {rec['resources']['cpu']:g} CPU and "
+                           f"{rec['resources']['gpu']:g} GPU per run; it keeps them. Run it again without "
+                           "--cpus-per-run / --gpus-per-run, or pass --out DIR for a new one.")
     elif (out_p / "metrics.json").exists():
         print(f"{out_p}: the final stage is complete")
         _print_final(json.loads((out_p / "metrics.json").read_text()), out_p)
@@ -370,6 +374,9 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
 
 _FINAL_FIX = ("start the final stage with --cpus-per-run N and --gpus-per-run F that fit it (--gpus-per-run 0 on a "
               "machine without a GPU), or run it on a Ray cluster with --address")
+_CONTINUE_FIX = ("the final stage was started with these resources per run: continue it on a Ray cluster that has "
+                 "them (--address), or here with --num-cpus N to let Ray count more CPUs than it found; or start a "
+                 "new one with --out DIR and --cpus-per-run / --gpus-per-run")
 
 
 def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None,
@@ -377,7 +384,8 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
     from . import storage
     from .study import _start, _stop
 
-    started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"], _FINAL_FIX, what="run")
+    started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"],
+                     _FINAL_FIX if new else _CONTINUE_FIX, what="run")
     from ray import tune
 
     try:
@@ -392,7 +400,8 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
         arrays = {s: data.arrays(s) for s in ("train", "val", "test")}
         trainable = tune.with_resources(
             tune.with_parameters(_final_trial, base=base, finetune=rec["finetune"], data=arrays,
-                                 eval_every=rec["eval_every"], weight=weight, arms=arms),
+                                 eval_every=rec["eval_every"], weight=weight, arms=arms,
+                                 track_crops=rec.get("track_crops")),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]})
         exp = storage.join(rec["ray_storage"], "tune")
         if storage.exists(storage.join(exp, "tuner.pkl")):
@@ -465,10 +474,12 @@ def _collect(out: Path, rec: dict, grid) -> dict | None:
                "device_hours": round(sum(s["device_seconds"] for s in everything) / 3600, 4),
                "wall_seconds": round(rec["wall_seconds"], 1),
                "status": "complete" if all(s["status"] == "complete" for s in everything) else "partial"}
-    for name, b in baselines.items():  # the winner's mean minus the baseline's, per model and metric
-        b["difference"] = {n: {k: metrics["aggregate"][n][k]["mean"] - b["aggregate"][n][k]["mean"]
-                               for k in ("top1", "top2", "macro_f1")}
-                           for n in MODELS if n in metrics["aggregate"] and n in b["aggregate"]}
+    for name, b in baselines.items():  # the winner's mean minus the baseline's over the seeds both completed
+        both = sorted({s["seed"] for s in ok} & {s["seed"] for s in b["seeds"] if s["status"] == "complete"})
+        w_agg, b_agg = (_aggregate([s for s in runs if s["seed"] in both]) for runs in (ok, b["seeds"]))
+        b["difference_seeds"] = both
+        b["difference"] = {n: {k: w_agg[n][k]["mean"] - b_agg[n][k]["mean"] for k in ("top1", "top2", "macro_f1")}
+                           for n in MODELS if n in w_agg and n in b_agg}
     if baselines:
         metrics["baseline"] = next(iter(baselines.values()))
     if ok:

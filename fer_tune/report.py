@@ -171,7 +171,7 @@ def build_report(sdir: Path) -> str:
 
 
 def is_synthetic(data: dict) -> bool:
-    return data.get("format") == "synthetic" or str(data.get("source", "")).startswith("synthetic")
+    return data.get("format") == "synthetic"
 
 
 def _data_line(data: dict) -> str:

@@ -170,7 +170,10 @@ def _baseline_table(m: dict) -> str:
                                     rows, {1, 2, 3}).replace("<table>", '<table id="final-baseline">', 1)
             + f'<p class="note">The {esc(b["name"])} recipe ({esc(recipe)}) was retrained on the same model, '
             "width, crops and data with the same epochs, fine-tune and seeds; the difference is the study's mean "
-            "minus the recipe's." + (f" Seeds that did not complete: {esc(failed)}." if failed else "") + "</p>")
+            "minus the recipe's" + (f", over the seeds both completed ({esc(', '.join(map(str, b['difference_seeds'])))})"
+                                    if failed else "") + "."
+            + (f" Seeds of the recipe that did not complete: {esc(', '.join(map(str, failed)))}." if failed else "")
+            + "</p>")
 
 
 def _curves(runs: dict[int, dict]):

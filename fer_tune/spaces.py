@@ -299,7 +299,11 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
         for parent, vals in list(when.items()):
             if parent not in out:
                 raise err(f"{where}.when: {parent!r} must be a parameter defined above {name}")
-            when[parent] = vals if isinstance(vals, list) else [vals]
+            try:
+                when[parent] = [coerce(out[parent].key, v, source=f"{where}.when.{parent}")
+                                for v in (vals if isinstance(vals, list) else [vals])]
+            except FerTuneError as exc:
+                raise err(str(exc)) from None
             never = [v for v in when[parent] if not _can_take(out[parent], v)]
             if never:
                 raise err(f"{where}.when.{parent}: {parent} can never be {', '.join(map(repr, never))} "
@@ -372,7 +376,7 @@ def _values_of(p: Param) -> str:
 
 def _exclusive(a: Param, b: Param) -> bool:
     """True when a and b can never be active in the same trial: disjoint values of a parent both depend on."""
-    return any(set(map(repr, a.when[k])).isdisjoint(map(repr, b.when[k])) for k in set(a.when) & set(b.when))
+    return any(not any(v in b.when[k] for v in a.when[k]) for k in set(a.when) & set(b.when))
 
 
 _TYPE_OF = {k: type(v).__name__ for k, v in TrainConfig().to_dict().items()}

@@ -85,6 +85,8 @@ def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | No
     auto: CUDA -> bf16 where supported, else fp16 + GradScaler; CPU -> bf16 where the CPU has it natively
     (benchmarks/RESULTS.md, "bf16 on a CPU"), else fp32. bf16 forces bf16 autocast; off is fp32 everywhere.
     The loss and the softmax are computed in fp32 in every mode."""
+    if amp == "bf16" and device.type not in ("cuda", "cpu"):
+        raise FerTuneError(f"amp=bf16 is supported on CUDA and CPU devices, not on {device.type}; use amp=auto")
     if amp == "off" or device.type not in ("cuda", "cpu"):
         return None, False
     if device.type == "cpu":
@@ -100,6 +102,16 @@ def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | No
 def precision_name(dtype: torch.dtype | None) -> str:
     """'bf16', 'fp16' or 'fp32': what a run records as its precision."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def resumed_precision(device: torch.device, amp: str, checkpoint: dict) -> tuple[torch.dtype | None, bool]:
+    """precision() for a run that continues `checkpoint`: with amp=auto, the precision the checkpoint trained
+    with (checkpoints that do not record it are from versions whose auto meant fp32 on a CPU), so that a resumed
+    run never changes its arithmetic half-way, whatever this machine's CPU has."""
+    recorded = checkpoint.get("precision") or ("fp32" if device.type == "cpu" else "")
+    if amp != "auto" or not recorded:
+        return precision(device, amp)
+    return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[recorded]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -235,7 +247,8 @@ def fit(
     device = device or select_device()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype, use_scaler = precision(device, cfg.amp)
+    dtype, use_scaler = precision(device, cfg.amp) if checkpoint is None else resumed_precision(device, cfg.amp,
+                                                                                                  checkpoint)
     prec = precision_name(dtype)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -354,6 +367,7 @@ def fit(
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "config": cfg.to_dict(),
+                "precision": prec,
                 "epoch": epoch,
                 "model": _cpu_state(model.state_dict()),
                 "optimizer": _cpu_state(optimizer.state_dict()),

@@ -242,10 +242,13 @@ def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
     (other / "final.json").write_text(json.dumps(rec))
     r = cli(env, "final", study, "--out", other, "--baseline", "paper")
     assert r.returncode == 2 and "--baseline paper (it was started without it)" in r.stderr
+    r = cli(env, "final", study, "--out", out, "--gpus-per-run", "0.5")  # a started stage keeps its resources
+    assert r.returncode == 2 and "runs with 1 CPU and 0 GPU per run; it keeps them" in r.stderr
+    assert m["baseline"]["difference_seeds"] == rec["seeds"]
 
 
 def test_final_refuses_a_run_too_big_for_the_local_ray(env, study, tmp_path):
-    r = cli(env, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
+    r = cli({**env, "CUDA_VISIBLE_DEVICES": ""}, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has 2 CPU and 0 GPU" in r.stderr
     assert "--gpus-per-run F" in r.stderr and not (tmp_path / "big").exists()

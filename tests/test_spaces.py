@@ -121,6 +121,13 @@ BAD = [
                 "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr", "when": {"optimizer": ["sgd"]}},
                 "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr",
                          "when": {"optimizer": ["sgd", "adam"]}}}}, "space.lr_b: sets lr like space.lr_a"),
+    ({"space": {"width": {"type": "categorical", "choices": [0.25, 1.0]},  # 1 and 1.0 are one value
+                "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr", "when": {"width": [1]}},
+                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr", "when": {"width": [1.0]}}}},
+     "space.lr_b: sets lr like space.lr_a"),
+    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": [[1]]}}}},
+     "space.momentum.when.optimizer: optimizer can never be"),
     ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "learning_rate"}}},
      "space.lr_a: key 'learning_rate' is not a searchable training key"),
     ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "epochs"}}},

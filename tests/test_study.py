@@ -255,6 +255,7 @@ def test_asha_rungs_are_rebuilt_from_earlier_results(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path, env):
     space = write_space(tmp_path)
+    env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # no GPU for Ray to find, on any machine
     for flags, asked in ((["--gpus-per-trial", "0.25"], "1 CPU and 0.25 GPU"), (["--cpus-per-trial", "3"], "3 CPU")):
         t0 = time.time()
         r = fer_tune(env, "sweep", space, "--results", tmp_path / "results", "--quiet", *flags)

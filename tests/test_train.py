@@ -254,6 +254,23 @@ def test_precision_follows_amp_and_the_cpu(monkeypatch):
     assert [train.precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
     with pytest.raises(FerTuneError, match=r"amp='fp16' is not one of auto, bf16, off"):
         TrainConfig(amp="fp16")
+    with pytest.raises(FerTuneError, match="amp=bf16 is supported on CUDA and CPU devices, not on mps"):
+        train.precision(torch.device("mps"), "bf16")
+
+
+def test_a_resumed_run_keeps_the_precision_it_trained_with(small, monkeypatch):
+    from fer_tune import train
+
+    cfg = TrainConfig(**TINY, epochs=2)  # amp=auto
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    first = fit(cfg, small, device=CPU, on_epoch=lambda m, s: m["epoch"] < 1)
+    assert first.precision == "fp32" and first.checkpoint["precision"] == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # the same run continued on a bf16 CPU
+    assert fit(cfg, small, device=CPU, checkpoint=first.checkpoint).precision == "fp32"
+    old = {k: v for k, v in first.checkpoint.items() if k != "precision"}  # written before precision was recorded
+    assert fit(cfg, small, device=CPU, checkpoint=old).precision == "fp32"  # auto meant fp32 on a CPU then
+    assert fit(cfg, small, device=CPU).precision == "bf16"  # a new run takes the CPU's bf16
+    assert fit(cfg.replace(amp="off"), small, device=CPU, checkpoint=first.checkpoint).precision == "fp32"
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
