@@ -51,7 +51,7 @@ def register(sub, parser_with, load_data) -> None:
         fer-tune final results/joint                      # {DEFAULTS['epochs']} epochs + {DEFAULTS['finetune_epochs']} fine-tune, 1 seed
         fer-tune final results/joint --seeds 3 --gpus-per-run 1 --address auto
         fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
-        fer-tune final results/fer2013_cpu --epochs 16 --seeds 2 --baseline paper   # the tuned vs the paper's recipe
+        fer-tune final results/fer2013_cpu --epochs 12 --finetune-epochs 3 --seeds 2 --baseline paper
         fer-tune final results/joint                      # again: continues an interrupted final stage
     """)
     p.add_argument("study", help="the study directory (results/NAME)")

@@ -472,8 +472,8 @@ def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, res
     try:
         from .preflight import check_study_storage, check_trials_fit
 
+        check_study_storage(loc, address, resources)  # a refusal comes before the note that we wait for nodes
         check_trials_fit(resources, address, fix, what)
-        check_study_storage(loc, address, resources)
     except BaseException:
         if started:
             import ray
