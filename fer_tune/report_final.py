@@ -286,7 +286,9 @@ def reference_rows(fin: dict) -> list[dict]:
     ft = m.get("finetune", {})
     epochs = m.get("config", {}).get("epochs", "")
     note = f"; {m.get('protocol_note')}" if m.get("protocol_note") else ""
-    return [{"result": f"this study, {MODEL_LABEL[n]} ("
+    cfg = m.get("config", {})
+    model = " ".join(x for x in (cfg.get("model", ""), f"width {cfg['width']}" if "width" in cfg else "") if x)
+    return [{"result": f"this study{f' ({model})' if model else ''}, {MODEL_LABEL[n]} ("
                        + (f"mean ± std over {len(agg[n]['top1']['values'])} seeds)" if len(agg[n]["top1"]["values"]) > 1
                           else "one seed)"),
              "top1_pct": pm(agg[n]["top1"]), "split": "test",

@@ -350,7 +350,7 @@ def test_final_stage_complete(study, tmp_path):
     text = write_report(sdir).read_text()
     assert "Data: /data/fer2013 (folders" in text and 'id="reference-synthetic"' not in text
     ref = Tables(text).tables["reference-table"]
-    own = next(r for r in ref if r[0].startswith("this study, fine-tuned"))
+    own = next(r for r in ref if r[0].startswith("this study (") and "fine-tuned" in r[0])
     top1 = m["aggregate"]["finetuned"]["top1"]
     assert own[1] == f"{top1['mean']:.2f} ± {top1['std']:.2f}"
 
