@@ -153,8 +153,13 @@ def assign_splits(origin: np.ndarray, labels: np.ndarray, protocol: str, *, seed
     return split, note
 
 
+def is_synthetic(spec: str) -> bool:
+    """True for a `--data` value that names the embedded synthetic faces (synthetic[:N[:SEED]])."""
+    return spec == "synthetic" or spec.startswith("synthetic:")
+
+
 def _identify(spec: str) -> tuple[str, list[str]]:
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if is_synthetic(spec):
         return "synthetic", [spec]
     path = Path(spec)
     if not path.exists():

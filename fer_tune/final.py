@@ -533,11 +533,11 @@ def write_history(out: Path, exp: str) -> list[dict]:
     return table
 
 
-def pm(agg: dict, digits: int = 2) -> str:
+def pm(agg: dict, digits: int = 2, sign: str = "+-") -> str:
     """'mean +- std' over the seeds; the mean alone with one seed (a spread needs two)."""
     if len(agg["values"]) < 2:
         return f"{agg['mean']:.{digits}f}"
-    return f"{agg['mean']:.{digits}f} +- {agg['std']:.{digits}f}"
+    return f"{agg['mean']:.{digits}f} {sign} {agg['std']:.{digits}f}"
 
 
 def _print_final(m: dict, out: Path) -> None:

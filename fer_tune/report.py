@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import html
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from .common import EMOTIONS, FerTuneError
@@ -189,13 +190,6 @@ def _params(row: dict) -> str:
     return ", ".join(f"{k[6:]}={fmt(v, 4)}" for k, v in row.items() if k.startswith("param_") and v != "")
 
 
-def _count(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
 def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
     spec, data = record["spec"], record["data"]
     es = spec["early_stopping"]
@@ -218,7 +212,7 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
         ("best", f"trial {best['number']}: {metric} {fmt(best['best_' + metric])} at epoch {best['best_epoch']}; "
                  f"{_params(best)}" if best else "no trial has reported yet"),
         ("device-hours", fmt(s["device_hours"], 4)), ("wall time", f"{duration(wall)} (all runs)"),
-        ("precision", ", ".join(f"{p} ({n} trial{'s' if n > 1 else ''})" for p, n in sorted(_count(
+        ("precision", ", ".join(f"{p} ({n} trial{'s' if n > 1 else ''})" for p, n in sorted(Counter(
             r.get("precision") or "not recorded" for r in s["rows"] if int(r["epochs"])).items())) or "-"),
         ("epochs trained", s["epochs_trained"]), ("created", record.get("created", "")),
         ("fixed settings", ", ".join(f"{k}={v}" for k, v in spec.get("fixed", {}).items()) or "-"),

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from .common import EMOTIONS
+from .final import pm as final_pm
 from .report import Page, esc, fmt, table
 
 MODELS = ("last", "best_val", "finetuned")
@@ -144,11 +145,9 @@ def final_section(page: Page, fin: dict) -> None:
     _saliency(parts, fin["dir"], [s["seed"] for s in ok])
 
 
-def pm(a: dict, digits: int = 2) -> str:
+def pm(a: dict) -> str:
     """'mean ± std' over seeds; the mean alone with one seed (a spread needs two)."""
-    if len(a["values"]) < 2:
-        return f"{a['mean']:.{digits}f}"
-    return f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+    return final_pm(a, sign="±")
 
 
 def _baseline_table(m: dict) -> str:

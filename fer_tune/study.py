@@ -624,7 +624,9 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
                            "--name or --storage")
     optuna_ref = _storage_ref(optuna_storage, sdir)
     source = data_arg or spec.data.get("path") or "synthetic"
-    if spec.data.get("required") and (source == "synthetic" or source.startswith("synthetic:")):
+    from .data import is_synthetic
+
+    if spec.data.get("required") and is_synthetic(source):
         raise FerTuneError(f"{space_path} is a study of real faces: pass --data PATH (FER2013's fer2013.csv or its "
                            "Kaggle image folders)" + (", not synthetic data" if data_arg else ""))
     protocol = spec.data.get("protocol", "paper")
