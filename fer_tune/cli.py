@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import lock
+
+    lock.COMMAND = shlex.join(["fer-tune", *(sys.argv[1:] if argv is None else argv)])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -182,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fer-tune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from .signals import exit_code
+
         print("fer-tune: interrupted", file=sys.stderr)
-        return 130
+        return exit_code()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ def cmd_status(args) -> int:
     print(f"study {s['name']} ({s['directory']}): {s['finished']}/{s['num_samples']} trials finished "
           f"({', '.join(f'{n} {k}' for k, n in sorted(s['states'].items())) or 'none yet'}); "
           f"{s['epochs_trained']} epochs trained, {s['device_hours']:.3f} device-hours")
+    from .lock import running_line
+
+    for what, info in s["running"].items():
+        print(running_line(what, info))
     params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
     widths = [max(len(p) - 6, 10) for p in params]
     print(f"{'#':>4} {'status':<10}{'epochs':>7}{'best ' + metric:>14}  "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # FER2013 challenge label order.
@@ -11,6 +12,16 @@ NUM_CLASSES = len(EMOTIONS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # the model zoo's names (fer_tune.models builds them); here so that validating a config needs no torch import
 MODEL_NAMES: tuple[str, ...] = ("vgg_variant", "vgg16", "resnet50", "efficientnet_b3")
+
+
+# study and final-stage names: they become directories, Ray storage prefixes (s3://BUCKET/PREFIX/NAME) and Optuna
+# study names, so nothing that a shell, a URL or a path would read as something else
+NAME_RULE = "use letters, digits, '.', '_' and '-' (at most 128), not starting with '.' or '-'"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def is_plain_name(name: object) -> bool:
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None
 
 
 class FerTuneError(Exception):

@@ -49,11 +49,10 @@ BUDGETS = {
 
 
 def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader) -> int:
-    import ray
 
     from .final import run_final
     from .report import write_report
-    from .study import STUDY_FILE, _init_ray, resume, sweep
+    from .study import STUDY_FILE, _init_ray, _stop, resume, sweep
 
     b = BUDGETS["quick" if quick else "full"]
     sdir = Path(out).resolve()
@@ -81,8 +80,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
         if rc != 0:
             return rc
     finally:
-        if started:
-            ray.shutdown()
+        _stop(started)
     print("\n[3/3] report", flush=True)
     report = write_report(sdir)
     print(f"\ndemo finished in {time.time() - t0:.0f} s.\n"

@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from .common import EMOTIONS, FerTuneError, write_json
+from .common import EMOTIONS, NAME_RULE, FerTuneError, is_plain_name, write_json
+from .lock import acquire
 
 FINAL_FILE = "final.json"
 MODELS = ("last", "best_val", "finetuned")
 TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
-WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
+WINNER = "winner"
+SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)  # the arm of the study's trial; a baseline's arm is its name
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 DEFAULTS = {"epochs": 300, "finetune_epochs": 50, "finetune_lr": 1e-4, "finetune_scheduler": "cosine",
             "finetune_on": "train+val", "seeds": 1, "eval_every": 25, "baseline": None}
@@ -74,6 +76,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
                  arms: dict | None = None, track_crops: str | None = None) -> None:
     from ray import tune
 
+    from .checkpoints import restore, write_meta
     from .config import TrainConfig
     from .models import load_tensor_file
     from .study import _memory_mb, _Splits
@@ -88,16 +91,17 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
     progress: dict[str, Any] = {"phase": "train", "seed": seed, "arm": arm}
     state = None
     weights: dict[str, Any] = {"best": None, "last": None}  # best-val and last-epoch weights of the train phase
+
+    def load(d: Path):
+        files = {k: load_tensor_file(d / f"{k}.pt", "checkpoint")["model"] for k in weights if (d / f"{k}.pt").exists()}
+        st = load_tensor_file(d / "state.pt", "checkpoint") if (d / "state.pt").exists() else None
+        return json.loads((d / "progress.json").read_text()), st, files
+
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            d = Path(d)
-            progress = json.loads((d / "progress.json").read_text())
-            if (d / "state.pt").exists():
-                state = load_tensor_file(d / "state.pt", "checkpoint")
-            for k in weights:
-                if (d / f"{k}.pt").exists():
-                    weights[k] = load_tensor_file(d / f"{k}.pt", "checkpoint")["model"]
+    restored = restore(ckpt, load, order=progress_order) if ckpt is not None else None
+    if restored is not None:
+        progress, state, files = restored
+        weights.update(files)
     if progress["phase"] == "done":
         return
     resumed_at = len(progress.get("train_history", [])) + len(progress.get("finetune_history", []))
@@ -119,6 +123,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
                     save_checkpoint({"model": sd}, d / f"{k}.pt")
             if outputs is not None:
                 shutil.copytree(outputs, d / "outputs")
+            write_meta(d, out)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
     def diverged(metrics: dict) -> bool:
@@ -137,7 +142,7 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
             progress["best"] = {"epoch": m["best_epoch"], "val_acc": m["best_val_acc"]}
             e = m["epoch"]
             snapshot = e % eval_every == 0 or e == cfg.epochs
-            report(m, st, keep=1e6 + e if snapshot else float(e))
+            report(m, st, keep=SNAPSHOT_KEEP + e if snapshot else float(e))
             return None
 
         res = fit(cfg, _Splits(data), device=device, checkpoint=state, on_epoch=on_train_epoch,
@@ -175,7 +180,13 @@ def _final_trial(config: dict, *, base: dict, finetune: dict, data: dict, eval_e
         progress["phase"] = "done"
         weights.update(best=None, last=None)  # the exports hold them now
         report({"epoch": ft_cfg.epochs, "val_acc": result["best_val_acc"], "test_acc": result["models"]["finetuned"]
-                ["top1"], "status": "done"}, None, keep=2e6, outputs=out_dir)
+                ["top1"], "status": "done"}, None, keep=2 * SNAPSHOT_KEEP, outputs=out_dir)
+
+
+def progress_order(meta: dict) -> float:
+    """How far a final-stage checkpoint got (its `keep` without the snapshot mark; the finished run last)."""
+    keep = float(meta.get("keep", -1))
+    return keep - SNAPSHOT_KEEP if SNAPSHOT_KEEP <= keep < 2 * SNAPSHOT_KEEP else keep
 
 
 def _evaluate_and_export(cfg, ft_cfg, weights: dict, data: dict, device, out_dir: Path, progress: dict, *,
@@ -307,11 +318,8 @@ def _settings(out: Path, given: dict) -> dict | None:
 def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gpus: float | None,
               cpus: float | None = None,
               address: str | None, quiet: bool, loader, num_cpus: int | None = None, force: bool = False) -> int:
-    """`fer-tune final`: start, continue or report a study's final stage. ``given``: the options the user passed
-    (None = not given) among DEFAULTS' keys."""
-    from .storage import join, study_storage
-    from .study import _reopen
-
+    """`fer-tune final`: start, continue or report a study's final stage (holding the lock of its directory).
+    ``given``: the options the user passed (None = not given) among DEFAULTS' keys."""
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / "final"
     for k, v in given.items():
@@ -323,8 +331,45 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
         raise FerTuneError(f"--gpus-per-run must be >= 0, got {gpus}")
     if cpus is not None and cpus <= 0:
         raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")
+    from .study import read_study
+
+    record = read_study(sdir)
+    _check_out(out_p, sdir, record)
+    created = not out_p.exists()
+    out_p.mkdir(parents=True, exist_ok=True)
+    with acquire(out_p, what="the final stage", force=force, created=created):
+        return _final(sdir, out_p, trial=trial, given=given, gpus=gpus, cpus=cpus, address=address, quiet=quiet,
+                      loader=loader, num_cpus=num_cpus, force=force)
+
+
+def _check_out(out: Path, sdir: Path, record: dict) -> None:
+    """A final stage's directory: not the study's own, nor inside one of its Ray experiments; its name is a plain
+    name (it names the final stage's Ray experiment beside the study's in a shared Ray storage)."""
+    runs = {r["dir"] for r in record["runs"]}
+    inside = out.is_relative_to(sdir) and out != sdir and out.relative_to(sdir).parts[0] in runs
+    if out == sdir or sdir.is_relative_to(out) or inside:
+        raise FerTuneError(f"--out {out}: a final stage needs a directory of its own, not the study directory or "
+                           f"one of its Ray experiments ({', '.join(sorted(runs))}); the default is {sdir / 'final'}")
+    if not is_plain_name(out.name):
+        raise FerTuneError(f"--out {out}: the directory's name {out.name!r} names the final stage's Ray "
+                           f"experiment: {NAME_RULE}")
+    if record.get("ray_storage") and out.name in runs:
+        raise FerTuneError(f"--out {out}: its name {out.name!r} is taken by the study's own Ray experiment in "
+                           f"{record['ray_storage']}; choose another directory name")
+
+
+def _final(sdir: Path, out_p: Path, *, trial: int | None, given: dict, gpus: float | None, cpus: float | None,
+           address: str | None, quiet: bool, loader, num_cpus: int | None, force: bool) -> int:
+    from .lock import describe, holder
+    from .storage import join, study_storage
+    from .study import _reopen
+
     record, spec, data = _reopen(sdir, force, loader)
     rec = _settings(out_p, {**given, "trial": trial})
+    running = holder(sdir) if rec is None and trial is None else None
+    if running:
+        raise FerTuneError(f"{sdir}: the study is being run by {describe(running)}, so its best trial is not "
+                           "settled yet: start the final stage when it has finished, or pick a trial with --trial N")
     new = False
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in DEFAULTS.items()}
@@ -381,7 +426,8 @@ _CONTINUE_FIX = ("the final stage was started with these resources per run: cont
 
 def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, num_cpus: int | None,
                new: bool = False) -> int:
-    from . import storage
+    from . import signals, storage
+    from .checkpoints import pruner
     from .study import _start, _stop
 
     started = _start(address, quiet, num_cpus, rec["ray_storage"], rec["resources"],
@@ -407,15 +453,14 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
         if storage.exists(storage.join(exp, "tuner.pkl")):
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            keep = rec["config"]["epochs"] // rec["eval_every"] + 3  # snapshots, the finished one, the latest
             tuner = tune.Tuner(
                 trainable, param_space={"seed": tune.grid_search(rec["seeds"]),
                                         **({"arm": tune.grid_search([WINNER, *arms])} if arms else {})},
                 tune_config=tune.TuneConfig(reuse_actors=False),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=rec["ray_storage"], verbose=0 if quiet else 1,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="keep",
-                                                            checkpoint_score_order="max"),
+                    # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
+                    callbacks=[pruner(latest=3, pinned=lambda m: m.get("keep", 0) >= SNAPSHOT_KEEP)],
                     failure_config=tune.FailureConfig(max_failures=2)))
         t0 = time.time()
         try:
@@ -429,7 +474,7 @@ def _run_final(out: Path, rec: dict, data, *, address: str | None, quiet: bool, 
         if done is None:
             print(f"\nfinal stage interrupted; continue it with:\n    fer-tune final {rec['study_dir']}"
                   + (f" --out {out}" if out != Path(rec["study_dir"]) / "final" else ""), flush=True)
-            return 130
+            return signals.exit_code()
         _print_final(done, out)
         return 0 if all(s["status"] == "complete" for s in done["seeds"]) else 1
     finally:

@@ -226,9 +226,8 @@ def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[st
 def run(*, address: str | None, storage: str | None, data: str | None, num_cpus: int | None = None,
         timeout: float = 180.0) -> dict:
     """Check every alive node; returns the report (see cli_cluster for how it prints)."""
-    import ray
 
-    from .study import _init_ray, _versions as driver_versions
+    from .study import _init_ray, _stop, _versions as driver_versions
 
     loc = st.normalize(storage or "results")
     if data and not data.startswith("synthetic"):
@@ -276,8 +275,7 @@ def run(*, address: str | None, storage: str | None, data: str | None, num_cpus:
                 "failed_checks": sorted(checks),
                 "warnings": warnings, "ok": not failures}
     finally:
-        if started:
-            ray.shutdown()
+        _stop(started)
 
 
 def _label(row: dict) -> str:

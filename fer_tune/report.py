@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import html
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 from .common import EMOTIONS, FerTuneError
+from .lock import running_line
 from .study import read_study, resolve_storage
 from .trials import status_summary, study_results
 
@@ -154,11 +156,17 @@ def build_report(sdir: Path) -> str:
     page = Page(f"fer-tune study {record['name']}")
     header = ""
     unfinished = [r for r in summary["rows"] if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")]
+    running = summary["running"]
+    if running:
+        header = "".join(f'<p class="banner" id="running-{what}">Running: {esc(running_line(what, info))} when this '
+                         f'report was written ({time.strftime("%Y-%m-%d %H:%M:%S")}); the figures show the results '
+                         "so far.</p>" for what, info in running.items())
     if summary["finished"] < summary["num_samples"] or unfinished:
-        header = (f'<p class="banner" id="partial">Partial study: {summary["finished"]} of {summary["num_samples"]} '
-                  f"trials finished ({len(unfinished)} started and unfinished). It is still running or was "
-                  f"interrupted (<code>fer-tune resume {esc(sdir)}</code> continues it); the figures show the "
-                  "results so far.</p>")
+        state = ("It is still running" if "study" in running else
+                 f"It was interrupted (<code>fer-tune resume {esc(sdir)}</code> continues it)")
+        header += (f'<p class="banner" id="partial">Partial study: {summary["finished"]} of {summary["num_samples"]} '
+                   f"trials finished ({len(unfinished)} started and unfinished). {state}; the figures show the "
+                   "results so far.</p>")
     _summary_section(page, sdir, record, summary)
     _optuna_section(page, record)
     _curves_section(page, spec, summary["rows"], results)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import FerTuneError
+from .common import NAME_RULE, FerTuneError, is_plain_name
 from .config import TrainConfig, coerce
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
@@ -210,8 +210,9 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
             raise err(f"{key}={value!r}: {what}")
         return value
 
-    spec = StudySpec(name=get("name", str, default_name, lambda v: v.strip() and "/" not in v, "must be a "
-                              "non-empty name without '/'"), source=source, text=text)
+    # the file name is only a default: a sweep with --name may use any file
+    name = get("name", str, default_name, lambda v: "name" not in raw or is_plain_name(v), NAME_RULE)
+    spec = StudySpec(name=name, source=source, text=text)
     spec.description = get("description", str, "")
     spec.mode = get("mode", str, "max", lambda v: v in ("max", "min"), "must be max or min")
     spec.metric = get("metric", str, "val_acc", lambda v: v in METRICS, f"must be one of {', '.join(METRICS)}")

@@ -95,6 +95,23 @@ def listdir(loc: str | Path) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
+def list_files(loc: str | Path) -> list[str]:
+    """Every file under a directory, as paths relative to it ('a/b.json'); empty if it does not exist."""
+    if not is_uri(loc):
+        root = Path(loc)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(str(loc))
+    try:
+        with _reading(str(loc)):
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
+
+
 def exists(loc: str | Path) -> bool:
     if not is_uri(loc):
         return Path(loc).exists()

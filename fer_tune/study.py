@@ -6,7 +6,8 @@ results/NAME/       (on the driver)
     optuna.db       the Optuna study (sqlite, unless --optuna-storage points elsewhere)
     tune/           Ray's experiment directory of the sweep (trial dirs, checkpoints, experiment state)
     extend-1/ ...   one Ray experiment per `fer-tune extend`
-    trials.csv      one row per trial, rewritten at the end of every run and by `status`
+    trials.csv      one row per trial, rewritten at the end of every run
+    .lock           who runs the study now (sweep, resume and extend hold it; see fer_tune.lock)
 
 With --storage URI|DIR (a cluster's shared storage) tune/ and extend-N/ live in URI/NAME/ instead; study.json
 records it as `ray_storage` and fer_tune.storage reads them from there.
@@ -21,10 +22,12 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .common import FerTuneError, write_json
+from .common import NAME_RULE, FerTuneError, is_plain_name, write_json
+from .lock import acquire
 from .spaces import StudySpec, load_space, parse_space
 from .storage import experiment_dir, study_storage
 from .trials import write_trials_csv
@@ -56,11 +59,10 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
     from .train import fit, load_checkpoint, save_checkpoint, select_device
 
     cfg = TrainConfig.from_dict({**base, **train_keys(config, renames or {})}, source="trial config")
-    state = None
+    from .checkpoints import restore, write_meta
+
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / "state.pt")
+    state = restore(checkpoint, lambda d: load_checkpoint(d / "state.pt")) if checkpoint is not None else None
     trial_start = time.time()
     fail_at = None
     if crash:  # test hook "MARKER_FILE:EPOCH": the first trial to get here crashes once at EPOCH
@@ -73,6 +75,7 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
         except FileExistsError:
             pass
     start_epoch = int(state["epoch"]) if state else 0
+    trial_id = tune.get_context().get_trial_id()
     node = ray.util.get_node_ip_address()
     node_id = ray.get_runtime_context().get_node_id()[:12]
     device = select_device()
@@ -83,7 +86,7 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
         out = {k: metrics[k] for k in first + [k for k in metrics if k not in first]
                if isinstance(metrics[k], (int, float, str, bool))}
         out.update(node=node, node_id=node_id, device=str(device), start_epoch=start_epoch,
-                   trial_start=trial_start, **_memory_mb())
+                   trial_start=trial_start, trial_id=trial_id, **_memory_mb())
         if st is None:  # diverged: no checkpoint, the study goes on
             out.setdefault("val_acc", 0.0)
             out["device_seconds"] = 0.0
@@ -92,6 +95,7 @@ def _trial(config: dict, *, base: dict, data: dict, weight: float, crash: str = 
         out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st["history"])
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(st, Path(d) / "state.pt")
+            write_meta(Path(d), out)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
         return None
 
@@ -251,6 +255,37 @@ def _searcher_class():
     return StudySearch
 
 
+def _stopper_class():
+    from ray.tune import Stopper
+
+    class FinishedInStudy(Stopper):
+        """Stops a trial that restarted (a resume, a retry) although the Optuna study already holds it as completed
+        or pruned: it finished after Tune's last saved state, so Tune runs it again from an older checkpoint.
+        Checked at the first result after each start, in the driver (which always reaches the Optuna storage);
+        errored trials are retried as before."""
+
+        def __init__(self, storage_ref: str, study_name: str):
+            self._ref, self._name = storage_ref, study_name
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            if result.get("iterations_since_restore") != 1:
+                return False
+            return trial_id in self._finished()
+
+        def _finished(self) -> set[str]:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.load_study(study_name=self._name, storage=resolve_storage(self._ref))
+            return {t.user_attrs.get("ray_trial_id") for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))}
+
+        def stop_all(self) -> bool:
+            return False
+
+    return FinishedInStudy
+
+
 def _tensorboard_callback():
     """Tune's TensorBoard logger (event files in every trial directory) without torch in the driver: tensorboardX
     imports torch if it can (`try: import torch`, for tensor inputs), which cost about 2 s of CPU before the
@@ -348,9 +383,9 @@ def _scheduler(spec: StudySpec):
 
         return ResumableASHA(history_dirs=[], metric=spec.metric, mode=spec.mode, max_t=spec.max_epochs,
                              grace_period=es["grace_period"], reduction_factor=es["reduction_factor"],
-                             time_attr="training_iteration")
+                             time_attr="epoch")
     if es["type"] == "median":
-        return MedianStoppingRule(metric=spec.metric, mode=spec.mode, time_attr="training_iteration",
+        return MedianStoppingRule(metric=spec.metric, mode=spec.mode, time_attr="epoch",
                                   grace_period=es["grace_period"], min_samples_required=3)
     return FIFOScheduler()
 
@@ -455,11 +490,50 @@ def _init_ray(address: str | None, quiet: bool, num_cpus: int | None = None) -> 
         if address:
             raise FerTuneError("--num-cpus applies to a local Ray only; a cluster's CPUs are set where it starts")
         kw["num_cpus"] = num_cpus
+    from . import signals
+
     try:
-        ray.init(address=address, **kw)
+        with _own_session_for_ray_daemons():
+            ray.init(address=address, **kw)
     except ConnectionError as exc:
         raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    signals.install()  # SIGTERM / SIGHUP as Ctrl-C, in place of Ray's handler
     return True
+
+
+@contextmanager
+def _own_session_for_ray_daemons():
+    """The local Ray's daemons (GCS, raylet and through it the trial workers) start in a session of their own, so
+    that a signal to the driver's whole process group (a closed terminal, a batch system's SIGTERM, `kill -TERM
+    -PGID`) reaches only the driver, which then stops the trials and saves the study before it stops them. They
+    still end with the driver (Ray ties them to it) and Ctrl-C reaches them as before (Ray masks it for them).
+    Ray starts them through `ray._private.services.ConsolePopen`; where a Ray release lacks it, nothing changes."""
+    from ray._private import services
+
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None:
+        yield
+        return
+
+    class SessionPopen(popen):
+        def __init__(self, *args, **kw):
+            kw.setdefault("start_new_session", True)
+            super().__init__(*args, **kw)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    from . import signals
+
+    ray.shutdown()
+    signals.restore()
 
 
 def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, resources: dict, fix: str,
@@ -476,28 +550,26 @@ def _start(address: str | None, quiet: bool, num_cpus: int | None, loc: str, res
         check_trials_fit(resources, address, fix, what)
     except BaseException:
         if started:
-            import ray
-
-            ray.shutdown()
+            _shutdown_ray()
         raise
     return started
 
 
 def _stop(started: bool) -> None:
     if started:
-        import ray
-
-        ray.shutdown()
+        _shutdown_ray()
 
 
 def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore: bool, address: str | None,
          quiet: bool, num_cpus: int | None = None) -> int:
     _tune_env(quiet)
     crash = os.environ.get("FER_TUNE_CRASH_ONCE", "")  # test hook, see _trial
-    import ray
     from ray import tune
 
     import optuna
+
+    from . import signals
+    from .checkpoints import pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = _init_ray(address, quiet, num_cpus)
@@ -532,9 +604,10 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
                                             max_concurrent_trials=max_conc or None, reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=run["dir"], storage_path=study_storage(sdir, record), verbose=0 if quiet else 1,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
-                                                            checkpoint_score_order=spec.mode),
-                    failure_config=tune.FailureConfig(max_failures=2), callbacks=[_tensorboard_callback()],
+                    # Tune deletes no checkpoint: fer_tune.checkpoints keeps each trial's latest 3 and its best
+                    failure_config=tune.FailureConfig(max_failures=2),
+                    stop=_stopper_class()(record["storage"], record["optuna_study"]),
+                    callbacks=[_tensorboard_callback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
                 ),
             )
         t0 = time.time()
@@ -548,12 +621,11 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data, run: dict, *, restore:
         table = write_trials_csv(sdir, record)
         if interrupted or (grid is not None and _interrupted(exp_dir)):
             print(f"\nstudy interrupted; continue it with:\n    fer-tune resume {sdir}", flush=True)
-            return 130
+            return signals.exit_code()
         _print_summary(sdir, spec, table)
         return 0
     finally:
-        if started:
-            ray.shutdown()
+        _stop(started)
 
 
 def _has_state(exp_dir: str) -> bool:
@@ -608,13 +680,36 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
         spec = _spec_with(spec.text, raw_overrides, f"{space_path} (with command-line overrides)", spec.name)
     if max_concurrent is not None and max_concurrent < 1:
         raise FerTuneError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-    name = name or spec.name
-    if not name or "/" in name:
-        raise FerTuneError(f"--name {name!r}: use a plain name (it becomes results/NAME)")
-    sdir = (Path(results) / name).resolve()
-    if (sdir / STUDY_FILE).exists():
-        raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add trials "
-                           f"with `fer-tune extend {sdir} --num-samples N`, or choose another --name")
+    sdir = study_dir(results, name, spec.name, space_path)
+    name = sdir.name
+    created = not sdir.exists()
+    sdir.mkdir(parents=True, exist_ok=True)
+    with acquire(sdir, what="the study", created=created):
+        if (sdir / STUDY_FILE).exists():
+            raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add "
+                               f"trials with `fer-tune extend {sdir} --num-samples N`, or choose another --name")
+        return _sweep(spec, space_path, sdir, name, data_arg, raw_overrides, storage, address, max_concurrent,
+                      quiet, loader, num_cpus, optuna_storage)
+
+
+def study_dir(results: str, name: str | None, default: str, space_path: str) -> Path:
+    """RESULTS/NAME for a new study, refused unless NAME is a plain name and the directory is inside RESULTS."""
+    given = "--name" if name else f"the study name of {space_path}"
+    name = name or default
+    if not is_plain_name(name):
+        raise FerTuneError(f"{given} {name!r}: {NAME_RULE} (it becomes RESULTS/NAME, Ray's storage prefix and the "
+                           "Optuna study's name)" + ("" if given == "--name" else "; pass --name NAME"))
+    root = Path(results).expanduser().resolve()
+    sdir = (root / name).resolve()
+    if sdir.parent != root:
+        raise FerTuneError(f"{root / name} leads to {sdir}, outside the results root {root} (a symbolic link?); "
+                           "choose another --name or --results")
+    return sdir
+
+
+def _sweep(spec: StudySpec, space_path: str, sdir: Path, name: str, data_arg: str | None, raw_overrides: dict,
+           storage: str | None, address: str | None, max_concurrent: int | None, quiet: bool, loader,
+           num_cpus: int | None, optuna_storage: str | None) -> int:
     from . import storage as st
 
     ray_storage = st.join(st.normalize(storage), name) if storage else None
@@ -695,6 +790,12 @@ _RESUME_FIX = ("the study was launched with these resources per trial: run it on
 def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
            num_cpus: int | None = None) -> int:
     sdir_p = Path(sdir).resolve()
+    read_study(sdir_p)  # a study directory, before a lock is made in it
+    with acquire(sdir_p, what="the study", force=force):
+        return _resume(sdir_p, force=force, address=address, quiet=quiet, loader=loader, num_cpus=num_cpus)
+
+
+def _resume(sdir_p: Path, *, force: bool, address: str | None, quiet: bool, loader, num_cpus: int | None) -> int:
     record, spec, data = _reopen(sdir_p, force, loader)
     run = record["runs"][-1]
     exp = experiment_dir(sdir_p, record, run)
@@ -718,9 +819,17 @@ def resume(sdir: str, *, force: bool, address: str | None, quiet: bool, loader,
 def extend(sdir: str, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader,
            num_cpus: int | None = None) -> int:
     sdir_p = Path(sdir).resolve()
-    record, spec, data = _reopen(sdir_p, force, loader)
     if num_samples < 1:
         raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
+    read_study(sdir_p)
+    with acquire(sdir_p, what="the study", force=force):
+        return _extend(sdir_p, num_samples=num_samples, force=force, address=address, quiet=quiet, loader=loader,
+                       num_cpus=num_cpus)
+
+
+def _extend(sdir_p: Path, *, num_samples: int, force: bool, address: str | None, quiet: bool, loader,
+            num_cpus: int | None) -> int:
+    record, spec, data = _reopen(sdir_p, force, loader)
     last = record["runs"][-1]
     last_exp = experiment_dir(sdir_p, record, last)
     if _has_state(last_exp) and _interrupted(last_exp):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from .storage import experiment_dir, join, listdir, read_text
+from .storage import experiment_dir, join, list_files, listdir, read_text
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
                "epoch_seconds", "device_seconds", "node", "node_id", "device", "precision", "status", "lr", "trial_id", "time_total_s",
@@ -31,25 +31,52 @@ def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]],
     restarted: dict[str, int] = {}
     for d in exp_dirs:
         for trial_dir in listdir(d):
-            text = read_text(join(str(d), trial_dir, "result.json"))
-            if text is None:
-                continue
+            text = read_text(join(str(d), trial_dir, "result.json")) or ""  # none yet: only checkpoints
             last = None
+            rows: dict[int, dict] = {}
+            tid = None
             for line in text.splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill
                     continue
-                tid = row.get("trial_id")
+                tid = row.get("trial_id") or tid
                 if not tid or "epoch" not in row:
                     continue
-                results.setdefault(tid, {})[int(row["epoch"])] = {
-                    k: v for k, v in row.items() if k in RESULT_KEYS or k.startswith("val_recall_")}
+                rows[int(row["epoch"])] = _kept(row)
                 key = (int(row.get("start_epoch", 0)), int(row["epoch"]))
                 if last is not None and (key[0] != last[0] or key[1] <= last[1]):
                     restarted[tid] = restarted.get(tid, 0) + 1
                 last = key
+            tid = _add_checkpointed(join(str(d), trial_dir), tid, rows)
+            if tid and rows:
+                results.setdefault(tid, {}).update(rows)
     return {tid: [rows[e] for e in sorted(rows)] for tid, rows in results.items()}, restarted
+
+
+def _kept(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k in RESULT_KEYS or k.startswith("val_recall_")}
+
+
+def _add_checkpointed(trial_dir: str, tid: str | None, rows: dict[int, dict]) -> str | None:
+    """Epochs whose result.json line a killed driver never wrote (Tune's driver writes it and copies it to the
+    storage every few seconds), from the copy each checkpoint holds (fer_tune.checkpoints); one listing of the
+    trial's directory, and a read only for an epoch that is missing."""
+    from .checkpoints import META_RE
+
+    for path in list_files(trial_dir):
+        parts = path.split("/")
+        m = META_RE.fullmatch(parts[-1])
+        if len(parts) != 2 or not m or int(m.group(1)) in rows:
+            continue
+        try:
+            row = json.loads(read_text(join(trial_dir, *parts)) or "")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch" in row and row.get("trial_id", tid):
+            tid = tid or row["trial_id"]
+            rows[int(row["epoch"])] = {**_kept(row), "trial_id": tid}
+    return tid
 
 
 def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
@@ -112,6 +139,10 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -
     for t in study.get_trials(deepcopy=False):
         tid = t.user_attrs.get("ray_trial_id", "")
         res = results.get(tid, [])
+        if t.state.name in ("COMPLETE", "PRUNED") and t.intermediate_values:
+            # the study's decision stands: epochs a restarted trial ran after it (before it was stopped) are not its
+            last = max(t.intermediate_values)
+            res = [r for r in res if r["epoch"] <= last]
         vals = [r[metric] for r in res if metric in r and r.get("status") != "diverged"]
         pick = max if spec["mode"] == "max" else min
         best = pick(vals) if vals else None
@@ -167,7 +198,12 @@ def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None)
     if scored:
         best = (max if spec["mode"] == "max" else min)(scored, key=lambda r: r[key])
     finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
+    from .lock import holder
+
+    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final")))
+               if info}
     return {"name": record["name"], "directory": str(sdir), "metric": spec["metric"], "mode": spec["mode"],
+            "running": running,
             "num_samples": total, "trials": len(rows), "finished": finished, "states": states,
             "epochs_trained": sum(int(r["epochs"]) for r in rows),
             "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),

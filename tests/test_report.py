@@ -42,7 +42,8 @@ SPACE = {
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A real study named EVIL, swept by the CLI (which writes the report when it finishes)."""
+    """A real study, swept by the CLI (which writes the report when it finishes); then its recorded name is made
+    EVIL (a hand-edited study.json: study names from the CLI are plain) and the report written again."""
     tmp = tmp_path_factory.mktemp("report")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     space = tmp / "r.yaml"
@@ -51,12 +52,16 @@ def study(tmp_path_factory):
            "PYTHONUNBUFFERED": "1"}
     try:
         r = subprocess.run([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results",
-                            str(tmp / "results"), "--name", EVIL, "--quiet", "--num-cpus=2"], env=env,
+                            str(tmp / "results"), "--quiet", "--num-cpus=2"], env=env,
                            capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    sdir = tmp / "results" / EVIL
+    sdir = tmp / "results" / "r"
+    assert "<script>alert" not in (sdir / "report.html").read_text()
+    record = json.loads((sdir / "study.json").read_text())
+    (sdir / "study.json").write_text(json.dumps({**record, "name": EVIL}))
+    write_report(sdir)
     return {"dir": sdir, "stdout": r.stdout, "tmp": tmp}
 
 

@@ -283,3 +283,128 @@ def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, capsys):
     assert "waiting for the cluster to add one" in err
     with pytest.raises(FerTuneError, match=r"each run asks for 4 CPU and 1 GPU, but the local Ray .* fix$"):
         preflight.check_trials_fit({"cpu": 4, "gpu": 1}, None, "fix", what="run")
+
+
+def wait_for_epochs(sdir, proc, n, timeout=180):
+    """Until some trial has reported n epochs (the sweep must still run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(len(f.read_text().splitlines()) >= n for f in sdir.glob("*/*/result.json")):
+            return
+        assert proc.poll() is None, "the command ended before it could be stopped"
+        time.sleep(0.3)
+    pytest.fail(f"no trial reached {n} epochs within {timeout} s")
+
+
+def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_runs_a_study(tmp_path, env):
+    space = write_space(tmp_path, num_samples=4, max_epochs=4, data={"path": "synthetic:3000"},
+                        fixed={**SPACE["fixed"], "width": 0.125}, early_stopping={"type": "none"})
+    results = tmp_path / "results"
+    sdir = results / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results),
+                             "--num-cpus", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_epochs(sdir, proc, 1)
+        # a second driver of the same study is refused at once, naming the one that runs it
+        t0 = time.time()
+        r = fer_tune(env, "resume", sdir, "--quiet")
+        assert r.returncode == 2 and time.time() - t0 < 30, r.stdout + r.stderr
+        err = r.stderr.strip()
+        assert err.count("\n") == 0 and f"the study is being run by `fer-tune sweep {space}" in err, err
+        assert f"(PID {proc.pid} on " in err and "since " in err
+        r = fer_tune(env, "extend", sdir, "--num-samples", 1)
+        assert r.returncode == 2 and "is being run by" in r.stderr
+        r = fer_tune(env, "final", sdir, "--epochs", 1, "--finetune-epochs", 1)
+        assert r.returncode == 2 and "its best trial is not settled yet" in r.stderr, r.stderr
+        assert not (sdir / "final").exists()
+        # readers never need the lock, and say who runs the study
+        r = fer_tune(env, "status", sdir)
+        assert r.returncode == 0 and "the study is being run now by `fer-tune sweep" in r.stdout, r.stdout
+        r = fer_tune(env, "report", sdir)
+        assert r.returncode == 0 and 'id="running-study"' in (sdir / "report.html").read_text()
+        assert proc.poll() is None
+        # SIGTERM to the whole process group (a batch system, `kill -TERM -PGID`)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and took < 60, (proc.returncode, took, out, err)
+    assert f"study interrupted; continue it with:\n    fer-tune resume {sdir}" in out
+    assert "SIGTERM received: stopping the trials" in err
+    assert "*** SIGTERM received" not in err + out and "PC: @" not in err + out and "Traceback" not in err
+    rows = read_csv(sdir)
+    assert len(rows) >= 1 and (sdir / "report.html").exists()
+    assert json.loads((sdir / "study.json").read_text())["runs"][0]["wall_seconds"] > 0
+    assert (sdir / ".lock").read_text() == ""  # released
+    # Tune saved its state: the study resumes and finishes, every trial with all its epochs
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "took over the lock" not in r.stderr
+    trials = study_trials(sdir)
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    assert all(row["epochs"] == "4" for row in read_csv(sdir))
+
+
+def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
+    """SIGKILL of the driver's process group at random moments, three times (once during a resume): the last resume
+    ends with exactly num_samples finished trials, no duplicate parameters, no RUNNING leftovers, and every finished
+    trial's per-epoch history complete."""
+    import random
+
+    rng = random.Random(int(os.environ.get("FER_TUNE_CHAOS_SEED", "0")))
+    n, epochs = 5, 5
+    space = write_space(tmp_path, num_samples=n, max_epochs=epochs, data={"path": "synthetic:2000"},
+                        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    results = tmp_path / "results"
+    sdir = results / "t"
+    sweep = [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--quiet",
+             "--num-cpus", "2"]
+    resume = [sys.executable, "-m", "fer_tune.cli", "resume", str(sdir), "--quiet", "--num-cpus", "2"]
+    kills = []
+    for cmd in (sweep, resume, resume):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            done = sum(len(f.read_text().splitlines()) for f in sdir.glob("tune/*/result.json"))
+            deadline = time.time() + 180
+            while time.time() < deadline and proc.poll() is None:  # until this command has trained an epoch
+                now = sum(len(f.read_text().splitlines()) for f in sdir.glob("tune/*/result.json"))
+                if now > done:
+                    break
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0, 4))
+            ended = proc.poll() is not None
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = proc.communicate()[0]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        kills.append("ended first" if ended else "killed")
+        assert "Traceback" not in out, out
+        time.sleep(1)  # Ray's daemons end with their driver
+    assert kills.count("killed") >= 2, kills  # the kills landed while the study ran
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Error handling checkpoint" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    trials = study_trials(sdir)
+    assert len(trials) == n and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), \
+        [t.state.name for t in trials]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == n
+    from fer_tune.trials import read_results
+
+    results_by_trial = read_results([sdir / "tune"])
+    rows = {int(row["number"]): row for row in read_csv(sdir)}
+    for t in trials:
+        got = [int(x["epoch"]) for x in results_by_trial[t.user_attrs["ray_trial_id"]]]
+        steps = sorted(int(k) for k in t.intermediate_values)
+        want = epochs if t.state.name == "COMPLETE" else max(steps)
+        assert steps == list(range(1, want + 1)), (t.number, steps)
+        # every epoch up to the study's decision (a trial that restarted may have run one more before it was stopped)
+        assert got[:want] == list(range(1, want + 1)) and len(got) <= want + 1, (t.number, got)
+        assert int(rows[t.number]["epochs"]) == want, (t.number, rows[t.number])
