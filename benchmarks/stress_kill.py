@@ -3,6 +3,7 @@
     python benchmarks/stress_kill.py --storage s3 --runs 20          # Ray storage on a local S3 server (moto)
     python benchmarks/stress_kill.py --storage local --runs 20       # Ray storage = the study directory
     python benchmarks/stress_kill.py --storage s3 --runs 10 --kills 2  # a second kill lands during the resume
+    git worktree add /tmp/base COMMIT && python benchmarks/stress_kill.py --storage s3 --runs 20 --code /tmp/base
 
 Each run is a fresh study of 4 trials x 5 epochs (ASHA, so some trials are stopped early) on synthetic faces:
 `fer-tune sweep` is killed with SIGKILL at a moment drawn uniformly from 0-12 s after its first epoch result (a
@@ -78,7 +79,8 @@ def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float) -> 
     """Run cmd; SIGKILL its process group `delay` s after the first epoch result exists. Returns what happened
     ("killed" or "finished rc=N") and the seconds from the first result to the kill."""
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=env["PYTHONPATH"])
         t_first = None
         while proc.poll() is None:
             if t_first is None and first_result(exp):
@@ -144,9 +146,14 @@ def main() -> int:
     ap.add_argument("--kills", type=int, choices=(1, 2), default=1, help="2: also kill the first resume")
     ap.add_argument("--max-delay", type=float, default=12.0, help="kill at U(0, this) s after the first result")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--code", default=str(ROOT), metavar="DIR",
+                    help="the fer-tune checkout whose commands run (default this one; e.g. a git worktree of an "
+                         "older commit, for the baseline); the checks are this checkout's")
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "fer-tune-bench" / "stress_kill"))
     a = ap.parse_args()
-    out = Path(a.out) / f"{a.storage}-k{a.kills}-s{a.seed}"
+    code = Path(a.code).resolve()
+    label = "" if code == ROOT else f"-{code.name}"
+    out = Path(a.out) / f"{a.storage}-k{a.kills}-s{a.seed}{label}"
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
     server, s3env = s3_server() if a.storage == "s3" else (None, {})
@@ -160,9 +167,9 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(d)], check=True)
             d.mkdir()
             ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-            env = {**os.environ, **s3env, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+            env = {**os.environ, **s3env, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(code),
                    "FER_TUNE_CACHE": str(out / "cache"), "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
-            prefix = f"s3://stress/{a.storage}-k{a.kills}-s{a.seed}/run-{i}"
+            prefix = f"s3://stress/{out.name}/run-{i}"
             storage = ["--storage", prefix] if a.storage == "s3" else []
             sdir = d / "results" / "k"
             exp = f"{prefix}/k/tune" if a.storage == "s3" else str(sdir / "tune")
@@ -178,7 +185,7 @@ def main() -> int:
                                       d / f"resume-{k}.log", exp, rng.uniform(0, a.max_delay))
                 steps.append(f"resume {what}" + (f" at +{at:.1f}s" if what == "killed" else ""))
                 logs.append(d / f"resume-{k}.log")
-            r = subprocess.run([*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"], env=env,
+            r = subprocess.run([*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"], env=env, cwd=code,
                                capture_output=True, text=True, timeout=900)
             (d / "resume-last.log").write_text(r.stdout + r.stderr)
             logs.append(d / "resume-last.log")
@@ -198,11 +205,12 @@ def main() -> int:
     totals = {k: sum(r.get(k, 0) for r in runs) for k in ("lost", "duplicates", "incomplete", "failed",
                                                               "checkpoint_errors", "segfaults")}
     killed = sum(any("killed" in s for s in r["steps"]) for r in runs)
-    summary = {"storage": a.storage, "kills": a.kills, "seed": a.seed, "runs": len(runs), "killed_runs": killed,
+    summary = {"storage": a.storage, "kills": a.kills, "seed": a.seed, "code": str(code), "runs": len(runs),
+               "killed_runs": killed,
                "runs_with_problems": sum(bool(r["problems"]) for r in runs), **totals,
                "wall_seconds": round(time.time() - t_all, 1), "per_run": runs}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{a.storage} storage, {a.kills} kill(s) per run: {len(runs)} runs ({killed} killed before they "
+    print(f"\n{code}: {a.storage} storage, {a.kills} kill(s) per run: {len(runs)} runs ({killed} killed before they "
           f"finished), {summary['runs_with_problems']} with problems; lost {totals['lost']}, duplicates "
           f"{totals['duplicates']}, incomplete {totals['incomplete']}, failed {totals['failed']}, 'Error handling "
           f"checkpoint' {totals['checkpoint_errors']}, segfaults {totals['segfaults']}; {summary['wall_seconds']:.0f} s"

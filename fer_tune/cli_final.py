@@ -75,7 +75,8 @@ def register(sub, parser_with, load_data) -> None:
                         "SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2, weight decay "
                         "1e-4, batch 64 on the study's model, width, crops and data")
     p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
-    p.add_argument("--force", action="store_true", help="run although the study's data or space changed")
+    p.add_argument("--force", action="store_true", help="run although the study's data or space changed, or although "
+                   "its directory's lock was recorded by a command on another machine (check it has ended)")
     _common(p)
     _data_options(p)
     p.set_defaults(func=lambda a: cmd_final(a, load_data))

@@ -148,7 +148,8 @@ def register(sub, parser_with, load_data) -> None:
         fer-tune resume results/joint/final       # an interrupted final stage
     """)
     p.add_argument("study", help="the study directory (results/NAME), or a final stage's (results/NAME/final)")
-    p.add_argument("--force", action="store_true", help="resume although the recorded fingerprint changed")
+    p.add_argument("--force", action="store_true", help="resume although the recorded fingerprint changed, or "
+                   "although the study's lock was recorded by a command on another machine (check it has ended)")
     _common(p)
     _data_options(p)
     p.set_defaults(func=lambda a: cmd_resume(a, load_data))
@@ -158,7 +159,8 @@ def register(sub, parser_with, load_data) -> None:
     """)
     p.add_argument("study")
     p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="extend although the recorded fingerprint changed, or "
+                   "although the study's lock was recorded by a command on another machine (check it has ended)")
     _common(p)
     _data_options(p)
     p.set_defaults(func=lambda a: cmd_extend(a, load_data))

@@ -553,21 +553,34 @@ def write_history(out: Path, exp: str) -> list[dict]:
     """history.csv from the seeds' Ray results in `exp` (a re-run epoch's later report wins); works on partial
     runs."""
     from . import storage
+    from .checkpoints import META_RE
 
     rows: dict[tuple, dict] = {}
+
+    def add(r: dict, replace: bool) -> None:
+        if r.get("phase") not in ("train", "finetune") or "epoch" not in r or "train_loss" not in r:
+            return
+        arm = r.get("arm", WINNER)
+        key = (arm != WINNER, arm, r["seed"], r["phase"] != "train", r["epoch"])
+        if replace or key not in rows:
+            rows[key] = {"seed": r["seed"], "phase": r["phase"], "epoch": r["epoch"],
+                         **{k: r.get(k, "") for k in HISTORY_KEYS}, "arm": arm}
+
     for trial_dir in storage.listdir(exp):
         text = storage.read_text(storage.join(exp, trial_dir, "result.json")) or ""
         for line in text.splitlines():
             try:
-                r = json.loads(line)
+                add(json.loads(line), replace=True)
             except json.JSONDecodeError:
                 continue
-            if r.get("phase") not in ("train", "finetune") or "epoch" not in r or "train_loss" not in r:
-                continue
-            arm = r.get("arm", WINNER)
-            rows[(arm != WINNER, arm, r["seed"], r["phase"] != "train", r["epoch"])] = {
-                "seed": r["seed"], "phase": r["phase"], "epoch": r["epoch"],
-                **{k: r.get(k, "") for k in HISTORY_KEYS}, "arm": arm}
+        # epochs a killed driver did not write to result.json: the copy in each kept checkpoint
+        for path in storage.list_files(storage.join(exp, trial_dir)):
+            parts = path.split("/")
+            if len(parts) == 2 and META_RE.fullmatch(parts[1]):
+                try:
+                    add(json.loads(storage.read_text(storage.join(exp, trial_dir, *parts)) or ""), replace=False)
+                except json.JSONDecodeError:
+                    continue
     table = [rows[k] for k in sorted(rows)]
     tmp = out / ".history.csv.tmp"
     with tmp.open("w", newline="") as fh:

@@ -137,11 +137,11 @@ def release_all() -> None:
         lock.release()
 
 
-def acquire(directory: str | Path, *, what: str, force: bool = False, created: bool = False) -> Lock:
+def acquire(directory: str | Path, *, what: str, force: bool | None = False, created: bool = False) -> Lock:
     """Take the lock of `directory` (which must exist) for a command that runs `what` ('the study', 'the final
     stage'); refused with one FerTuneError when a live command holds it, or when a command on another machine
-    does and `force` is not given. `created`: the caller made the directory; releasing the lock removes it again
-    when nothing else was written there."""
+    does and `force` is not given (None: the command has no --force). `created`: the caller made the directory;
+    releasing the lock removes it again when nothing else was written there."""
     d = Path(directory)
     path = d / LOCK_FILE
     try:
@@ -174,8 +174,9 @@ def acquire(directory: str | Path, *, what: str, force: bool = False, created: b
             note = f"note: {d}: took over the lock left by {describe(old)}, which is no longer running"
         elif not force:
             os.close(fd)
+            fix = "pass --force" if force is not None else f"delete {path}"
             raise FerTuneError(f"{d}: {what} is locked by {describe(old)}, on another machine, which cannot be "
-                               "checked from here; if that command is no longer running, pass --force")
+                               f"checked from here; if that command is no longer running, {fix}")
         else:
             note = f"note: {d}: --force: took over the lock held by {describe(old)}"
     info = {"host": me, "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),

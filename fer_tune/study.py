@@ -266,19 +266,22 @@ def _stopper_class():
 
         def __init__(self, storage_ref: str, study_name: str):
             self._ref, self._name = storage_ref, study_name
+            self._done: set[str] | None = None
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             if result.get("iterations_since_restore") != 1:
                 return False
-            return trial_id in self._finished()
+            if self._done is None:  # read once: only trials that finished before this driver started can rerun
+                import optuna
 
-        def _finished(self) -> set[str]:
-            import optuna
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                study = optuna.load_study(study_name=self._name, storage=resolve_storage(self._ref))
+                self._done = {t.user_attrs.get("ray_trial_id") for t in study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))}
+            return trial_id in self._done
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.load_study(study_name=self._name, storage=resolve_storage(self._ref))
-            return {t.user_attrs.get("ray_trial_id") for t in study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))}
+        def __getstate__(self):  # pickled into Tune's state: the set is read again by the next driver
+            return {**self.__dict__, "_done": None}
 
         def stop_all(self) -> bool:
             return False
@@ -456,9 +459,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _tune_env(quiet: bool) -> None:
     """Tune settings read from the environment; set before ray.tune is imported."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
-    # a snapshot per reported checkpoint is what we want (a crash redoes little); do not warn about it
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
+    # Tune keeps every checkpoint's entry (fer_tune.checkpoints deletes the files): without their metrics, so
+    # that the experiment state it saves every few seconds stays small
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
 
 
 # Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
@@ -684,7 +688,7 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
     name = sdir.name
     created = not sdir.exists()
     sdir.mkdir(parents=True, exist_ok=True)
-    with acquire(sdir, what="the study", created=created):
+    with acquire(sdir, what="the study", force=None, created=created):
         if (sdir / STUDY_FILE).exists():
             raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add "
                                f"trials with `fer-tune extend {sdir} --num-samples N`, or choose another --name")

@@ -133,21 +133,29 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
     assert r.returncode == 2 and "--epochs 5 (recorded: 3)" in r.stderr and "--out" in r.stderr
 
 
-def test_final_resume_after_kill(env, study, tmp_path):
-    out = tmp_path / "final"
+def start_final(env, study, out, stderr=subprocess.STDOUT):
+    """`fer-tune final` of 12 + 2 epochs in its own session (a process group to signal or kill)."""
     args = [sys.executable, "-m", "fer_tune.cli", "final", str(study), "--out", str(out), "--epochs", "12",
             "--finetune-epochs", "2", "--eval-every", "4", "--quiet", "--num-cpus=2"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+
+
+def wait_for_results(out, proc, lines):
     deadline = time.time() + 180
+    while time.time() < deadline:
+        res = list(out.glob("tune/*/result.json"))
+        if res and len(res[0].read_text().splitlines()) >= lines:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    pytest.fail("the final stage reported nothing")
+
+
+def test_final_resume_after_kill(env, study, tmp_path):
+    out = tmp_path / "final"
+    proc = start_final(env, study, out)
     try:
-        while time.time() < deadline:
-            res = list(out.glob("tune/*/result.json"))
-            if res and len(res[0].read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the final stage reported nothing")
+        wait_for_results(out, proc, 3)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, as a crash would
         proc.wait()
@@ -165,9 +173,41 @@ def test_final_resume_after_kill(env, study, tmp_path):
         assert len(list(csv.DictReader(fh))) == 12 + 2
 
 
+def test_final_stops_on_sighup_like_ctrl_c_and_one_driver_runs_it(env, study, tmp_path):
+    out = tmp_path / "final"
+    proc = start_final(env, study, out, stderr=subprocess.PIPE)
+    try:
+        wait_for_results(out, proc, 1)
+        r = cli(env, "final", study, "--out", out, "--quiet")  # a second driver of the same final stage
+        assert r.returncode == 2 and "the final stage is being run by `fer-tune final" in r.stderr, r.stderr
+        assert f"(PID {proc.pid} on " in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        r = cli(env, "status", study)
+        assert r.returncode == 0 and "its final stage is being run now" not in r.stdout  # not STUDY/final
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGHUP)  # a closed terminal
+        stdout, stderr = proc.communicate(timeout=90)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 129 and took < 60, (proc.returncode, took, stdout, stderr)
+    assert f"final stage interrupted; continue it with:\n    fer-tune final {study} --out {out}" in stdout
+    assert "SIGHUP received" in stderr and "Traceback" not in stderr and "PC: @" not in stderr
+    assert (out / "history.csv").exists() and (out / ".lock").read_text() == ""
+    r = cli(env, "final", study, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["seeds"][0]["status"] == "complete"
+
+
 def test_final_bad_inputs(env, study, tmp_path):
     r = cli(env, "final", tmp_path / "nope")
     assert r.returncode == 2 and "not a fer-tune study directory" in r.stderr and "Traceback" not in r.stderr
+    for out, says in ((study / "tune", "needs a directory of its own"), (study, "needs a directory of its own"),
+                      (study.parent, "needs a directory of its own"), (tmp_path / "two words", "'two words'")):
+        r = cli(env, "final", study, "--out", out)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "two words").exists() and not (study / "tune" / "final.json").exists()
     r = cli(env, "final", study, "--trial", "99", "--out", tmp_path / "f")
     assert r.returncode == 2 and "no trial 99" in r.stderr
     r = cli(env, "final", study, "--epochs", "0", "--out", tmp_path / "f")
