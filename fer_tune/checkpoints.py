@@ -3,16 +3,18 @@
 Tune's own `CheckpointConfig(num_to_keep=K)` deletes a trial's older checkpoints as new ones arrive, but the
 experiment state it saves (every few seconds, asynchronously on S3) may still name one of them. With a score
 order it deletes the trial's latest checkpoint as soon as a better one comes, before any saved state knows the
-new one. A driver killed in that window leaves a state whose trials restore from checkpoints that are gone; on
-resume Tune then fails those trials, and logs "Error handling checkpoint ... FileNotFoundError" when it tries to
-delete them a second time. So fer-tune runs Tune with num_to_keep=None (Tune deletes nothing) and:
+new one. A driver killed in that window leaves a state whose trials restore from checkpoints that are gone: on
+resume Tune fails them ("Could not recover from checkpoint as it does not exist on storage anymore", three times,
+then the trial is lost), and logs "Error handling checkpoint ... FileNotFoundError" when it deletes one a second
+time. So fer-tune runs Tune with num_to_keep=None (Tune deletes nothing) and:
 
-- `pruner()`, a Tune callback in the driver, deletes a trial's checkpoints once they are older than its newest
+- `pruner()`, a Tune callback in the driver, empties a trial's checkpoints once they are older than its newest
   `latest` ones and a newer one has existed for a minute (the saved state names that one by then), except the
-  pinned ones (the best by the study's metric; the final stage's evaluation snapshots and finished runs);
-- `restore()`, in the trial, loads the checkpoint Tune hands it, or where that one is gone or damaged (a kill
-  in the middle of writing it, pruned after the last saved state), the newest intact one beside it, so a trial
-  is never lost: at worst it redoes a few epochs.
+  pinned ones (the best by the study's metric; the final stage's evaluation snapshots and finished runs). An
+  emptied checkpoint keeps its directory and its result-EPOCH.json, nothing else;
+- `restore()`, in the trial, loads the checkpoint Tune hands it, or where that one is emptied or damaged (a
+  kill in the middle of writing it), the newest intact one beside it, so a trial is never lost: at worst it
+  redoes a few epochs.
 
 Every checkpoint holds result-EPOCH.json (the epoch's result) so that a driver started again can tell its trials' older
 checkpoints apart, and so that trials.csv has the epochs whose result.json lines a killed driver lost.
@@ -94,6 +96,19 @@ def restore(checkpoint, load: Callable[[Path], Any], order: Callable[[dict], flo
 GRACE_S = 60.0  # a checkpoint is deleted only this long after a newer one came: by then a saved state names that
 
 
+def _empty(fs, path: str) -> None:
+    """Delete a checkpoint's contents but its result-EPOCH.json: the directory stays (so Tune, restoring a trial
+    from it, finds it and the trial falls back to its newest intact checkpoint) and so does the epoch's result
+    (a few hundred bytes)."""
+    import pyarrow.fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(path.rstrip("/"))):
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif not META_RE.fullmatch(info.base_name):
+            fs.delete_file(info.path)
+
+
 def pruner(*, latest: int = 3, score: str | None = None, mode: str = "max",
            pinned: Callable[[dict], bool] | None = None, grace_s: float = GRACE_S):
     """A Tune callback that keeps each trial's newest `latest` checkpoints, its best by `score` (if given) and
@@ -131,7 +146,7 @@ def pruner(*, latest: int = 3, score: str | None = None, mode: str = "max",
                 if e["pinned"] or e is best or now - newer["t"] < grace_s:
                     continue
                 try:
-                    fs.delete_dir(e["path"])
+                    _empty(fs, e["path"])
                 except FileNotFoundError:
                     pass
                 except OSError as exc:  # storage hiccup: try again with the next checkpoint
