@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import textwrap
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fer-tune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fer-tune status | head`: the reader has gone; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         from .signals import exit_code
 

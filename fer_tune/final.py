@@ -335,7 +335,9 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
 
     record = read_study(sdir)
     _check_out(out_p, sdir, record)
-    created = not out_p.exists()
+    from .study import _first_missing
+
+    created = _first_missing(out_p)
     out_p.mkdir(parents=True, exist_ok=True)
     with acquire(out_p, what="the final stage", force=force, created=created):
         return _final(sdir, out_p, trial=trial, given=given, gpus=gpus, cpus=cpus, address=address, quiet=quiet,

@@ -99,7 +99,7 @@ def holder(directory: str | Path) -> dict | None:
 class Lock:
     """A held lock; release() (or leaving the `with` block) gives it up."""
 
-    def __init__(self, path: Path, fd: int, cleanup: Path | None):
+    def __init__(self, path: Path, fd: int, cleanup: list[Path]):
         self.path, self._fd, self._cleanup = path, fd, cleanup
 
     def release(self) -> None:
@@ -113,14 +113,14 @@ class Lock:
             pass
         os.close(fd)  # drops the flock
         _HELD.pop(str(self.path), None)
-        d = self._cleanup
-        if d is not None and not any(e.name != LOCK_FILE for e in os.scandir(d)):
+        if self._cleanup and not any(e.name != LOCK_FILE for e in os.scandir(self._cleanup[0])):
             # the command created the directory and wrote nothing else to it (it was refused): leave no trace
             self.path.unlink(missing_ok=True)
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+            for d in self._cleanup:  # the directory, then the parents the command created for it
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self) -> "Lock":
         return self
@@ -137,11 +137,13 @@ def release_all() -> None:
         lock.release()
 
 
-def acquire(directory: str | Path, *, what: str, force: bool | None = False, created: bool = False) -> Lock:
+def acquire(directory: str | Path, *, what: str, force: bool | None = False,
+            created: Path | None = None) -> Lock:
     """Take the lock of `directory` (which must exist) for a command that runs `what` ('the study', 'the final
     stage'); refused with one FerTuneError when a live command holds it, or when a command on another machine
-    does and `force` is not given (None: the command has no --force). `created`: the caller made the directory;
-    releasing the lock removes it again when nothing else was written there."""
+    does and `force` is not given (None: the command has no --force). `created`: the topmost directory the caller
+    made for it (the directory itself or a parent); releasing the lock removes them again when nothing else was
+    written to the directory."""
     d = Path(directory)
     path = d / LOCK_FILE
     try:
@@ -187,6 +189,10 @@ def acquire(directory: str | Path, *, what: str, force: bool | None = False, cre
     os.pwrite(fd, data, 0)
     if note:
         print(note, file=sys.stderr, flush=True)
-    lock = Lock(path, fd, d if created else None)
+    cleanup = []
+    if created is not None:
+        top = Path(created).resolve()
+        cleanup = [p for p in (d.resolve(), *d.resolve().parents) if p == top or top in p.parents]
+    lock = Lock(path, fd, cleanup)
     _HELD[str(path)] = lock
     return lock

@@ -159,8 +159,8 @@ def build_report(sdir: Path) -> str:
     running = summary["running"]
     if running:
         header = "".join(f'<p class="banner" id="running-{what}">Running: {esc(running_line(what, info))} when this '
-                         f'report was written ({time.strftime("%Y-%m-%d %H:%M:%S")}); the figures show the results '
-                         "so far.</p>" for what, info in running.items())
+                         f'report was written ({time.strftime("%Y-%m-%d %H:%M:%S")}).</p>'
+                         for what, info in running.items())
     if summary["finished"] < summary["num_samples"] or unfinished:
         state = ("It is still running" if "study" in running else
                  f"It was interrupted (<code>fer-tune resume {esc(sdir)}</code> continues it)")
