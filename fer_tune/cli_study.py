@@ -91,13 +91,15 @@ def cmd_status(args) -> int:
     for what, info in s["running"].items():
         print(running_line(what, info))
     params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
-    widths = [max(len(p) - 6, 10) for p in params]
-    print(f"{'#':>4} {'status':<10}{'epochs':>7}{'best ' + metric:>14}  "
-          + " ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)))
+    # every column as wide as its widest value
+    widths = [max([len(p) - 6, *(len(_fmt(r[p])) for r in s["rows"])]) for p in params]
+    sw = max([len("status"), *(len(r["status"]) for r in s["rows"])])
+    print(f"{'#':>4} {'status':<{sw}} {'epochs':>6}{'best ' + metric:>14}  "
+          + "  ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)).rstrip())
     for r in s["rows"]:
         best = f"{r['best_' + metric]:.2f}" if r["best_" + metric] != "" else "-"
-        vals = " ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths))
-        print(f"{r['number']:>4} {r['status']:<10}{r['epochs']:>7}{best:>14}  {vals}")
+        vals = "  ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths)).rstrip()
+        print(f"{r['number']:>4} {r['status']:<{sw}} {r['epochs']:>6}{best:>14}  {vals}")
     if s["best"]:
         b = s["best"]
         print(f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})")

@@ -323,7 +323,7 @@ def _curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> 
         res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
         if not res:
             continue
-        status = r["status"] if r["state"] != "RUNNING" else "running"
+        status = r["status"] if r["state"] != "RUNNING" or r["status"] == "interrupted" else "running"
         color, dash, symbol = STATUS_STYLE.get(status, RUNNING_STYLE)
         is_best = best is not None and r["number"] == best["number"]
         label = f"trial {r['number']} ({status})"

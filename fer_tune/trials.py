@@ -134,6 +134,9 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -
             m *= es["reduction_factor"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
+    from .lock import holder
+
+    live = holder(sdir) is not None
     names = list(spec["space"])
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -149,8 +152,8 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -
         best_epoch = next((r["epoch"] for r in res if vals and r.get(metric) == best), "")
         state = t.state.name
         status = t.user_attrs.get("status", "")
-        if state == "RUNNING":
-            status = tune_states.get(tid, "RUNNING").lower()
+        if state == "RUNNING":  # running only while a command runs the study; else it was interrupted
+            status = tune_states.get(tid, "RUNNING").lower() if live else "interrupted"
         row = {"number": t.number, "ray_trial_id": tid, "state": state, "status": status or state.lower(),
                "epochs": res[-1]["epoch"] if res else 0,
                f"best_{metric}": "" if best is None else round(best, 4), "best_epoch": best_epoch,

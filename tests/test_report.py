@@ -293,10 +293,19 @@ def test_partial_study_is_shown_as_such(study, tmp_path):
         set_status(db, 1, "PRUNED", "pruned")
     text = write_report(sdir).read_text()
     assert 'id="partial"' in text and "Partial study: 3 of 6 trials finished (1 started and unfinished)" in text
+    assert "It was interrupted" in text and 'id="running-study"' not in text  # no command runs it
     curves = {tr["customdata"][0][0]: tr for tr in figure(text, "fig-curves")["data"]}
-    running, pruned = curves["trial 0 (running)"], curves["trial 1 (pruned)"]
-    assert running["line"]["dash"] == "dashdot" and running["marker"]["symbol"][-1] == "circle-open"
+    stopped, pruned = curves["trial 0 (interrupted)"], curves["trial 1 (pruned)"]
+    assert stopped["line"]["dash"] == "dashdot" and stopped["marker"]["symbol"][-1] == "circle-open"
     assert pruned["line"]["dash"] == "dash" and pruned["marker"]["symbol"][-1] == "x"
+    # while a command runs it (a live process on this machine holds its lock), the same trial is running
+    import socket
+
+    (sdir / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                            "command": "fer-tune resume x", "since": "2026-12-01 10:00:00"}))
+    text = write_report(sdir).read_text()
+    assert 'id="running-study"' in text and "It is still running" in text
+    assert "trial 0 (running)" in {tr["customdata"][0][0] for tr in figure(text, "fig-curves")["data"]}
 
 
 def test_importance_is_explained_when_it_cannot_be_computed(study, tmp_path):

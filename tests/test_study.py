@@ -340,6 +340,12 @@ def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_r
     rows = read_csv(sdir)
     assert len(rows) >= 1 and (sdir / "report.html").exists()
     assert json.loads((sdir / "study.json").read_text())["runs"][0]["wall_seconds"] > 0
+    # nothing runs it now: its unfinished trials are interrupted, not running
+    unfinished = [row for row in rows if row["state"] == "RUNNING"]
+    assert unfinished and all(row["status"] == "interrupted" for row in unfinished), rows
+    r = fer_tune(env, "status", sdir)
+    assert r.returncode == 0 and "interrupted" in r.stdout and " running " not in r.stdout
+    assert "being run now" not in r.stdout
     assert (sdir / ".lock").read_text() == ""  # released
     # Tune saved its state: the study resumes and finishes, every trial with all its epochs
     r = fer_tune(env, "resume", sdir, "--quiet")
