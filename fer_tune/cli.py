@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         fer-tune data check synthetic:20000
     """)
     check.add_argument("data", metavar="PATH", help="fer2013.csv(.gz), a Kaggle folder, or synthetic[:N[:SEED]]")
-    check.add_argument("--protocol", choices=("paper", "standard"), default="paper")
+    check.add_argument("--protocol", choices=("paper", "standard"), default="paper",
+                       help="split protocol: paper (val = PrivateTest, test = PublicTest) or standard")
     check.add_argument("--json", action="store_true", help="print JSON")
-    check.add_argument("--cache-dir", default=None)
+    check.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default ~/.cache/fer-tune)")
     check.add_argument("--resize", action="store_true", help="resize non-48x48 images instead of refusing them")
     check.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
     check.set_defaults(func=cmd_data_check)
@@ -135,21 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _parser_with(dsub, "synth", "write the synthetic faces in the challenge CSV format", """
         fer-tune data synth synthetic.csv --n 10000 --seed 1
     """)
-    synth.add_argument("out", metavar="OUT.csv")
+    synth.add_argument("out", metavar="OUT.csv", help="the CSV to write")
     synth.add_argument("--n", type=int, default=10000, help="number of faces (default 10000)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(func=cmd_data_synth)
 
     convert = _parser_with(dsub, "convert", "convert a dataset (e.g. Kaggle folders) to the challenge CSV", """
         fer-tune data convert ../shared/datasets/fer2013 fer2013.csv
     """)
-    convert.add_argument("data", metavar="PATH")
-    convert.add_argument("out", metavar="OUT.csv")
+    convert.add_argument("data", metavar="PATH", help="fer2013.csv(.gz), a Kaggle folder, or synthetic[:N[:SEED]]")
+    convert.add_argument("out", metavar="OUT.csv", help="the CSV to write (.csv or .csv.gz)")
     convert.add_argument("--protocol", choices=("paper", "standard"), default="paper",
                          help="names images without a challenge prefix by this protocol's splits")
-    convert.add_argument("--cache-dir", default=None)
-    convert.add_argument("--resize", action="store_true")
-    convert.add_argument("--skip-bad-rows", action="store_true")
+    convert.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default "
+                                                           "~/.cache/fer-tune)")
+    convert.add_argument("--resize", action="store_true", help="resize non-48x48 images instead of refusing them")
+    convert.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
     convert.set_defaults(func=cmd_data_convert)
 
     from . import cli_train

@@ -86,8 +86,8 @@ def register(sub, parser_with, load_data) -> None:
         fer-tune predict results/joint/final photo.jpg --json
     """)
     p.add_argument("model", help="a model.pt (final stage), a training checkpoint, or a final stage directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="face images (any size and format PIL reads)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
     p = parser_with(sub, "demo", "the whole study on synthetic faces in minutes on a CPU: sweep, final stage, report",

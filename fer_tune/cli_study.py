@@ -139,7 +139,7 @@ def register(sub, parser_with, load_data) -> None:
                         "all of them at once (default: no limit; as many trials wait at once as the cluster's "
                         "current resources hold)")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25 = 4 per GPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: the space's)")
     _common(p)
     _data_options(p)
     p.set_defaults(func=lambda a: cmd_sweep(a, load_data))
@@ -159,8 +159,8 @@ def register(sub, parser_with, load_data) -> None:
     p = parser_with(sub, "extend", "add trials to a finished study, informed by all earlier ones", """
         fer-tune extend results/joint --num-samples 16
     """)
-    p.add_argument("study")
-    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--num-samples", type=int, required=True, help="how many trials to add")
     p.add_argument("--force", action="store_true", help="extend although the recorded fingerprint changed, or "
                    "although the study's lock was recorded by a command on another machine (check it has ended)")
     _common(p)
@@ -171,6 +171,7 @@ def register(sub, parser_with, load_data) -> None:
         fer-tune status results/joint
         fer-tune status results/joint --json
     """)
-    p.add_argument("study")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("study", help="the study directory (results/NAME); never disturbs a command running it")
+    p.add_argument("--json", action="store_true", help="print everything as JSON (the rows of trials.csv, who runs "
+                                                     "the study now)")
     p.set_defaults(func=cmd_status)

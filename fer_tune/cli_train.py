@@ -156,7 +156,7 @@ def register(sub, parser_with, add_data_options, load_data) -> None:
         fer-tune models
         fer-tune models --json
     """)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
     p = parser_with(sub, "train", "train one model without Ray (progress bar, checkpoints, metrics.json)", """
@@ -180,11 +180,11 @@ def register(sub, parser_with, add_data_options, load_data) -> None:
         fer-tune evaluate best.pt --data fer2013.csv --split test --json
         fer-tune evaluate best.pt --saliency results/first-run/saliency
     """)
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt, last.pt) or a model.pt")
     add_data_options(p)
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split to score (default test)")
     p.add_argument("--crops", choices=("ten", "center"), default=None, help="test crops (default: the config's)")
     p.add_argument("--saliency", default=None, metavar="DIR", help="also write saliency maps (PNG + npz) to DIR")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=lambda a: cmd_evaluate(a, load_data))

@@ -53,3 +53,22 @@ def test_readme_command_parses_and_is_tested(cmd):
     sub = argv[0]
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme.py")
     assert f'"{sub}"' in tests, f"no test runs `fer-tune {sub}`"
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from fer_tune.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, [*path, name])
+            elif not a.help and a.dest != "help":
+                missing.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), ["fer-tune"])
+    assert not missing, missing
