@@ -1,7 +1,6 @@
 import gzip
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
