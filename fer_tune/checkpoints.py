@@ -22,6 +22,7 @@ checkpoints apart, and so that trials.csv has the epochs whose result.json lines
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -77,9 +78,13 @@ def restore(checkpoint, load: Callable[[Path], Any], order: Callable[[dict], flo
 
     fs = checkpoint.filesystem
     order = order or (lambda meta: float(meta.get("epoch", -1)))
-    candidates = [p for p in _siblings(fs, checkpoint.path) if p != checkpoint.path]
-    rank = {p: (order(_read_meta(fs, p)), p) for p in candidates}
-    for path in [checkpoint.path, *sorted(candidates, key=lambda p: rank[p], reverse=True)]:
+
+    def fallbacks():  # listed and ranked only when the handed checkpoint cannot be restored
+        others = [p for p in _siblings(fs, checkpoint.path) if p != checkpoint.path]
+        rank = {p: (order(_read_meta(fs, p)), p) for p in others}
+        yield from sorted(others, key=lambda p: rank[p], reverse=True)
+
+    for path in itertools.chain([checkpoint.path], fallbacks()):
         try:
             with tune.Checkpoint(path=path, filesystem=fs).as_directory() as d:
                 out = load(Path(d))

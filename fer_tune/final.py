@@ -34,8 +34,8 @@ from .lock import acquire
 FINAL_FILE = "final.json"
 MODELS = ("last", "best_val", "finetuned")
 TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
-WINNER = "winner"
-SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)  # the arm of the study's trial; a baseline's arm is its name
+WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
+SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 DEFAULTS = {"epochs": 300, "finetune_epochs": 50, "finetune_lr": 1e-4, "finetune_scheduler": "cosine",
             "finetune_on": "train+val", "seeds": 1, "eval_every": 25, "baseline": None}
