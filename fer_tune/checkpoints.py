@@ -42,6 +42,31 @@ def write_meta(directory: Path, metrics: dict) -> None:
         json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}))
 
 
+def result_rows(text: str):
+    """The results in the JSON lines of a result.json or result-EPOCH.json (a line cut by a kill is skipped)."""
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            yield row
+
+
+def checkpointed_results(trial_dir: str, missing: Callable[[int], bool] | None = None) -> list[dict]:
+    """The results a trial's checkpoints hold (result-EPOCH.json, see write_meta) in a trial directory (a path or
+    URI): one listing of the directory, and a read only for the epochs `missing(epoch)` asks for (default all)."""
+    from .storage import join, list_files, read_text
+
+    rows = []
+    for path in list_files(trial_dir):
+        parts = path.split("/")
+        m = META_RE.fullmatch(parts[-1])
+        if len(parts) == 2 and m and (missing is None or missing(int(m.group(1)))):
+            rows += [r for r in result_rows(read_text(join(trial_dir, *parts)) or "") if "epoch" in r]
+    return rows
+
+
 def _siblings(fs, path: str) -> list[str]:
     import pyarrow.fs as pafs
 

@@ -555,7 +555,7 @@ def write_history(out: Path, exp: str) -> list[dict]:
     """history.csv from the seeds' Ray results in `exp` (a re-run epoch's later report wins); works on partial
     runs."""
     from . import storage
-    from .checkpoints import META_RE
+    from .checkpoints import checkpointed_results, result_rows
 
     rows: dict[tuple, dict] = {}
 
@@ -569,20 +569,11 @@ def write_history(out: Path, exp: str) -> list[dict]:
                          **{k: r.get(k, "") for k in HISTORY_KEYS}, "arm": arm}
 
     for trial_dir in storage.listdir(exp):
-        text = storage.read_text(storage.join(exp, trial_dir, "result.json")) or ""
-        for line in text.splitlines():
-            try:
-                add(json.loads(line), replace=True)
-            except json.JSONDecodeError:
-                continue
-        # epochs a killed driver did not write to result.json: the copy in each kept checkpoint
-        for path in storage.list_files(storage.join(exp, trial_dir)):
-            parts = path.split("/")
-            if len(parts) == 2 and META_RE.fullmatch(parts[1]):
-                try:
-                    add(json.loads(storage.read_text(storage.join(exp, trial_dir, *parts)) or ""), replace=False)
-                except json.JSONDecodeError:
-                    continue
+        for r in result_rows(storage.read_text(storage.join(exp, trial_dir, "result.json")) or ""):
+            add(r, replace=True)
+        # epochs a killed driver did not write to result.json: the copy in each checkpoint
+        for r in checkpointed_results(storage.join(exp, trial_dir)):
+            add(r, replace=False)
     table = [rows[k] for k in sorted(rows)]
     tmp = out / ".history.csv.tmp"
     with tmp.open("w", newline="") as fh:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from .storage import experiment_dir, join, list_files, listdir, read_text
+from .checkpoints import checkpointed_results, result_rows
+from .storage import experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
                "epoch_seconds", "device_seconds", "node", "node_id", "device", "precision", "status", "lr", "trial_id", "time_total_s",
@@ -35,11 +36,7 @@ def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]],
             last = None
             rows: dict[int, dict] = {}
             tid = None
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
+            for row in result_rows(text):
                 tid = row.get("trial_id") or tid
                 if not tid or "epoch" not in row:
                     continue
@@ -60,20 +57,9 @@ def _kept(row: dict) -> dict:
 
 def _add_checkpointed(trial_dir: str, tid: str | None, rows: dict[int, dict]) -> str | None:
     """Epochs whose result.json line a killed driver never wrote (Tune's driver writes it and copies it to the
-    storage every few seconds), from the copy each checkpoint holds (fer_tune.checkpoints); one listing of the
-    trial's directory, and a read only for an epoch that is missing."""
-    from .checkpoints import META_RE
-
-    for path in list_files(trial_dir):
-        parts = path.split("/")
-        m = META_RE.fullmatch(parts[-1])
-        if len(parts) != 2 or not m or int(m.group(1)) in rows:
-            continue
-        try:
-            row = json.loads(read_text(join(trial_dir, *parts)) or "")
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "epoch" in row and row.get("trial_id", tid):
+    storage every few seconds), from the copy each checkpoint holds (fer_tune.checkpoints)."""
+    for row in checkpointed_results(trial_dir, missing=lambda epoch: epoch not in rows):
+        if row.get("trial_id", tid):
             tid = tid or row["trial_id"]
             rows[int(row["epoch"])] = {**_kept(row), "trial_id": tid}
     return tid
