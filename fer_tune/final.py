@@ -335,11 +335,7 @@ def run_final(study: str, *, trial: int | None, out: str | None, given: dict, gp
 
     record = read_study(sdir)
     _check_out(out_p, sdir, record)
-    from .study import _first_missing
-
-    created = _first_missing(out_p)
-    out_p.mkdir(parents=True, exist_ok=True)
-    with acquire(out_p, what="the final stage", force=force, created=created):
+    with acquire(out_p, what="the final stage", force=force, create=True):
         return _final(sdir, out_p, trial=trial, given=given, gpus=gpus, cpus=cpus, address=address, quiet=quiet,
                       loader=loader, num_cpus=num_cpus, force=force)
 

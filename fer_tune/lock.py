@@ -137,14 +137,14 @@ def release_all() -> None:
         lock.release()
 
 
-def acquire(directory: str | Path, *, what: str, force: bool | None = False,
-            created: Path | None = None) -> Lock:
-    """Take the lock of `directory` (which must exist) for a command that runs `what` ('the study', 'the final
-    stage'); refused with one FerTuneError when a live command holds it, or when a command on another machine
-    does and `force` is not given (None: the command has no --force). `created`: the topmost directory the caller
-    made for it (the directory itself or a parent); releasing the lock removes them again when nothing else was
-    written to the directory."""
-    d = Path(directory)
+def acquire(directory: str | Path, *, what: str, force: bool | None = False, create: bool = False) -> Lock:
+    """Take the lock of `directory` for a command that runs `what` ('the study', 'the final stage'); refused with
+    one FerTuneError when a live command holds it, or when a command on another machine does and `force` is not
+    given (None: the command has no --force). `create`: make the directory (and its parents) if needed; releasing
+    the lock removes what was made when nothing else was written to the directory."""
+    d = Path(directory).resolve()
+    made = [p for p in (d, *d.parents) if not p.exists()] if create else []  # deepest first
+    d.mkdir(parents=True, exist_ok=True)
     path = d / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -189,10 +189,6 @@ def acquire(directory: str | Path, *, what: str, force: bool | None = False,
     os.pwrite(fd, data, 0)
     if note:
         print(note, file=sys.stderr, flush=True)
-    cleanup = []
-    if created is not None:
-        top = Path(created).resolve()
-        cleanup = [p for p in (d.resolve(), *d.resolve().parents) if p == top or top in p.parents]
-    lock = Lock(path, fd, cleanup)
+    lock = Lock(path, fd, made)
     _HELD[str(path)] = lock
     return lock

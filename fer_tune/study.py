@@ -686,24 +686,12 @@ def sweep(space_path: str, *, data_arg: str | None, name: str | None, results: s
         raise FerTuneError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     sdir = study_dir(results, name, spec.name, space_path)
     name = sdir.name
-    created = _first_missing(sdir)
-    sdir.mkdir(parents=True, exist_ok=True)
-    with acquire(sdir, what="the study", force=None, created=created):
+    with acquire(sdir, what="the study", force=None, create=True):
         if (sdir / STUDY_FILE).exists():
             raise FerTuneError(f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add "
                                f"trials with `fer-tune extend {sdir} --num-samples N`, or choose another --name")
         return _sweep(spec, space_path, sdir, name, data_arg, raw_overrides, storage, address, max_concurrent,
                       quiet, loader, num_cpus, optuna_storage)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The topmost of path and its parents that does not exist yet (what mkdir(parents=True) will create)."""
-    missing = None
-    for p in (path, *path.parents):
-        if p.exists():
-            break
-        missing = p
-    return missing
 
 
 def study_dir(results: str, name: str | None, default: str, space_path: str) -> Path:

@@ -88,13 +88,12 @@ def test_a_reused_pid_is_not_a_holder(tmp_path):
 
 def test_a_refused_command_leaves_no_directory_behind(tmp_path):
     d = tmp_path / "results" / "new"
-    d.mkdir(parents=True)
     with pytest.raises(FerTuneError):
-        with lock.acquire(d, what="the study", created=tmp_path / "results"):
+        with lock.acquire(d, what="the study", create=True):
             raise FerTuneError("refused")
     assert not (tmp_path / "results").exists()  # the directory and the parent made for it
-    d.mkdir(parents=True)
-    with lock.acquire(d, what="the study", created=d):
+    (tmp_path / "results").mkdir()
+    with lock.acquire(d, what="the study", create=True):
         (d / "study.json").write_text("{}")
     assert (d / "study.json").exists() and (d / ".lock").read_text() == ""
 
