@@ -323,7 +323,8 @@ def _curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> 
         res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
         if not res:
             continue
-        status = r["status"] if r["state"] != "RUNNING" or r["status"] == "interrupted" else "running"
+        # a trial Tune holds as pending or paused while the study runs is drawn as running
+        status = "running" if r["state"] == "RUNNING" and r["status"] != "interrupted" else r["status"]
         color, dash, symbol = STATUS_STYLE.get(status, RUNNING_STYLE)
         is_best = best is not None and r["number"] == best["number"]
         label = f"trial {r['number']} ({status})"

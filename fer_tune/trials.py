@@ -97,8 +97,9 @@ def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]]
     return scan_results([experiment_dir(sdir, record, r) for r in record["runs"]])
 
 
-def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -> list[dict]:
-    """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns)."""
+def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, live: bool | None = None) -> list[dict]:
+    """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns); `live`:
+    whether a command runs the study now (read from its lock when not given)."""
     import optuna
 
     from .study import resolve_storage
@@ -120,9 +121,10 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None) -
             m *= es["reduction_factor"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
-    from .lock import holder
+    if live is None:
+        from .lock import holder
 
-    live = holder(sdir) is not None
+        live = holder(sdir) is not None
     names = list(spec["space"])
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -175,7 +177,11 @@ def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
 
 def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None) -> dict:
     """The study at a glance; `scanned`: study_results() when the caller has already read them."""
-    rows = trials_table(sdir, record, scanned)
+    from .lock import holder
+
+    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final")))
+               if info}
+    rows = trials_table(sdir, record, scanned, live="study" in running)
     spec = record["spec"]
     total = sum(r["num_samples"] for r in record["runs"])
     states: dict[str, int] = {}
@@ -187,10 +193,6 @@ def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None)
     if scored:
         best = (max if spec["mode"] == "max" else min)(scored, key=lambda r: r[key])
     finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
-    from .lock import holder
-
-    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final")))
-               if info}
     return {"name": record["name"], "directory": str(sdir), "metric": spec["metric"], "mode": spec["mode"],
             "running": running,
             "num_samples": total, "trials": len(rows), "finished": finished, "states": states,
