@@ -23,16 +23,18 @@ from fer_tune.augment import train_batch
 
 def reference_transform() -> T.Compose:
     mu, st = 0, 255
-    return T.Compose([
-        T.RandomResizedCrop(48, scale=(0.8, 1.2)),
-        T.RandomApply([T.RandomAffine(0, translate=(0.2, 0.2))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.RandomRotation(10)], p=0.5),
-        T.TenCrop(40),
-        T.Lambda(lambda crops: torch.stack([T.ToTensor()(c) for c in crops])),
-        T.Lambda(lambda ts: torch.stack([T.Normalize(mean=(mu,), std=(st,))(t) for t in ts])),
-        T.Lambda(lambda ts: torch.stack([T.RandomErasing(p=0.5)(t) for t in ts])),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(48, scale=(0.8, 1.2)),
+            T.RandomApply([T.RandomAffine(0, translate=(0.2, 0.2))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.RandomRotation(10)], p=0.5),
+            T.TenCrop(40),
+            T.Lambda(lambda crops: torch.stack([T.ToTensor()(c) for c in crops])),
+            T.Lambda(lambda ts: torch.stack([T.Normalize(mean=(mu,), std=(st,))(t) for t in ts])),
+            T.Lambda(lambda ts: torch.stack([T.RandomErasing(p=0.5)(t) for t in ts])),
+        ]
+    )
 
 
 def bench_reference(arr: np.ndarray, mode: str) -> float:
@@ -73,8 +75,10 @@ def main() -> None:
     print(f"reference per-image torchvision (PIL 'L')                : {ref_l:9.0f} images/s")
     for batch in (64, 256):
         ips = bench_batched(x, batch, "ten", args.reps)
-        print(f"batched train_batch crops=ten, batch {batch:3d}               : {ips:9.0f} images/s"
-              f"  ({ips / ref:5.1f}x vs 'F', {ips / ref_l:5.1f}x vs 'L')")
+        print(
+            f"batched train_batch crops=ten, batch {batch:3d}               : {ips:9.0f} images/s"
+            f"  ({ips / ref:5.1f}x vs 'F', {ips / ref_l:5.1f}x vs 'L')"
+        )
     ips = bench_batched(x, 256, "one", args.reps)
     print(f"batched train_batch crops=one, batch 256 (no per-image ref): {ips:9.0f} images/s")
 

@@ -1,6 +1,6 @@
 """Dataset cache: the first load of the full FER2013 (parse + cache write) against a cached load.
 
-    python benchmarks/bench_cache.py [PATH]   (default ../shared/datasets/fer2013, a fresh cache in a temp dir)
+python benchmarks/bench_cache.py [PATH]   (default ../shared/datasets/fer2013, a fresh cache in a temp dir)
 """
 
 import sys

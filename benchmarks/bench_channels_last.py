@@ -35,8 +35,11 @@ def main() -> None:
     for width, batch, steps in ((0.25, 64, 30), (1.0, 640, 2)):
         base = step_time(width, batch, False, steps)
         cl = step_time(width, batch, True, steps)
-        print(f"width {width} batch {batch}: contiguous {base * 1000:.0f} ms/step, channels_last {cl * 1000:.0f} "
-              f"ms/step ({base / cl:.2f}x)", flush=True)
+        print(
+            f"width {width} batch {batch}: contiguous {base * 1000:.0f} ms/step, channels_last {cl * 1000:.0f} "
+            f"ms/step ({base / cl:.2f}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

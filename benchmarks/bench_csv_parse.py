@@ -47,8 +47,9 @@ def main():
     else:
         csv = Path("/tmp/fer2013_bench.csv")
         if not csv.exists():
-            subprocess.run(["fer-tune", "data", "convert", str(ROOT.parent / "shared/datasets/fer2013"), str(csv)],
-                           check=True)
+            subprocess.run(
+                ["fer-tune", "data", "convert", str(ROOT.parent / "shared/datasets/fer2013"), str(csv)], check=True
+            )
     print(f"file: {csv} ({csv.stat().st_size / 1e6:.1f} MB)")
     t_ref, (ref_img, ref_lab) = best_of(lambda: reference_parse(csv))
     t_new, (img, lab, origin, skipped) = best_of(lambda: parse_csv(csv))

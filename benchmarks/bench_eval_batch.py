@@ -44,8 +44,10 @@ def main() -> None:
             predict_logits(model, x, crops="ten", batch_size=bs)
             times[bs] = (time.perf_counter() - t0) * VAL / a.images
         line = ", ".join(f"{bs} images {s:.1f} s" for bs, s in sorted(times.items()))
-        print(f"width {width}: {line}; auto = {auto} images ({auto * 10} crops): {times[auto]:.1f} s, "
-              f"{times[256] / times[auto]:.2f}x faster than 256 images per pass")
+        print(
+            f"width {width}: {line}; auto = {auto} images ({auto * 10} crops): {times[auto]:.1f} s, "
+            f"{times[256] / times[auto]:.2f}x faster than 256 images per pass"
+        )
 
 
 if __name__ == "__main__":

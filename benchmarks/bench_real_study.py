@@ -65,20 +65,29 @@ def study_arm(arm: str, args) -> None:
         space = args.out / "fer2013_cpu_random.yaml"
         space.write_text(yaml.safe_dump(raw, sort_keys=False))
     args.out.mkdir(parents=True, exist_ok=True)
-    wall = fer_tune("sweep", str(space), "--data", str(args.data), "--name", arm, "--results", str(args.out),
-                    "--quiet")
+    wall = fer_tune("sweep", str(space), "--data", str(args.data), "--name", arm, "--results", str(args.out), "--quiet")
     with open(sdir / "trials.csv") as fh:
         rows = list(csv.DictReader(fh))
     best = max((r for r in rows if r["best_val_acc"] != ""), key=lambda r: float(r["best_val_acc"]))
     states: dict[str, int] = {}
     for r in rows:
         states[r["status"]] = states.get(r["status"], 0) + 1
-    save(arm, {"arm": arm, "sampler": "tpe" if arm == "tpe" else "random", "wall_s": round(wall, 1),
-               "trials": len(rows), "states": states, "trial_epochs": sum(int(r["epochs"]) for r in rows),
-               "best_trial": int(best["number"]), "best_val": float(best["best_val_acc"]),
-               "best_params": {k[6:]: v for k, v in best.items() if k.startswith("param_") and v != ""},
-               "precision": sorted({r.get("precision", "") for r in rows} - {""}),
-               "rows": [{k: r[k] for k in ("number", "status", "epochs", "best_val_acc")} for r in rows]})
+    save(
+        arm,
+        {
+            "arm": arm,
+            "sampler": "tpe" if arm == "tpe" else "random",
+            "wall_s": round(wall, 1),
+            "trials": len(rows),
+            "states": states,
+            "trial_epochs": sum(int(r["epochs"]) for r in rows),
+            "best_trial": int(best["number"]),
+            "best_val": float(best["best_val_acc"]),
+            "best_params": {k[6:]: v for k, v in best.items() if k.startswith("param_") and v != ""},
+            "precision": sorted({r.get("precision", "") for r in rows} - {""}),
+            "rows": [{k: r[k] for k in ("number", "status", "epochs", "best_val_acc")} for r in rows],
+        },
+    )
 
 
 def final_arm(arm: str, args) -> None:
@@ -87,17 +96,39 @@ def final_arm(arm: str, args) -> None:
     if not (sdir / "study.json").exists():
         sys.exit(f"{sdir} holds no study: run --arm {study} first (on this machine, with the same --out)")
     extra = ["--baseline", "paper"] if study == "tpe" else []
-    wall = fer_tune("final", str(sdir), "--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs),
-                    "--seeds", str(args.seeds), "--eval-every", str(args.epochs), "--quiet", *extra)
+    wall = fer_tune(
+        "final",
+        str(sdir),
+        "--epochs",
+        str(args.epochs),
+        "--finetune-epochs",
+        str(args.finetune_epochs),
+        "--seeds",
+        str(args.seeds),
+        "--eval-every",
+        str(args.epochs),
+        "--quiet",
+        *extra,
+    )
     m = json.loads((sdir / "final" / "metrics.json").read_text())
 
     def arm_of(block: dict) -> dict:
-        return {n: {"mean": a["top1"]["mean"], "std": a["top1"]["std"], "values": a["top1"]["values"]}
-                for n, a in block["aggregate"].items()}
+        return {
+            n: {"mean": a["top1"]["mean"], "std": a["top1"]["std"], "values": a["top1"]["values"]}
+            for n, a in block["aggregate"].items()
+        }
 
-    out = {"arm": arm, "wall_s": round(wall, 1), "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
-           "seeds": [s["seed"] for s in m["seeds"]], "trial": m["trial"]["number"], "config": m["config"],
-           "winner": arm_of(m), "final_epochs": (args.epochs + args.finetune_epochs) * len(m["seeds"])}
+    out = {
+        "arm": arm,
+        "wall_s": round(wall, 1),
+        "epochs": args.epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "seeds": [s["seed"] for s in m["seeds"]],
+        "trial": m["trial"]["number"],
+        "config": m["config"],
+        "winner": arm_of(m),
+        "final_epochs": (args.epochs + args.finetune_epochs) * len(m["seeds"]),
+    }
     if m.get("baseline"):
         out["paper"] = arm_of(m["baseline"])
         out["paper_config"] = m["baseline"]["config"]
@@ -113,8 +144,10 @@ def combine(args) -> None:
     missing = [a for a in ("tpe", "random", "final-tpe", "final-random") if a not in got]
     if missing:
         print(f"arms not run yet: {', '.join(missing)} (the table shows what is saved)")
-    print(f"\n{'arm':<28}{'trials':>7}{'trial epochs':>14}{'study wall':>12}{'best val %':>12}"
-          + "".join(f"{'PublicTest ' + n + ' %':>28}" for n in MODELS))
+    print(
+        f"\n{'arm':<28}{'trials':>7}{'trial epochs':>14}{'study wall':>12}{'best val %':>12}"
+        + "".join(f"{'PublicTest ' + n + ' %':>28}" for n in MODELS)
+    )
     rows = []
     for study in ("tpe", "random"):
         s, f = got.get(study), got.get(f"final-{study}")
@@ -123,15 +156,23 @@ def combine(args) -> None:
     if "final-tpe" in got and "paper" in got["final-tpe"]:
         rows.append(("paper recipe (no search)", None, got["final-tpe"]["paper"]))
     for label, s, acc in rows:
-        print(f"{label:<28}" + (f"{s['trials']:>7}{s['trial_epochs']:>14}{s['wall_s'] / 60:>10.1f} m{s['best_val']:>12.2f}"
-                                 if s else f"{'-':>7}{'0':>14}{'-':>12}{'-':>12}")
-              + "".join(f"{_pm(acc[n]) if acc else '-':>28}" for n in MODELS))
+        print(
+            f"{label:<28}"
+            + (
+                f"{s['trials']:>7}{s['trial_epochs']:>14}{s['wall_s'] / 60:>10.1f} m{s['best_val']:>12.2f}"
+                if s
+                else f"{'-':>7}{'0':>14}{'-':>12}{'-':>12}"
+            )
+            + "".join(f"{_pm(acc[n]) if acc else '-':>28}" for n in MODELS)
+        )
     for study in ("tpe", "random"):
         s = got.get(study)
         if s:
             verdict = "within" if s["wall_s"] <= BUDGET_S else "OVER"
-            print(f"{study}: study wall {s['wall_s'] / 60:.1f} min ({verdict} the 45-minute target), states "
-                  f"{s['states']}, precision {s['precision']}, best trial {s['best_trial']} {s['best_params']}")
+            print(
+                f"{study}: study wall {s['wall_s'] / 60:.1f} min ({verdict} the 45-minute target), states "
+                f"{s['states']}, precision {s['precision']}, best trial {s['best_trial']} {s['best_params']}"
+            )
     ft = got.get("final-tpe")
     if ft:
         print(f"final stages: {ft['epochs']} epochs + {ft['finetune_epochs']} fine-tune epochs, seeds {ft['seeds']}")
@@ -147,10 +188,17 @@ def combine(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", required=True, choices=("tpe", "random", "final-tpe", "final-random", "combine"))
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("FER2013_DIR", ROOT.parent / "shared" /
-                                                                     "datasets" / "fer2013")))
-    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "fer-tune-bench" / "real_study",
-                    help="where the studies and final stages are written (large: checkpoints)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("FER2013_DIR", ROOT.parent / "shared" / "datasets" / "fer2013")),
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path.home() / ".cache" / "fer-tune-bench" / "real_study",
+        help="where the studies and final stages are written (large: checkpoints)",
+    )
     ap.add_argument("--epochs", type=int, default=12, help="final-stage training epochs (the trials have 8)")
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=2)

@@ -49,10 +49,17 @@ def train_tiny_cnn(n_train: int, n_val: int, epochs: int, seed: int = 0) -> list
 
     (xt, yt), (xv, yv) = tensors(xt, yt), tensors(xv, yv)
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 20
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 10
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 5
-        nn.Flatten(), nn.Linear(32 * 5 * 5, NUM_CLASSES),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 20
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 10
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 5
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, NUM_CLASSES),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     accs = []

@@ -45,20 +45,26 @@ def reference_train_transform(crops: str) -> T.Compose:
     to_tensors = T.Lambda(lambda cs: torch.stack([T.Normalize((0,), (255,))(T.ToTensor()(c)) for c in cs]))
     erase = T.Lambda(lambda ts: torch.stack([T.RandomErasing(p=0.5)(t) for t in ts]))
     cropper = T.TenCrop(40) if crops == "ten" else T.Lambda(lambda im: [T.RandomCrop(40)(im)])
-    return T.Compose([
-        T.RandomResizedCrop(48, scale=(0.8, 1.2)),
-        T.RandomApply([T.RandomAffine(0, translate=(0.2, 0.2))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.RandomRotation(10)], p=0.5),
-        cropper, to_tensors, erase,
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(48, scale=(0.8, 1.2)),
+            T.RandomApply([T.RandomAffine(0, translate=(0.2, 0.2))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.RandomRotation(10)], p=0.5),
+            cropper,
+            to_tensors,
+            erase,
+        ]
+    )
 
 
 def reference_test_transform() -> T.Compose:
-    return T.Compose([
-        T.TenCrop(40),
-        T.Lambda(lambda cs: torch.stack([T.Normalize((0,), (255,))(T.ToTensor()(c)) for c in cs])),
-    ])
+    return T.Compose(
+        [
+            T.TenCrop(40),
+            T.Lambda(lambda cs: torch.stack([T.Normalize((0,), (255,))(T.ToTensor()(c)) for c in cs])),
+        ]
+    )
 
 
 class ReferenceDataset(Dataset):
@@ -118,19 +124,23 @@ def throughput(args) -> None:
     images = rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
     labels = rng.integers(0, 7, n)
     cfg = TrainConfig(epochs=1, train_crops="ten", test_crops="center", batch_size=64, seed=0, amp="off")
-    print(f"torch {torch.__version__}, {args.threads} CPU threads; vgg_variant width 1 (29,890,759 params), "
-          f"{args.steps} steps of 64 images x TenCrop = 640 crops, SGD-Nesterov")
+    print(
+        f"torch {torch.__version__}, {args.threads} CPU threads; vgg_variant width 1 (29,890,759 params), "
+        f"{args.steps} steps of 64 images x TenCrop = 640 crops, SGD-Nesterov"
+    )
 
     # warm-up both (allocator, kernels)
     warm = Subset({"train": (images[:64], labels[:64]), "val": (images[:2], labels[:2])})
     fit(cfg, warm, device=torch.device("cpu"))
     res = fit(cfg, Subset({"train": (images, labels), "val": (images[:2], labels[:2])}), device=torch.device("cpu"))
     ours = res.history[0]["images_per_s"]
-    bf16 = fit(cfg.replace(amp="bf16"), Subset({"train": (images, labels), "val": (images[:2], labels[:2])}),
-               device=torch.device("cpu")).history[0]["images_per_s"]
+    bf16 = fit(
+        cfg.replace(amp="bf16"),
+        Subset({"train": (images, labels), "val": (images[:2], labels[:2])}),
+        device=torch.device("cpu"),
+    ).history[0]["images_per_s"]
 
-    loader = DataLoader(ReferenceDataset(images, labels, reference_train_transform("ten")), batch_size=64,
-                        shuffle=True)
+    loader = DataLoader(ReferenceDataset(images, labels, reference_train_transform("ten")), batch_size=64, shuffle=True)
     # like fit above: one warm-up step on a throw-away model, then a fresh model, optimizer and scheduler
     for max_steps in (1, None):
         torch.manual_seed(0)
@@ -142,16 +152,19 @@ def throughput(args) -> None:
     print(f"reference (per-image PIL transforms in a DataLoader): {ref:7.1f} images/s ({10 * ref:7.1f} crops/s)")
     print(f"fer_tune fit (batched on-device augmentation):        {ours:7.1f} images/s ({10 * ours:7.1f} crops/s)")
     print(f"ratio: {ours / ref:.2f}x (both fp32)")
-    print(f"fer_tune fit with amp=bf16:                           {bf16:7.1f} images/s ({10 * bf16:7.1f} crops/s), "
-          f"{bf16 / ours:.2f}x its fp32")
+    print(
+        f"fer_tune fit with amp=bf16:                           {bf16:7.1f} images/s ({10 * bf16:7.1f} crops/s), "
+        f"{bf16 / ours:.2f}x its fp32"
+    )
 
 
 def _fer_tune_arm(d, args, amp: str, seed: int) -> dict:
     """fit() with `amp` and `seed`; wall time (train + val + test) and PublicTest top-1 of the final and best-val
     models."""
     xte, yte = d.arrays("test")
-    cfg = TrainConfig(width=args.width, epochs=args.epochs, train_crops="one", test_crops="ten", seed=seed,
-                      batch_size=64, amp=amp)
+    cfg = TrainConfig(
+        width=args.width, epochs=args.epochs, train_crops="one", test_crops="ten", seed=seed, batch_size=64, amp=amp
+    )
     label = f"fer_tune {'fp32' if amp == 'off' else amp} seed {seed}"
     t0 = time.perf_counter()
     best_state: dict = {}
@@ -159,8 +172,11 @@ def _fer_tune_arm(d, args, amp: str, seed: int) -> dict:
     def on_epoch(m, state):
         if m.get("is_best"):
             best_state["model"] = state["model"]
-        print(f"  {label} epoch {m['epoch']}: train_acc {m['train_acc']:.2f} val_acc {m['val_acc']:.2f} "
-              f"({m['epoch_seconds']:.0f} s)", flush=True)
+        print(
+            f"  {label} epoch {m['epoch']}: train_acc {m['train_acc']:.2f} val_acc {m['val_acc']:.2f} "
+            f"({m['epoch_seconds']:.0f} s)",
+            flush=True,
+        )
 
     res = fit(cfg, d, device=torch.device("cpu"), on_epoch=on_epoch)
     dtype = precision(torch.device("cpu"), amp)[0]
@@ -171,9 +187,16 @@ def _fer_tune_arm(d, args, amp: str, seed: int) -> dict:
     wall = time.perf_counter() - t0
     model.load_state_dict(best_state["model"])
     best_test = metrics_from_logits(predict_logits(model, x_test, crops="ten", dtype=dtype), yte)["top1"]
-    return {"label": label, "precision": res.precision, "wall": wall, "final": final, "best_test": best_test,
-            "best_val": res.best["val_acc"], "best_epoch": res.best["epoch"],
-            "epoch_s": [h["epoch_seconds"] for h in res.history]}
+    return {
+        "label": label,
+        "precision": res.precision,
+        "wall": wall,
+        "final": final,
+        "best_test": best_test,
+        "best_val": res.best["val_acc"],
+        "best_epoch": res.best["epoch"],
+        "epoch_s": [h["epoch_seconds"] for h in res.history],
+    }
 
 
 def _reference_arm(d, args) -> dict:
@@ -198,9 +221,16 @@ def _reference_arm(d, args) -> dict:
     final = reference_evaluate(model, xte, yte)["top1"]
     wall = time.perf_counter() - t0
     model.load_state_dict(best_state)
-    return {"label": "reference per-image PIL", "precision": "fp32", "wall": wall, "final": final,
-            "best_test": reference_evaluate(model, xte, yte)["top1"], "best_val": best_val,
-            "best_epoch": best_epoch, "epoch_s": epoch_s}
+    return {
+        "label": "reference per-image PIL",
+        "precision": "fp32",
+        "wall": wall,
+        "final": final,
+        "best_test": reference_evaluate(model, xte, yte)["top1"],
+        "best_val": best_val,
+        "best_epoch": best_epoch,
+        "epoch_s": epoch_s,
+    }
 
 
 def realdata(args) -> None:
@@ -212,10 +242,12 @@ def realdata(args) -> None:
     if bad:
         raise SystemExit(f"--arms: unknown arm(s) {', '.join(bad)} (reference, fp32, bf16)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"FER2013 paper protocol: train {sizes[0]:,} / val (PrivateTest) {sizes[1]:,} / test (PublicTest) "
-          f"{sizes[2]:,}; vgg_variant width {args.width}, train_crops one, test_crops ten, {args.epochs} epochs, "
-          f"SGD-Nesterov lr 0.01, RLRP; torch {torch.__version__}, {args.threads} CPU threads; "
-          f"native bf16 on this CPU: {cpu_has_native_bf16()}; arms {', '.join(arms)}; seeds {seeds}")
+    print(
+        f"FER2013 paper protocol: train {sizes[0]:,} / val (PrivateTest) {sizes[1]:,} / test (PublicTest) "
+        f"{sizes[2]:,}; vgg_variant width {args.width}, train_crops one, test_crops ten, {args.epochs} epochs, "
+        f"SGD-Nesterov lr 0.01, RLRP; torch {torch.__version__}, {args.threads} CPU threads; "
+        f"native bf16 on this CPU: {cpu_has_native_bf16()}; arms {', '.join(arms)}; seeds {seeds}"
+    )
     runs = []
     if "reference" in arms:
         runs.append(_reference_arm(d, args))
@@ -225,11 +257,15 @@ def realdata(args) -> None:
                 runs.append(_fer_tune_arm(d, args, "off" if amp == "fp32" else "bf16", seed))
 
     print()
-    print(f"{'':28}{'wall (train+val+test)':>24}{'median epoch':>14}{'PublicTest top-1 (final)':>27}"
-          f"{'best-val model':>16}{'best val (epoch)':>20}")
+    print(
+        f"{'':28}{'wall (train+val+test)':>24}{'median epoch':>14}{'PublicTest top-1 (final)':>27}"
+        f"{'best-val model':>16}{'best val (epoch)':>20}"
+    )
     for r in runs:
-        print(f"{r['label']:28}{r['wall']:22.0f} s{statistics.median(r['epoch_s']):12.1f} s{r['final']:26.2f} %"
-              f"{r['best_test']:14.2f} %{r['best_val']:14.2f} % ({r['best_epoch']})")
+        print(
+            f"{r['label']:28}{r['wall']:22.0f} s{statistics.median(r['epoch_s']):12.1f} s{r['final']:26.2f} %"
+            f"{r['best_test']:14.2f} %{r['best_val']:14.2f} % ({r['best_epoch']})"
+        )
     by = {p: [r for r in runs if r["label"].startswith("fer_tune") and r["precision"] == p] for p in ("fp32", "bf16")}
     ref = next((r for r in runs if r["label"].startswith("reference")), None)
     for p, rs in by.items():
@@ -237,17 +273,21 @@ def realdata(args) -> None:
             continue
         finals = [r["final"] for r in rs]
         spread = f" (spread over seeds {max(finals) - min(finals):.2f} points)" if len(rs) > 1 else ""
-        line = (f"fer_tune {p}: mean wall {statistics.fmean(r['wall'] for r in rs):.0f} s, PublicTest final "
-                f"{statistics.fmean(finals):.2f} %{spread}")
+        line = (
+            f"fer_tune {p}: mean wall {statistics.fmean(r['wall'] for r in rs):.0f} s, PublicTest final "
+            f"{statistics.fmean(finals):.2f} %{spread}"
+        )
         if ref is not None:
             line += f"; speed-up vs reference {ref['wall'] / statistics.fmean(r['wall'] for r in rs):.2f}x"
         print(line)
     if by["fp32"] and by["bf16"]:
         pairs = [(a, b) for a in by["fp32"] for b in by["bf16"] if a["label"].split()[-1] == b["label"].split()[-1]]
         for a, b in pairs:
-            print(f"seed {a['label'].split()[-1]}: bf16 / fp32 wall {a['wall'] / b['wall']:.2f}x faster, "
-                  f"PublicTest final {b['final'] - a['final']:+.2f} points, best-val model "
-                  f"{b['best_test'] - a['best_test']:+.2f} points")
+            print(
+                f"seed {a['label'].split()[-1]}: bf16 / fp32 wall {a['wall'] / b['wall']:.2f}x faster, "
+                f"PublicTest final {b['final'] - a['final']:+.2f} points, best-val model "
+                f"{b['best_test'] - a['best_test']:+.2f} points"
+            )
         fw = statistics.fmean(r["wall"] for r in by["fp32"]) / statistics.fmean(r["wall"] for r in by["bf16"])
         fa = statistics.fmean(r["final"] for r in by["bf16"]) - statistics.fmean(r["final"] for r in by["fp32"])
         print(f"bf16 vs fp32 over seeds {seeds}: {fw:.2f}x faster, PublicTest final {fa:+.2f} points")
@@ -264,8 +304,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--arms", default="reference,fp32,bf16",
-                   help="comma-separated: reference (per-image PIL loop, fp32), fp32 (fit, amp=off), bf16 (fit)")
+    p.add_argument(
+        "--arms",
+        default="reference,fp32,bf16",
+        help="comma-separated: reference (per-image PIL loop, fp32), fp32 (fit, amp=off), bf16 (fit)",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the fp32 and bf16 arms, e.g. 0,1")
     args = ap.parse_args()
     throughput(args) if args.mode == "throughput" else realdata(args)

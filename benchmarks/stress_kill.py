@@ -40,13 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SPACE = {
-    "name": "k", "sampler": "tpe", "seed": 0, "num_samples": 4, "max_epochs": 5,
+    "name": "k",
+    "sampler": "tpe",
+    "seed": 0,
+    "num_samples": 4,
+    "max_epochs": 5,
     "early_stopping": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
-    "resources": {"cpu": 1, "gpu": 0}, "data": {"path": "synthetic:1500", "protocol": "paper"},
+    "resources": {"cpu": 1, "gpu": 0},
+    "data": {"path": "synthetic:1500", "protocol": "paper"},
     "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
-    "space": {"optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
-              "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
-              "dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+    "space": {
+        "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+        "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    },
 }
 
 
@@ -60,8 +67,13 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     os.environ.update(env)
     import boto3
 
@@ -70,7 +82,7 @@ def s3_server():
 
 
 def first_result(exp: str) -> bool:
-    from fer_tune import storage as st
+    from fer_tune.tune import storage as st
 
     return any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp) if d.startswith("_trial"))
 
@@ -79,8 +91,9 @@ def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float) -> 
     """Run cmd; SIGKILL its process group `delay` s after the first epoch result exists. Returns what happened
     ("killed" or "finished rc=N") and the seconds from the first result to the kill."""
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=env["PYTHONPATH"])
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=env["PYTHONPATH"]
+        )
         t_first = None
         while proc.poll() is None:
             if t_first is None and first_result(exp):
@@ -97,8 +110,8 @@ def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float) -> 
 def check(sdir: Path, spec: dict, logs: list[Path]) -> dict:
     import optuna
 
-    from fer_tune.study import read_study
-    from fer_tune.trials import study_results
+    from fer_tune.tune.record import read_study
+    from fer_tune.tune.trials import study_results
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     record = read_study(sdir)
@@ -122,8 +135,9 @@ def check(sdir: Path, spec: dict, logs: list[Path]) -> dict:
         want = spec["max_epochs"] if t.state.name == "COMPLETE" else (max(epochs) if epochs else 0)
         if epochs != list(range(1, want + 1)) or row is None or int(row["epochs"]) != want or not want:
             incomplete += 1
-            problems.append(f"incomplete: trial {t.number} {t.state.name} epochs {epochs} "
-                            f"(trials.csv: {row and row['epochs']})")
+            problems.append(
+                f"incomplete: trial {t.number} {t.state.name} epochs {epochs} (trials.csv: {row and row['epochs']})"
+            )
     failed = sum(t.state.name == "FAIL" for t in trials)
     if failed:
         problems.append(f"failed trials: {failed}")
@@ -134,23 +148,39 @@ def check(sdir: Path, spec: dict, logs: list[Path]) -> dict:
         problems.append(f"'Error handling checkpoint' x{ckpt_errors}")
     if segfaults:
         problems.append(f"segfault x{segfaults}")
-    return {"trials": len(trials), "lost": lost, "duplicates": duplicates, "incomplete": incomplete,
-            "failed": failed, "checkpoint_errors": ckpt_errors, "segfaults": segfaults,
-            "restarts": sum(restarts.values()), "problems": problems}
+    return {
+        "trials": len(trials),
+        "lost": lost,
+        "duplicates": duplicates,
+        "incomplete": incomplete,
+        "failed": failed,
+        "checkpoint_errors": ckpt_errors,
+        "segfaults": segfaults,
+        "restarts": sum(restarts.values()),
+        "problems": problems,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--storage", choices=("s3", "local"), default="s3")
-    ap.add_argument("--runs", type=int, default=20,
-                    help="runs whose sweep is killed before it finishes (one that finishes first does not count; "
-                         "at most 2x this many runs in all)")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=20,
+        help="runs whose sweep is killed before it finishes (one that finishes first does not count; "
+        "at most 2x this many runs in all)",
+    )
     ap.add_argument("--kills", type=int, choices=(1, 2), default=1, help="2: also kill the first resume")
     ap.add_argument("--max-delay", type=float, default=10.0, help="kill at U(0, this) s after the first result")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--code", default=str(ROOT), metavar="DIR",
-                    help="the fer-tune checkout whose commands run (default this one; e.g. a git worktree of an "
-                         "older commit, for the baseline); the checks are this checkout's")
+    ap.add_argument(
+        "--code",
+        default=str(ROOT),
+        metavar="DIR",
+        help="the fer-tune checkout whose commands run (default this one; e.g. a git worktree of an "
+        "older commit, for the baseline); the checks are this checkout's",
+    )
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "fer-tune-bench" / "stress_kill"))
     a = ap.parse_args()
     code = Path(a.code).resolve()
@@ -171,8 +201,16 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(d)], check=True)
             d.mkdir()
             ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-            env = {**os.environ, **s3env, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(code),
-                   "FER_TUNE_CACHE": str(out / "cache"), "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
+            env = {
+                **os.environ,
+                **s3env,
+                "RAY_TMPDIR": ray_tmp,
+                "RAY_AUTH_MODE": "disabled",
+                "PYTHONPATH": str(code),
+                "FER_TUNE_CACHE": str(out / "cache"),
+                "PYTHONFAULTHANDLER": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
             prefix = f"s3://stress/{out.name}/run-{i}"
             storage = ["--storage", prefix] if a.storage == "s3" else []
             sdir = d / "results" / "k"
@@ -180,45 +218,79 @@ def main() -> int:
             base = [sys.executable, "-m", "fer_tune.cli"]
             t0 = time.time()
             steps, logs = [], []
-            what, at = run_killed([*base, "sweep", str(space), "--results", str(d / "results"), *storage, "--quiet",
-                                   "--num-cpus", "2"], env, d / "sweep.log", exp, rng.uniform(0, a.max_delay))
+            what, at = run_killed(
+                [*base, "sweep", str(space), "--results", str(d / "results"), *storage, "--quiet", "--num-cpus", "2"],
+                env,
+                d / "sweep.log",
+                exp,
+                rng.uniform(0, a.max_delay),
+            )
             steps.append(f"sweep {what}" + (f" at +{at:.1f}s" if what == "killed" else ""))
             logs.append(d / "sweep.log")
             for k in range(1, a.kills):
-                what, at = run_killed([*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"], env,
-                                      d / f"resume-{k}.log", exp, rng.uniform(0, a.max_delay))
+                what, at = run_killed(
+                    [*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"],
+                    env,
+                    d / f"resume-{k}.log",
+                    exp,
+                    rng.uniform(0, a.max_delay),
+                )
                 steps.append(f"resume {what}" + (f" at +{at:.1f}s" if what == "killed" else ""))
                 logs.append(d / f"resume-{k}.log")
-            r = subprocess.run([*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"], env=env, cwd=code,
-                               capture_output=True, text=True, timeout=900)
+            r = subprocess.run(
+                [*base, "resume", str(sdir), "--quiet", "--num-cpus", "2"],
+                env=env,
+                cwd=code,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             (d / "resume-last.log").write_text(r.stdout + r.stderr)
             logs.append(d / "resume-last.log")
             steps.append(f"last resume rc={r.returncode}")
-            res = check(sdir, SPACE, logs) if (sdir / "trials.csv").exists() else {
-                "problems": ["no trials.csv"], "lost": SPACE["num_samples"]}
+            res = (
+                check(sdir, SPACE, logs)
+                if (sdir / "trials.csv").exists()
+                else {"problems": ["no trials.csv"], "lost": SPACE["num_samples"]}
+            )
             if r.returncode != 0:
                 res["problems"].insert(0, f"last resume exit {r.returncode}")
             res.update(run=i, steps=steps, seconds=round(time.time() - t0, 1))
             runs.append(res)
-            print(f"run {i:>2}: {'; '.join(steps)}; {res.get('trials', 0)} trials, {res.get('restarts', 0)} restarts; "
-                  + ("OK" if not res["problems"] else "PROBLEMS: " + " | ".join(res["problems"])), flush=True)
+            print(
+                f"run {i:>2}: {'; '.join(steps)}; {res.get('trials', 0)} trials, {res.get('restarts', 0)} restarts; "
+                + ("OK" if not res["problems"] else "PROBLEMS: " + " | ".join(res["problems"])),
+                flush=True,
+            )
             subprocess.run(["rm", "-rf", ray_tmp])
     finally:
         if server is not None:
             server.stop()
-    totals = {k: sum(r.get(k, 0) for r in runs) for k in ("lost", "duplicates", "incomplete", "failed",
-                                                              "checkpoint_errors", "segfaults")}
+    totals = {
+        k: sum(r.get(k, 0) for r in runs)
+        for k in ("lost", "duplicates", "incomplete", "failed", "checkpoint_errors", "segfaults")
+    }
     killed = sum(any("killed" in s for s in r["steps"]) for r in runs)
-    summary = {"storage": a.storage, "kills": a.kills, "seed": a.seed, "code": str(code), "runs": len(runs),
-               "killed_runs": killed,
-               "runs_with_problems": sum(bool(r["problems"]) for r in runs), **totals,
-               "wall_seconds": round(time.time() - t_all, 1), "per_run": runs}
+    summary = {
+        "storage": a.storage,
+        "kills": a.kills,
+        "seed": a.seed,
+        "code": str(code),
+        "runs": len(runs),
+        "killed_runs": killed,
+        "runs_with_problems": sum(bool(r["problems"]) for r in runs),
+        **totals,
+        "wall_seconds": round(time.time() - t_all, 1),
+        "per_run": runs,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{code}: {a.storage} storage, {a.kills} kill(s) per run: {len(runs)} runs ({killed} killed before they "
-          f"finished), {summary['runs_with_problems']} with problems; lost {totals['lost']}, duplicates "
-          f"{totals['duplicates']}, incomplete {totals['incomplete']}, failed {totals['failed']}, 'Error handling "
-          f"checkpoint' {totals['checkpoint_errors']}, segfaults {totals['segfaults']}; {summary['wall_seconds']:.0f} s"
-          f"\nsummary: {out / 'summary.json'}")
+    print(
+        f"\n{code}: {a.storage} storage, {a.kills} kill(s) per run: {len(runs)} runs ({killed} killed before they "
+        f"finished), {summary['runs_with_problems']} with problems; lost {totals['lost']}, duplicates "
+        f"{totals['duplicates']}, incomplete {totals['incomplete']}, failed {totals['failed']}, 'Error handling "
+        f"checkpoint' {totals['checkpoint_errors']}, segfaults {totals['segfaults']}; {summary['wall_seconds']:.0f} s"
+        f"\nsummary: {out / 'summary.json'}"
+    )
     return 0 if not summary["runs_with_problems"] else 1
 
 

@@ -78,7 +78,9 @@ def _randint(u, n):
     return (u * n).floor_().clamp_(max=n - 1)
 
 
-def sample_params(B: int, generator: torch.Generator, device, crops: str = "ten", erase_p: float = 0.5) -> dict:
+def sample_params(
+    B: int, generator: torch.Generator, device: torch.device, crops: str = "ten", erase_p: float = 0.5
+) -> dict:
     """All random parameters of one training batch: float32 tensors (flags: bool) on `device`.
 
     Per image (B,): crop_i, crop_j, crop_h, crop_w (RandomResizedCrop box, pixels), fallback (bool:
@@ -106,8 +108,9 @@ def sample_params(B: int, generator: torch.Generator, device, crops: str = "ten"
     p["win_i"], p["win_j"] = _randint(u[:, 8], _D + 1), _randint(u[:, 9], _D + 1)
 
     e = torch.rand(B * n, 3 + 2 * ATTEMPTS, generator=generator, device=device)
-    eh, ew, eok = _rejection(e[:, 3 : 3 + ATTEMPTS], e[:, 3 + ATTEMPTS :], CROP * CROP, ERASE_SCALE, ERASE_RATIO,
-                             CROP, inclusive=False)
+    eh, ew, eok = _rejection(
+        e[:, 3 : 3 + ATTEMPTS], e[:, 3 + ATTEMPTS :], CROP * CROP, ERASE_SCALE, ERASE_RATIO, CROP, inclusive=False
+    )
     on = (e[:, 0] < erase_p) & eok  # RandomErasing erases nothing when all attempts fail
     p["erase_h"], p["erase_w"] = eh * on, ew * on
     p["erase_i"] = _randint(e[:, 1], CROP - eh + 1) * on
@@ -191,13 +194,17 @@ def apply_params(images: torch.Tensor, p: dict, crops: str = "ten") -> torch.Ten
         out = _ten_crop(x, keep, "mul_")  # crops written straight into the erasing mask's buffer
     else:  # one random 40x40 window: resample only there
         pix = pix[:CROP]
-        out = keep.mul_(_geometry(img, p, pix.view(1, 1, CROP) + p["win_j"].view(B, 1, 1),
-                                  pix.view(1, CROP, 1) + p["win_i"].view(B, 1, 1)))
+        out = keep.mul_(
+            _geometry(
+                img, p, pix.view(1, 1, CROP) + p["win_j"].view(B, 1, 1), pix.view(1, CROP, 1) + p["win_i"].view(B, 1, 1)
+            )
+        )
     return out.view(B * n, 1, CROP, CROP)
 
 
-def train_batch(images: torch.Tensor, generator: torch.Generator, crops: str = "ten",
-                erase_p: float = 0.5) -> torch.Tensor:
+def train_batch(
+    images: torch.Tensor, generator: torch.Generator, crops: str = "ten", erase_p: float = 0.5
+) -> torch.Tensor:
     """uint8 (B, 48, 48) -> float32 (B * n, 1, 40, 40) in [0, 1], image-major (labels.repeat_interleave(n))."""
     return apply_params(images, sample_params(images.shape[0], generator, images.device, crops, erase_p), crops)
 

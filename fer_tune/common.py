@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # FER2013 challenge label order.
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -31,9 +37,64 @@ class FerTuneError(Exception):
     """
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (a temp file beside it, then rename): a kill never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to, renamed onto `path` when the block ends: a kill never leaves
+    half a file (the one way fer-tune writes its files). A failed block removes it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a file's text or bytes atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (see write_atomic)."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def code_revision() -> dict | None:
+    """{"sha": the git commit of this fer_tune's checkout, "dirty": whether it has uncommitted changes}, recorded in
+    every result; None for an installed package (no checkout) or where git is missing."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": bool(dirty)}
+
+
+_SHIPPED = {"search_spaces": "search_spaces", "reference": "results/reference"}  # in the repository
+
+
+def shipped(name: str) -> Path:
+    """A folder of data that ships with fer-tune: "search_spaces" (the repository's search_spaces/) or "reference"
+    (its results/reference/, published numbers). An installed wheel holds them as package data (fer_tune/NAME/,
+    see pyproject.toml); a checkout (an editable install) reads the repository's folders."""
+    here = Path(__file__).resolve().parent
+    inside = here / name
+    return inside if inside.is_dir() else here.parent / _SHIPPED[name]

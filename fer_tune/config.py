@@ -81,12 +81,14 @@ class TrainConfig:
             positive(key)
         for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed", "eval_batch_size"):
             positive(key, allow_zero=True)
-        for key in ("dropout", "erase_p"):
-            if not 0.0 <= getattr(self, key) < 1.0 + (key == "erase_p"):
-                raise FerTuneError(f"config: {key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FerTuneError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.erase_p <= 1.0:  # a probability: 1 erases a patch of every crop
+            raise FerTuneError(f"config: erase_p must be in [0, 1], got {self.erase_p!r}")
         if self.optimizer == "sgd_nesterov" and self.momentum <= 0:
-            raise FerTuneError("config: optimizer sgd_nesterov needs momentum > 0 (Nesterov momentum); "
-                               "use optimizer sgd for plain SGD")
+            raise FerTuneError(
+                "config: optimizer sgd_nesterov needs momentum > 0 (Nesterov momentum); use optimizer sgd for plain SGD"
+            )
         if not 0.0 < self.factor < 1.0:
             raise FerTuneError(f"config: factor must be in (0, 1), got {self.factor!r}")
         if not 0.0 < self.gamma <= 1.0:
@@ -101,7 +103,7 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
         unknown = sorted(set(data) - set(cls.keys()))
         if unknown:
             raise FerTuneError(
@@ -109,11 +111,11 @@ class TrainConfig:
             )
         return cls(**{k: coerce(k, v, source=source) for k, v in data.items()})
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FerTuneError(f"config file {path} does not exist")
@@ -142,7 +144,7 @@ class TrainConfig:
         else:
             path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def with_overrides(self, assignments: list[str]) -> "TrainConfig":
+    def with_overrides(self, assignments: list[str]) -> TrainConfig:
         """Apply `--set key=value` strings."""
         changes: dict[str, Any] = {}
         for item in assignments:

@@ -38,16 +38,28 @@ def metrics_from_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor 
         "loss": float(F.cross_entropy(logits, labels)) if n else 0.0,
         "confusion": conf.tolist(),
         "per_class": {
-            e: {"precision": 100 * float(prec[i]), "recall": 100 * float(rec[i]), "f1": 100 * float(f1[i]),
-                "support": int(true_tot[i])}
+            e: {
+                "precision": 100 * float(prec[i]),
+                "recall": 100 * float(rec[i]),
+                "f1": 100 * float(f1[i]),
+                "support": int(true_tot[i]),
+            }
             for i, e in enumerate(EMOTIONS)
         },
         "macro_f1": 100.0 * float(f1[present].mean()) if present.any() else 0.0,
     }
 
 
-def evaluate_model(model, images: np.ndarray, labels: np.ndarray, *, device: torch.device, crops: str = "ten",
-                   batch_size: int = 0, amp: str = "auto") -> dict:
+def evaluate_model(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    device: torch.device,
+    crops: str = "ten",
+    batch_size: int = 0,
+    amp: str = "auto",
+) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     dtype, _ = precision(device, amp)
     logits = predict_logits(model, x, crops=crops, batch_size=batch_size, dtype=dtype)
@@ -56,7 +68,7 @@ def evaluate_model(model, images: np.ndarray, labels: np.ndarray, *, device: tor
     return out
 
 
-def saliency(model, images: np.ndarray, labels: np.ndarray, *, device: torch.device) -> np.ndarray:
+def saliency(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device) -> np.ndarray:
     """|d loss / d pixel| on the center 40x40 crop (max-normalised per image), float32 (N, 40, 40)."""
     model.eval()
     x = augment.eval_batch(torch.from_numpy(np.ascontiguousarray(images)).to(device), "center").requires_grad_(True)
@@ -67,21 +79,31 @@ def saliency(model, images: np.ndarray, labels: np.ndarray, *, device: torch.dev
     return sal.detach().cpu().numpy().astype(np.float32)
 
 
-def saliency_sample(model, images: np.ndarray, labels: np.ndarray, out_dir: str | Path, *, device: torch.device,
-                    per_class: int = 4, seed: int = 0) -> dict:
+def saliency_sample(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    per_class: int = 4,
+    seed: int = 0,
+) -> dict:
     """Saliency for ``per_class`` images of each class: writes saliency.png (grid) and saliency.npz."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([
-        rng.choice(np.flatnonzero(labels == c), size=min(per_class, int((labels == c).sum())), replace=False)
-        for c in range(NUM_CLASSES) if (labels == c).any()
-    ]).astype(np.int64)
+    idx = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(labels == c), size=min(per_class, int((labels == c).sum())), replace=False)
+            for c in range(NUM_CLASSES)
+            if (labels == c).any()
+        ]
+    ).astype(np.int64)
     with torch.enable_grad():
         sal = saliency(model, images[idx], labels[idx], device=device)
     with torch.no_grad():
-        logits = predict_logits(model, torch.from_numpy(np.ascontiguousarray(images[idx])).to(device),
-                                crops="ten")
+        logits = predict_logits(model, torch.from_numpy(np.ascontiguousarray(images[idx])).to(device), crops="ten")
     preds = logits.argmax(1).cpu().numpy()
     crops = images[idx][:, 4:44, 4:44]
     out_dir = Path(out_dir)
@@ -101,14 +123,19 @@ def saliency_sample(model, images: np.ndarray, labels: np.ndarray, out_dir: str 
     for k, t in enumerate(tiles):
         r, c = divmod(k, cols)
         sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = t.astype(np.uint8)
-    Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST).save(out_dir / "saliency.png")
+    Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST).save(
+        out_dir / "saliency.png"
+    )
     return {"png": str(out_dir / "saliency.png"), "npz": str(out_dir / "saliency.npz"), "n": int(len(idx))}
 
 
 def format_report(m: dict) -> str:
-    lines = [f"n={m['n']:,}  top-1 {m['top1']:.2f} %  top-2 {m['top2']:.2f} %  loss {m['loss']:.4f}  "
-             f"macro-F1 {m['macro_f1']:.2f} %  ({m.get('crops', 'ten')} crops)", "",
-             f"{'class':<9}{'prec':>7}{'recall':>8}{'f1':>7}{'n':>7}"]
+    lines = [
+        f"n={m['n']:,}  top-1 {m['top1']:.2f} %  top-2 {m['top2']:.2f} %  loss {m['loss']:.4f}  "
+        f"macro-F1 {m['macro_f1']:.2f} %  ({m.get('crops', 'ten')} crops)",
+        "",
+        f"{'class':<9}{'prec':>7}{'recall':>8}{'f1':>7}{'n':>7}",
+    ]
     for e, pc in m["per_class"].items():
         lines.append(f"{e:<9}{pc['precision']:>7.1f}{pc['recall']:>8.1f}{pc['f1']:>7.1f}{pc['support']:>7,}")
     lines += ["", "confusion (rows = true, cols = predicted):", " " * 9 + "".join(f"{e[:5]:>7}" for e in EMOTIONS)]

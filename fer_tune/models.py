@@ -14,8 +14,8 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +131,16 @@ def _torchvision(name: str, *, width: float, dropout: float, num_classes: int, w
 
     # 1-channel first conv. Random init: channel 0 of torchvision's kaiming(fan_out) init has the same law.
     old = model.get_submodule(conv_path)
-    conv = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
-                     bias=old.bias is not None)
+    conv = nn.Conv2d(
+        1,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        old.dilation,
+        old.groups,
+        bias=old.bias is not None,
+    )
     with torch.no_grad():
         conv.weight.copy_(old.weight[:, :1])
         if old.bias is not None:
@@ -169,8 +177,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 assert tuple(MODELS) == MODEL_NAMES, "fer_tune.common.MODEL_NAMES lists the models built here"
 
 
-def create_model(name: str, *, width: float = 1.0, dropout: float = 0.2, num_classes: int = NUM_CLASSES,
-                 weights: str | None = None) -> nn.Module:
+def create_model(
+    name: str, *, width: float = 1.0, dropout: float = 0.2, num_classes: int = NUM_CLASSES, weights: str | None = None
+) -> nn.Module:
     """A fresh model (train mode) for 1x40x40 input and `num_classes` logits; see the module docstring."""
     if name not in MODELS:
         raise FerTuneError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -1,10 +1,10 @@
 """Optimizers and learning-rate schedules from a TrainConfig, behind one small interface for the training loop.
 
-    optimizer = create_optimizer(cfg, model.parameters())
-    scheduler = Scheduler(cfg, optimizer, steps_per_epoch)
-    ... per batch:  optimizer.step(); scheduler.after_batch()
-    ... per epoch:  scheduler.after_epoch(val_acc)
-    scheduler.state_dict() / load_state_dict(): with the optimizer's state, a resumed run continues identically.
+optimizer = create_optimizer(cfg, model.parameters())
+scheduler = Scheduler(cfg, optimizer, steps_per_epoch)
+... per batch:  optimizer.step(); scheduler.after_batch()
+... per epoch:  scheduler.after_epoch(val_acc)
+scheduler.state_dict() / load_state_dict(): with the optimizer's state, a resumed run continues identically.
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ class Scheduler:
         if self.kind == "constant":
             self._sched = None
         elif self.kind == "rlrp":
-            self._sched = lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.factor,
-                                                         patience=cfg.patience)
+            self._sched = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.factor, patience=cfg.patience
+            )
         elif self.kind == "cosine":
             self._sched = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.eta_min)
         elif self.kind == "cosine_wr":
-            self._sched = lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t_0, T_mult=cfg.t_mult,
-                                                                   eta_min=cfg.eta_min)
+            self._sched = lr_scheduler.CosineAnnealingWarmRestarts(
+                optimizer, T_0=cfg.t_0, T_mult=cfg.t_mult, eta_min=cfg.eta_min
+            )
         elif self.kind == "step":
             self._sched = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
         elif self.kind == "onecycle":
@@ -68,8 +70,9 @@ class Scheduler:
             # momentum-free SGD keep theirs untouched
             d = optimizer.defaults
             cycle = "betas" in d or d.get("momentum", 0) > 0
-            self._sched = lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                  steps_per_epoch=steps_per_epoch, cycle_momentum=cycle)
+            self._sched = lr_scheduler.OneCycleLR(
+                optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, cycle_momentum=cycle
+            )
         else:
             raise FerTuneError(f"unknown scheduler {self.kind!r}")
 
@@ -107,7 +110,9 @@ class Scheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         kind = state.get("kind") if isinstance(state, dict) else None
         if kind != self.kind:
-            raise FerTuneError(f"the saved scheduler state is for {kind!r}, but the config says scheduler "
-                               f"{self.kind!r}; a resumed run must keep its scheduler")
+            raise FerTuneError(
+                f"the saved scheduler state is for {kind!r}, but the config says scheduler "
+                f"{self.kind!r}; a resumed run must keep its scheduler"
+            )
         if self._sched is not None:
             self._sched.load_state_dict(state["state"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def read_faces(paths: list[str]) -> np.ndarray:
     return np.stack(faces)
 
 
-def predict(model_path: str | Path, paths: list[str], device=None) -> list[dict]:
+def predict(model_path: str | Path, paths: list[str], device: Any = None) -> list[dict]:
     import torch
 
     from .train import load_checkpoint, model_from_checkpoint, predict_logits, select_device
@@ -54,6 +55,12 @@ def predict(model_path: str | Path, paths: list[str], device=None) -> list[dict]
     out = []
     for p, pr in zip(paths, probs):
         order = np.argsort(-pr)
-        out.append({"image": str(p), "emotion": EMOTIONS[order[0]], "top2": [EMOTIONS[i] for i in order[:2]],
-                    "probabilities": {e: round(float(pr[i]), 6) for i, e in enumerate(EMOTIONS)}})
+        out.append(
+            {
+                "image": str(p),
+                "emotion": EMOTIONS[order[0]],
+                "top2": [EMOTIONS[i] for i in order[:2]],
+                "probabilities": {e: round(float(pr[i]), 6) for i, e in enumerate(EMOTIONS)},
+            }
+        )
     return out

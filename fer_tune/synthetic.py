@@ -38,7 +38,7 @@ CLASS_FREQUENCIES: np.ndarray = _COUNTS / _COUNTS.sum()
 
 SIZE = 48
 # Images per render pass. Each temporary stays < 128 KiB, so malloc reuses heap memory instead of
-# mmap / trim page faults (measured 2-3x faster than chunks of 64-256 images).
+# mmap / trim page faults (faster than larger chunks: benchmarks/bench_synthetic.py, RESULTS.md "Data layer").
 _CHUNK = 8
 USAGES = ("Training", "PublicTest", "PrivateTest")
 LABEL_WIDTH = 72  # contact sheet: pixels left of the faces for the class name
@@ -88,19 +88,34 @@ def _sample_params(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[s
     expr = np.maximum(expr + rng.standard_normal((n, len(_PARAMS)), dtype=f32) * _JITTER, _MINS)
     p = {name: expr[:, i] for i, name in enumerate(_PARAMS)}
     p.update(
-        cx=u(19.0, 29.0), cy=u(20.0, 30.0), scale=u(0.8, 1.3), rot=u(-0.3, 0.3),
-        fa=u(13.0, 16.5), fb=u(17.0, 20.5),  # face ellipse half-axes
-        skin=u(110, 220), bg=u(10, 245), hair=u(5, 90), has_hair=(rng.random(n) < 0.75).astype(f32),
-        hairline=u(-15.5, -10.0), side=np.where(rng.random(n) < 0.5, -1, 1).astype(f32),
-        light=u(-0.35, 0.35), light_dir=u(0, 2 * np.pi), noise=u(3, 20),
-        occ=rng.random(n) < 0.35, occ_val=u(0, 255),
+        cx=u(19.0, 29.0),
+        cy=u(20.0, 30.0),
+        scale=u(0.8, 1.3),
+        rot=u(-0.3, 0.3),
+        fa=u(13.0, 16.5),
+        fb=u(17.0, 20.5),  # face ellipse half-axes
+        skin=u(110, 220),
+        bg=u(10, 245),
+        hair=u(5, 90),
+        has_hair=(rng.random(n) < 0.75).astype(f32),
+        hairline=u(-15.5, -10.0),
+        side=np.where(rng.random(n) < 0.5, -1, 1).astype(f32),
+        light=u(-0.35, 0.35),
+        light_dir=u(0, 2 * np.pi),
+        noise=u(3, 20),
+        occ=rng.random(n) < 0.35,
+        occ_val=u(0, 255),
     )
     # occluder rectangles (integer pixel bounds); 40 % of them are full-width bars
     bar = rng.random(n) < 0.4
     x0, y0 = rng.integers(-4, 40, n), rng.integers(-4, 40, n)
     w, h = rng.integers(8, 23, n), np.where(bar, rng.integers(3, 8, n), rng.integers(6, 19, n))
-    p.update(ox0=np.where(bar, 0, x0.clip(0)), ox1=np.where(bar, SIZE, (x0 + w).clip(0)),
-             oy0=y0.clip(0), oy1=(y0 + h).clip(0))
+    p.update(
+        ox0=np.where(bar, 0, x0.clip(0)),
+        ox1=np.where(bar, SIZE, (x0 + w).clip(0)),
+        oy0=y0.clip(0),
+        oy1=(y0 + h).clip(0),
+    )
     return labels, p
 
 
@@ -184,7 +199,7 @@ def generate_dataset_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return images, labels, usage
 
 
-def contact_sheet(images: np.ndarray, labels: np.ndarray, path, per_class: int = 8) -> None:
+def contact_sheet(images: np.ndarray, labels: np.ndarray, path: str | Path, per_class: int = 8) -> None:
     """Write a PNG grid: one row per class, the first `per_class` faces of it scaled x2, name at left.
 
     Size: (``LABEL_WIDTH + per_class * 96``) x ``7 * 96`` pixels, grayscale; missing faces are black.
@@ -201,4 +216,3 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray, path, per_class: int =
             face = Image.fromarray(np.asarray(images[i], dtype=np.uint8)).resize((cell, cell), Image.Resampling.NEAREST)
             sheet.paste(face, (LABEL_WIDTH + j * cell, k * cell))
     sheet.save(Path(path), format="PNG")
-

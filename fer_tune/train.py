@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import augment
-from .common import EMOTIONS, FerTuneError
+from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
 from .models import create_model, load_tensor_file
 from .optim import Scheduler, create_optimizer
@@ -94,8 +94,10 @@ def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | No
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
     if amp == "bf16":
-        raise FerTuneError(f"amp=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use amp=auto "
-                           "(fp16 with a gradient scaler) or amp=off")
+        raise FerTuneError(
+            f"amp=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use amp=auto "
+            "(fp16 with a gradient scaler) or amp=off"
+        )
     return torch.float16, True
 
 
@@ -114,14 +116,14 @@ def resumed_precision(device: torch.device, amp: str, checkpoint: dict) -> tuple
     return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[recorded]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = create_model(cfg.model, width=cfg.width, dropout=cfg.dropout, weights=cfg.weights or None)
-    # channels_last on every device: CUDA (tensor cores) and CPU (oneDNN: 20 % faster steps here, see
-    # benchmarks/RESULTS.md)
+    # channels_last on every device: CUDA (tensor cores) and CPU (oneDNN; benchmarks/RESULTS.md, "channels_last on
+    # CPU")
     return model.to(device).to(memory_format=torch.channels_last)
 
 
@@ -129,17 +131,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
+    """torch.save, atomically (fer_tune.common.atomic_path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -172,8 +168,8 @@ def _cpu_state(sd: Any) -> Any:
 # evaluation pass (used each epoch and by fer_tune.evaluate)
 # ---------------------------------------------------------------------------------------------------------
 # Crops per evaluation forward pass on a CPU when the batch size is auto: a batch whose activations stay in the
-# caches. TenCrop val of vgg_variant width 0.25 on a 2-core EPYC: 14.2 s at 12 images (120 crops) per pass,
-# 21.8 s at 256 images (benchmarks/bench_eval_batch.py, benchmarks/RESULTS.md). GPUs want large batches.
+# caches beats a large one (benchmarks/bench_eval_batch.py; RESULTS.md, "Evaluation batch size on CPU"). GPUs want
+# large batches.
 CPU_EVAL_CROPS = 128
 CUDA_EVAL_IMAGES = 256
 
@@ -188,7 +184,9 @@ def eval_images_per_batch(device: torch.device, crops: str, batch_size: int = 0)
 
 
 @torch.no_grad()
-def predict_logits(model, images: torch.Tensor, *, crops: str, batch_size: int = 0, dtype=None) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, *, crops: str, batch_size: int = 0, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Logits averaged over the test crops (TenCrop as the paper), float32 (N, 7), on the images' device;
     `batch_size` images per forward pass (0: auto, see eval_images_per_batch)."""
     model.eval()
@@ -247,8 +245,9 @@ def fit(
     device = device or select_device()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype, use_scaler = precision(device, cfg.amp) if checkpoint is None else resumed_precision(device, cfg.amp,
-                                                                                                  checkpoint)
+    dtype, use_scaler = (
+        precision(device, cfg.amp) if checkpoint is None else resumed_precision(device, cfg.amp, checkpoint)
+    )
     prec = precision_name(dtype)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -329,10 +328,11 @@ def fit(
             train_loss = float(loss_sum) / seen
             if not math.isfinite(train_loss):
                 status = "diverged"
-                message = (f"training diverged at epoch {epoch}: the loss became {train_loss} "
-                           f"(lr {lr:g}, optimizer {cfg.optimizer}); try a smaller lr")
-                metrics = {"epoch": epoch, "train_loss": train_loss, "status": "diverged", "lr": lr,
-                           "precision": prec}
+                message = (
+                    f"training diverged at epoch {epoch}: the loss became {train_loss} "
+                    f"(lr {lr:g}, optimizer {cfg.optimizer}); try a smaller lr"
+                )
+                metrics = {"epoch": epoch, "train_loss": train_loss, "status": "diverged", "lr": lr, "precision": prec}
                 if on_epoch is not None:
                     on_epoch(metrics, None)
                 break
@@ -354,13 +354,15 @@ def fit(
                 "images_per_s": n_train / train_time,
             }
             if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
-                t_logits = predict_logits(model, x_track, crops=track_crops or cfg.test_crops,
-                                          batch_size=cfg.eval_batch_size, dtype=dtype)
+                t_logits = predict_logits(
+                    model, x_track, crops=track_crops or cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype
+                )
                 metrics["test_acc"] = 100.0 * float((t_logits.argmax(1) == y_track).float().mean())
             if is_best:
                 best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
-            metrics.update({"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best,
-                            "status": "running"})
+            metrics.update(
+                {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best, "status": "running"}
+            )
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
             metrics["precision"] = prec
             metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
@@ -383,8 +385,9 @@ def fit(
                 "best": dict(best),
             }
             if bar is not None:
-                bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.2f}",
-                                best=f"{best['val_acc']:.2f}")
+                bar.set_postfix(
+                    epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.2f}", best=f"{best['val_acc']:.2f}"
+                )
             if on_epoch is not None and on_epoch(metrics, state) is False:
                 status, message = "stopped", f"stopped by the caller after epoch {epoch}"
                 break

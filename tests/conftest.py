@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 # the real FER2013 for the tests that need it (skipped when absent): $FER2013_DIR, else ../shared/datasets/fer2013
-REAL_DATA = Path(os.environ.get("FER2013_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-                 / "fer2013")
+REAL_DATA = Path(
+    os.environ.get("FER2013_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +41,112 @@ def write_challenge_csv(path, n_per_usage=(14, 7, 7), seed=0, mutate=None):
         mutate(lines)
     Path(path).write_text("\n".join(lines) + "\n")
     return images, labels, usage
+
+
+# ---------------------------------------------------------------------------------------------------------
+# studies and the CLI in subprocesses, each command with its own local Ray under a private RAY_TMPDIR
+# ---------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+# the small study the study, final-stage and cluster tests run
+SPACE = {
+    "name": "t",
+    "description": "test study",
+    "sampler": "tpe",
+    "seed": 0,
+    "num_samples": 6,
+    "max_epochs": 4,
+    "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+    "data": {"path": "synthetic:1000", "protocol": "paper"},
+    "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
+    "space": {
+        "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+        "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    },
+}
+LOCAL_RAY_COMMANDS = ("sweep", "resume", "extend", "final", "demo")
+
+
+def ray_env(cache: Path, **extra: str) -> tuple[dict, str]:
+    """(the environment for fer-tune subprocesses, its RAY_TMPDIR to remove afterwards)."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    return {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_AUTH_MODE": "disabled",
+        "FER_TUNE_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }, ray_tmp
+
+
+@pytest.fixture
+def env(tmp_path):
+    import shutil
+
+    e, ray_tmp = ray_env(tmp_path / "cache")
+    yield e
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_env(tmp_path_factory):
+    """One environment (and Ray temp dir) for a module's tests that share a study."""
+    import shutil
+
+    e, ray_tmp = ray_env(tmp_path_factory.mktemp("cache"))
+    yield e
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def cli_args(*args, num_cpus: int | None = 2) -> list[str]:
+    """`python -m fer_tune.cli ARGS`; commands that start a local Ray get an explicit CPU count."""
+    import sys
+
+    args = [*map(str, args)]
+    if num_cpus is not None and args[0] in LOCAL_RAY_COMMANDS and not any(a.startswith("--num-cpus") for a in args):
+        args.append(f"--num-cpus={num_cpus}")
+    return [sys.executable, "-m", "fer_tune.cli", *args]
+
+
+def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2):
+    """Run a fer-tune command as a user does (a subprocess); its CompletedProcess with text stdout / stderr."""
+    import subprocess
+
+    return subprocess.run(
+        cli_args(*args, num_cpus=num_cpus), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+def write_space(tmp_path, **changes):
+    import yaml
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **changes}, sort_keys=False))
+    return path
+
+
+def study_trials(sdir, name="t"):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sdir / 'optuna.db'}").trials
+
+
+def read_csv(sdir):
+    import csv
+
+    with open(sdir / "trials.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray or train through the CLI are `slow`; the fast lane is `pytest -m "not slow"`."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and any(
+            f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "cluster")
+        ):
+            item.add_marker(pytest.mark.slow)

@@ -82,8 +82,25 @@ def test_eval_matches_torchvision():
 def _identity(B, n):
     z, zn = torch.zeros(B), torch.zeros(B * n)
     f = torch.zeros(B, dtype=torch.bool)
-    return dict(crop_i=z, crop_j=z, crop_h=z + 48, crop_w=z + 48, fallback=f, affine=f, tx=z, ty=z, flip=f,
-                rotate=f, angle=z, win_i=z + 3, win_j=z + 5, erase_i=zn, erase_j=zn, erase_h=zn, erase_w=zn)
+    return dict(
+        crop_i=z,
+        crop_j=z,
+        crop_h=z + 48,
+        crop_w=z + 48,
+        fallback=f,
+        affine=f,
+        tx=z,
+        ty=z,
+        flip=f,
+        rotate=f,
+        angle=z,
+        win_i=z + 3,
+        win_j=z + 5,
+        erase_i=zn,
+        erase_j=zn,
+        erase_h=zn,
+        erase_w=zn,
+    )
 
 
 def test_identity_params_reproduce_input():
@@ -155,8 +172,9 @@ def test_resized_crop_distribution(ours, monkeypatch):
 
     monkeypatch.setattr(torch, "randint", counting)  # get_params draws offsets only after an accepted attempt
     dummy = torch.empty(1, 48, 48)
-    tv = torch.tensor([T.RandomResizedCrop.get_params(dummy, [0.8, 1.2], [3 / 4, 4 / 3]) for _ in range(N_TV)],
-                      dtype=torch.float32)
+    tv = torch.tensor(
+        [T.RandomResizedCrop.get_params(dummy, [0.8, 1.2], [3 / 4, 4 / 3]) for _ in range(N_TV)], dtype=torch.float32
+    )
     monkeypatch.undo()
     tv_fallback = 1 - calls["randint"] / (2 * N_TV)
     _rate_close(ours["fallback"].float().mean().item(), tv_fallback, N_OURS, N_TV)
@@ -184,8 +202,10 @@ def test_affine_flip_rotation_distribution(ours):
     tv_flip = sum(flip(probe)[0, 0, 0].item() == 1.0 for _ in range(N_TV)) / N_TV
     _rate_close(ours["flip"].float().mean().item(), tv_flip, N_OURS, N_TV)
 
-    tv_t = torch.tensor([T.RandomAffine.get_params([0.0, 0.0], [0.2, 0.2], None, None, [48, 48])[1]
-                         for _ in range(N_TV)], dtype=torch.float32)
+    tv_t = torch.tensor(
+        [T.RandomAffine.get_params([0.0, 0.0], [0.2, 0.2], None, None, [48, 48])[1] for _ in range(N_TV)],
+        dtype=torch.float32,
+    )
     on = ours["affine"]
     mine_t = torch.stack([ours["tx"][on], ours["ty"][on]], 1)
     for c in range(2):  # integer shifts in [-10, 10], same histogram
@@ -228,8 +248,9 @@ def test_erasing_distribution(ours):
     x = torch.full((50, 48, 48), 255, dtype=torch.uint8)
     for erase_p in (1.0, 0.0):
         p = A.sample_params(50, torch.Generator().manual_seed(0), "cpu", erase_p=erase_p)
-        p.update(affine=p["affine"] & False, tx=p["tx"] * 0, ty=p["ty"] * 0, rotate=p["rotate"] & False,
-                 angle=p["angle"] * 0)
+        p.update(
+            affine=p["affine"] & False, tx=p["tx"] * 0, ty=p["ty"] * 0, rotate=p["rotate"] & False, angle=p["angle"] * 0
+        )
         erased = (A.apply_params(x, p, "ten") == 0).flatten(1).sum(1).float()
         torch.testing.assert_close(erased, p["erase_h"] * p["erase_w"])
         assert (erased > 0).float().mean() > 0.9 if erase_p else (erased == 0).all()

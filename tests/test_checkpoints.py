@@ -1,4 +1,4 @@
-"""Trial checkpoints in a crash (fer_tune.checkpoints, and the results trials.csv reads): which are kept, where a
+"""Trial checkpoints in a crash (fer_tune.tune.checkpoints, and the results trials.csv reads): which are kept, where a
 restored trial continues from, and the epochs a killed driver lost. Plain files, no Ray runtime."""
 
 import json
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pyarrow.fs as pafs
 import pytest
 
-from fer_tune.checkpoints import pruner, restore, write_meta
-from fer_tune.trials import read_results
+from fer_tune.tune.checkpoints import pruner, restore, write_meta
+from fer_tune.tune.trials import read_results
 
 
 def make_checkpoints(trial_dir, epochs, score=lambda e: float(e), first=0):
@@ -25,8 +25,9 @@ def make_checkpoints(trial_dir, epochs, score=lambda e: float(e), first=0):
 def feed(cb, paths, metrics):
     fs = pafs.LocalFileSystem()
     for p, m in zip(paths, metrics):
-        cb.on_checkpoint(0, [], SimpleNamespace(trial_id="t1", last_result=m),
-                         SimpleNamespace(filesystem=fs, path=str(p)))
+        cb.on_checkpoint(
+            0, [], SimpleNamespace(trial_id="t1", last_result=m), SimpleNamespace(filesystem=fs, path=str(p))
+        )
 
 
 def test_the_pruner_keeps_the_latest_and_the_best_and_empties_the_rest(tmp_path):
@@ -37,11 +38,20 @@ def test_the_pruner_keeps_the_latest_and_the_best_and_empties_the_rest(tmp_path)
         paths += make_checkpoints(tmp_path / "trial", [e], score=scores.get, first=len(paths))
         feed(cb, paths[-1:], [{"epoch": e, "val_acc": v}])
     intact = [p.name for p in paths if (p / "state.pt").exists()]
-    assert intact == ["checkpoint_000001", "checkpoint_000003", "checkpoint_000004", "checkpoint_000005"]  # best, latest 3
+    assert intact == [
+        "checkpoint_000001",
+        "checkpoint_000003",
+        "checkpoint_000004",
+        "checkpoint_000005",
+    ]  # best, latest 3
     for p in paths:  # emptied ones keep their directory and the epoch's result, nothing else
         assert p.is_dir() and [f.name for f in p.iterdir() if f.name.startswith("result-")]
-    assert json.loads((paths[0] / "result-1.json").read_text()) == {"epoch": 1, "val_acc": 30.0, "trial_id": "t1",
-                                                                     "node": "n"}
+    assert json.loads((paths[0] / "result-1.json").read_text()) == {
+        "epoch": 1,
+        "val_acc": 30.0,
+        "trial_id": "t1",
+        "node": "n",
+    }
 
 
 def test_the_pruner_waits_until_a_newer_checkpoint_is_old_enough(tmp_path):
@@ -68,9 +78,13 @@ def test_restore_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     assert restore(SimpleNamespace(filesystem=fs, path=str(paths[1])), load) == "state of epoch 2"
     (paths[1] / "state.pt").unlink()  # emptied by the pruner after the saved state named it
     (paths[3] / "state.pt").write_text("")  # cut short by a kill
-    assert restore(SimpleNamespace(filesystem=fs, path=str(paths[1])),
-                   lambda d: (d / "state.pt").read_text() or (_ for _ in ()).throw(EOFError("empty"))) \
+    assert (
+        restore(
+            SimpleNamespace(filesystem=fs, path=str(paths[1])),
+            lambda d: (d / "state.pt").read_text() or (_ for _ in ()).throw(EOFError("empty")),
+        )
         == "state of epoch 3"
+    )
     for p in paths:
         (p / "state.pt").unlink(missing_ok=True)
     assert restore(SimpleNamespace(filesystem=fs, path=str(paths[1])), load) is None  # the trial starts over

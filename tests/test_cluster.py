@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from test_study import read_csv, study_trials, write_space
+from conftest import fer_tune, read_csv, study_trials, write_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_samples": 3, "max_epochs": 2, "early_stopping": {"type": "none"}}
 
 
 def cli(env, *args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """fer-tune on the test's Ray cluster (--address): no local Ray, no --num-cpus."""
+    return fer_tune(env, *args, timeout=timeout, num_cpus=None)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,10 @@ def cluster(ray_env):
     """A head (1 CPU, no GPU) and two workers (1 CPU, 1 fake GPU each), sharing this machine's filesystem."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "object_store_memory": 200 * 2**20})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 200 * 2**20},
+    )
     try:
         workers = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=200 * 2**20) for _ in range(2)]
         c.wait_for_nodes()
@@ -97,17 +98,15 @@ def test_cluster_yaml_validates_and_opens_only_ssh():
 
     # Ray pinned to this machine's version (launcher and cluster must match); fer-tune from the synced project
     setup = cfg["setup_commands"]
-    pins = {m for c in setup for m in re.findall(r'ray\[[a-z,]+\]==([0-9.]+)', c)}
+    pins = {m for c in setup for m in re.findall(r"ray\[[a-z,]+\]==([0-9.]+)", c)}
     assert pins == {ray.__version__}
-    assert cfg["file_mounts"] == {"~/fer-tune": "."} and any("pip install" in c and "-e ~/fer-tune" in c
-                                                             for c in setup)
+    assert cfg["file_mounts"] == {"~/fer-tune": "."} and any("pip install" in c and "-e ~/fer-tune" in c for c in setup)
     assert any("FER2013_URI" in c for c in setup)  # the dataset from the user's bucket, by an env var
 
 
 def test_fetch_step_copies_the_dataset_once(tmp_path):
     """The setup step that fetches FER2013 (here from a local path instead of s3://), run as a node runs it."""
-    step = next(c for c in yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"]
-                if "FER2013_URI" in c)
+    step = next(c for c in yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"] if "FER2013_URI" in c)
     src = tmp_path / "fer2013.csv"
     src.write_text("emotion,pixels,Usage\n")
     (tmp_path / "fer-tune").mkdir()
@@ -126,7 +125,7 @@ def test_fetch_step_copies_the_dataset_once(tmp_path):
 # storage: the flags and the multi-node rule
 # ---------------------------------------------------------------------------------------------------------
 def test_node_local_path_on_a_multi_node_cluster_is_detected(tmp_path):
-    from fer_tune.storage import filesystem_type, node_local_problem
+    from fer_tune.tune.storage import filesystem_type, node_local_problem
 
     local = str(tmp_path / "results")
     msg = node_local_problem(local, 3)
@@ -161,14 +160,16 @@ def test_storage_flags_are_checked(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 def test_preflight_passes_on_every_node(cluster, env, tmp_path):
     c, workers = cluster
-    r = cli(env, "preflight", "--address", c.address, "--storage", tmp_path / "shared", "--data", "synthetic",
-            "--json")
+    r = cli(env, "preflight", "--address", c.address, "--storage", tmp_path / "shared", "--data", "synthetic", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
     assert rep["ok"] and not rep["failures"] and len(rep["nodes"]) == 3 and rep["gpus"] == 2
     for row in rep["nodes"]:
-        assert row["versions"] == rep["driver"] and row["storage"] == {"sees_driver_file": True, "write": True,
-                                                                       "error": ""}
+        assert row["versions"] == rep["driver"] and row["storage"] == {
+            "sees_driver_file": True,
+            "write": True,
+            "error": "",
+        }
     assert {row["node_id"] for row in rep["nodes"] if row["ray_gpus"] == 1} == set(workers)
     # fake GPUs: Ray offers them, torch (no NVIDIA driver here) sees none: a warning, not a failure
     assert sum("no NVIDIA driver" in w for w in rep["warnings"]) == 2
@@ -192,8 +193,20 @@ def test_sweep_on_the_cluster_keeps_experiments_in_the_ray_storage(cluster, env,
     c, workers = cluster
     space = write_space(tmp_path, **TINY, resources={"cpu": 1, "gpu": 0.5})  # trials fit on the GPU workers only
     results, shared = tmp_path / "results", tmp_path / "shared"
-    r = cli(env, "sweep", space, "--results", results, "--address", c.address, "--storage", shared, "--quiet",
-            "--max-concurrent", "2")
+    r = cli(
+        env,
+        "sweep",
+        space,
+        "--results",
+        results,
+        "--address",
+        c.address,
+        "--storage",
+        shared,
+        "--quiet",
+        "--max-concurrent",
+        "2",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     sdir = results / "t"
     record = json.loads((sdir / "study.json").read_text())
@@ -202,8 +215,12 @@ def test_sweep_on_the_cluster_keeps_experiments_in_the_ray_storage(cluster, env,
     assert len(study_trials(sdir)) == 3 and all(t.state.name == "COMPLETE" for t in study_trials(sdir))
     rows = read_csv(sdir)
     assert len(rows) == 3 and all(row["epochs"] == "2" and float(row["device_seconds"]) > 0 for row in rows)
-    ran_on = {json.loads(line)["node_id"] for f in (shared / "t" / "tune").glob("*/result.json")
-              for line in f.read_text().splitlines() if line.strip()}
+    ran_on = {
+        json.loads(line)["node_id"]
+        for f in (shared / "t" / "tune").glob("*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    }
     assert ran_on == {w[:12] for w in workers}  # two at a time: one on each GPU worker, none on the head
     from fer_tune.cli import main
 
@@ -211,7 +228,7 @@ def test_sweep_on_the_cluster_keeps_experiments_in_the_ray_storage(cluster, env,
     assert main(["status", str(sdir), "--json"]) == 0  # reads the trials' results from the Ray storage
     assert json.loads(capsys.readouterr().out)["finished"] == 3
     assert main(["resume", str(sdir)]) == 0  # reads Tune's experiment state from there
-    assert "nothing to resume" in capsys.readouterr().out
+    assert "nothing to resume" in capsys.readouterr().err  # what happened: stderr
 
 
 def test_node_local_storage_is_refused_when_trials_need_other_nodes(ray_env, env, tmp_path):
@@ -219,8 +236,10 @@ def test_node_local_storage_is_refused_when_trials_need_other_nodes(ray_env, env
     storage (RESULTS/NAME on the head's own disk) is refused before any file is written."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "object_store_memory": 100 * 2**20})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 2**20},
+    )
     try:
         space = write_space(tmp_path, **TINY, resources={"cpu": 1, "gpu": 1})
         r = cli(env, "sweep", space, "--results", tmp_path / "results", "--address", c.address, "--quiet")
@@ -232,6 +251,8 @@ def test_node_local_storage_is_refused_when_trials_need_other_nodes(ray_env, env
     assert "is a path on this machine's own disk" in err and "--storage s3://BUCKET/PREFIX" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "results" / "t").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # s3:// storage on a local S3 server: a study writes there, is interrupted, and resumes from there
 # ---------------------------------------------------------------------------------------------------------
@@ -240,24 +261,42 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from fer_tune import storage as st
+    from fer_tune.tune import storage as st
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        s3 = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-              "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        s3 = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         for k, v in s3.items():
             monkeypatch.setenv(k, v)
         boto3.client("s3").create_bucket(Bucket="fer")
         env = {**env, **s3}
         space = write_space(tmp_path, num_samples=2, max_epochs=5, early_stopping={"type": "none"})
         sdir, exp = tmp_path / "results" / "t", "s3://fer/studies/t/tune"
-        cmd = [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(tmp_path / "results"),
-               "--storage", "s3://fer/studies", "--num-cpus", "2", "--quiet"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "fer_tune.cli",
+            "sweep",
+            str(space),
+            "--results",
+            str(tmp_path / "results"),
+            "--storage",
+            "s3://fer/studies",
+            "--num-cpus",
+            "2",
+            "--quiet",
+        ]
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             deadline = time.time() + 150
             while time.time() < deadline:  # Ctrl-C once a trial's first epoch (and checkpoint) is in S3
@@ -284,8 +323,12 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials), r.stdout + r.stderr
         rows = read_csv(sdir)
         assert len(rows) == 2 and all(row["epochs"] == "5" for row in rows), rows
-        starts = [json.loads(line).get("start_epoch", 0) for d in st.listdir(exp)
-                  for line in (st.read_text(st.join(exp, d, "result.json")) or "").splitlines() if line.strip()]
+        starts = [
+            json.loads(line).get("start_epoch", 0)
+            for d in st.listdir(exp)
+            for line in (st.read_text(st.join(exp, d, "result.json")) or "").splitlines()
+            if line.strip()
+        ]
         assert max(starts) > 0  # a trial continued from its checkpoint in S3
         assert any(int(row["restarts"]) >= 1 for row in rows)
     finally:

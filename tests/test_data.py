@@ -4,9 +4,9 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REAL_DATA, write_challenge_csv
 from PIL import Image
 
-from conftest import REAL_DATA, write_challenge_csv
 from fer_tune import data as fdata
 from fer_tune.cli import main
 from fer_tune.common import EMOTIONS, FerTuneError
@@ -43,7 +43,8 @@ def test_csv_gz_and_column_order(tmp_path):
     # columns in another order, quoted pixels, CRLF line ends
     reordered = tmp_path / "b.csv"
     lines = ["emotion,Usage,pixels"] + [
-        f'{l},{u},"{" ".join(map(str, img.reshape(-1)))}"' for img, l, u in zip(images, labels, usage)]
+        f'{l},{u},"{" ".join(map(str, img.reshape(-1)))}"' for img, l, u in zip(images, labels, usage)
+    ]
     reordered.write_bytes(("\r\n".join(lines) + "\r\n").encode())
     np.testing.assert_array_equal(fdata.load(reordered).images, images)
 
@@ -58,15 +59,21 @@ def test_csv_gz_and_column_order(tmp_path):
         (lambda L: L.__setitem__(3, L[3].rsplit(" ", 1)[0] + ",Training"), "line 4: pixels has 2303 values"),
         (lambda L: L.__setitem__(3, L[3].replace(" ", " 7 ", 1)), "line 4: pixels has 2305 values"),
         # one value moved from line 4 to line 5: the total is right, the per-row counts are not
-        (lambda L: (L.__setitem__(3, L[3].rsplit(" ", 1)[0] + ",Training"),
-                    L.__setitem__(4, L[4].replace(" ", " 7 ", 1))),
-         "line 4: pixels has 2303 values, expected 2304 (48x48); line 5: pixels has 2305 values"),
+        (
+            lambda L: (
+                L.__setitem__(3, L[3].rsplit(" ", 1)[0] + ",Training"),
+                L.__setitem__(4, L[4].replace(" ", " 7 ", 1)),
+            ),
+            "line 4: pixels has 2303 values, expected 2304 (48x48); line 5: pixels has 2305 values",
+        ),
         (lambda L: L.__setitem__(3, L[3].replace(" ", "  ", 1)), None),  # double space: still valid
         (lambda L: L.__setitem__(3, re.sub(r",\d+ ", ",1000 ", L[3], count=1)), "line 4: a pixel value is outside"),
         (lambda L: L.__setitem__(5, L[5].replace(" ", " 1.5 ", 1)), "line 6: pixel value '1.5' is not an integer"),
         (lambda L: L.__setitem__(5, L[5].replace(" ", " abc ", 1)), "line 6: pixel value 'abc'"),
-        (lambda L: L.__setitem__(2, re.sub(r",\d+ ", ",300 ", L[2], count=1)),
-         "line 3: a pixel value is outside 0-255"),
+        (
+            lambda L: L.__setitem__(2, re.sub(r",\d+ ", ",300 ", L[2], count=1)),
+            "line 3: a pixel value is outside 0-255",
+        ),
         (lambda L: L.__setitem__(7, "7" + L[7][1:]), "line 8: emotion label '7' is not an integer 0-6"),
         (lambda L: L.__setitem__(7, "x" + L[7][1:]), "line 8: emotion label 'x'"),
         (lambda L: L.__setitem__(9, L[9].rsplit(",", 1)[0] + ",Validation"), "line 10: unknown Usage 'Validation'"),
@@ -96,8 +103,10 @@ def test_csv_skip_bad_rows(tmp_path, capsys):
         fdata.load(path)
     d = fdata.load(path, skip_bad_rows=True)
     assert len(d.labels) == 26
-    assert d.skipped == ["line 4: pixels has 2303 values, expected 2304 (48x48)",
-                         "line 9: emotion label '9' is not an integer 0-6"]
+    assert d.skipped == [
+        "line 4: pixels has 2303 values, expected 2304 (48x48)",
+        "line 9: emotion label '9' is not an integer 0-6",
+    ]
     keep = [i for i in range(28) if i not in (2, 7)]
     np.testing.assert_array_equal(d.images, images[keep])
     code, out, err = check(capsys, path, "--skip-bad-rows", "--json")
@@ -230,8 +239,15 @@ def test_real_fer2013_counts(capsys):
     assert j["format"] == "folders" and j["protocol"] == "paper"
     s = j["splits"]
     assert (s["train"]["total"], s["val"]["total"], s["test"]["total"]) == (28709, 3589, 3589)
-    assert s["train"]["per_class"] == {"angry": 3995, "disgust": 436, "fear": 4097, "happy": 7215, "sad": 4830,
-                                       "surprise": 3171, "neutral": 4965}
+    assert s["train"]["per_class"] == {
+        "angry": 3995,
+        "disgust": 436,
+        "fear": 4097,
+        "happy": 7215,
+        "sad": 4830,
+        "surprise": 3171,
+        "neutral": 4965,
+    }
     # the second load comes from the cache
     import time
 

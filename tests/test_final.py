@@ -7,33 +7,19 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 import yaml
-
-from test_study import SPACE
+from conftest import SPACE, cli_args, fer_tune
 
 FAST = ["--epochs", "3", "--finetune-epochs", "2", "--eval-every", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    e = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-         "FER_TUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    yield e
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def cli(env, *args, timeout=300, cwd=None):
-    args = [*map(str, args)]
-    if args[0] in ("sweep", "resume", "final"):
-        args.append("--num-cpus=2")
-    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+def env(module_env):
+    """The module's tests share one study, so one environment."""
+    return module_env
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def study(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     space = root / "t.yaml"
     space.write_text(yaml.safe_dump({**SPACE, "num_samples": 3, "max_epochs": 2}, sort_keys=False))
-    r = cli(env, "sweep", space, "--results", root / "results", "--quiet")
+    r = fer_tune(env, "sweep", space, "--results", root / "results", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "results" / "t"
 
@@ -61,7 +47,7 @@ def faces(tmp_path, n=3):
 
 
 def test_final_two_seeds_end_to_end(env, study, tmp_path):
-    r = cli(env, "final", study, "--seeds", "2", *FAST)
+    r = fer_tune(env, "final", study, "--seeds", "2", *FAST)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     out = study / "final"
     rec = json.loads((out / "final.json").read_text())
@@ -72,8 +58,12 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
     best = max(rows, key=lambda x: float(x["best_val_acc"]))
     assert rec["trial"]["number"] == int(best["number"])
     assert m["status"] == "complete" and m["protocol"] == "paper" and len(m["seeds"]) == 2
-    assert rec["config"]["epochs"] == 3 and rec["finetune"] == {"epochs": 2, "lr": 1e-4, "scheduler": "cosine",
-                                                                 "on": "train+val"}
+    assert rec["config"]["epochs"] == 3 and rec["finetune"] == {
+        "epochs": 2,
+        "lr": 1e-4,
+        "scheduler": "cosine",
+        "on": "train+val",
+    }
     for s in m["seeds"]:
         assert s["status"] == "complete"
         assert [h["epoch"] for h in s["history"]] == [1, 2, 3] and len(s["finetune_history"]) == 2
@@ -115,27 +105,28 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
 
     # predict: images of any size, JSON; probabilities sum to one
     paths = faces(tmp_path)
-    r = cli(env, "predict", out, *paths, "--json")
+    r = fer_tune(env, "predict", out, *paths, "--json")
     assert r.returncode == 0, r.stderr
     preds = json.loads(r.stdout)
     assert [p["image"] for p in preds] == list(map(str, paths))
     for p in preds:
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert p["emotion"] == max(p["probabilities"], key=p["probabilities"].get)
-    r = cli(env, "predict", out / "model.pt", paths[0])
+    r = fer_tune(env, "predict", out / "model.pt", paths[0])
     assert r.returncode == 0 and r.stdout.startswith(str(paths[0]))
 
     # the same command again: complete, nothing re-run; other settings: refused
-    r = cli(env, "final", study, "--seeds", "2", *FAST)
+    r = fer_tune(env, "final", study, "--seeds", "2", *FAST)
     assert r.returncode == 0 and "complete" in r.stdout
-    r = cli(env, "final", study, "--epochs", "5")
+    r = fer_tune(env, "final", study, "--epochs", "5")
     assert r.returncode == 2 and "--epochs 5 (recorded: 3)" in r.stderr and "--out" in r.stderr
 
 
 def start_final(env, study, out, stderr=subprocess.STDOUT):
     """`fer-tune final` of 12 + 2 epochs in its own session (a process group to signal or kill)."""
-    args = [sys.executable, "-m", "fer_tune.cli", "final", str(study), "--out", str(out), "--epochs", "12",
-            "--finetune-epochs", "2", "--eval-every", "4", "--quiet", "--num-cpus=2"]
+    args = cli_args(
+        "final", study, "--out", out, "--epochs", "12", "--finetune-epochs", "2", "--eval-every", "4", "--quiet"
+    )
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
 
 
@@ -160,7 +151,7 @@ def test_final_resume_after_kill(env, study, tmp_path):
         proc.wait()
     assert not (out / "metrics.json").exists()
     time.sleep(1)
-    r = cli(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
+    r = fer_tune(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]
     assert max(x.get("resumed_at", 0) for x in rows) >= 3  # continued from a checkpoint, not from scratch
@@ -177,10 +168,10 @@ def test_final_stops_on_sighup_like_ctrl_c_and_one_driver_runs_it(env, study, tm
     proc = start_final(env, study, out, stderr=subprocess.PIPE)
     try:
         wait_for_results(out, proc, 1)
-        r = cli(env, "final", study, "--out", out, "--quiet")  # a second driver of the same final stage
+        r = fer_tune(env, "final", study, "--out", out, "--quiet")  # a second driver of the same final stage
         assert r.returncode == 2 and "the final stage is being run by `fer-tune final" in r.stderr, r.stderr
         assert f"(PID {proc.pid} on " in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        r = cli(env, "status", study)
+        r = fer_tune(env, "status", study)
         assert r.returncode == 0 and "its final stage is being run now" not in r.stdout  # not STUDY/final
         t0 = time.time()
         os.killpg(proc.pid, signal.SIGHUP)  # a closed terminal
@@ -191,25 +182,29 @@ def test_final_stops_on_sighup_like_ctrl_c_and_one_driver_runs_it(env, study, tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 129 and took < 60, (proc.returncode, took, stdout, stderr)
-    assert f"final stage interrupted; continue it with:\n    fer-tune final {study} --out {out}" in stdout
+    assert f"final stage interrupted; continue it with:\n    fer-tune final {study} --out {out}" in stderr
     assert "SIGHUP received" in stderr and "Traceback" not in stderr and "PC: @" not in stderr
     assert (out / "history.csv").exists() and (out / ".lock").read_text() == ""
-    r = cli(env, "final", study, "--out", out, "--quiet")
+    r = fer_tune(env, "final", study, "--out", out, "--quiet")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["seeds"][0]["status"] == "complete"
 
 
 def test_final_bad_inputs(env, study, tmp_path):
-    r = cli(env, "final", tmp_path / "nope")
+    r = fer_tune(env, "final", tmp_path / "nope")
     assert r.returncode == 2 and "not a fer-tune study directory" in r.stderr and "Traceback" not in r.stderr
-    for out, says in ((study / "tune", "needs a directory of its own"), (study, "needs a directory of its own"),
-                      (study.parent, "needs a directory of its own"), (tmp_path / "two words", "'two words'")):
-        r = cli(env, "final", study, "--out", out)
+    for out, says in (
+        (study / "tune", "needs a directory of its own"),
+        (study, "needs a directory of its own"),
+        (study.parent, "needs a directory of its own"),
+        (tmp_path / "two words", "'two words'"),
+    ):
+        r = fer_tune(env, "final", study, "--out", out)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "two words").exists() and not (study / "tune" / "final.json").exists()
-    r = cli(env, "final", study, "--trial", "99", "--out", tmp_path / "f")
+    r = fer_tune(env, "final", study, "--trial", "99", "--out", tmp_path / "f")
     assert r.returncode == 2 and "no trial 99" in r.stderr
-    r = cli(env, "final", study, "--epochs", "0", "--out", tmp_path / "f")
+    r = fer_tune(env, "final", study, "--epochs", "0", "--out", tmp_path / "f")
     assert r.returncode == 2 and "--epochs must be > 0" in r.stderr
     # a study whose trials never finished: nothing to retrain
     empty = tmp_path / "empty"
@@ -221,7 +216,7 @@ def test_final_bad_inputs(env, study, tmp_path):
     import optuna
 
     optuna.create_study(study_name=record["optuna_study"], storage=record["storage"], direction="maximize").ask()
-    r = cli(env, "final", empty)
+    r = fer_tune(env, "final", empty)
     assert r.returncode == 2 and "no finished trial" in r.stderr and "Traceback" not in r.stderr
     # predict: unreadable files are named, nothing is printed for the others
     bad = tmp_path / "bad.jpg"
@@ -231,23 +226,48 @@ def test_final_bad_inputs(env, study, tmp_path):
     from fer_tune.train import save_checkpoint
 
     cfg = TrainConfig(width=0.0625)
-    save_checkpoint({"config": cfg.to_dict(), "model": create_model(cfg.model, width=cfg.width).state_dict()},
-                    tmp_path / "model.pt")
-    r = cli(env, "predict", tmp_path / "model.pt", bad, tmp_path / "missing.png")
+    save_checkpoint(
+        {"config": cfg.to_dict(), "model": create_model(cfg.model, width=cfg.width).state_dict()}, tmp_path / "model.pt"
+    )
+    r = fer_tune(env, "predict", tmp_path / "model.pt", bad, tmp_path / "missing.png")
     assert r.returncode == 2 and "bad.jpg: not a readable image" in r.stderr and "missing.png: no such file" in r.stderr
-    r = cli(env, "predict", tmp_path / "empty", bad)
+    r = fer_tune(env, "predict", tmp_path / "empty", bad)
     assert r.returncode == 2 and "holds no model.pt" in r.stderr
 
 
 def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
     out = tmp_path / "fb"
-    r = cli(env, "final", study, "--out", out, "--baseline", "paper", "--epochs", "2", "--finetune-epochs", "1",
-            "--eval-every", "2", "--quiet")
+    r = fer_tune(
+        env,
+        "final",
+        study,
+        "--out",
+        out,
+        "--baseline",
+        "paper",
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--eval-every",
+        "2",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     rec = json.loads((out / "final.json").read_text())
     paper = rec["baselines"]["paper"]
-    recipe = {"optimizer": "sgd_nesterov", "lr": 0.01, "momentum": 0.9, "scheduler": "rlrp", "factor": 0.75,
-              "patience": 5, "dropout": 0.2, "weight_decay": 1e-4, "batch_size": 64, "erase_p": 0.5}
+    recipe = {
+        "optimizer": "sgd_nesterov",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "scheduler": "rlrp",
+        "factor": 0.75,
+        "patience": 5,
+        "dropout": 0.2,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "erase_p": 0.5,
+    }
     assert {k: paper[k] for k in recipe} == recipe
     for k in ("model", "width", "train_crops", "test_crops", "epochs", "seed", "protocol"):  # the study's
         assert paper[k] == rec["config"][k], k
@@ -260,7 +280,8 @@ def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
     for name in ("last", "best_val", "finetuned"):
         assert b["aggregate"][name]["top1"]["values"] == [s["models"][name]["top1"] for s in b["seeds"]]
         assert b["difference"][name]["top1"] == pytest.approx(
-            m["aggregate"][name]["top1"]["mean"] - b["aggregate"][name]["top1"]["mean"])
+            m["aggregate"][name]["top1"]["mean"] - b["aggregate"][name]["top1"]["mean"]
+        )
     s = b["seeds"][0]
     assert [h["epoch"] for h in s["history"]] == [1, 2] and len(s["finetune_history"]) == 1
     assert s["history"] != m["seeds"][0]["history"]  # another recipe, another run
@@ -270,24 +291,25 @@ def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
     with open(out / "history.csv") as fh:
         hist = list(csv.DictReader(fh))
     assert sorted((h["arm"], h["phase"]) for h in hist) == sorted(
-        [("paper", "train")] * 2 + [("paper", "finetune")] + [("winner", "train")] * 2 + [("winner", "finetune")])
+        [("paper", "train")] * 2 + [("paper", "finetune")] + [("winner", "train")] * 2 + [("winner", "finetune")]
+    )
     assert "paper recipe top-1" in r.stdout and "difference" in r.stdout and "+-" not in r.stdout  # one seed
     # again: complete; a final stage started without a baseline refuses one, naming why
-    r = cli(env, "final", study, "--out", out, "--baseline", "paper")
+    r = fer_tune(env, "final", study, "--out", out, "--baseline", "paper")
     assert r.returncode == 0 and "complete" in r.stdout
     other = tmp_path / "plain"
     other.mkdir()
     rec["settings"]["baseline"] = None
     (other / "final.json").write_text(json.dumps(rec))
-    r = cli(env, "final", study, "--out", other, "--baseline", "paper")
+    r = fer_tune(env, "final", study, "--out", other, "--baseline", "paper")
     assert r.returncode == 2 and "--baseline paper (it was started without it)" in r.stderr
-    r = cli(env, "final", study, "--out", out, "--gpus-per-run", "0.5")  # a started stage keeps its resources
+    r = fer_tune(env, "final", study, "--out", out, "--gpus-per-run", "0.5")  # a started stage keeps its resources
     assert r.returncode == 2 and "runs with 1 CPU and 0 GPU per run; it keeps them" in r.stderr
     assert m["baseline"]["difference_seeds"] == rec["seeds"]
 
 
 def test_final_refuses_a_run_too_big_for_the_local_ray(env, study, tmp_path):
-    r = cli({**env, "CUDA_VISIBLE_DEVICES": ""}, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
+    r = fer_tune({**env, "CUDA_VISIBLE_DEVICES": ""}, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has 2 CPU and 0 GPU" in r.stderr
     assert "--gpus-per-run F" in r.stderr and not (tmp_path / "big").exists()

@@ -1,4 +1,4 @@
-"""One driver per study (fer_tune.lock), study names, and SIGTERM / SIGHUP handling (fer_tune.signals), without
+"""One driver per study (fer_tune.tune.lock), study names, and SIGTERM / SIGHUP handling (fer_tune.tune.signals), without
 Ray: the commands that use them are tested with real Ray in test_study and test_final."""
 
 import json
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fer_tune import lock, signals
 from fer_tune.cli import main
 from fer_tune.common import FerTuneError, is_plain_name
+from fer_tune.tune import lock, signals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def hold_in_child(directory: Path):
     """A second process that takes the lock of `directory` and keeps it until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from fer_tune import lock
+        from fer_tune.tune import lock
         lock.COMMAND = "fer-tune resume {directory}"
         held = lock.acquire({str(directory)!r}, what="the study")
         print("held", flush=True)
@@ -41,8 +41,11 @@ def test_a_held_lock_refuses_a_second_command_and_a_dead_holder_is_taken_over(tm
         with pytest.raises(FerTuneError) as exc:
             lock.acquire(tmp_path, what="the study")
         msg = str(exc.value)
-        assert f"the study is being run by `fer-tune resume {tmp_path}` (PID {proc.pid} on {socket.gethostname()}, " \
-               "since " in msg and "\n" not in msg
+        assert (
+            f"the study is being run by `fer-tune resume {tmp_path}` (PID {proc.pid} on {socket.gethostname()}, since "
+            in msg
+            and "\n" not in msg
+        )
         info = lock.holder(tmp_path)  # a reader sees it, without taking the lock
         assert info["pid"] == proc.pid and info["verified"] is True
         assert lock.running_line("study", info).startswith("the study is being run now by `fer-tune resume")
@@ -62,14 +65,21 @@ def test_a_held_lock_refuses_a_second_command_and_a_dead_holder_is_taken_over(tm
 
 
 def test_a_lock_from_another_machine_is_respected_unless_forced(tmp_path, capsys):
-    record = {"host": "gpu-node-7", "pid": 4242, "command": "fer-tune extend results/x --num-samples 8",
-              "since": "2026-12-01 09:00:00"}
+    record = {
+        "host": "gpu-node-7",
+        "pid": 4242,
+        "command": "fer-tune extend results/x --num-samples 8",
+        "since": "2026-12-01 09:00:00",
+    }
     (tmp_path / ".lock").write_text(json.dumps(record))
     info = lock.holder(tmp_path)
     assert info["verified"] is False and info["host"] == "gpu-node-7"
     assert "on another machine (not checked from here)" in lock.running_line("study", info)
-    with pytest.raises(FerTuneError, match=r"locked by `fer-tune extend results/x --num-samples 8` \(PID 4242 on "
-                                           r"gpu-node-7, since 2026-12-01 09:00:00\), on another machine.*--force"):
+    with pytest.raises(
+        FerTuneError,
+        match=r"locked by `fer-tune extend results/x --num-samples 8` \(PID 4242 on "
+        r"gpu-node-7, since 2026-12-01 09:00:00\), on another machine.*--force",
+    ):
         lock.acquire(tmp_path, what="the study")
     with lock.acquire(tmp_path, what="the study", force=True):
         assert "--force: took over the lock held by" in capsys.readouterr().err
@@ -98,10 +108,25 @@ def test_a_refused_command_leaves_no_directory_behind(tmp_path):
     assert (d / "study.json").exists() and (d / ".lock").read_text() == ""
 
 
-@pytest.mark.parametrize("name, ok", [("joint", True), ("fer2013_cpu", True), ("v1.2-b", True), ("_x", True),
-                                      ("../x", False), ("a/b", False), (".hidden", False), ("-rf", False),
-                                      ("a b", False), ("", False), ("<img>", False), ("x" * 129, False),
-                                      ("é", False), ("a\nb", False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("joint", True),
+        ("fer2013_cpu", True),
+        ("v1.2-b", True),
+        ("_x", True),
+        ("../x", False),
+        ("a/b", False),
+        (".hidden", False),
+        ("-rf", False),
+        ("a b", False),
+        ("", False),
+        ("<img>", False),
+        ("x" * 129, False),
+        ("é", False),
+        ("a\nb", False),
+    ],
+)
 def test_plain_names(name, ok):
     assert is_plain_name(name) is ok
 
@@ -120,8 +145,18 @@ def test_sweep_refuses_a_study_directory_that_leads_outside_the_results_root(tmp
     (tmp_path / "results").mkdir()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "results" / "linked").symlink_to(tmp_path / "elsewhere")
-    rc = main(["sweep", str(ROOT / "search_spaces" / "smoke.yaml"), "--results", str(tmp_path / "results"),
-               "--name", "linked", "--num-cpus", "1"])
+    rc = main(
+        [
+            "sweep",
+            str(ROOT / "search_spaces" / "smoke.yaml"),
+            "--results",
+            str(tmp_path / "results"),
+            "--name",
+            "linked",
+            "--num-cpus",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "outside the results root" in err and len(err.splitlines()) == 1, err
     assert list((tmp_path / "elsewhere").iterdir()) == []
@@ -132,8 +167,10 @@ def test_a_space_file_name_must_be_plain(tmp_path, capsys):
     space.write_text("name: ../../etc\nspace: {lr: {type: float, low: 0.001, high: 0.1}}\n")
     rc = main(["sweep", str(space), "--results", str(tmp_path / "results")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err == (f"fer-tune: error: {space}: name='../../etc': use letters, digits, '.', '_' and '-' "
-                               "(at most 128), not starting with '.' or '-'")
+    assert rc == 2 and err == (
+        f"fer-tune: error: {space}: name='../../etc': use letters, digits, '.', '_' and '-' "
+        "(at most 128), not starting with '.' or '-'"
+    )
     # a file whose name is not a plain name is fine with --name
     odd = tmp_path / "my space.yaml"
     odd.write_text("space: {lr: {type: float, low: 0.001, high: 0.1}}\n")
@@ -145,7 +182,7 @@ def test_a_space_file_name_must_be_plain(tmp_path, capsys):
 def test_sigterm_while_no_tune_run_is_a_keyboard_interrupt_with_its_exit_code():
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from fer_tune import signals
+        from fer_tune.tune import signals
         signals.install()
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -162,7 +199,7 @@ def test_sigterm_while_no_tune_run_is_a_keyboard_interrupt_with_its_exit_code():
 def test_a_second_signal_stops_at_once_and_releases_the_lock(tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from fer_tune import lock, signals
+        from fer_tune.tune import lock, signals
         held = lock.acquire({str(tmp_path)!r}, what="the study")
         signal.signal(signal.SIGINT, lambda *a: None)  # a run that takes its time to stop (as Tune saving)
         signals.install()
@@ -170,8 +207,9 @@ def test_a_second_signal_stops_at_once_and_releases_the_lock(tmp_path):
         time.sleep(60)
         sys.exit(0)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)

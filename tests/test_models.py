@@ -66,8 +66,9 @@ def test_vgg_variant_weights_round_trip(tmp_path):
     for key, value in tiny.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     torch.save({"params": tiny.state_dict(), "logs": {}}, tmp_path / "ref.pt")  # usef-kh/fer checkpoint layout
-    assert torch.equal(create_model("vgg_variant", width=0.0625, weights=str(tmp_path / "ref.pt")).lin3.weight,
-                       tiny.lin3.weight)
+    assert torch.equal(
+        create_model("vgg_variant", width=0.0625, weights=str(tmp_path / "ref.pt")).lin3.weight, tiny.lin3.weight
+    )
     with pytest.raises(FerTuneError, match="does not fit"):
         create_model("vgg_variant", width=0.125, weights=str(path))
 

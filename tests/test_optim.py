@@ -80,8 +80,9 @@ def test_cosine_reaches_eta_min():
 def test_cosine_warm_restarts():
     _, _, sched = make(scheduler="cosine_wr", t_0=2, t_mult=2, eta_min=0.0)
     lrs = epoch_lrs(sched, [0] * 6)
-    assert lrs == pytest.approx([0.05, 0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05,
-                                 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.1])
+    assert lrs == pytest.approx(
+        [0.05, 0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.1]
+    )
 
 
 def test_step():
@@ -137,8 +138,9 @@ def test_state_round_trip(kind):
 
     model, optimizer, sched = make(**kw)
     run(model, optimizer, sched, range(3))
-    saved = save_load({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": sched.state_dict()})
+    saved = save_load(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict()}
+    )
     expected = run(model, optimizer, sched, range(3, 6))
 
     model, optimizer, sched = make(**kw)  # fresh objects, as train.py builds them on resume

@@ -1,5 +1,5 @@
 """The study report: one real tiny study (a `fer-tune sweep` subprocess, once per module) plus a made-up final/
-directory in the layout fer_tune.final writes; content checks on the HTML and a real browser (headless chromium,
+directory in the layout fer_tune.tune.final writes; content checks on the HTML and a real browser (headless chromium,
 offline, file://) that must render every figure without console errors."""
 
 import csv
@@ -11,14 +11,13 @@ import shutil
 import sqlite3
 import statistics
 import subprocess
-import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import fer_tune
 
 from fer_tune.cli import main
 from fer_tune.common import EMOTIONS
@@ -27,13 +26,21 @@ from fer_tune.report import write_report
 
 EVIL = "<img src=x onerror=alert(1)>"
 SPACE = {
-    "name": "r", "description": 'report test <script>alert("d")</script> & co', "sampler": "tpe", "seed": 0,
-    "num_samples": 4, "max_epochs": 3, "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "resources": {"cpu": 1, "gpu": 0}, "data": {"path": "synthetic:700", "protocol": "paper"},
+    "name": "r",
+    "description": 'report test <script>alert("d")</script> & co',
+    "sampler": "tpe",
+    "seed": 0,
+    "num_samples": 4,
+    "max_epochs": 3,
+    "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+    "data": {"path": "synthetic:700", "protocol": "paper"},
     "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
-    "space": {"optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
-              "lr": {"type": "float", "low": 2e-3, "high": 5e-2, "log": True},
-              "dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+    "space": {
+        "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+        "lr": {"type": "float", "low": 2e-3, "high": 5e-2, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    },
 }
 
 
@@ -41,21 +48,13 @@ SPACE = {
 # fixtures
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, module_env):
     """A real study, swept by the CLI (which writes the report when it finishes); then its recorded name is made
     EVIL (a hand-edited study.json: study names from the CLI are plain) and the report written again."""
     tmp = tmp_path_factory.mktemp("report")
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     space = tmp / "r.yaml"
     space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "FER_TUNE_CACHE": str(tmp / "cache"),
-           "PYTHONUNBUFFERED": "1"}
-    try:
-        r = subprocess.run([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results",
-                            str(tmp / "results"), "--quiet", "--num-cpus=2"], env=env,
-                           capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    r = fer_tune(module_env, "sweep", space, "--results", tmp / "results", "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     sdir = tmp / "results" / "r"
     assert "<script>alert" not in (sdir / "report.html").read_text()
@@ -83,9 +82,15 @@ def _eval(rng, n=70) -> dict:
 def _history(rng, epochs, eval_every, base):
     rows = []
     for e in range(1, epochs + 1):
-        h = {"epoch": e, "train_loss": round(2.0 - 0.15 * e + rng.random() * 0.05, 4),
-             "train_acc": round(base + 4 * e + rng.random(), 3), "val_loss": round(1.9 - 0.1 * e, 4),
-             "val_acc": round(base + 3 * e - (e == epochs) * 2 + rng.random(), 3), "lr": 0.01, "epoch_seconds": 1.5}
+        h = {
+            "epoch": e,
+            "train_loss": round(2.0 - 0.15 * e + rng.random() * 0.05, 4),
+            "train_acc": round(base + 4 * e + rng.random(), 3),
+            "val_loss": round(1.9 - 0.1 * e, 4),
+            "val_acc": round(base + 3 * e - (e == epochs) * 2 + rng.random(), 3),
+            "lr": 0.01,
+            "epoch_seconds": 1.5,
+        }
         if e % eval_every == 0 or e == epochs:
             h["test_acc"] = round(base + 2.5 * e + rng.random(), 3)
         rows.append(h)
@@ -93,35 +98,72 @@ def _history(rng, epochs, eval_every, base):
 
 
 def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1), baseline: bool = False) -> dict:
-    """results/NAME/final/ as fer_tune.final writes it, with small made-up numbers."""
+    """results/NAME/final/ as fer_tune.tune.final writes it, with small made-up numbers."""
     fdir = sdir / "final"
     fdir.mkdir(parents=True)
     rng = np.random.default_rng(0)
     params = {"optimizer": "adam", "lr": 0.01, "dropout": 0.2}
-    info = {"study": sdir.name, "trial": {"number": 1, "ray_trial_id": "abc123", "metric": "val_acc", "value": 40.5,
-                                         "params": params},
-            "config": {"epochs": 6, "width": 0.0625, **params}, "seeds": list(seeds), "eval_every": 2,
-            "finetune": {"epochs": 3, "lr": 1e-4, "scheduler": "cosine", "on": "train+val"}, "protocol": "paper",
-            "created": "2026-11-29 10:00:00"}
+    info = {
+        "study": sdir.name,
+        "trial": {"number": 1, "ray_trial_id": "abc123", "metric": "val_acc", "value": 40.5, "params": params},
+        "config": {"epochs": 6, "width": 0.0625, **params},
+        "seeds": list(seeds),
+        "eval_every": 2,
+        "finetune": {"epochs": 3, "lr": 1e-4, "scheduler": "cosine", "on": "train+val"},
+        "protocol": "paper",
+        "created": "2026-11-29 10:00:00",
+    }
     (fdir / "final.json").write_text(json.dumps(info))
     seed_rows, hist_rows = [], []
     for i, s in enumerate(seeds):
         hist, ft = _history(rng, 6, 2, 20 + 3 * i), _history(rng, 3, 1, 40 + 3 * i)
         best = max(hist, key=lambda h: h["val_acc"])
         models = {m: _eval(rng) for m in ("last", "best_val", "finetuned")}
-        seed_rows.append({"seed": s, "status": "complete", "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                          "history": hist, "finetune_history": ft, "models": models, "device_seconds": 12.5})
+        seed_rows.append(
+            {
+                "seed": s,
+                "status": "complete",
+                "best_epoch": best["epoch"],
+                "best_val_acc": best["val_acc"],
+                "history": hist,
+                "finetune_history": ft,
+                "models": models,
+                "device_seconds": 12.5,
+            }
+        )
         for phase, rows in (("train", hist), ("finetune", ft)):
-            hist_rows += [{"seed": s, "phase": phase, **{k: h.get(k, "") for k in (
-                "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")}}
-                for h in rows]
+            hist_rows += [
+                {
+                    "seed": s,
+                    "phase": phase,
+                    **{
+                        k: h.get(k, "")
+                        for k in (
+                            "epoch",
+                            "train_loss",
+                            "train_acc",
+                            "val_loss",
+                            "val_acc",
+                            "test_acc",
+                            "lr",
+                            "epoch_seconds",
+                        )
+                    },
+                }
+                for h in rows
+            ]
         sd = fdir / f"seed-{s}"
         sd.mkdir()
         from PIL import Image
 
         Image.fromarray((rng.random((40, 80, 3)) * 255).astype(np.uint8)).save(sd / "saliency.png")
-        np.savez(sd / "saliency.npz", images=np.zeros((7, 40, 40), np.uint8),
-                 saliency=np.zeros((7, 40, 40), np.float32), labels=np.arange(7), preds=np.arange(7))
+        np.savez(
+            sd / "saliency.npz",
+            images=np.zeros((7, 40, 40), np.uint8),
+            saliency=np.zeros((7, 40, 40), np.float32),
+            labels=np.arange(7),
+            preds=np.arange(7),
+        )
     with (fdir / "history.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(hist_rows[0]))
         w.writeheader()
@@ -130,22 +172,34 @@ def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1), baseline: boo
     def mean_std(v):
         return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
 
-    metrics = {"study": sdir.name, "protocol": "paper", "protocol_note": "train=Training, val=PrivateTest, "
-               "test=PublicTest", "trial": info["trial"], "config": info["config"], "finetune": info["finetune"],
-               "seeds": seed_rows, "status": "complete",
-               "aggregate": {m: {k: mean_std([s["models"][m][k] for s in seed_rows]) for k in ("top1", "top2",
-                                                                                                "macro_f1")}
-                             for m in ("last", "best_val", "finetuned")}}
+    metrics = {
+        "study": sdir.name,
+        "protocol": "paper",
+        "protocol_note": "train=Training, val=PrivateTest, test=PublicTest",
+        "trial": info["trial"],
+        "config": info["config"],
+        "finetune": info["finetune"],
+        "seeds": seed_rows,
+        "status": "complete",
+        "aggregate": {
+            m: {k: mean_std([s["models"][m][k] for s in seed_rows]) for k in ("top1", "top2", "macro_f1")}
+            for m in ("last", "best_val", "finetuned")
+        },
+    }
     if baseline:  # the paper recipe beside it, 1.5 points worse on every model
-        runs = [{**s, "models": {n: {**e, "top1": e["top1"] - 1.5} for n, e in s["models"].items()}}
-                for s in seed_rows]
-        agg = {n: {k: mean_std([s["models"][n][k] for s in runs]) for k in ("top1", "top2", "macro_f1")}
-               for n in ("last", "best_val", "finetuned")}
+        runs = [{**s, "models": {n: {**e, "top1": e["top1"] - 1.5} for n, e in s["models"].items()}} for s in seed_rows]
+        agg = {
+            n: {k: mean_std([s["models"][n][k] for s in runs]) for k in ("top1", "top2", "macro_f1")}
+            for n in ("last", "best_val", "finetuned")
+        }
         metrics["baseline"] = {
-            "name": "paper", "seeds": runs, "aggregate": agg, "status": "complete",
+            "name": "paper",
+            "seeds": runs,
+            "aggregate": agg,
+            "status": "complete",
             "config": {"optimizer": "sgd_nesterov", "lr": 0.01, "scheduler": "rlrp", "dropout": 0.2},
-            "difference": {n: {k: metrics["aggregate"][n][k]["mean"] - agg[n][k]["mean"] for k in agg[n]}
-                           for n in agg}}
+            "difference": {n: {k: metrics["aggregate"][n][k]["mean"] - agg[n][k]["mean"] for k in agg[n]} for n in agg},
+        }
     if complete:
         (fdir / "metrics.json").write_text(json.dumps(metrics))
     return metrics
@@ -197,8 +251,9 @@ def set_status(db, number: int, state: str, status: str) -> None:
     """Edit a trial in the Optuna sqlite DB as the study engine leaves it: state + the `status` user attribute."""
     tid = db.execute("SELECT trial_id FROM trials WHERE number=?", (number,)).fetchone()[0]
     db.execute("UPDATE trials SET state=? WHERE trial_id=?", (state, tid))
-    db.execute("UPDATE trial_user_attributes SET value_json=? WHERE trial_id=? AND key='status'",
-               (json.dumps(status), tid))
+    db.execute(
+        "UPDATE trial_user_attributes SET value_json=? WHERE trial_id=? AND key='status'", (json.dumps(status), tid)
+    )
 
 
 def read_csv(path):
@@ -219,8 +274,15 @@ def test_sweep_writes_the_report_with_the_studys_numbers(study):
     assert f"report: {report.resolve()}" in study["stdout"]
     text = report.read_text()
     ids = figure_ids(text)
-    for fid in ("fig-optuna-history", "fig-optuna-parallel", "fig-optuna-slice", "fig-curves", "fig-cmp-optimizer",
-                "fig-cmp-dropout", "fig-class-recall"):
+    for fid in (
+        "fig-optuna-history",
+        "fig-optuna-parallel",
+        "fig-optuna-slice",
+        "fig-curves",
+        "fig-cmp-optimizer",
+        "fig-cmp-dropout",
+        "fig-class-recall",
+    ):
         assert fid in ids, (fid, ids)
     assert "fig-optuna-importance" in ids or 'id="importance-note"' in text
     rows = read_csv(sdir / "trials.csv")
@@ -301,8 +363,16 @@ def test_partial_study_is_shown_as_such(study, tmp_path):
     # while a command runs it (a live process on this machine holds its lock), the same trial is running
     import socket
 
-    (sdir / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
-                                            "command": "fer-tune resume x", "since": "2026-12-01 10:00:00"}))
+    (sdir / ".lock").write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getppid(),
+                "command": "fer-tune resume x",
+                "since": "2026-12-01 10:00:00",
+            }
+        )
+    )
     text = write_report(sdir).read_text()
     assert 'id="running-study"' in text and "It is still running" in text
     assert "trial 0 (running)" in {tr["customdata"][0][0] for tr in figure(text, "fig-curves")["data"]}
@@ -349,8 +419,9 @@ def test_final_stage_complete(study, tmp_path):
     ft = next(t for t in curves if t["name"] == "val acc (fine-tune)")
     assert ft["x"] == [7, 8, 9]
     per_class = figure(text, "fig-final-per-class")["data"][0]  # last model's precision
-    assert per_class["y"][0] == pytest.approx(statistics.fmean(
-        s["models"]["last"]["per_class"]["angry"]["precision"] for s in m["seeds"]))
+    assert per_class["y"][0] == pytest.approx(
+        statistics.fmean(s["models"]["last"]["per_class"]["angry"]["precision"] for s in m["seeds"])
+    )
     assert len(re.findall(r'<img class="saliency" alt="[^"]*" src="data:image/png;base64,', text)) == 2
     # a synthetic study's numbers are never set beside FER2013's
     assert 'id="data-used"' in text and "not FER2013" in text
@@ -409,29 +480,51 @@ def test_final_stage_running(study, tmp_path):
 
 def test_the_seeds_comparisons_from_trial_rows():
     """Grid studies like optimizer.yaml / scheduler.yaml / architecture.yaml: best value per group."""
-    from fer_tune.report import Page, _comparisons_section
+    from fer_tune.report.html import Page
+    from fer_tune.report.study import comparisons_section
 
-    spec = {"metric": "val_acc", "mode": "max", "space": {
-        "optimizer": {"type": "categorical"}, "scheduler": {"type": "categorical"},
-        "dropout": {"type": "categorical"}, "model": {"type": "categorical"}}}
+    spec = {
+        "metric": "val_acc",
+        "mode": "max",
+        "space": {
+            "optimizer": {"type": "categorical"},
+            "scheduler": {"type": "categorical"},
+            "dropout": {"type": "categorical"},
+            "model": {"type": "categorical"},
+        },
+    }
     rng = np.random.default_rng(1)
-    combos = [(o, s, d, m) for o in ("sgd", "adam", "adagrad") for s in ("constant", "rlrp") for d in (0.2, 0.5)
-              for m in ("vgg_variant", "resnet50")]
-    rows = [{"number": i, "status": "completed", "best_val_acc": round(float(rng.uniform(20, 70)), 4),
-             "param_optimizer": o, "param_scheduler": s, "param_dropout": d, "param_model": m}
-            for i, (o, s, d, m) in enumerate(combos)]
+    combos = [
+        (o, s, d, m)
+        for o in ("sgd", "adam", "adagrad")
+        for s in ("constant", "rlrp")
+        for d in (0.2, 0.5)
+        for m in ("vgg_variant", "resnet50")
+    ]
+    rows = [
+        {
+            "number": i,
+            "status": "completed",
+            "best_val_acc": round(float(rng.uniform(20, 70)), 4),
+            "param_optimizer": o,
+            "param_scheduler": s,
+            "param_dropout": d,
+            "param_model": m,
+        }
+        for i, (o, s, d, m) in enumerate(combos)
+    ]
     rows.append({**rows[0], "number": 99, "best_val_acc": ""})  # running, no value yet: ignored
     page = Page("t")
-    _comparisons_section(page, spec, rows)
+    comparisons_section(page, spec, rows)
     text = "".join(page.sections[0][2])
-    assert figure_ids(text) == ["fig-cmp-optimizer-scheduler", "fig-cmp-scheduler", "fig-cmp-dropout",
-                                "fig-cmp-model"]
+    assert figure_ids(text) == ["fig-cmp-optimizer-scheduler", "fig-cmp-scheduler", "fig-cmp-dropout", "fig-cmp-model"]
     grouped = figure(text, "fig-cmp-optimizer-scheduler")["data"]
     assert [t["name"] for t in grouped] == ["constant", "rlrp"]
     for t in grouped:
         for opt, y in zip(t["x"], t["y"]):
-            assert y == max(r["best_val_acc"] for r in rows[:-1]
-                            if (r["param_optimizer"], r["param_scheduler"]) == (opt, t["name"]))
+            assert y == max(
+                r["best_val_acc"] for r in rows[:-1] if (r["param_optimizer"], r["param_scheduler"]) == (opt, t["name"])
+            )
     for name in ("dropout", "model"):
         bars = figure(text, f"fig-cmp-{name}")["data"][0]
         for v, y, n in zip(bars["x"], bars["y"], bars["customdata"]):
@@ -462,10 +555,23 @@ def chromium() -> str | None:
 
 
 def run_chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess:
-    args = [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
-            "--no-first-run", "--enable-logging=stderr", "--v=0", "--window-size=1280,4200",
-            "--virtual-time-budget=20000", *flags, url]
+    args = [
+        chromium(),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+        "--no-first-run",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,4200",
+        "--virtual-time-budget=20000",
+        *flags,
+        url,
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
@@ -496,7 +602,7 @@ def test_report_renders_in_a_real_browser(study, tmp_path):
     for d in divs:
         assert 'class="main-svg"' in d, d[:80]  # from this div to the next one
     # the study name is text in the page, not an element
-    assert "<img src=\"x\"" not in dom and "onerror=\"alert" not in dom
+    assert '<img src="x"' not in dom and 'onerror="alert' not in dom
     assert html.escape(EVIL, quote=False) in dom
     shot = Path(os.environ.get("FER_TUNE_SCREENSHOT_DIR", tmp_path)) / "report.png"
     r = run_chromium(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}")

@@ -9,7 +9,7 @@ import yaml
 
 from fer_tune.cli import main
 from fer_tune.common import FerTuneError
-from fer_tune.spaces import load_space, parse_space
+from fer_tune.tune.spaces import load_space, parse_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 OK = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}
@@ -73,7 +73,10 @@ BAD = [
     ({**OK, "max_epochs": 0}, "max_epochs=0"),
     ({**OK, "early_stopping": {"type": "hyperband"}}, "early_stopping.type must be one of asha, median, none"),
     ({**OK, "early_stopping": {"type": "pbt"}}, "pbt is not supported"),
-    ({**OK, "early_stopping": {"type": "asha", "grace_period": 50}}, "grace_period must be an integer in 1..max_epochs"),
+    (
+        {**OK, "early_stopping": {"type": "asha", "grace_period": 50}},
+        "grace_period must be an integer in 1..max_epochs",
+    ),
     ({**OK, "early_stopping": {"type": "asha", "reduction_factor": 1}}, "reduction_factor must be a number > 1"),
     ({**OK, "early_stopping": {"type": "none", "grace_period": 2}}, "unknown field(s) grace_period for none"),
     ({**OK, "resources": {"gpu": -1}}, "resources.gpu must be a number >= 0"),
@@ -93,47 +96,104 @@ BAD = [
     ({"space": {"optimizer": {"type": "int", "low": 1, "high": 3}}}, "not numeric; use type categorical"),
     ({"space": {"optimizer": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
     ({"space": {"optimizer": {"type": "categorical", "choices": ["adam", "adam"]}}}, "duplicates"),
-    ({"space": {"optimizer": {"type": "categorical", "choices": ["adam", "rmsprop"]}}},
-     "space.optimizer: value 'rmsprop' is invalid (optimizer='rmsprop' is not one of"),
+    (
+        {"space": {"optimizer": {"type": "categorical", "choices": ["adam", "rmsprop"]}}},
+        "space.optimizer: value 'rmsprop' is invalid (optimizer='rmsprop' is not one of",
+    ),
     ({"space": {"dropout": {"type": "float", "low": 0.0, "high": 1.5}}}, "space.dropout: value 1.5 is invalid"),
     ({"space": {"epochs": {"type": "int", "low": 1, "high": 5}}}, "epochs cannot be searched"),
-    ({"space": {"learning_rate": {"type": "float", "low": 0.1, "high": 1}}}, "space.learning_rate: unknown training key"),
-    ({"space": {"momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd"]}}}},
-     "space.momentum.when: 'optimizer' must be a parameter defined above momentum"),
+    (
+        {"space": {"learning_rate": {"type": "float", "low": 0.1, "high": 1}}},
+        "space.learning_rate: unknown training key",
+    ),
+    (
+        {"space": {"momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd"]}}}},
+        "space.momentum.when: 'optimizer' must be a parameter defined above momentum",
+    ),
     ({"sampler": "grid", "space": {"lr": {"type": "float", "low": 0.1, "high": 1}}}, "grid needs categorical"),
-    ({"sampler": "grid", "num_samples": 5, "space": {"dropout": {"type": "categorical", "choices": [0.1, 0.2]}}},
-     "num_samples=5: must be 1..2 (the grid has 2 points)"),
+    (
+        {"sampler": "grid", "num_samples": 5, "space": {"dropout": {"type": "categorical", "choices": [0.1, 0.2]}}},
+        "num_samples=5: must be 1..2 (the grid has 2 points)",
+    ),
     ({"space": {"dropout": 0.3}}, "nothing to search"),
     ({**OK, "sampler": "cmaes"}, "needs the `cmaes` package"),
     ({**OK, "data": {"required": "yes"}}, "data.required must be true or false"),
     # a when: value the parent can never take
-    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
-                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd_nesterov"]}}}},
-     "space.momentum.when.optimizer: optimizer can never be 'sgd_nesterov' (choices: sgd, adam)"),
-    ({"space": {"patience": {"type": "int", "low": 1, "high": 4},
-                "factor": {"type": "float", "low": 0.5, "high": 0.9, "when": {"patience": [2, 9]}}}},
-     "space.factor.when.patience: patience can never be 9 (range 1..4)"),
+    (
+        {
+            "space": {
+                "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd_nesterov"]}},
+            }
+        },
+        "space.momentum.when.optimizer: optimizer can never be 'sgd_nesterov' (choices: sgd, adam)",
+    ),
+    (
+        {
+            "space": {
+                "patience": {"type": "int", "low": 1, "high": 4},
+                "factor": {"type": "float", "low": 0.5, "high": 0.9, "when": {"patience": [2, 9]}},
+            }
+        },
+        "space.factor.when.patience: patience can never be 9 (range 1..4)",
+    ),
     # two parameters setting one training key
-    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr"},
-                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr"}}},
-     "space.lr_b: sets lr like space.lr_a; two parameters may set one key only under disjoint `when:` values"),
-    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+    (
+        {
+            "space": {
+                "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr"},
+                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr"},
+            }
+        },
+        "space.lr_b: sets lr like space.lr_a; two parameters may set one key only under disjoint `when:` values",
+    ),
+    (
+        {
+            "space": {
+                "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
                 "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr", "when": {"optimizer": ["sgd"]}},
-                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr",
-                         "when": {"optimizer": ["sgd", "adam"]}}}}, "space.lr_b: sets lr like space.lr_a"),
-    ({"space": {"width": {"type": "categorical", "choices": [0.25, 1.0]},  # 1 and 1.0 are one value
+                "lr_b": {
+                    "type": "float",
+                    "low": 1e-4,
+                    "high": 1e-3,
+                    "key": "lr",
+                    "when": {"optimizer": ["sgd", "adam"]},
+                },
+            }
+        },
+        "space.lr_b: sets lr like space.lr_a",
+    ),
+    (
+        {
+            "space": {
+                "width": {"type": "categorical", "choices": [0.25, 1.0]},  # 1 and 1.0 are one value
                 "lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "lr", "when": {"width": [1]}},
-                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr", "when": {"width": [1.0]}}}},
-     "space.lr_b: sets lr like space.lr_a"),
-    ({"space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
-                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": [[1]]}}}},
-     "space.momentum.when.optimizer: optimizer can never be"),
-    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "learning_rate"}}},
-     "space.lr_a: key 'learning_rate' is not a searchable training key"),
-    ({"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "epochs"}}},
-     "space.lr_a: key 'epochs' is not a searchable training key"),
-    ({"space": {"lr_a": {"type": "float", "low": 1.0, "high": 2.0, "key": "dropout"}}},
-     "space.lr_a: value 1.0 is invalid (dropout must be in [0, 1)"),
+                "lr_b": {"type": "float", "low": 1e-4, "high": 1e-3, "key": "lr", "when": {"width": [1.0]}},
+            }
+        },
+        "space.lr_b: sets lr like space.lr_a",
+    ),
+    (
+        {
+            "space": {
+                "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": [[1]]}},
+            }
+        },
+        "space.momentum.when.optimizer: optimizer can never be",
+    ),
+    (
+        {"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "learning_rate"}}},
+        "space.lr_a: key 'learning_rate' is not a searchable training key",
+    ),
+    (
+        {"space": {"lr_a": {"type": "float", "low": 0.01, "high": 0.1, "key": "epochs"}}},
+        "space.lr_a: key 'epochs' is not a searchable training key",
+    ),
+    (
+        {"space": {"lr_a": {"type": "float", "low": 1.0, "high": 2.0, "key": "dropout"}}},
+        "space.lr_a: value 1.0 is invalid (dropout must be in [0, 1)",
+    ),
 ]
 
 

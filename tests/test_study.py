@@ -1,63 +1,17 @@
 """The study engine with real Ray, run as the user runs it: `fer-tune sweep / resume / extend / status` in
 subprocesses (each starts and stops its own local Ray under a private RAY_TMPDIR)."""
 
-import csv
 import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-import yaml
-
-SPACE = {
-    "name": "t", "description": "test study", "sampler": "tpe", "seed": 0, "num_samples": 6, "max_epochs": 4,
-    "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "resources": {"cpu": 1, "gpu": 0}, "data": {"path": "synthetic:1000", "protocol": "paper"},
-    "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
-    "space": {"optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
-              "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
-              "dropout": {"type": "float", "low": 0.0, "high": 0.5}},
-}
-
-
-@pytest.fixture
-def env(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    e = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "FER_TUNE_CACHE": str(tmp_path / "cache"),
-         "PYTHONUNBUFFERED": "1"}
-    yield e
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def fer_tune(env, *args, timeout=300):
-    args = [*map(str, args)]
-    if args[0] in ("sweep", "resume", "extend"):
-        args.append("--num-cpus=2")  # the local Ray each command starts gets an explicit CPU count
-    return subprocess.run([sys.executable, "-m", "fer_tune.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def write_space(tmp_path, **changes):
-    path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump({**SPACE, **changes}, sort_keys=False))
-    return path
-
-
-def study_trials(sdir, name="t"):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{sdir / 'optuna.db'}").trials
-
-
-def read_csv(sdir):
-    with open(sdir / "trials.csv") as fh:
-        return list(csv.DictReader(fh))
+from conftest import SPACE, fer_tune, read_csv, study_trials, write_space
 
 
 def test_sweep_with_a_crash_then_extend(tmp_path, env):
@@ -79,11 +33,7 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
 
     rows = read_csv(sdir)
     assert len(rows) == 6 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
-    # both CPUs' trials start together (Tune would start one trial at a time with a searcher: ~5 s apart here)
-    from fer_tune.trials import read_results
-
-    starts = sorted(rows_[0]["trial_start"] for rows_ in read_results([sdir / "tune"]).values())
-    assert starts[1] - starts[0] < 2.5, starts
+    # (that both CPUs' trials start together is measured by benchmarks/bench_study.py overhead)
     crashed = marker.read_text()
     row = next(r for r in rows if r["ray_trial_id"] == crashed)
     assert int(row["restarts"]) == 1 and row["state"] in ("COMPLETE", "PRUNED")
@@ -98,7 +48,8 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
 
     # nothing to resume in a finished study
     r = fer_tune(env, "resume", sdir, "--quiet")
-    assert r.returncode == 0 and "nothing to resume" in r.stdout
+    assert r.returncode == 0 and "nothing to resume" in r.stderr  # what happened: stderr; the summary: stdout
+    assert "best: trial" in r.stdout
 
     # extend: 2 more trials, told to the same Optuna study (which sees all 6 earlier ones)
     r = fer_tune(env, "extend", sdir, "--num-samples", 2, "--quiet")
@@ -125,27 +76,56 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
 def test_the_study_driver_never_imports_torch(tmp_path):
     """The driver's start is on the critical path of every study: its own code and Tune's TensorBoard logger
     (tensorboardX imports torch if it can) must leave torch to the trials (about 2.5 s of CPU)."""
-    code = ("import sys\n"
-            "from fer_tune import cli, cli_study, data, report, spaces, study\n"
-            "spec = spaces.load_space('search_spaces/joint.yaml')\n"
-            "spec.base_config(); spec.define_by_run(); study._versions(); study._tensorboard_callback()\n"
-            "data.load('synthetic:100', 'paper')\n"
-            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True, env={**os.environ, "FER_TUNE_CACHE": str(tmp_path)})
+    code = (
+        "import sys\n"
+        "from fer_tune import cli, data, report\n"
+        "from fer_tune.cli import study as cli_study\n"
+        "from fer_tune.tune import record, searcher, spaces, study\n"
+        "spec = spaces.load_space('search_spaces/joint.yaml')\n"
+        "spec.base_config(); spec.define_by_run(); record.versions(); searcher.NumpyTBXLoggerCallback()\n"
+        "data.load('synthetic:100', 'paper')\n"
+        "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FER_TUNE_CACHE": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, env):
     # slower trials (about 2 s an epoch) so that the kill lands in the middle of one
-    space = write_space(tmp_path, num_samples=6, max_epochs=4, data={"path": "synthetic:3000"},
-                        fixed={**SPACE["fixed"], "width": 0.125},
-                        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    space = write_space(
+        tmp_path,
+        num_samples=6,
+        max_epochs=4,
+        data={"path": "synthetic:3000"},
+        fixed={**SPACE["fixed"], "width": 0.125},
+        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+    )
     results = tmp_path / "results"
     sdir = results / "t"
-    proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results),
-                             "--quiet", "--num-cpus", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fer_tune.cli",
+            "sweep",
+            str(space),
+            "--results",
+            str(results),
+            "--quiet",
+            "--num-cpus",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:  # kill once a trial is half-way (2 of 4 epochs reported)
@@ -176,8 +156,12 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     rows = read_csv(sdir)
     assert len(rows) == 6
     # a trial that was running continued from its checkpoint (start_epoch > 0), not from scratch
-    starts = [json.loads(line).get("start_epoch", 0) for f in sdir.glob("tune/*/result.json")
-              for line in f.read_text().splitlines() if line.strip()]
+    starts = [
+        json.loads(line).get("start_epoch", 0)
+        for f in sdir.glob("tune/*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
     assert max(starts) > 0
 
 
@@ -189,23 +173,48 @@ def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
 
     monkeypatch.setenv("RAY_TMPDIR", env["RAY_TMPDIR"])
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    space = write_space(tmp_path, num_samples=4, max_epochs=4, data={"path": "synthetic:3000"},
-                        fixed={**SPACE["fixed"], "width": 0.125}, early_stopping={"type": "none"},
-                        resources={"cpu": 1, "gpu": 0.5})
+    space = write_space(
+        tmp_path,
+        num_samples=4,
+        max_epochs=4,
+        data={"path": "synthetic:3000"},
+        fixed={**SPACE["fixed"], "width": 0.125},
+        early_stopping={"type": "none"},
+        resources={"cpu": 1, "gpu": 0.5},
+    )
     sdir = tmp_path / "results" / "t"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1, num_gpus=1)
         doomed = cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
-        proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results",
-                                 str(tmp_path / "results"), "--address", cluster.address, "--quiet"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fer_tune.cli",
+                "sweep",
+                str(space),
+                "--results",
+                str(tmp_path / "results"),
+                "--address",
+                cluster.address,
+                "--quiet",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         doomed_id = doomed.node_id[:12]
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            rows = [json.loads(line) for f in sdir.glob("tune/*/result.json") for line in f.read_text().splitlines()
-                    if line.strip()]
+            rows = [
+                json.loads(line)
+                for f in sdir.glob("tune/*/result.json")
+                for line in f.read_text().splitlines()
+                if line.strip()
+            ]
             if any(r["node_id"] == doomed_id and r["epoch"] == 2 for r in rows):
                 cluster.remove_node(doomed, allow_graceful=False)
                 break
@@ -221,26 +230,33 @@ def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
     rows = read_csv(sdir)
     moved = [r for r in rows if int(r["nodes"]) == 2]
     assert moved and all(int(r["restarts"]) >= 1 and r["epochs"] == "4" for r in moved)
-    starts = [json.loads(line)["start_epoch"] for f in sdir.glob("tune/*/result.json")
-              for line in f.read_text().splitlines() if line.strip()]
+    starts = [
+        json.loads(line)["start_epoch"]
+        for f in sdir.glob("tune/*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
     assert max(starts) >= 1  # continued from its checkpoint on the other node
 
 
 def test_asha_rungs_are_rebuilt_from_earlier_results(tmp_path):
     """After a restore, ASHA knows what trials reported before the interruption (Ray does not save rungs)."""
-    from fer_tune.spaces import parse_space
-    from fer_tune.study import _scheduler
+    from fer_tune.tune.searcher import make_scheduler
+    from fer_tune.tune.spaces import parse_space
 
-    spec = parse_space({**SPACE, "max_epochs": 8, "early_stopping": {"type": "asha", "grace_period": 1,
-                                                                     "reduction_factor": 2}}, source="t.yaml")
+    spec = parse_space(
+        {**SPACE, "max_epochs": 8, "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
+        source="t.yaml",
+    )
     exp = tmp_path / "tune"
     for tid, accs in {"a": [10, 20, 30, 40], "b": [15, 25], "c": [5]}.items():
         (exp / f"trial_{tid}").mkdir(parents=True)
-        lines = [json.dumps({"trial_id": tid, "epoch": e + 1, "training_iteration": e + 1, "val_acc": v})
-                 for e, v in enumerate(accs)]
+        lines = [
+            json.dumps({"trial_id": tid, "epoch": e + 1, "training_iteration": e + 1, "val_acc": v})
+            for e, v in enumerate(accs)
+        ]
         (exp / f"trial_{tid}" / "result.json").write_text("\n".join(lines) + "\n")
-    asha = _scheduler(spec)
-    asha._history_dirs = [str(exp)]
+    asha = make_scheduler(spec, [str(exp)])
     assert asha.seed_rungs() == 6
     rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
     assert rungs[1] == {"a": 10, "b": 15, "c": 5}
@@ -269,16 +285,17 @@ def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path,
     assert not (tmp_path / "results" / "t").exists()  # refused before anything was written
 
 
-def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, capsys):
-    from fer_tune import preflight
+def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, caplog):
     from fer_tune.common import FerTuneError
+    from fer_tune.tune import preflight
 
     nodes = [{"Resources": {"CPU": 8.0}}, {"Resources": {"CPU": 4.0, "GPU": 0.0}}]
     monkeypatch.setattr(preflight, "alive_nodes", lambda: nodes)
+    caplog.set_level(logging.INFO, logger="fer_tune")
     preflight.check_trials_fit({"cpu": 4, "gpu": 0}, None, "fix")  # fits: silent
-    assert capsys.readouterr().err == ""
+    assert caplog.text == ""
     preflight.check_trials_fit({"cpu": 4, "gpu": 1}, "auto", "fix")  # a cluster may grow: wait, say it once
-    err = capsys.readouterr().err
+    err = "".join(r.getMessage() + "\n" for r in caplog.records)  # the lines fer-tune's commands print on stderr
     assert err.count("\n") == 1 and "no node of the Ray cluster can hold a trial yet (4 CPU and 1 GPU each" in err
     assert "waiting for the cluster to add one" in err
     with pytest.raises(FerTuneError, match=r"each run asks for 4 CPU and 1 GPU, but the local Ray .* fix$"):
@@ -297,13 +314,24 @@ def wait_for_epochs(sdir, proc, n, timeout=180):
 
 
 def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_runs_a_study(tmp_path, env):
-    space = write_space(tmp_path, num_samples=4, max_epochs=4, data={"path": "synthetic:3000"},
-                        fixed={**SPACE["fixed"], "width": 0.125}, early_stopping={"type": "none"})
+    space = write_space(
+        tmp_path,
+        num_samples=4,
+        max_epochs=4,
+        data={"path": "synthetic:3000"},
+        fixed={**SPACE["fixed"], "width": 0.125},
+        early_stopping={"type": "none"},
+    )
     results = tmp_path / "results"
     sdir = results / "t"
-    proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results),
-                             "--num-cpus", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--num-cpus", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_epochs(sdir, proc, 1)
         # a second driver of the same study is refused at once, naming the one that runs it
@@ -334,7 +362,7 @@ def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_r
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 143 and took < 60, (proc.returncode, took, out, err)
-    assert f"study interrupted; continue it with:\n    fer-tune resume {sdir}" in out
+    assert f"study interrupted; continue it with:\n    fer-tune resume {sdir}" in err  # progress: stderr
     assert "SIGTERM received: stopping the trials" in err
     assert "*** SIGTERM received" not in err + out and "PC: @" not in err + out and "Traceback" not in err
     rows = read_csv(sdir)
@@ -364,17 +392,33 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
 
     rng = random.Random(int(os.environ.get("FER_TUNE_CHAOS_SEED", "0")))
     n, epochs = 5, 5
-    space = write_space(tmp_path, num_samples=n, max_epochs=epochs, data={"path": "synthetic:2000"},
-                        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    space = write_space(
+        tmp_path,
+        num_samples=n,
+        max_epochs=epochs,
+        data={"path": "synthetic:2000"},
+        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+    )
     results = tmp_path / "results"
     sdir = results / "t"
-    sweep = [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--quiet",
-             "--num-cpus", "2"]
+    sweep = [
+        sys.executable,
+        "-m",
+        "fer_tune.cli",
+        "sweep",
+        str(space),
+        "--results",
+        str(results),
+        "--quiet",
+        "--num-cpus",
+        "2",
+    ]
     resume = [sys.executable, "-m", "fer_tune.cli", "resume", str(sdir), "--quiet", "--num-cpus", "2"]
     kills = []
     for cmd in (sweep, resume, resume):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             done = sum(len(f.read_text().splitlines()) for f in sdir.glob("tune/*/result.json"))
             deadline = time.time() + 180
@@ -399,10 +443,11 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Error handling checkpoint" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
     trials = study_trials(sdir)
-    assert len(trials) == n and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), \
-        [t.state.name for t in trials]
+    assert len(trials) == n and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [
+        t.state.name for t in trials
+    ]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == n
-    from fer_tune.trials import read_results
+    from fer_tune.tune.trials import read_results
 
     results_by_trial = read_results([sdir / "tune"])
     rows = {int(row["number"]): row for row in read_csv(sdir)}

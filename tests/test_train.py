@@ -33,8 +33,9 @@ def test_fit_learns_the_synthetic_faces():
     d = fdata.load("synthetic:3000", "paper")
     y_val = d.arrays("val")[1]
     majority = 100 * np.bincount(y_val).max() / len(y_val)
-    cfg = TrainConfig(width=0.125, epochs=5, lr=0.02, dropout=0.0, train_crops="one", test_crops="center",
-                      batch_size=32)
+    cfg = TrainConfig(
+        width=0.125, epochs=5, lr=0.02, dropout=0.0, train_crops="one", test_crops="center", batch_size=32
+    )
     r = fit(cfg, d, device=CPU)
     assert r.status == "completed" and [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5]
     for h in r.history:
@@ -163,12 +164,30 @@ def test_models_command(capsys):
 
 def test_train_and_evaluate_commands_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    args = ["train", "--data", "synthetic:1500", "--out", str(out_dir), "--quiet",
-            "--set", "width=0.125", "--set", "epochs=3", "--set", "lr=0.02", "--set", "dropout=0",
-            "--set", "train_crops=one", "--set", "batch_size=32"]
-    code, _, err = run(capsys, *args)
+    args = [
+        "train",
+        "--data",
+        "synthetic:1500",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--set",
+        "width=0.125",
+        "--set",
+        "epochs=3",
+        "--set",
+        "lr=0.02",
+        "--set",
+        "dropout=0",
+        "--set",
+        "train_crops=one",
+        "--set",
+        "batch_size=32",
+    ]
+    code, out, err = run(capsys, *args)
     assert code == 0, err
-    assert "Traceback" not in err and "best val accuracy" in err
+    assert "Traceback" not in err and "best val accuracy" in out  # the result on stdout, progress on stderr
+    assert_code_revision_recorded(out_dir)
     m = json.loads((out_dir / "metrics.json").read_text())
     assert m["status"] == "completed" and m["protocol"] == "paper" and m["config"]["width"] == 0.125
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
@@ -193,36 +212,60 @@ def test_train_and_evaluate_commands_end_to_end(tmp_path, capsys):
     # the same --out again is refused; resume can only extend
     code, _, err = run(capsys, *args)
     assert code == 2 and "already holds a run" in err
-    code, _, err = run(capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume",
-                       "--set", "lr=0.1", "--quiet")
+    code, _, err = run(
+        capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume", "--set", "lr=0.1", "--quiet"
+    )
     assert code == 2 and "lr cannot change" in err
-    code, _, err = run(capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume",
-                       "--set", "epochs=4", "--quiet")
+    code, _, err = run(
+        capsys, "train", "--data", "synthetic:1500", "--out", str(out_dir), "--resume", "--set", "epochs=4", "--quiet"
+    )
     assert code == 0, err
     m2 = json.loads((out_dir / "metrics.json").read_text())
     assert [h["epoch"] for h in m2["history"]] == [1, 2, 3, 4]
     assert m2["history"][:3] == m["history"]
-    code, _, err = run(capsys, "train", "--data", "synthetic:1600", "--out", str(out_dir), "--resume",
-                       "--set", "epochs=5", "--quiet")
+    code, _, err = run(
+        capsys, "train", "--data", "synthetic:1600", "--out", str(out_dir), "--resume", "--set", "epochs=5", "--quiet"
+    )
     assert code == 2 and "data differ" in err
 
 
 def test_train_command_reports_divergence(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "--data", "synthetic:300", "--out", str(tmp_path / "d"), "--quiet",
-                       "--set", "width=0.0625", "--set", "optimizer=sgd", "--set", "momentum=0",
-                       "--set", "lr=1e6", "--set", "train_crops=one", "--set", "epochs=2")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--data",
+        "synthetic:300",
+        "--out",
+        str(tmp_path / "d"),
+        "--quiet",
+        "--set",
+        "width=0.0625",
+        "--set",
+        "optimizer=sgd",
+        "--set",
+        "momentum=0",
+        "--set",
+        "lr=1e6",
+        "--set",
+        "train_crops=one",
+        "--set",
+        "epochs=2",
+    )
     assert code == 1 and "diverged" in err and "Traceback" not in err
     assert json.loads((tmp_path / "d" / "metrics.json").read_text())["status"] == "diverged"
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["train", "--out", "X", "--set", "nope=1"], "unknown key(s) nope"),
-    (["train", "--out", "X", "--set", "lr"], "expects key=value"),
-    (["train", "--out", "X", "--set", "lr=abc"], "lr"),
-    (["train", "--out", "X", "--resume"], "nothing to resume"),
-    (["train", "--out", "X", "--config", "missing.yaml"], "missing.yaml"),
-    (["evaluate", "missing.pt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["train", "--out", "X", "--set", "nope=1"], "unknown key(s) nope"),
+        (["train", "--out", "X", "--set", "lr"], "expects key=value"),
+        (["train", "--out", "X", "--set", "lr=abc"], "lr"),
+        (["train", "--out", "X", "--resume"], "nothing to resume"),
+        (["train", "--out", "X", "--config", "missing.yaml"], "missing.yaml"),
+        (["evaluate", "missing.pt"], "does not exist"),
+    ],
+)
 def test_cli_user_errors(tmp_path, capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
@@ -232,8 +275,20 @@ def test_cli_user_errors(tmp_path, capsys, monkeypatch, argv, expected):
 
 def test_resume_cannot_stretch_a_fixed_length_schedule(tmp_path, capsys):
     base = ["train", "--data", "synthetic:300", "--out", str(tmp_path / "oc"), "--quiet"]
-    code, _, err = run(capsys, *base, "--set", "width=0.0625", "--set", "scheduler=onecycle",
-                       "--set", "train_crops=one", "--set", "test_crops=center", "--set", "epochs=1")
+    code, _, err = run(
+        capsys,
+        *base,
+        "--set",
+        "width=0.0625",
+        "--set",
+        "scheduler=onecycle",
+        "--set",
+        "train_crops=one",
+        "--set",
+        "test_crops=center",
+        "--set",
+        "epochs=1",
+    )
     assert code == 0, err
     code, _, err = run(capsys, *base, "--resume", "--set", "epochs=2")
     assert code == 2 and "onecycle shapes its whole schedule" in err
@@ -277,10 +332,18 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     from fer_tune import train
 
     real = Path.read_text
-    for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
-                            ("fpu avx512f avx2", False)):
-        monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: f"processor\t: 0\nflags\t\t: {_f}\n"
-                            if str(self) == "/proc/cpuinfo" else real(self, *a, **k))
+    for flags, expected in (
+        ("fpu avx512f avx512_bf16 sse", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx512f avx2", False),
+    ):
+        monkeypatch.setattr(
+            Path,
+            "read_text",
+            lambda self, *a, _f=flags, **k: (
+                f"processor\t: 0\nflags\t\t: {_f}\n" if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+            ),
+        )
         assert train.cpu_has_native_bf16() is expected, flags
 
 
@@ -302,8 +365,32 @@ def test_bf16_training_is_recorded_and_resumes_bit_exact(small):
 
 def test_train_command_records_its_precision(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--data", "synthetic:300", "--out", str(out_dir), "--quiet",
-                       "--set", "width=0.0625", "epochs=1", "train_crops=one", "test_crops=center", "amp=bf16")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--data",
+        "synthetic:300",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--set",
+        "width=0.0625",
+        "epochs=1",
+        "train_crops=one",
+        "test_crops=center",
+        "amp=bf16",
+    )
     assert code == 0, err
     assert json.loads((out_dir / "metrics.json").read_text())["precision"] == "bf16"
     assert "on cpu (bf16)" in err
+
+
+def assert_code_revision_recorded(run_dir) -> None:
+    """metrics.json names the code revision that produced it: in a git checkout the SHA and whether it was dirty."""
+    import fer_tune
+
+    code = json.loads((run_dir / "metrics.json").read_text())["environment"]["code"]
+    if (Path(fer_tune.__file__).resolve().parents[1] / ".git").exists():
+        assert len(code["sha"]) == 40 and isinstance(code["dirty"], bool), code
+    else:
+        assert code is None

@@ -8,16 +8,44 @@ local paths or URIs (a study's Ray storage, e.g. s3://...): fer_tune.storage rea
 from __future__ import annotations
 
 import csv
+import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
+from ..common import FerTuneError, write_atomic
 from .checkpoints import checkpointed_results, result_rows
+from .lock import holder
+from .record import load_optuna_study
+from .spec import StudySpec
 from .storage import experiment_dir, join, listdir, read_text
 
-RESULT_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc", "epoch", "training_iteration",
-               "epoch_seconds", "device_seconds", "node", "node_id", "device", "precision", "status", "lr", "trial_id", "time_total_s",
-               "start_epoch", "rss_mb", "pss_mb", "uss_mb", "store_rss_mb", "store_pss_mb", "trial_start")
+RESULT_KEYS = (
+    "val_acc",
+    "val_loss",
+    "train_acc",
+    "train_loss",
+    "best_val_acc",
+    "epoch",
+    "training_iteration",
+    "epoch_seconds",
+    "device_seconds",
+    "node",
+    "node_id",
+    "device",
+    "precision",
+    "status",
+    "lr",
+    "trial_id",
+    "time_total_s",
+    "start_epoch",
+    "rss_mb",
+    "pss_mb",
+    "uss_mb",
+    "store_rss_mb",
+    "store_pss_mb",
+    "trial_start",
+)
 
 
 def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]], dict[str, int]]:
@@ -100,10 +128,6 @@ def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]]
 def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, live: bool | None = None) -> list[dict]:
     """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns); `live`:
     whether a command runs the study now (read from its lock when not given)."""
-    import optuna
-
-    from .study import resolve_storage
-
     sdir = Path(sdir)
     spec = record["spec"]
     metric = spec["metric"]
@@ -119,11 +143,8 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
         while m < spec["max_epochs"]:
             rungs.append(int(m))
             m *= es["reduction_factor"]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
+    study = load_optuna_study(record)
     if live is None:
-        from .lock import holder
-
         live = holder(sdir) is not None
     names = list(spec["space"])
     rows = []
@@ -142,17 +163,24 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
         status = t.user_attrs.get("status", "")
         if state == "RUNNING":  # running only while a command runs the study; else it was interrupted
             status = tune_states.get(tid, "RUNNING").lower() if live else "interrupted"
-        row = {"number": t.number, "ray_trial_id": tid, "state": state, "status": status or state.lower(),
-               "epochs": res[-1]["epoch"] if res else 0,
-               f"best_{metric}": "" if best is None else round(best, 4), "best_epoch": best_epoch,
-               f"last_{metric}": round(res[-1][metric], 4) if res and metric in res[-1] else "",
-               "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
-               "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
-               "node": res[-1].get("node", "") if res else "", "device": res[-1].get("device", "") if res else "",
-               "precision": res[-1].get("precision", "") if res else "",
-               "nodes": len({r.get("node_id") for r in res}), "peak_pss_mb": max((r.get("pss_mb", 0) for r in res),
-                                                                                  default=0),
-               "restarts": restarted.get(tid, 0)}
+        row = {
+            "number": t.number,
+            "ray_trial_id": tid,
+            "state": state,
+            "status": status or state.lower(),
+            "epochs": res[-1]["epoch"] if res else 0,
+            f"best_{metric}": "" if best is None else round(best, 4),
+            "best_epoch": best_epoch,
+            f"last_{metric}": round(res[-1][metric], 4) if res and metric in res[-1] else "",
+            "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
+            "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
+            "node": res[-1].get("node", "") if res else "",
+            "device": res[-1].get("device", "") if res else "",
+            "precision": res[-1].get("precision", "") if res else "",
+            "nodes": len({r.get("node_id") for r in res}),
+            "peak_pss_mb": max((r.get("pss_mb", 0) for r in res), default=0),
+            "restarts": restarted.get(tid, 0),
+        }
         by_epoch = {r["epoch"]: r for r in res}
         for m in rungs:
             row[f"{metric}@{m}"] = round(by_epoch[m][metric], 4) if m in by_epoch and metric in by_epoch[m] else ""
@@ -163,24 +191,20 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
 
 
 def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
+    """trials.csv (see results/README.md for the columns); returns its rows."""
     rows = trials_table(sdir, record)
-    path = Path(sdir) / "trials.csv"
-    tmp = path.with_name(".trials.csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        if rows:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_atomic(Path(sdir) / "trials.csv", buf.getvalue())
     return rows
 
 
 def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None) -> dict:
     """The study at a glance; `scanned`: study_results() when the caller has already read them."""
-    from .lock import holder
-
-    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final")))
-               if info}
+    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final"))) if info}
     rows = trials_table(sdir, record, scanned, live="study" in running)
     spec = record["spec"]
     total = sum(r["num_samples"] for r in record["runs"])
@@ -193,9 +217,52 @@ def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None)
     if scored:
         best = (max if spec["mode"] == "max" else min)(scored, key=lambda r: r[key])
     finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
-    return {"name": record["name"], "directory": str(sdir), "metric": spec["metric"], "mode": spec["mode"],
-            "running": running,
-            "num_samples": total, "trials": len(rows), "finished": finished, "states": states,
-            "epochs_trained": sum(int(r["epochs"]) for r in rows),
-            "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
-            "best": best, "rows": rows}
+    return {
+        "name": record["name"],
+        "directory": str(sdir),
+        "metric": spec["metric"],
+        "mode": spec["mode"],
+        "running": running,
+        "num_samples": total,
+        "trials": len(rows),
+        "finished": finished,
+        "states": states,
+        "epochs_trained": sum(int(r["epochs"]) for r in rows),
+        "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
+        "best": best,
+        "rows": rows,
+    }
+
+
+def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) -> dict:
+    """The study's best finished trial by its metric and mode (or trial `number`), with its full config."""
+    rows = trials_table(sdir, record)
+    key = f"best_{spec.metric}"
+    if number is not None:
+        row = next((r for r in rows if r["number"] == number), None)
+        if row is None:
+            raise FerTuneError(f"{sdir}: the study has no trial {number} (trials 0..{len(rows) - 1})")
+        if row[key] == "":
+            raise FerTuneError(f"{sdir}: trial {number} reported no {spec.metric} ({row['status']}); pick another")
+    else:
+        scored = [r for r in rows if r[key] != "" and r["state"] != "FAIL"]
+        if not scored:
+            raise FerTuneError(
+                f"{sdir}: the study has no finished trial with a {spec.metric} yet "
+                f"({len(rows)} trials); run or resume the sweep first"
+            )
+        row = (max if spec.mode == "max" else min)(scored, key=lambda r: float(r[key]))
+    import optuna
+
+    trial = next(t for t in load_optuna_study(record).get_trials(deepcopy=False) if t.number == row["number"])
+    constants = spec.define_by_run()(optuna.trial.FixedTrial(trial.params)) or {}
+    params = {**trial.params, **constants}
+    return {
+        "number": row["number"],
+        "ray_trial_id": row["ray_trial_id"],
+        "metric": spec.metric,
+        "value": float(row[key]),
+        "epoch": row["best_epoch"],
+        "params": params,
+        "config": spec.trial_config(params).to_dict(),
+    }

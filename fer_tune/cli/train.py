@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
-from .common import FerTuneError, write_json
-
+from ..common import FerTuneError, code_revision, write_json
+from .common import add_data_options, load_data, parser_with
 
 # keys a resumed run may change: they do not alter the model, optimizer or data the checkpoint was made with
 RESUME_CHANGEABLE = {"epochs", "threads", "eval_batch_size"}
 
 
-def run_environment(device) -> dict:
+def run_environment(device: Any) -> dict:
     import numpy
     import torch
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"fer_tune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": name, "threads": torch.get_num_threads()}
+    return {
+        "fer_tune": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "code": code_revision(),
+    }
 
 
-def cmd_models(args) -> int:
-    from .models import model_table
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import model_table
 
     table = model_table()
     if args.json:
@@ -40,11 +50,18 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_train(args, load_data) -> int:
-    from .config import TrainConfig
-    from .evaluate import evaluate_model, format_report, saliency_sample
-    from .train import fit, load_checkpoint, model_from_checkpoint, precision, precision_name, save_checkpoint
-    from .train import select_device
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..config import TrainConfig
+    from ..evaluate import evaluate_model, format_report, saliency_sample
+    from ..train import (
+        fit,
+        load_checkpoint,
+        model_from_checkpoint,
+        precision,
+        precision_name,
+        save_checkpoint,
+        select_device,
+    )
 
     out = Path(args.out)
     last, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
@@ -59,12 +76,16 @@ def cmd_train(args, load_data) -> int:
         cfg = cfg.with_overrides(args.set or [])
         changed = sorted(k for k, v in cfg.to_dict().items() if checkpoint["config"].get(k) != v)
         if set(changed) - RESUME_CHANGEABLE:
-            raise FerTuneError(f"--resume: {', '.join(changed)} cannot change in a resumed run (only "
-                               f"{', '.join(sorted(RESUME_CHANGEABLE))} can); start a new run with another --out")
+            raise FerTuneError(
+                f"--resume: {', '.join(changed)} cannot change in a resumed run (only "
+                f"{', '.join(sorted(RESUME_CHANGEABLE))} can); start a new run with another --out"
+            )
         if "epochs" in changed and cfg.scheduler in ("cosine", "onecycle"):
-            raise FerTuneError(f"--resume: scheduler {cfg.scheduler} shapes its whole schedule over the "
-                               f"{checkpoint['config']['epochs']} epochs it was started with, so epochs cannot "
-                               "change; train a fine-tune run from best.pt instead (--set weights=...)")
+            raise FerTuneError(
+                f"--resume: scheduler {cfg.scheduler} shapes its whole schedule over the "
+                f"{checkpoint['config']['epochs']} epochs it was started with, so epochs cannot "
+                "change; train a fine-tune run from best.pt instead (--set weights=...)"
+            )
     else:
         if metrics_path.exists() or last.exists():
             raise FerTuneError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -75,24 +96,43 @@ def cmd_train(args, load_data) -> int:
     data = load_data(args, cfg.protocol)
     device = select_device(args.device)
     env = run_environment(device)
-    record = {"config": cfg.to_dict(), "protocol": data.protocol, "data": data.describe(), "environment": env,
-              "precision": precision_name(precision(device, cfg.amp)[0]), "seed": cfg.seed, "status": "running", "message": "", "history": [], "best": {}, "test": {}}
+    record = {
+        "config": cfg.to_dict(),
+        "protocol": data.protocol,
+        "data": data.describe(),
+        "environment": env,
+        "precision": precision_name(precision(device, cfg.amp)[0]),
+        "seed": cfg.seed,
+        "status": "running",
+        "message": "",
+        "history": [],
+        "best": {},
+        "test": {},
+    }
     if checkpoint is not None:
         old = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         old_fp = old.get("data", {}).get("fingerprint")
         if old_fp and old_fp != data.fingerprint and not args.force:
-            raise FerTuneError(f"--resume: the data differ from the run's (fingerprint {old_fp} -> "
-                               f"{data.fingerprint}); pass --force to continue anyway")
+            raise FerTuneError(
+                f"--resume: the data differ from the run's (fingerprint {old_fp} -> "
+                f"{data.fingerprint}); pass --force to continue anyway"
+            )
         if checkpoint["epoch"] >= cfg.epochs:
-            print(f"{out}: already trained {checkpoint['epoch']} of {cfg.epochs} epochs; "
-                  "raise epochs with --set epochs=N to train further", file=sys.stderr)
+            print(
+                f"{out}: already trained {checkpoint['epoch']} of {cfg.epochs} epochs; "
+                "raise epochs with --set epochs=N to train further",
+                file=sys.stderr,
+            )
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     sizes = data.describe()["sizes"]
-    print(f"training {cfg.model} (width {cfg.width}) on {data.format} data [{data.protocol}: train "
-          f"{sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}] on {device} "
-          f"({record['precision']}), "
-          f"epochs {checkpoint['epoch'] + 1 if checkpoint else 1}..{cfg.epochs}", file=sys.stderr)
+    print(
+        f"training {cfg.model} (width {cfg.width}) on {data.format} data [{data.protocol}: train "
+        f"{sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}] on {device} "
+        f"({record['precision']}), "
+        f"epochs {checkpoint['epoch'] + 1 if checkpoint else 1}..{cfg.epochs}",
+        file=sys.stderr,
+    )
 
     def on_epoch(metrics: dict, state: dict | None) -> None:
         if state is not None:
@@ -113,32 +153,43 @@ def cmd_train(args, load_data) -> int:
     if best_path.exists():
         model, _ = model_from_checkpoint(load_checkpoint(best_path), device)
         images, labels = data.arrays("test")
-        record["test"] = evaluate_model(model, images, labels, device=device, crops=cfg.test_crops,
-                                        batch_size=cfg.eval_batch_size, amp=cfg.amp)
+        record["test"] = evaluate_model(
+            model, images, labels, device=device, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, amp=cfg.amp
+        )
         record["test"]["checkpoint"] = "best.pt"
         record["test"]["epoch"] = record["best"]["epoch"]
         record["test"]["saliency"] = saliency_sample(model, images, labels, out, device=device)
-        print(f"\nbest val accuracy {record['best']['val_acc']:.2f} % at epoch {record['best']['epoch']}; "
-              f"test ({data.protocol} protocol), best-val checkpoint:", file=sys.stderr)
-        print(format_report(record["test"]), file=sys.stderr)
+        print(
+            f"best val accuracy {record['best']['val_acc']:.2f} % at epoch {record['best']['epoch']}; "
+            f"test ({data.protocol} protocol), best-val checkpoint:"
+        )
+        print(format_report(record["test"]))
     write_json(metrics_path, record)
     print(f"\nwrote {metrics_path}, {last}, {best_path}", file=sys.stderr)
     return 0
 
 
-def cmd_evaluate(args, load_data) -> int:
-    from .evaluate import evaluate_model, format_report, saliency_sample
-    from .train import load_checkpoint, model_from_checkpoint, select_device
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_model, format_report, saliency_sample
+    from ..train import load_checkpoint, model_from_checkpoint, select_device
 
     state = load_checkpoint(args.checkpoint)
     device = select_device(args.device)
     model, cfg = model_from_checkpoint(state, device)
     data = load_data(args, args.protocol or cfg.protocol)
     images, labels = data.arrays(args.split)
-    result = evaluate_model(model, images, labels, device=device, crops=args.crops or cfg.test_crops,
-                            batch_size=cfg.eval_batch_size, amp=cfg.amp)
-    result.update({"checkpoint": str(args.checkpoint), "split": args.split, "protocol": data.protocol,
-                   "data": data.describe()})
+    result = evaluate_model(
+        model,
+        images,
+        labels,
+        device=device,
+        crops=args.crops or cfg.test_crops,
+        batch_size=cfg.eval_batch_size,
+        amp=cfg.amp,
+    )
+    result.update(
+        {"checkpoint": str(args.checkpoint), "split": args.split, "protocol": data.protocol, "data": data.describe()}
+    )
     if args.saliency:
         result["saliency"] = saliency_sample(model, images, labels, args.saliency, device=device)
     if args.json:
@@ -151,40 +202,62 @@ def cmd_evaluate(args, load_data) -> int:
     return 0
 
 
-def register(sub, parser_with, add_data_options, load_data) -> None:
-    p = parser_with(sub, "models", "list the models with their parameter counts", """
+def register(sub: argparse._SubParsersAction) -> None:
+    p = parser_with(
+        sub,
+        "models",
+        "list the models with their parameter counts",
+        """
         fer-tune models
         fer-tune models --json
-    """)
+    """,
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
-    p = parser_with(sub, "train", "train one model without Ray (progress bar, checkpoints, metrics.json)", """
+    p = parser_with(
+        sub,
+        "train",
+        "train one model without Ray (progress bar, checkpoints, metrics.json)",
+        """
         fer-tune train --set width=0.25 --set epochs=5 --out results/first-run
         fer-tune train --data fer2013.csv --config my.yaml --out results/paper-run
         fer-tune train --out results/paper-run --resume --set epochs=350
-    """)
+    """,
+    )
     add_data_options(p)
     p.add_argument("--config", default=None, help="TrainConfig as .yaml or .json (default: the paper's settings)")
-    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
-                   help="override config keys: --set width=0.25 epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override config keys: --set width=0.25 epochs=5 (repeatable)",
+    )
     p.add_argument("--out", required=True, help="run directory (metrics.json, last.pt, best.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--force", action="store_true", help="resume even if the data changed")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a: cmd_train(a, load_data))
+    p.set_defaults(func=cmd_train)
 
-    p = parser_with(sub, "evaluate", "evaluate a checkpoint: top-1/top-2, confusion, P/R/F1, saliency", """
+    p = parser_with(
+        sub,
+        "evaluate",
+        "evaluate a checkpoint: top-1/top-2, confusion, P/R/F1, saliency",
+        """
         fer-tune evaluate results/first-run/best.pt
         fer-tune evaluate best.pt --data fer2013.csv --split test --json
         fer-tune evaluate best.pt --saliency results/first-run/saliency
-    """)
+    """,
+    )
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt, last.pt) or a model.pt")
     add_data_options(p)
-    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split to score (default test)")
+    p.add_argument(
+        "--split", choices=("train", "val", "test"), default="test", help="the split to score (default test)"
+    )
     p.add_argument("--crops", choices=("ten", "center"), default=None, help="test crops (default: the config's)")
     p.add_argument("--saliency", default=None, metavar="DIR", help="also write saliency maps (PNG + npz) to DIR")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=lambda a: cmd_evaluate(a, load_data))
+    p.set_defaults(func=cmd_evaluate)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PREFIX = "checkpoint_"
+log = logging.getLogger(__name__)
 META_RE = re.compile(r"result-(\d+)\.json")  # in a checkpoint: result-EPOCH.json, the epoch's result
 
 
@@ -39,10 +41,11 @@ def write_meta(directory: Path, metrics: dict) -> None:
     killed before Tune's own result.json (written by the driver, copied to the storage every few seconds) got it;
     the epoch in the name lets a reader find it in one listing of the trial's directory."""
     (directory / f"result-{int(metrics.get('epoch', 0))}.json").write_text(
-        json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}))
+        json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+    )
 
 
-def result_rows(text: str):
+def result_rows(text: str) -> Iterator[dict]:
     """The results in the JSON lines of a result.json or result-EPOCH.json (a line cut by a kill is skipped)."""
     for line in text.splitlines():
         try:
@@ -75,8 +78,9 @@ def _siblings(fs, path: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     except OSError:
         return []
-    return sorted((i.path for i in infos if i.base_name.startswith(PREFIX) and i.type == pafs.FileType.Directory),
-                  reverse=True)
+    return sorted(
+        (i.path for i in infos if i.base_name.startswith(PREFIX) and i.type == pafs.FileType.Directory), reverse=True
+    )
 
 
 def _read_meta(fs, path: str) -> dict:
@@ -95,7 +99,7 @@ def _read_meta(fs, path: str) -> dict:
         return {}
 
 
-def restore(checkpoint, load: Callable[[Path], Any], order: Callable[[dict], float] | None = None) -> Any:
+def restore(checkpoint: Any, load: Callable[[Path], Any], order: Callable[[dict], float] | None = None) -> Any:
     """load(dir) of `checkpoint` (a ray.tune.Checkpoint); where it is gone or load fails (damaged), of the newest
     intact checkpoint beside it (newest by order(meta), default the epoch in meta.json); None when there is none:
     the trial starts over."""
@@ -114,12 +118,12 @@ def restore(checkpoint, load: Callable[[Path], Any], order: Callable[[dict], flo
             with tune.Checkpoint(path=path, filesystem=fs).as_directory() as d:
                 out = load(Path(d))
         except Exception as exc:  # gone, cut short by a kill, unreadable: the next older one
-            print(f"fer-tune: checkpoint {path} cannot be restored ({type(exc).__name__}: {exc})", file=sys.stderr)
+            log.warning("fer-tune: checkpoint %s cannot be restored (%s: %s)", path, type(exc).__name__, exc)
             continue
         if path != checkpoint.path:
-            print(f"fer-tune: continuing from {path} instead of {checkpoint.path}", file=sys.stderr)
+            log.warning("fer-tune: continuing from %s instead of %s", path, checkpoint.path)
         return out
-    print(f"fer-tune: no intact checkpoint beside {checkpoint.path}: the trial starts over", file=sys.stderr)
+    log.warning("fer-tune: no intact checkpoint beside %s: the trial starts over", checkpoint.path)
     return None
 
 
@@ -139,8 +143,14 @@ def _empty(fs, path: str) -> None:
             fs.delete_file(info.path)
 
 
-def pruner(*, latest: int = 3, score: str | None = None, mode: str = "max",
-           pinned: Callable[[dict], bool] | None = None, grace_s: float = GRACE_S):
+def pruner(
+    *,
+    latest: int = 3,
+    score: str | None = None,
+    mode: str = "max",
+    pinned: Callable[[dict], bool] | None = None,
+    grace_s: float = GRACE_S,
+) -> Any:
     """A Tune callback that keeps each trial's newest `latest` checkpoints, its best by `score` (if given) and
     those `pinned(metrics)` chooses, and deletes the others once a newer checkpoint has existed for `grace_s`
     (Tune's saved experiment state, a few seconds behind, names the newer one by then; see the module
@@ -157,8 +167,12 @@ def pruner(*, latest: int = 3, score: str | None = None, mode: str = "max",
 
         def _entry(self, path: str, metrics: dict) -> dict:
             value = metrics.get(score) if score else None
-            return {"path": path, "score": sign * float(value) if isinstance(value, (int, float)) else None,
-                    "pinned": bool(pinned and pinned(metrics)), "t": time.monotonic()}
+            return {
+                "path": path,
+                "score": sign * float(value) if isinstance(value, (int, float)) else None,
+                "pinned": bool(pinned and pinned(metrics)),
+                "t": time.monotonic(),
+            }
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             fs, path = checkpoint.filesystem, checkpoint.path
@@ -180,7 +194,7 @@ def pruner(*, latest: int = 3, score: str | None = None, mode: str = "max",
                 except FileNotFoundError:
                     pass
                 except OSError as exc:  # storage hiccup: try again with the next checkpoint
-                    print(f"fer-tune: could not delete {e['path']}: {exc}", file=sys.stderr)
+                    log.warning("fer-tune: could not delete %s: %s", e["path"], exc)
                     continue
                 kept.remove(e)
 

@@ -13,12 +13,19 @@ node-local path.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
 
+from ..common import FerTuneError
+from ..data import identify
 from . import storage as st
+from .record import versions as driver_versions
+from .runtime import ray_session
+
+log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".fer-tune-preflight-"
 CHECKS = ("node", "versions", "storage", "gpu", "data")
@@ -34,8 +41,9 @@ def _pinned(fn, node_id: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id=node_id, soft=False))
+    return ray.remote(fn).options(
+        num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    )
 
 
 def _gather(refs: list, timeout: float) -> list:
@@ -81,14 +89,13 @@ def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
     sees a probe file written there."""
     import ray
 
-    from .common import FerTuneError
-
     if st.is_uri(loc):
         return
     nodes = alive_nodes()
     need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
-    grows = bool(address) and not any(n["Resources"].get("CPU", 0) >= need_cpu
-                                      and n["Resources"].get("GPU", 0) >= need_gpu for n in nodes)
+    grows = bool(address) and not any(
+        n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu for n in nodes
+    )
     if (len(nodes) <= 1 and not grows) or st.filesystem_type(loc) in st.NETWORK_FS:
         return
     here = ray.get_runtime_context().get_node_id()
@@ -110,25 +117,40 @@ def check_trials_fit(resources: dict, address: str | None, fix: str, what: str =
     """Called after ray.init. A local Ray can never grow: if no node holds one `what` (its CPUs and GPUs), refuse
     (FerTuneError) with what is asked, what this machine has and `fix` (the flags that fix it). On a cluster an
     autoscaler may add such a node: say once what is being waited for, and go on."""
-    import sys
-
-    from .common import FerTuneError
-
     need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
     nodes = alive_nodes()
-    if any(n["Resources"].get("CPU", 0) + 1e-9 >= need_cpu and n["Resources"].get("GPU", 0) + 1e-9 >= need_gpu
-           for n in nodes):
+    if any(
+        n["Resources"].get("CPU", 0) + 1e-9 >= need_cpu and n["Resources"].get("GPU", 0) + 1e-9 >= need_gpu
+        for n in nodes
+    ):
         return
     ask = f"{_amount(need_cpu)} CPU" + (f" and {_amount(need_gpu)} GPU" if need_gpu else "")
     biggest = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)), default=None)
-    have = (f"{_amount(biggest['Resources'].get('CPU', 0))} CPU and {_amount(biggest['Resources'].get('GPU', 0))} "
-            "GPU" if biggest else "no node")
+    have = (
+        f"{_amount(biggest['Resources'].get('CPU', 0))} CPU and {_amount(biggest['Resources'].get('GPU', 0))} GPU"
+        if biggest
+        else "no node"
+    )
     if address is None:
-        raise FerTuneError(f"each {what} asks for {ask}, but the local Ray on this machine has {have} and cannot "
-                           f"grow, so no {what} would ever start; {fix}")
-    print(f"fer-tune: no node of the Ray cluster can hold a {what} yet ({ask} each; the largest node has {have}); "
-          "waiting for the cluster to add one (an autoscaler does this; a fixed cluster never will)",
-          file=sys.stderr, flush=True)
+        raise FerTuneError(
+            f"each {what} asks for {ask}, but the local Ray on this machine has {have} and cannot "
+            f"grow, so no {what} would ever start; {fix}"
+        )
+    log.warning(
+        "fer-tune: no node of the Ray cluster can hold a %s yet (%s each; the largest node has %s); waiting "
+        "for the cluster to add one (an autoscaler does this; a fixed cluster never will)",
+        what,
+        ask,
+        have,
+    )
+
+
+def check_run(loc: str, address: str | None, resources: dict, fix: str, what: str = "trial") -> None:
+    """Before a study's or final stage's runs start (Ray up): the Ray storage `loc` suits the cluster and one
+    `what` of `resources` fits it (else `fix` says which flags help). The storage refusal comes first: before the
+    note that the command waits for nodes."""
+    check_study_storage(loc, address, resources)
+    check_trials_fit(resources, address, fix, what)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,10 +190,8 @@ def _data_probe(data: str | None) -> str:
     """'' when the data path resolves on this node, else why not."""
     if not data:
         return ""
-    from .data import _identify
-
     try:
-        _identify(data)
+        identify(data)
         return ""
     except Exception as exc:
         return str(exc)
@@ -188,9 +208,16 @@ def _node_report(pdir: str, marker: str | None, token: str, data: str | None) ->
         cuda = torch.cuda.device_count()
     except Exception:
         cuda = 0
-    return {"node_id": node_id, "hostname": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
-            "versions": versions, "torch_gpus": cuda, "nvidia_driver": Path("/proc/driver/nvidia/version").exists(),
-            "storage": _storage_probe(pdir, marker, token, node_id), "data_error": _data_probe(data)}
+    return {
+        "node_id": node_id,
+        "hostname": socket.gethostname(),
+        "ip": ray.util.get_node_ip_address(),
+        "versions": versions,
+        "torch_gpus": cuda,
+        "nvidia_driver": Path("/proc/driver/nvidia/version").exists(),
+        "storage": _storage_probe(pdir, marker, token, node_id),
+        "data_error": _data_probe(data),
+    }
 
 
 def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[str]]:
@@ -198,8 +225,11 @@ def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[st
     fails, warns = [], []
     if row.get("error"):
         return [f"node: {row['error']}"], []
-    diff = [f"{k} {v} (driver {driver[k]})" if not v.startswith("missing") else f"{k} {v}"
-            for k, v in row["versions"].items() if v != driver.get(k)]
+    diff = [
+        f"{k} {v} (driver {driver[k]})" if not v.startswith("missing") else f"{k} {v}"
+        for k, v in row["versions"].items()
+        if v != driver.get(k)
+    ]
     if diff:
         fails.append("versions: " + ", ".join(diff))
     s = row["storage"]
@@ -213,27 +243,28 @@ def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[st
         if driver_present:
             fails.append(f"gpu: {msg} (a CPU-only torch build or a CUDA/driver mismatch; trials would run on CPU)")
         else:
-            warns.append(f"gpu: {msg} and the node has no NVIDIA driver (GPUs declared to Ray by hand?); "
-                         "trials placed here run on CPU")
+            warns.append(
+                f"gpu: {msg} and the node has no NVIDIA driver (GPUs declared to Ray by hand?); "
+                "trials placed here run on CPU"
+            )
     elif g and not ray_gpus:
-        warns.append(f"gpu: torch sees {g} GPU(s) that Ray does not offer; trials asking for GPUs are not "
-                     "placed here (start Ray with --num-gpus)")
+        warns.append(
+            f"gpu: torch sees {g} GPU(s) that Ray does not offer; trials asking for GPUs are not "
+            "placed here (start Ray with --num-gpus)"
+        )
     if row["data_error"]:
         fails.append(f"data: {row['data_error']}")
     return fails, warns
 
 
-def run(*, address: str | None, storage: str | None, data: str | None, num_cpus: int | None = None,
-        timeout: float = 180.0) -> dict:
-    """Check every alive node; returns the report (see cli_cluster for how it prints)."""
-
-    from .study import _init_ray, _stop, _versions as driver_versions
-
+def run(
+    *, address: str | None, storage: str | None, data: str | None, num_cpus: int | None = None, timeout: float = 180.0
+) -> dict:
+    """Check every alive node; returns the report (fer_tune.cli.cluster prints it)."""
     loc = st.normalize(storage or "results")
     if data and not data.startswith("synthetic"):
         data = os.path.abspath(os.path.expanduser(data))
-    started = _init_ray(address, True, num_cpus)
-    try:
+    with ray_session(address, num_cpus=num_cpus):
         nodes = alive_nodes()
         driver = driver_versions()
         token = uuid.uuid4().hex
@@ -244,8 +275,9 @@ def run(*, address: str | None, storage: str | None, data: str | None, num_cpus:
         except Exception as exc:
             marker, driver_error = None, f"{type(exc).__name__}: {exc}"
         try:
-            answers = _gather([_pinned(_node_report, n["NodeID"]).remote(pdir, marker, token, data) for n in nodes],
-                              timeout)
+            answers = _gather(
+                [_pinned(_node_report, n["NodeID"]).remote(pdir, marker, token, data) for n in nodes], timeout
+            )
         finally:
             try:
                 st.delete(pdir, tree=True)
@@ -254,10 +286,20 @@ def run(*, address: str | None, storage: str | None, data: str | None, num_cpus:
         rows, failures, warnings = [], [], []
         for n, a in zip(nodes, answers):
             res = n.get("Resources", {})
-            row = a if isinstance(a, dict) else {"node_id": n["NodeID"], "ip": n.get("NodeManagerAddress", ""),
-                                                 "error": f"{type(a).__name__}: {a}".splitlines()[0][:300]}
-            row.update(head="node:__internal_head__" in res, ray_gpus=float(res.get("GPU", 0)),
-                       ray_cpus=float(res.get("CPU", 0)))
+            row = (
+                a
+                if isinstance(a, dict)
+                else {
+                    "node_id": n["NodeID"],
+                    "ip": n.get("NodeManagerAddress", ""),
+                    "error": f"{type(a).__name__}: {a}".splitlines()[0][:300],
+                }
+            )
+            row.update(
+                head="node:__internal_head__" in res,
+                ray_gpus=float(res.get("GPU", 0)),
+                ray_cpus=float(res.get("CPU", 0)),
+            )
             row["failures"], row["warnings"] = _judge(row, driver, row["ray_gpus"])
             failures += [f"{_label(row)}: {f}" for f in row["failures"]]
             warnings += [f"{_label(row)}: {w}" for w in row["warnings"]]
@@ -268,14 +310,22 @@ def run(*, address: str | None, storage: str | None, data: str | None, num_cpus:
             checks.add("storage")
         problem = st.node_local_problem(loc, len(nodes), grows=bool(address) and len(nodes) == 1)
         if problem and len(nodes) == 1:  # an autoscaling cluster: the nodes it adds later cannot be checked now
-            warnings.append("storage: only one node is alive; nodes the autoscaler adds later will not see "
-                            f"{loc}, a path on this machine's own disk (use s3://... or a shared mount)")
-        return {"address": address or "local", "storage": loc, "data": data or "", "driver": driver,
-                "nodes": rows, "gpus": sum(r["ray_gpus"] for r in rows), "failures": failures,
-                "failed_checks": sorted(checks),
-                "warnings": warnings, "ok": not failures}
-    finally:
-        _stop(started)
+            warnings.append(
+                "storage: only one node is alive; nodes the autoscaler adds later will not see "
+                f"{loc}, a path on this machine's own disk (use s3://... or a shared mount)"
+            )
+        return {
+            "address": address or "local",
+            "storage": loc,
+            "data": data or "",
+            "driver": driver,
+            "nodes": rows,
+            "gpus": sum(r["ray_gpus"] for r in rows),
+            "failures": failures,
+            "failed_checks": sorted(checks),
+            "warnings": warnings,
+            "ok": not failures,
+        }
 
 
 def _label(row: dict) -> str:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
-from .common import FerTuneError
+from ..common import FerTuneError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 COMMAND = "fer-tune"  # the command line a lock records (the CLI sets it)
@@ -66,8 +68,10 @@ def _parse(text: str) -> dict | None:
 
 def describe(info: dict) -> str:
     """'`fer-tune resume results/x` (PID 123 on host-1, since 2026-12-01 10:00:00)'."""
-    return (f"`{info.get('command', '?')}` (PID {info.get('pid', '?')} on {info.get('host', '?')}, "
-            f"since {info.get('since', '?')})")
+    return (
+        f"`{info.get('command', '?')}` (PID {info.get('pid', '?')} on {info.get('host', '?')}, "
+        f"since {info.get('since', '?')})"
+    )
 
 
 def running_line(what: str, info: dict) -> str:
@@ -122,7 +126,7 @@ class Lock:
                 except OSError:
                     break
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,8 +170,10 @@ def acquire(directory: str | Path, *, what: str, force: bool | None = False, cre
                 break
             time.sleep(0.05)
         who = describe(info) if info else "another command"
-        raise FerTuneError(f"{d}: {what} is being run by {who}; wait for it to end, or stop it (Ctrl-C or kill "
-                           f"{info.get('pid', 'PID') if info else 'PID'}; it saves its state) and resume") from None
+        raise FerTuneError(
+            f"{d}: {what} is being run by {who}; wait for it to end, or stop it (Ctrl-C or kill "
+            f"{info.get('pid', 'PID') if info else 'PID'}; it saves its state) and resume"
+        ) from None
     note = None
     old = _parse(os.pread(fd, 65536, 0).decode(errors="replace"))
     me = socket.gethostname()
@@ -177,18 +183,24 @@ def acquire(directory: str | Path, *, what: str, force: bool | None = False, cre
         elif not force:
             os.close(fd)
             fix = "pass --force" if force is not None else f"delete {path}"
-            raise FerTuneError(f"{d}: {what} is locked by {describe(old)}, on another machine, which cannot be "
-                               f"checked from here; if that command is no longer running, {fix}")
+            raise FerTuneError(
+                f"{d}: {what} is locked by {describe(old)}, on another machine, which cannot be "
+                f"checked from here; if that command is no longer running, {fix}"
+            )
         else:
             note = f"note: {d}: --force: took over the lock held by {describe(old)}"
-    info = {"host": me, "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
-            "command": COMMAND,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+        "host": me,
+        "pid": os.getpid(),
+        "start_ticks": _start_ticks(os.getpid()),
+        "command": COMMAND,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     data = (json.dumps(info) + "\n").encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     if note:
-        print(note, file=sys.stderr, flush=True)
+        log.warning(note)
     lock = Lock(path, fd, made)
     _HELD[str(path)] = lock
     return lock

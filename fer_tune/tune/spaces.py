@@ -1,20 +1,22 @@
 """Search spaces: search_spaces/*.yaml -> a validated StudySpec -> an Optuna define-by-run function.
 
-A space file (every key but ``space`` is optional; defaults shown)::
+A space is a YAML file, or the name of one that ships with fer-tune (`fer-tune sweep smoke`: the repository's
+search_spaces/, package data). A space file (every key but ``space`` is optional; the defaults are the values
+shown with `# default`)::
 
     name: joint                       # default: the file name
-    description: what it reproduces
-    metric: val_acc                   # any per-epoch metric a trial reports
-    mode: max                         # max | min
-    sampler: tpe                      # tpe | random | grid | cmaes | qmc
-    seed: 0
-    num_samples: 20                   # grid: default (and at most) the grid size
-    max_epochs: 30                    # every trial's TrainConfig.epochs
-    early_stopping: {type: asha, grace_period: 2, reduction_factor: 3}   # asha | median | none
-    resources: {cpu: 1, gpu: 0}       # per trial; gpu may be a fraction (0.25 = four trials per GPU)
-    data: {path: synthetic:1500, protocol: paper}                       # default: --data, else synthetic
+    description: what it reproduces   # default: none
+    metric: val_acc                   # default; any per-epoch metric a trial reports
+    mode: max                         # default; max | min
+    sampler: tpe                      # default; tpe | random | grid | cmaes | qmc
+    seed: 0                           # default
+    num_samples: 10                   # default; grid: default (and at most) the grid size
+    max_epochs: 10                    # default; every trial's TrainConfig.epochs
+    early_stopping: {type: asha, grace_period: 1, reduction_factor: 2}   # default; asha | median | none
+    resources: {cpu: 1, gpu: 0}       # default; per trial; gpu may be a fraction (0.25 = four trials per GPU)
+    data: {path: synthetic:1500, protocol: paper}   # default: --data, else synthetic, protocol paper
                                       # data: {required: true}: the study needs --data with real images
-    fixed: {width: 0.5, train_crops: one}                               # TrainConfig keys for every trial
+    fixed: {width: 0.5, train_crops: one}           # TrainConfig keys for every trial (default: the paper's)
     space:
       optimizer: {type: categorical, choices: [sgd_nesterov, adam]}
       lr: {type: float, low: 1.0e-4, high: 0.1, log: true}
@@ -33,153 +35,66 @@ Every value in a `when:` list must be one the parent can take (a choice, a fixed
 
 from __future__ import annotations
 
-import hashlib
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .common import NAME_RULE, FerTuneError, is_plain_name
-from .config import TrainConfig, coerce
+from ..common import NAME_RULE, FerTuneError, is_plain_name
+from ..config import TrainConfig, coerce
+from .spec import Param, StudySpec
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 STOPPERS = ("asha", "median", "none")
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
-TOP_KEYS = ("name", "description", "metric", "mode", "sampler", "seed", "num_samples", "max_epochs",
-            "early_stopping", "resources", "data", "fixed", "space")
+TOP_KEYS = (
+    "name",
+    "description",
+    "metric",
+    "mode",
+    "sampler",
+    "seed",
+    "num_samples",
+    "max_epochs",
+    "early_stopping",
+    "resources",
+    "data",
+    "fixed",
+    "space",
+)
 # keys a space may not set per trial: the data protocol belongs to `data`, the length to `max_epochs`
 NOT_SEARCHABLE = ("protocol", "epochs")
-
-
-@dataclass
-class Param:
-    name: str
-    type: str
-    choices: list = field(default_factory=list)  # categorical
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    value: Any = None  # fixed
-    when: dict[str, list] = field(default_factory=dict)  # {earlier param: [values that enable this one]}
-    key: str = ""  # the training key it sets (default: its name)
-
-    def __post_init__(self) -> None:
-        self.key = self.key or self.name
-
-    def to_dict(self) -> dict:
-        keep = {"categorical": ("choices",), "float": ("low", "high", "log", "step"), "int": ("low", "high", "log",
-                "step"), "fixed": ("value",)}[self.type]
-        out = {"type": self.type, **{k: getattr(self, k) for k in keep if getattr(self, k) not in (None, False)}}
-        if self.when:
-            out["when"] = self.when
-        if self.key != self.name:
-            out["key"] = self.key
-        return out
-
-
-@dataclass
-class StudySpec:
-    name: str
-    description: str = ""
-    metric: str = "val_acc"
-    mode: str = "max"
-    sampler: str = "tpe"
-    seed: int = 0
-    num_samples: int = 10
-    max_epochs: int = 10
-    early_stopping: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
-    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
-    data: dict = field(default_factory=dict)
-    fixed: dict = field(default_factory=dict)
-    space: dict[str, Param] = field(default_factory=dict)
-    source: str = ""
-    text: str = ""
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
-    def base_config(self) -> dict:
-        """The TrainConfig every trial starts from: defaults + fixed + epochs = max_epochs."""
-        return TrainConfig.from_dict({**self.fixed, "epochs": self.max_epochs}, source=self.source).to_dict()
-
-    def grid(self) -> dict[str, list]:
-        return {p.name: list(p.choices) for p in self.space.values() if p.type == "categorical"}
-
-    def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.grid().values())
-
-    def renames(self) -> dict[str, str]:
-        """{parameter name: training key} for the parameters whose name is not their key."""
-        return {p.name: p.key for p in self.space.values() if p.key != p.name}
-
-    def trial_config(self, params: dict) -> TrainConfig:
-        return TrainConfig.from_dict({**self.base_config(), **train_keys(params, self.renames())},
-                                     source=f"{self.source}: trial params")
-
-    def define_by_run(self) -> Callable:
-        """The Optuna define-by-run function: suggests the searched params, returns the fixed ones."""
-        params = list(self.space.values())
-
-        def define(trial) -> dict:
-            chosen: dict[str, Any] = {}
-            constants: dict[str, Any] = {}
-            for p in params:
-                if any(chosen.get(k, constants.get(k)) not in vals for k, vals in p.when.items()):
-                    continue
-                if p.type == "fixed":
-                    constants[p.name] = p.value
-                elif p.type == "categorical":
-                    chosen[p.name] = trial.suggest_categorical(p.name, p.choices)
-                elif p.type == "float":
-                    chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
-                else:
-                    chosen[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=p.step or 1)
-            return constants
-
-        return define
-
-    def make_sampler(self, seed: int | None = None):
-        import optuna
-
-        seed = self.seed if seed is None else seed
-        if self.sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, self.num_samples // 4)),
-                                              constant_liar=True)
-        if self.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if self.sampler == "grid":
-            return optuna.samplers.GridSampler(self.grid(), seed=seed)
-        if self.sampler == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed)
-        return optuna.samplers.QMCSampler(seed=seed)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "metric": self.metric, "mode": self.mode,
-                "sampler": self.sampler, "seed": self.seed, "num_samples": self.num_samples,
-                "max_epochs": self.max_epochs, "early_stopping": self.early_stopping, "resources": self.resources,
-                "data": self.data, "fixed": self.fixed, "space": {k: p.to_dict() for k, p in self.space.items()}}
-
-
-def train_keys(params: dict, renames: dict[str, str]) -> dict:
-    """A trial's parameters (Optuna's names) as training keys."""
-    return {renames.get(k, k): v for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # loading and validation
 # ---------------------------------------------------------------------------------------------------------
+def shipped_spaces() -> dict[str, Any]:
+    """{name: file} of the spaces that ship with fer-tune."""
+    from ..common import shipped
+
+    folder = shipped("search_spaces")
+    return {f.name[:-5]: f for f in folder.iterdir() if f.name.endswith(".yaml")} if folder.is_dir() else {}
+
+
+def find_space(path: str | Path) -> Path:
+    """The space file: `path` itself, else the shipped space of that name (`smoke` or `smoke.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = str(path)[:-5] if str(path).endswith(".yaml") else str(path)
+    shipped = shipped_spaces()
+    if "/" not in name and name in shipped:
+        return Path(str(shipped[name]))
+    raise FerTuneError(
+        f"search space file {path} does not exist; the spaces that ship with fer-tune, usable by "
+        f"name (with or without .yaml): {', '.join(f'{n}.yaml' for n in sorted(shipped)) or 'none'}"
+    )
+
+
 def load_space(path: str | Path) -> StudySpec:
+    """The validated spec of a space file (or of a shipped space, by name)."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        hint = ""
-        builtin = Path(__file__).resolve().parents[1] / "search_spaces"
-        if builtin.is_dir():
-            hint = f" (shipped spaces: {', '.join(sorted(p.name for p in builtin.glob('*.yaml')))} in {builtin})"
-        raise FerTuneError(f"search space file {path} does not exist{hint}")
+    path = find_space(path)
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
@@ -228,15 +143,20 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
     if spec.sampler == "grid":
         bad = [p.name for p in spec.space.values() if p.type in ("float", "int")]
         if bad:
-            raise err(f"sampler grid needs categorical parameters; {', '.join(bad)} are ranges "
-                      "(list the values as `choices:`)")
+            raise err(
+                f"sampler grid needs categorical parameters; {', '.join(bad)} are ranges "
+                "(list the values as `choices:`)"
+            )
         cond = [p.name for p in spec.space.values() if p.when and p.type == "categorical"]
         if cond:
-            raise err(f"sampler grid cannot search conditional parameters ({', '.join(cond)}); give them fixed "
-                      "values or split the grid into several files")
+            raise err(
+                f"sampler grid cannot search conditional parameters ({', '.join(cond)}); give them fixed "
+                "values or split the grid into several files"
+            )
         size = spec.grid_size()
-        spec.num_samples = get("num_samples", int, size, lambda v: 1 <= v <= size,
-                               f"must be 1..{size} (the grid has {size} points)")
+        spec.num_samples = get(
+            "num_samples", int, size, lambda v: 1 <= v <= size, f"must be 1..{size} (the grid has {size} points)"
+        )
     else:
         spec.num_samples = get("num_samples", int, 10, lambda v: v >= 1, "must be >= 1")
         if not any(p.type != "fixed" for p in spec.space.values()):
@@ -282,15 +202,19 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
     for name, body in space.items():
         where = f"space.{name}"
         if name in NOT_SEARCHABLE:
-            raise err(f"{where}: {name} cannot be searched ({'max_epochs sets it' if name == 'epochs' else 'set data.protocol'})")
+            raise err(
+                f"{where}: {name} cannot be searched ({'max_epochs sets it' if name == 'epochs' else 'set data.protocol'})"
+            )
         if not isinstance(body, dict):
             body = {"type": "fixed", "value": body}
         body = dict(body)
         key = body.pop("key", name)
         if key not in TrainConfig.keys() or key in NOT_SEARCHABLE:
             what = f"key {key!r} is not a searchable training key" if key != name else "unknown training key"
-            raise err(f"{where}: {what}; valid: {', '.join(k for k in TrainConfig.keys() if k not in NOT_SEARCHABLE)}"
-                      + ("" if key != name else " (or give `key:` naming the training key it sets)"))
+            raise err(
+                f"{where}: {what}; valid: {', '.join(k for k in TrainConfig.keys() if k not in NOT_SEARCHABLE)}"
+                + ("" if key != name else " (or give `key:` naming the training key it sets)")
+            )
         kind = body.pop("type", None)
         if kind not in PARAM_TYPES:
             raise err(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
@@ -301,19 +225,29 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
             if parent not in out:
                 raise err(f"{where}.when: {parent!r} must be a parameter defined above {name}")
             try:
-                when[parent] = [coerce(out[parent].key, v, source=f"{where}.when.{parent}")
-                                for v in (vals if isinstance(vals, list) else [vals])]
+                when[parent] = [
+                    coerce(out[parent].key, v, source=f"{where}.when.{parent}")
+                    for v in (vals if isinstance(vals, list) else [vals])
+                ]
             except FerTuneError as exc:
                 raise err(str(exc)) from None
             never = [v for v in when[parent] if not _can_take(out[parent], v)]
             if never:
-                raise err(f"{where}.when.{parent}: {parent} can never be {', '.join(map(repr, never))} "
-                          f"({_values_of(out[parent])})")
-        allowed = {"categorical": {"choices"}, "float": {"low", "high", "log", "step"},
-                   "int": {"low", "high", "log", "step"}, "fixed": {"value"}}[kind]
+                raise err(
+                    f"{where}.when.{parent}: {parent} can never be {', '.join(map(repr, never))} "
+                    f"({_values_of(out[parent])})"
+                )
+        allowed = {
+            "categorical": {"choices"},
+            "float": {"low", "high", "log", "step"},
+            "int": {"low", "high", "log", "step"},
+            "fixed": {"value"},
+        }[kind]
         extra = sorted(set(body) - allowed)
         if extra:
-            raise err(f"{where}: unknown field(s) {', '.join(extra)} for type {kind} (allowed: {', '.join(sorted(allowed))})")
+            raise err(
+                f"{where}: unknown field(s) {', '.join(extra)} for type {kind} (allowed: {', '.join(sorted(allowed))})"
+            )
         p = Param(name=name, type=kind, when=when, key=key)
         if kind == "categorical":
             choices = body.get("choices")
@@ -333,7 +267,9 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
             num = int if kind == "int" else (int, float)
             for k in ("low", "high"):
                 if k not in body or isinstance(body[k], bool) or not isinstance(body[k], num):
-                    raise err(f"{where}.{k} must be {'an integer' if kind == 'int' else 'a number'}, got {body.get(k)!r}")
+                    raise err(
+                        f"{where}.{k} must be {'an integer' if kind == 'int' else 'a number'}, got {body.get(k)!r}"
+                    )
             p.low, p.high = body["low"], body["high"]
             p.log = bool(body.get("log", False))
             p.step = body.get("step")
@@ -351,8 +287,10 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
                 raise err(f"{where}: {key} is not numeric; use type categorical")
         for other in out.values():
             if other.key == key and not _exclusive(other, p):
-                raise err(f"{where}: sets {key} like space.{other.name}; two parameters may set one key only under "
-                          "disjoint `when:` values of the same parent")
+                raise err(
+                    f"{where}: sets {key} like space.{other.name}; two parameters may set one key only under "
+                    "disjoint `when:` values of the same parent"
+                )
         out[name] = p
     return out
 
@@ -414,15 +352,22 @@ def _parse_resources(res: dict, err) -> dict:
 def _parse_stopping(es: dict, max_epochs: int, err) -> dict:
     kind = es.get("type", "asha")
     if kind == "pbt":
-        raise err("early_stopping.type pbt is not supported: PBT mutates configs itself and cannot share trials "
-                  "with an Optuna searcher; use asha or median")
+        raise err(
+            "early_stopping.type pbt is not supported: PBT mutates configs itself and cannot share trials "
+            "with an Optuna searcher; use asha or median"
+        )
     if kind not in STOPPERS:
         raise err(f"early_stopping.type must be one of {', '.join(STOPPERS)}, got {kind!r}")
-    allowed = {"asha": {"type", "grace_period", "reduction_factor"}, "median": {"type", "grace_period"},
-               "none": {"type"}}[kind]
+    allowed = {
+        "asha": {"type", "grace_period", "reduction_factor"},
+        "median": {"type", "grace_period"},
+        "none": {"type"},
+    }[kind]
     extra = sorted(set(es) - allowed)
     if extra:
-        raise err(f"early_stopping: unknown field(s) {', '.join(extra)} for {kind} (allowed: {', '.join(sorted(allowed))})")
+        raise err(
+            f"early_stopping: unknown field(s) {', '.join(extra)} for {kind} (allowed: {', '.join(sorted(allowed))})"
+        )
     out = {"type": kind}
     if kind in ("asha", "median"):
         g = es.get("grace_period", 1)

@@ -17,12 +17,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .common import FerTuneError
+from ..common import FerTuneError
 
 # filesystems whose files other machines see (a path on one of them is shared storage)
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "afs",
-              "9p", "virtiofs", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3",
-              "fuse.sshfs", "fuse.cephfs", "fuse.geesefs", "fuse.goofys", "fuse.rclone", "fuse.blobfuse2"}
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "afs",
+    "9p",
+    "virtiofs",
+    "fuse.glusterfs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "fuse.mountpoint-s3",
+    "fuse.sshfs",
+    "fuse.cephfs",
+    "fuse.geesefs",
+    "fuse.goofys",
+    "fuse.rclone",
+    "fuse.blobfuse2",
+}
 
 
 def is_uri(loc: str | Path | None) -> bool:
@@ -38,9 +61,11 @@ def normalize(arg: str) -> str:
     if "://" in arg:
         parts = urlsplit(arg)
         if parts.password or parts.username:
-            raise FerTuneError(f"--storage {parts.scheme}://...@{parts.hostname}: the URI holds credentials, which "
-                               "would be written to study.json and Ray's experiment state; give the node "
-                               "credentials through the environment or an instance role instead")
+            raise FerTuneError(
+                f"--storage {parts.scheme}://...@{parts.hostname}: the URI holds credentials, which "
+                "would be written to study.json and Ray's experiment state; give the node "
+                "credentials through the environment or an instance role instead"
+            )
         if parts.scheme == "file":
             return str(Path(parts.path).resolve())
         if not parts.netloc:
@@ -75,8 +100,9 @@ def _reading(loc: str):
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise
     except OSError as exc:
-        raise FerTuneError(f"cannot read the Ray storage {loc}: {exc}; this machine needs access to it "
-                           "(credentials, network)") from None
+        raise FerTuneError(
+            f"cannot read the Ray storage {loc}: {exc}; this machine needs access to it (credentials, network)"
+        ) from None
 
 
 def listdir(loc: str | Path) -> list[str]:
@@ -109,7 +135,7 @@ def list_files(loc: str | Path) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     base = path.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
 
 
 def exists(loc: str | Path) -> bool:
@@ -199,8 +225,9 @@ def filesystem_type(path: str | Path) -> str:
     return fstype
 
 
-def node_local_problem(storage: str, nodes: int, *, grows: bool = False, fstype: str | None = None,
-                       unseen: int | None = None) -> str | None:
+def node_local_problem(
+    storage: str, nodes: int, *, grows: bool = False, fstype: str | None = None, unseen: int | None = None
+) -> str | None:
     """None when `storage` suits a Ray cluster of `nodes` alive nodes (`grows`: trials will run on nodes an
     autoscaler adds); else one paragraph saying what was found and what to pass instead. A path is shared when
     its filesystem is a network one (`fstype`, read from /proc/mounts when None) or when `unseen` == 0 (every
@@ -212,13 +239,14 @@ def node_local_problem(storage: str, nodes: int, *, grows: bool = False, fstype:
         return None
     found = f"the Ray cluster has {nodes} alive nodes" if nodes > 1 else "the Ray cluster has one alive node"
     if grows:
-        found += (" and none has the resources a trial asks for, so trials will run on nodes its autoscaler "
-                  "adds")
+        found += " and none has the resources a trial asks for, so trials will run on nodes its autoscaler adds"
     seen = f"; {unseen} of the other nodes did not see a probe file written there" if unseen else ""
-    return (f"{found}, but the Ray storage {storage} is a path on this machine's own disk "
-            f"({fstype or 'unknown filesystem'}{seen}). Since Ray 2.7 trials on other nodes write their "
-            "checkpoints and results to the storage path, and there they fail with 'A local path on the head node "
-            "is not accessible by worker nodes'. Pass --storage s3://BUCKET/PREFIX (or gs://..., any pyarrow "
-            "filesystem URI the nodes have credentials for) or --storage /PATH on a mount every node shares (NFS, "
-            "EFS); the study directory (study.json, optuna.db, trials.csv) stays on this machine either way. "
-            "`fer-tune preflight --address auto --storage ...` checks a storage from every node.")
+    return (
+        f"{found}, but the Ray storage {storage} is a path on this machine's own disk "
+        f"({fstype or 'unknown filesystem'}{seen}). Since Ray 2.7 trials on other nodes write their "
+        "checkpoints and results to the storage path, and there they fail with 'A local path on the head node "
+        "is not accessible by worker nodes'. Pass --storage s3://BUCKET/PREFIX (or gs://..., any pyarrow "
+        "filesystem URI the nodes have credentials for) or --storage /PATH on a mount every node shares (NFS, "
+        "EFS); the study directory (study.json, optuna.db, trials.csv) stays on this machine either way. "
+        "`fer-tune preflight --address auto --storage ...` checks a storage from every node."
+    )

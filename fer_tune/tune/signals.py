@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
@@ -33,17 +32,28 @@ def exit_code(default: int = 130) -> int:
     return 128 + sig if sig else default
 
 
+def _say(text: str) -> None:
+    """To stderr with one write(2), which is safe in a signal handler (logging and print take locks that the
+    interrupted code may hold)."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
 def _handler(signum: int, frame) -> None:
     name = signal.Signals(signum).name
     if _received:
         from .lock import release_all
 
-        print(f"\nfer-tune: {name} received again: stopping at once", file=sys.stderr, flush=True)
+        _say(f"\nfer-tune: {name} received again: stopping at once\n")
         release_all()
         os._exit(128 + _received[0])
     _received.append(signum)
-    print(f"\nfer-tune: {name} received: stopping the trials and saving the study as Ctrl-C does (send it again "
-          "to stop at once)", file=sys.stderr, flush=True)
+    _say(
+        f"\nfer-tune: {name} received: stopping the trials and saving the study as Ctrl-C does (send it again to "
+        "stop at once)\n"
+    )
     interrupt = signal.getsignal(signal.SIGINT)
     if callable(interrupt):  # Tune's (stops the run and saves its state) or Python's (KeyboardInterrupt)
         interrupt(signal.SIGINT, frame)

@@ -4,60 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
-import textwrap
 
-from . import __version__
-from .common import EMOTIONS, FerTuneError
-
-
-def _examples(text: str) -> str:
-    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
-
-
-def _parser_with(sub, name: str, help: str, examples: str, **kw) -> argparse.ArgumentParser:
-    return sub.add_parser(
-        name, help=help, description=help, epilog=_examples(examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter, **kw,
-    )
-
-
-def _add_data_options(p: argparse.ArgumentParser, *, protocol: bool = True) -> None:
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="fer2013.csv(.gz), a Kaggle folder (train/, test/), or synthetic[:N[:SEED]] (default: synthetic)")
-    if protocol:
-        p.add_argument("--protocol", choices=("paper", "standard"), default=None,
-                       help="split protocol (default: the config's, paper)")
-    p.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default ~/.cache/fer-tune)")
-    p.add_argument("--resize", action="store_true", help="resize images that are not 48x48 instead of refusing them")
-    p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
-
-
-def _load_data(args, protocol: str):
-    from .data import load
-
-    data = load(args.data, protocol, cache_dir=args.cache_dir, resize=args.resize, skip_bad_rows=args.skip_bad_rows)
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} bad rows/files:", file=sys.stderr)
-        for line in data.skipped[:20]:
-            print(f"  {line}", file=sys.stderr)
-        if len(data.skipped) > 20:
-            print(f"  ... and {len(data.skipped) - 20} more", file=sys.stderr)
-    return data
+from .. import __version__
+from ..common import EMOTIONS, FerTuneError
+from . import cluster, demo, final, report, study, train
+from .common import add_read_options, examples, load_data, parser_with
 
 
 # ---------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------
-def cmd_data_check(args) -> int:
-    data = _load_data(args, args.protocol or "paper")
+def cmd_data_check(args: argparse.Namespace) -> int:
+    data = load_data(args, args.protocol or "paper")
     counts = data.counts()
     if args.json:
-        print(json.dumps({"format": data.format, "protocol": data.protocol, "protocol_note": data.protocol_note,
-                          "source": data.source, "fingerprint": data.fingerprint, "skipped": len(data.skipped),
-                          "splits": counts}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "format": data.format,
+                    "protocol": data.protocol,
+                    "protocol_note": data.protocol_note,
+                    "source": data.source,
+                    "fingerprint": data.fingerprint,
+                    "skipped": len(data.skipped),
+                    "splits": counts,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"source:   {data.source} ({data.format})")
     print(f"protocol: {data.protocol}: {data.protocol_note}")
@@ -69,9 +47,9 @@ def cmd_data_check(args) -> int:
     return 0
 
 
-def cmd_data_synth(args) -> int:
-    from .data import write_csv
-    from .synthetic import generate_dataset_arrays
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from ..formats import write_csv
+    from ..synthetic import generate_dataset_arrays
 
     if args.n < 1:
         raise FerTuneError("--n must be >= 1")
@@ -81,12 +59,13 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
-def cmd_data_convert(args) -> int:
-    from .data import origins_as_usage, write_csv
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from ..data import origins_as_usage
+    from ..formats import write_csv
 
     if str(args.out).endswith((".csv", ".csv.gz")) is False:
         raise FerTuneError(f"output {args.out} must end in .csv or .csv.gz")
-    data = _load_data(args, args.protocol or "paper")
+    data = load_data(args, args.protocol or "paper")
     write_csv(args.out, data.images, data.labels, origins_as_usage(data))
     print(f"wrote {len(data.labels):,} rows to {args.out} (Usage from protocol {data.protocol}: {data.protocol_note})")
     return 0
@@ -99,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fer-tune",
         description="Hyperparameter studies for facial-emotion recognition (FER2013) with Ray Tune and Optuna.",
-        epilog=_examples("""
+        epilog=examples("""
             fer-tune data check ../shared/datasets/fer2013
             fer-tune train --set width=0.25 --set epochs=5 --out results/first-run
             fer-tune sweep search_spaces/smoke.yaml
@@ -112,75 +91,109 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    data = _parser_with(sub, "data", "check, convert or synthesize datasets", """
+    data = parser_with(
+        sub,
+        "data",
+        "check, convert or synthesize datasets",
+        """
         fer-tune data check fer2013.csv --protocol standard
         fer-tune data synth synthetic.csv --n 10000
-    """)
+    """,
+    )
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
 
-    check = _parser_with(dsub, "check", "validate a dataset and print per-split, per-class counts", """
+    check = parser_with(
+        dsub,
+        "check",
+        "validate a dataset and print per-split, per-class counts",
+        """
         fer-tune data check ../shared/datasets/fer2013
         fer-tune data check fer2013.csv.gz --protocol standard --json
         fer-tune data check synthetic:20000
-    """)
+    """,
+    )
     check.add_argument("data", metavar="PATH", help="fer2013.csv(.gz), a Kaggle folder, or synthetic[:N[:SEED]]")
-    check.add_argument("--protocol", choices=("paper", "standard"), default="paper",
-                       help="split protocol: paper (val = PrivateTest, test = PublicTest) or standard")
+    check.add_argument(
+        "--protocol",
+        choices=("paper", "standard"),
+        default="paper",
+        help="split protocol: paper (val = PrivateTest, test = PublicTest) or standard",
+    )
     check.add_argument("--json", action="store_true", help="print JSON")
-    check.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default ~/.cache/fer-tune)")
-    check.add_argument("--resize", action="store_true", help="resize non-48x48 images instead of refusing them")
-    check.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
+    add_read_options(check)
     check.set_defaults(func=cmd_data_check)
 
-    synth = _parser_with(dsub, "synth", "write the synthetic faces in the challenge CSV format", """
+    synth = parser_with(
+        dsub,
+        "synth",
+        "write the synthetic faces in the challenge CSV format",
+        """
         fer-tune data synth synthetic.csv --n 10000 --seed 1
-    """)
+    """,
+    )
     synth.add_argument("out", metavar="OUT.csv", help="the CSV to write")
     synth.add_argument("--n", type=int, default=10000, help="number of faces (default 10000)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(func=cmd_data_synth)
 
-    convert = _parser_with(dsub, "convert", "convert a dataset (e.g. Kaggle folders) to the challenge CSV", """
+    convert = parser_with(
+        dsub,
+        "convert",
+        "convert a dataset (e.g. Kaggle folders) to the challenge CSV",
+        """
         fer-tune data convert ../shared/datasets/fer2013 fer2013.csv
-    """)
+    """,
+    )
     convert.add_argument("data", metavar="PATH", help="fer2013.csv(.gz), a Kaggle folder, or synthetic[:N[:SEED]]")
     convert.add_argument("out", metavar="OUT.csv", help="the CSV to write (.csv or .csv.gz)")
-    convert.add_argument("--protocol", choices=("paper", "standard"), default="paper",
-                         help="names images without a challenge prefix by this protocol's splits")
-    convert.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default "
-                                                           "~/.cache/fer-tune)")
-    convert.add_argument("--resize", action="store_true", help="resize non-48x48 images instead of refusing them")
-    convert.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
+    convert.add_argument(
+        "--protocol",
+        choices=("paper", "standard"),
+        default="paper",
+        help="names images without a challenge prefix by this protocol's splits",
+    )
+    add_read_options(convert)
     convert.set_defaults(func=cmd_data_convert)
 
-    from . import cli_train
-
-    cli_train.register(sub, _parser_with, _add_data_options, _load_data)
-    from . import cli_study
-
-    cli_study.register(sub, _parser_with, _load_data)
-    from . import cli_report
-
-    cli_report.register(sub, _parser_with)
-    from . import cli_cluster
-
-    cli_cluster.register(sub, _parser_with)
-    from . import cli_final
-
-    cli_final.register(sub, _parser_with, _load_data)
+    for commands in (train, study, report, cluster, final, demo):
+        commands.register(sub)
     return parser
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record comes (a test may have replaced it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """fer-tune's progress and warnings on stderr, as plain lines (results go to stdout); --quiet silences Tune's
+    tables, not these few lines. Set once per process: the `fer_tune` logger gets one handler."""
+    logger = logging.getLogger("fer_tune")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import lock
+    from ..tune import lock
 
     lock.COMMAND = shlex.join(["fer-tune", *(sys.argv[1:] if argv is None else argv)])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _configure_logging()
     try:
         return int(args.func(args) or 0)
     except FerTuneError as exc:
@@ -192,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        from .signals import exit_code
+        from ..tune.signals import exit_code
 
         print("fer-tune: interrupted", file=sys.stderr)
         return exit_code()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

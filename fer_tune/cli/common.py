@@ -1,0 +1,87 @@
+"""What the commands share: the parser helpers, the data options and the data loader, the Ray options."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("fer_tune.cli")
+
+
+def examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+def parser_with(sub: Any, name: str, help: str, example_text: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `help` and the examples."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=examples(example_text),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kw,
+    )
+
+
+def add_data_options(p: argparse.ArgumentParser, *, data: bool = True, protocol: bool = True) -> None:
+    """--data (and --protocol) with the options of how a dataset is read."""
+    if data:
+        p.add_argument(
+            "--data",
+            default=None,
+            metavar="PATH",
+            help="fer2013.csv(.gz), a Kaggle folder (train/, test/), or synthetic[:N[:SEED]] (default: synthetic)",
+        )
+    if protocol:
+        p.add_argument(
+            "--protocol",
+            choices=("paper", "standard"),
+            default=None,
+            help="split protocol (default: the config's, paper)",
+        )
+    add_read_options(p)
+
+
+def add_read_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="where parsed datasets are cached (default ~/.cache/fer-tune)")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 48x48 instead of refusing them")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows/files and report them")
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join a running Ray cluster (auto, ray://HOST:10001); default: start a local Ray",
+    )
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+
+
+def load_data(args: argparse.Namespace, protocol: str, source: str | None = None) -> Any:
+    """The dataset `source` (default --data) with this command's read options; skipped rows reported on stderr."""
+    from ..data import load
+
+    data = load(
+        args.data if source is None else source,
+        protocol,
+        cache_dir=args.cache_dir,
+        resize=args.resize,
+        skip_bad_rows=args.skip_bad_rows,
+    )
+    if data.skipped:
+        log.warning("skipped %d bad rows/files:", len(data.skipped))
+        for line in data.skipped[:20]:
+            log.warning("  %s", line)
+        if len(data.skipped) > 20:
+            log.warning("  ... and %d more", len(data.skipped) - 20)
+    return data
+
+
+def loader(args: argparse.Namespace) -> Callable[[str, str], Any]:
+    """(source, protocol) -> FerData with this command's read options (what the study layer calls)."""
+    return lambda source, protocol: load_data(args, protocol, source)

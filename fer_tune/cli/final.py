@@ -1,0 +1,144 @@
+"""`fer-tune final | predict`: a study's final stage, and classifying images with its model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..recipe import BASELINES
+from ..tune.final import DEFAULTS
+from .common import add_ray_options, add_read_options, loader, parser_with
+from .report import refresh_report
+
+
+def print_final(out: str | Path) -> None:
+    """A finished final stage's results on stdout (from its metrics.json)."""
+    from ..tune.final_outputs import result_lines
+
+    f = Path(out) / "metrics.json"
+    if f.is_file():
+        print("\n".join(["", *result_lines(json.loads(f.read_text()), Path(out).resolve())]), flush=True)
+
+
+def finish_final(rc: int, out: str | Path, study: str | Path, report: bool = True) -> int:
+    """After a final-stage run: its results (when it finished) and the study's report (when it shows this stage)."""
+    if rc in (0, 1):
+        print_final(out)
+    if report:
+        refresh_report(study)
+    return rc
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    from ..tune.final import run_final
+
+    given = {k: getattr(args, k) for k in DEFAULTS}
+    rc = run_final(
+        args.study,
+        trial=args.trial,
+        out=args.out,
+        given=given,
+        gpus=args.gpus_per_run,
+        cpus=args.cpus_per_run,
+        address=args.address,
+        quiet=args.quiet,
+        loader=loader(args),
+        num_cpus=args.num_cpus,
+        force=args.force,
+    )
+    # the report shows STUDY/final
+    return finish_final(rc, args.out or Path(args.study) / "final", args.study, report=args.out is None)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..predict import predict
+
+    results = predict(args.model, args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
+        print(f"{r['image']}: {r['emotion']}  (" + ", ".join(f"{e} {p * 100:.1f} %" for e, p in top[:3]) + ")")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = parser_with(
+        sub,
+        "final",
+        "retrain a study's best configuration, fine-tune it, evaluate it (resumable)",
+        f"""
+        fer-tune final results/joint                      # {DEFAULTS["epochs"]} epochs + {DEFAULTS["finetune_epochs"]} fine-tune, 1 seed
+        fer-tune final results/joint --seeds 3 --gpus-per-run 1 --address auto
+        fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
+        fer-tune final results/fer2013_cpu --epochs 12 --finetune-epochs 3 --seeds 2 --baseline paper
+        fer-tune final results/joint                      # again: continues an interrupted final stage
+    """,
+    )
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=None,
+        help=f"fine-tune epochs from the best-val checkpoint (default {DEFAULTS['finetune_epochs']})",
+    )
+    p.add_argument(
+        "--finetune-lr", type=float, default=None, help=f"fine-tune starting lr (default {DEFAULTS['finetune_lr']:g})"
+    )
+    p.add_argument(
+        "--finetune-scheduler",
+        choices=("cosine", "cosine_wr"),
+        default=None,
+        help="fine-tune schedule (default cosine)",
+    )
+    p.add_argument(
+        "--finetune-on",
+        choices=("train+val", "train"),
+        default=None,
+        help="fine-tune data (default train+val, as the paper)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="independent runs, in parallel (default 1)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help=f"test accuracy and a kept checkpoint every N epochs (default {DEFAULTS['eval_every']})",
+    )
+    p.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed (default: the study's)")
+    p.add_argument("--cpus-per-run", type=float, default=None, help="CPUs per seed (default: the study's)")
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default=None,
+        help="also retrain this recipe with the same epochs, fine-tune and seeds, and compare: paper = "
+        "SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2, weight decay "
+        "1e-4, batch 64 on the study's model, width, crops and data",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run although the study's data or space changed, or although "
+        "its directory's lock was recorded by a command on another machine (check it has ended)",
+    )
+    add_ray_options(p)
+    add_read_options(p)
+    p.set_defaults(func=cmd_final)
+
+    p = parser_with(
+        sub,
+        "predict",
+        "classify face images (any size; grayscale 48x48, TenCrop) with a model",
+        """
+        fer-tune predict results/joint/final/model.pt face1.jpg face2.png
+        fer-tune predict results/joint/final photo.jpg --json
+    """,
+    )
+    p.add_argument("model", help="a model.pt (final stage), a training checkpoint, or a final stage directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="face images (any size and format PIL reads)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)

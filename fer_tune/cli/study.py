@@ -1,0 +1,258 @@
+"""`fer-tune sweep | resume | extend | status`: studies on Ray Tune + Optuna."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import add_ray_options, add_read_options, loader, parser_with
+from .report import refresh_report
+
+
+def print_summary(sdir: str | Path) -> None:
+    """The study's trials by state and its best trial, on stdout (from trials.csv, as the run left it)."""
+    import csv
+
+    from ..tune.record import read_study
+    from ..tune.study import summary_lines
+
+    sdir = Path(sdir).resolve()
+    if not (sdir / "trials.csv").is_file():
+        return
+    with open(sdir / "trials.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    print("\n".join(["", *summary_lines(sdir, read_study(sdir)["spec"], table)]), flush=True)
+
+
+def _finish(rc: int, sdir: str | Path) -> int:
+    """After sweep / resume / extend: the summary of a finished run, and the study's report."""
+    if rc == 0:
+        print_summary(sdir)
+    refresh_report(sdir)
+    return rc
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..tune.spaces import load_space
+    from ..tune.study import sweep
+
+    rc = sweep(
+        args.space,
+        data_arg=args.data,
+        name=args.name,
+        results=args.results,
+        storage=args.storage,
+        address=args.address,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        gpus=args.gpus_per_trial,
+        cpus=args.cpus_per_trial,
+        quiet=args.quiet,
+        loader=loader(args),
+        num_cpus=args.num_cpus,
+        optuna_storage=args.optuna_storage,
+    )
+    sdir = Path(args.results) / (args.name or load_space(args.space).name)
+    return _finish(rc, sdir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ..tune.study import resume
+
+    if (Path(args.study) / "final.json").is_file():  # a final stage directory (results/NAME/final)
+        from ..tune.final import run_final
+        from .final import finish_final
+
+        rec = json.loads((Path(args.study) / "final.json").read_text())
+        rc = run_final(
+            rec["study_dir"],
+            trial=None,
+            out=args.study,
+            given={},
+            gpus=None,
+            address=args.address,
+            quiet=args.quiet,
+            loader=loader(args),
+            num_cpus=args.num_cpus,
+            force=args.force,
+        )
+        return finish_final(rc, args.study, rec["study_dir"])
+    rc = resume(
+        args.study,
+        force=args.force,
+        address=args.address,
+        quiet=args.quiet,
+        loader=loader(args),
+        num_cpus=args.num_cpus,
+    )
+    return _finish(rc, args.study)
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from ..tune.study import extend
+
+    rc = extend(
+        args.study,
+        num_samples=args.num_samples,
+        force=args.force,
+        address=args.address,
+        quiet=args.quiet,
+        loader=loader(args),
+        num_cpus=args.num_cpus,
+    )
+    return _finish(rc, args.study)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..tune.lock import running_line
+    from ..tune.record import read_study
+    from ..tune.trials import status_summary
+
+    record = read_study(args.study)
+    s = status_summary(args.study, record)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    metric = s["metric"]
+    print(
+        f"study {s['name']} ({s['directory']}): {s['finished']}/{s['num_samples']} trials finished "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(s['states'].items())) or 'none yet'}); "
+        f"{s['epochs_trained']} epochs trained, {s['device_hours']:.3f} device-hours"
+    )
+    for what, info in s["running"].items():
+        print(running_line(what, info))
+    params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
+    # every column as wide as its widest value
+    widths = [max([len(p) - 6, *(len(_fmt(r[p])) for r in s["rows"])]) for p in params]
+    sw = max([len("status"), *(len(r["status"]) for r in s["rows"])])
+    print(
+        f"{'#':>4} {'status':<{sw}} {'epochs':>6}{'best ' + metric:>14}  "
+        + "  ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)).rstrip()
+    )
+    for r in s["rows"]:
+        best = f"{r['best_' + metric]:.2f}" if r["best_" + metric] != "" else "-"
+        vals = "  ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths)).rstrip()
+        print(f"{r['number']:>4} {r['status']:<{sw}} {r['epochs']:>6}{best:>14}  {vals}")
+    if s["best"]:
+        b = s["best"]
+        print(f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})")
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v) if v != "" else "-"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = parser_with(
+        sub,
+        "sweep",
+        "run a hyperparameter study (Ray Tune trials, Optuna search, early stopping)",
+        """
+        fer-tune sweep search_spaces/smoke.yaml
+        fer-tune sweep smoke --name smoke-2                # a shipped space by name
+        fer-tune sweep search_spaces/joint.yaml --data ../shared/datasets/fer2013 --gpus-per-trial 0.25
+        fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --storage s3://my-bucket/fer-tune
+    """,
+    )
+    p.add_argument(
+        "space",
+        help="a search space YAML file, or the name of one that ships with fer-tune (smoke, "
+        "joint, fer2013_cpu, ...: the files in search_spaces/)",
+    )
+    p.add_argument(
+        "--data", default=None, metavar="PATH", help="dataset (default: the space's data.path, else synthetic)"
+    )
+    p.add_argument("--name", default=None, help="study name (default: the space's name); results go to RESULTS/NAME")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URI|DIR",
+        help="Ray storage for the trials' checkpoints and results: s3://BUCKET/PREFIX (any pyarrow "
+        "filesystem URI) or a directory on a mount every node shares; the study gets a NAME folder "
+        "there (default: RESULTS/NAME itself, fine for one machine; a multi-node cluster refuses a "
+        "node-local path). study.json, optuna.db and trials.csv stay in RESULTS/NAME",
+    )
+    p.add_argument(
+        "--optuna-storage",
+        default=None,
+        metavar="URL",
+        help="the Optuna database: a SQLAlchemy URL (postgresql://USER@HOST/DB) or env:VAR naming an "
+        "environment variable that holds one, e.g. with a password (default: sqlite "
+        "RESULTS/NAME/optuna.db on this machine)",
+    )
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="at most this many trials at once; also how many trials Tune keeps waiting for resources: "
+        "on an autoscaling cluster give the pool's trial capacity so that nodes are requested for "
+        "all of them at once (default: no limit; as many trials wait at once as the cluster's "
+        "current resources hold)",
+    )
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25 = 4 per GPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: the space's)")
+    add_ray_options(p)
+    add_read_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = parser_with(
+        sub,
+        "resume",
+        "continue an interrupted study where it stopped",
+        """
+        fer-tune resume results/joint
+        fer-tune resume results/joint --force     # even though the space file or data changed
+        fer-tune resume results/joint/final       # an interrupted final stage
+    """,
+    )
+    p.add_argument("study", help="the study directory (results/NAME), or a final stage's (results/NAME/final)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume although the recorded fingerprint changed, or "
+        "although the study's lock was recorded by a command on another machine (check it has ended)",
+    )
+    add_ray_options(p)
+    add_read_options(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = parser_with(
+        sub,
+        "extend",
+        "add trials to a finished study, informed by all earlier ones",
+        """
+        fer-tune extend results/joint --num-samples 16
+    """,
+    )
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--num-samples", type=int, required=True, help="how many trials to add")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="extend although the recorded fingerprint changed, or "
+        "although the study's lock was recorded by a command on another machine (check it has ended)",
+    )
+    add_ray_options(p)
+    add_read_options(p)
+    p.set_defaults(func=cmd_extend)
+
+    p = parser_with(
+        sub,
+        "status",
+        "trials, states, best result and device-hours of a study",
+        """
+        fer-tune status results/joint
+        fer-tune status results/joint --json
+    """,
+    )
+    p.add_argument("study", help="the study directory (results/NAME); never disturbs a command running it")
+    p.add_argument(
+        "--json", action="store_true", help="print everything as JSON (the rows of trials.csv, who runs the study now)"
+    )
+    p.set_defaults(func=cmd_status)

@@ -1,0 +1,369 @@
+"""The final stage's recipe for one seed, without Ray: the paper's train -> fine-tune -> evaluate.
+
+1. train from scratch with the study's configuration (test accuracy tracked every `eval_every` epochs, never used
+   for selection);
+2. fine-tune from the best-validation weights (Khaireddin & Chen 2021: cosine from lr 1e-4 on train + val);
+3. measure the last, best-validation and fine-tuned models on the test split with TenCrop, write their confusion
+   matrices and saliency maps, and export the fine-tuned model (model.pt, model.pt2, model.json).
+
+`run_seed` reads top to bottom; whatever runs it (fer_tune.tune.final on Ray) persists a `SeedState` through
+the `save` callback at every epoch and hands the last one back to continue after a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import EMOTIONS, code_revision, write_json
+from .config import TrainConfig
+
+MODELS = ("last", "best_val", "finetuned")
+TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
+# a baseline keeps the study's model, its size and input, the data and the run settings, and takes every other key
+# from the recipe
+BASELINE_KEEPS = (
+    "model",
+    "width",
+    "weights",
+    "train_crops",
+    "test_crops",
+    "epochs",
+    "protocol",
+    "seed",
+    "amp",
+    "threads",
+    "eval_batch_size",
+)
+BASELINES = ("paper",)
+
+
+def baseline_config(config: dict, name: str) -> dict:
+    """The `name` recipe (paper: TrainConfig's defaults, the recipe of Khaireddin & Chen 2021 and usef-kh/fer:
+    SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2, weight decay 1e-4, batch 64, the
+    paper's augmentation) on the winner's model, width, crops and data."""
+    return TrainConfig.from_dict(
+        {k: config[k] for k in BASELINE_KEEPS if k in config}, source=f"baseline {name}"
+    ).to_dict()
+
+
+class ArraySplits:
+    """Splits held as {split: (images uint8 (N, 48, 48), labels)} (e.g. read-only from Ray's object store)."""
+
+    def __init__(self, arrays: dict):
+        self._arrays = arrays
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._arrays[split]
+
+
+class FinetuneSplits(ArraySplits):
+    """Fine-tuning data: train (+ val, as the paper) to learn from; val still reported."""
+
+    def __init__(self, arrays: dict, on: str):
+        super().__init__(arrays)
+        self._on = on
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split == "train" and self._on == "train+val":
+            (xt, yt), (xv, yv) = self._arrays["train"], self._arrays["val"]
+            return np.concatenate([xt, xv]), np.concatenate([yt, yv])
+        return self._arrays[split]
+
+
+@dataclass
+class SeedState:
+    """Where one seed's run is: its phase (train -> finetune -> done), the histories so far, the train phase's
+    best epoch, its best-val and last-epoch weights, and fit()'s checkpoint of the running phase."""
+
+    seed: int
+    arm: str
+    phase: str = "train"
+    status: str = "complete"  # "diverged" when a phase's loss went NaN / inf
+    train_history: list = field(default_factory=list)
+    finetune_history: list = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "val_acc"} of the train phase
+    weights: dict = field(default_factory=lambda: {"best": None, "last": None})  # state_dicts
+    fit_state: dict | None = None
+
+    def progress(self) -> dict:
+        """The JSON part (progress.json); weights and fit_state are tensor files beside it."""
+        return {
+            "phase": self.phase,
+            "seed": self.seed,
+            "arm": self.arm,
+            "status": self.status,
+            "train_history": self.train_history,
+            "finetune_history": self.finetune_history,
+            "best": self.best,
+        }
+
+    @classmethod
+    def restore(cls, progress: dict, weights: dict, fit_state: dict | None) -> SeedState:
+        s = cls(
+            seed=progress["seed"],
+            arm=progress["arm"],
+            phase=progress["phase"],
+            status=progress.get("status", "complete"),
+            train_history=progress.get("train_history", []),
+            finetune_history=progress.get("finetune_history", []),
+            best=progress.get("best"),
+            fit_state=fit_state,
+        )
+        s.weights.update(weights)
+        return s
+
+    def epochs_done(self) -> int:
+        return len(self.train_history) + len(self.finetune_history)
+
+
+# save(state, epoch metrics, step=epochs into the run (None: none, the run diverged), pinned=keep this checkpoint,
+# outputs=the evaluated run's files (the last save))
+Save = Callable[..., None]
+
+
+def run_seed(
+    cfg: TrainConfig,
+    finetune: dict,
+    data: dict,
+    state: SeedState,
+    *,
+    save: Save,
+    device: Any,
+    eval_every: int,
+    track_crops: str | None = None,
+    export: bool = True,
+) -> dict | None:
+    """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done."""
+    from .train import fit
+
+    if state.phase == "done":
+        return None
+    ft_cfg = cfg.replace(epochs=finetune["epochs"], lr=finetune["lr"], scheduler=finetune["scheduler"])
+    test = data["test"]
+
+    def diverged(metrics: dict) -> bool:
+        state.status = "diverged"
+        save(state, {**metrics, "val_acc": 0.0}, step=None, pinned=False)
+        return False
+
+    # 1. train from scratch
+    if state.phase == "train":
+
+        def on_train_epoch(m: dict, st: dict | None) -> bool | None:
+            if st is None:
+                return diverged(m)
+            if m["is_best"]:
+                state.weights["best"] = st["model"]
+            state.train_history, state.fit_state = st["history"], st
+            state.best = {"epoch": m["best_epoch"], "val_acc": m["best_val_acc"]}
+            e = m["epoch"]
+            save(state, m, step=e, pinned=e % eval_every == 0 or e == cfg.epochs)
+            return None
+
+        res = fit(
+            cfg,
+            ArraySplits(data),
+            device=device,
+            checkpoint=state.fit_state,
+            on_epoch=on_train_epoch,
+            track=test,
+            track_every=eval_every,
+            track_crops=track_crops,
+        )
+        if res.status == "diverged":
+            return None
+        state.weights["last"] = res.checkpoint["model"]
+        state.train_history = state.train_history or res.history
+        state.best = state.best or {"epoch": res.best["epoch"], "val_acc": res.best["val_acc"]}
+        state.phase, state.fit_state = "finetune", None
+
+    # 2. fine-tune from the best-val weights
+    def on_ft_epoch(m: dict, st: dict | None) -> bool | None:
+        if st is None:
+            return diverged(m)
+        state.finetune_history, state.fit_state = st["history"], st
+        save(state, m, step=cfg.epochs + m["epoch"], pinned=False)
+        return None
+
+    res = fit(
+        ft_cfg,
+        FinetuneSplits(data, finetune["on"]),
+        device=device,
+        checkpoint=state.fit_state,
+        init_model=state.weights["best"],
+        on_epoch=on_ft_epoch,
+        track=test,
+        track_every=eval_every,
+        track_crops=track_crops,
+    )
+    if res.status == "diverged":
+        return None
+    state.finetune_history = state.finetune_history or res.history
+
+    # 3. evaluate the three models on the test split; export the fine-tuned one
+    with tempfile.TemporaryDirectory() as d:
+        out_dir = Path(d) / "outputs"
+        result = evaluate_and_export(
+            cfg,
+            ft_cfg,
+            {**state.weights, "finetuned": res.checkpoint["model"]},
+            data,
+            device,
+            out_dir,
+            state,
+            export=export,
+        )
+        state.phase, state.fit_state = "done", None
+        state.weights.update(best=None, last=None)  # the exports hold them now
+        save(
+            state,
+            {
+                "epoch": ft_cfg.epochs,
+                "val_acc": result["best_val_acc"],
+                "test_acc": result["models"]["finetuned"]["top1"],
+                "status": "done",
+            },
+            step=None,
+            pinned=True,
+            outputs=out_dir,
+        )
+    return result
+
+
+def evaluate_and_export(
+    cfg: TrainConfig,
+    ft_cfg: TrainConfig,
+    weights: dict,
+    data: dict,
+    device: Any,
+    out_dir: Path,
+    state: SeedState,
+    *,
+    export: bool = True,
+) -> dict:
+    """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
+    files (a baseline's models are measured, not exported)."""
+    from .evaluate import evaluate_model, saliency_sample
+    from .train import model_from_checkpoint, precision, precision_name
+
+    out_dir.mkdir(parents=True)
+    x_test, y_test = data["test"]
+    models = {}
+    key = {"last": "last", "best_val": "best", "finetuned": "finetuned"}
+    for name in MODELS:
+        model, _ = model_from_checkpoint({"config": cfg.to_dict(), "model": weights[key[name]]}, device)
+        models[name] = evaluate_model(
+            model, x_test, y_test, device=device, crops=TEST_CROPS, batch_size=cfg.eval_batch_size, amp=cfg.amp
+        )
+        write_confusion(out_dir / f"confusion_{name}.csv", models[name]["confusion"])
+    saliency_sample(model, x_test, y_test, out_dir, device=device, seed=cfg.seed)
+    if export:
+        export_model(model, ft_cfg, cfg, weights["finetuned"], models, out_dir)
+    result = {
+        "seed": cfg.seed,
+        "status": state.status,
+        "precision": precision_name(precision(device, cfg.amp)[0]),
+        "best_epoch": state.best["epoch"],
+        "best_val_acc": state.best["val_acc"],
+        "history": state.train_history,
+        "finetune_history": state.finetune_history,
+        "models": models,
+        "code": code_revision(),
+    }
+    write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def export_model(
+    model: Any, ft_cfg: TrainConfig, cfg: TrainConfig, finetuned: dict, models: dict, out_dir: Path
+) -> None:
+    """model.pt (fer-tune checkpoint), model.pt2 (torch.export program) and model.json (how to feed it)."""
+    from .train import save_checkpoint
+
+    export = {
+        "format": 1,
+        "kind": "fer-tune model",
+        "config": ft_cfg.to_dict(),
+        "model": finetuned,
+        "classes": list(EMOTIONS),
+    }
+    save_checkpoint(export, out_dir / "model.pt")
+    export_program(model, out_dir / "model.pt2")
+    write_json(
+        out_dir / "model.json",
+        {
+            "classes": list(EMOTIONS),
+            "preprocessing": {
+                "grayscale": True,
+                "resize": [48, 48],
+                "scale": "pixel / 255",
+                "crops": "TenCrop(40)",
+                "combine": "mean of the 10 crops' logits, then softmax",
+            },
+            "input": "float32 (N, 1, 40, 40) crops in [0, 1]",
+            "output": "logits (N, 7) in the order of classes",
+            "config": ft_cfg.to_dict(),
+            "seed": cfg.seed,
+            "test_top1": models["finetuned"]["top1"],
+            "protocol": cfg.protocol,
+            "code": code_revision(),
+            "files": {
+                "model.pt": "fer-tune checkpoint (fer-tune predict / evaluate)",
+                "model.pt2": "torch.export program: torch.export.load(path).module()(crops)",
+            },
+        },
+    )
+
+
+def export_program(model: Any, path: Path) -> None:
+    """A torch.export program of the model (fp32, CPU, dynamic batch)."""
+    import torch
+
+    model = model.float().cpu().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.zeros(2, 1, 40, 40),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def write_confusion(path: Path, confusion: list[list[int]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["true \\ predicted", *EMOTIONS])
+        for e, row in zip(EMOTIONS, confusion):
+            w.writerow([e, *row])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# over seeds
+# ---------------------------------------------------------------------------------------------------------
+def aggregate(runs: list[dict]) -> dict:
+    """{model: {metric: mean/std/values}} over the completed runs."""
+    if not runs:
+        return {}
+    return {
+        name: {k: mean_std([s["models"][name][k] for s in runs]) for k in ("top1", "top2", "macro_f1")}
+        for name in MODELS
+    }
+
+
+def mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def pm(agg: dict, digits: int = 2, sign: str = "+-") -> str:
+    """'mean +- std' over the seeds; the mean alone with one seed (a spread needs two)."""
+    if len(agg["values"]) < 2:
+        return f"{agg['mean']:.{digits}f}"
+    return f"{agg['mean']:.{digits}f} {sign} {agg['std']:.{digits}f}"

@@ -1,0 +1,123 @@
+"""HTML for the reports: escaping (HTML and plotly's text), tables, numbers, and the one-file page that embeds
+plotly.js once, inline (so that it opens offline)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from ..common import write_atomic
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:0 16px 48px;
+color:#222}
+h1{margin-top:24px}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:40px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+vertical-align:top;font-size:14px}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner{background:#fff3cd;border:1px solid #e0c060;padding:8px 12px;margin:12px 0}
+.note{color:#555;font-size:14px}nav a{margin-right:12px}code{background:#f3f3f3;padding:0 3px}
+img.saliency{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
+.data{position:sticky;top:0;z-index:10;background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:8px 0;
+font-size:14px}.data.synthetic{background:#fde8e8;border-color:#e6a0a0}
+"""
+
+
+def esc(value: Any) -> str:
+    """Text for HTML: every <, >, & and quote escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def _plotly_text(s: str) -> str:
+    # plotly renders <b>, <i>, <a href>, <br>, ... in titles, names, tick labels and hover text: escape all but
+    # the line breaks plotly's own hover texts (Optuna's) are made of
+    return html.escape(s, quote=False).replace("&lt;br&gt;", "<br>")
+
+
+def plotly_safe(obj: Any, key: str = "") -> Any:
+    """A figure dict with every string escaped for plotly's text rendering, except the hover/text templates this
+    module (or Optuna) wrote, whose user data arrive through customdata / text (escaped here)."""
+    if isinstance(obj, dict):
+        return {k: v if k in ("hovertemplate", "texttemplate") else plotly_safe(v, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plotly_safe(v, key) for v in obj]
+    if isinstance(obj, str):
+        return _plotly_text(obj)
+    if hasattr(obj, "dtype") and getattr(obj.dtype, "kind", "") in "OUS":  # numpy arrays of strings
+        return [plotly_safe(v, key) for v in obj.tolist()]
+    return obj
+
+
+def table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Page:
+    """Sections of HTML and plotly figures; `html()` embeds plotly.js once, inline."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.sections: list[tuple[str, str, list[str]]] = []
+        self.figures: list[str] = []
+
+    def section(self, anchor: str, title: str) -> list[str]:
+        parts: list[str] = []
+        self.sections.append((anchor, title, parts))
+        return parts
+
+    def figure(self, fig: Any, name: str) -> str:
+        import plotly.io as pio
+
+        div_id = f"fig-{name}"
+        self.figures.append(div_id)
+        fig_dict = plotly_safe(fig.to_plotly_json() if hasattr(fig, "to_plotly_json") else fig)
+        return pio.to_html(
+            fig_dict,
+            include_plotlyjs=False,
+            full_html=False,
+            div_id=div_id,
+            config={"displaylogo": False, "responsive": True},
+        )
+
+    def html(self, header: str) -> str:
+        from plotly.offline import get_plotlyjs
+
+        nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in self.sections)
+        body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{"".join(p)}</section>' for a, t, p in self.sections)
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>'
+            f'<style>{CSS}</style><script type="text/javascript">window.PlotlyConfig={{MathJaxConfig:"local"}};'
+            f'</script><script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+            f"<h1>{esc(self.title)}</h1>{header}<nav>{nav}</nav>{body}</body></html>\n"
+        )
+
+
+def write_page(path: Path, text: str) -> None:
+    """The report's file, written atomically (a reader never sees half a report)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode("utf-8"))
+
+
+def params_text(row: dict) -> str:
+    """A trials.csv row's parameters as `name=value, ...`."""
+    return ", ".join(f"{k[6:]}={fmt(v, 4)}" for k, v in row.items() if k.startswith("param_") and v != "")

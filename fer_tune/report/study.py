@@ -1,0 +1,312 @@
+"""The study report: results/NAME -> one HTML file a person opens with no server and no internet.
+
+plotly.js is embedded once (one inline script in <head>); every figure is a plotly div. Sections: summary, Optuna's
+own plots from the study's storage, learning curves of every trial, the seed's comparisons (optimizer x scheduler,
+scheduler, dropout, architecture: whichever the study searches), the class-aware view (per-emotion val recall of
+the top trials), the final stage (fer_tune.report.final) and a table against published numbers
+(the shipped results/reference/*.csv, and RESULTS/reference/*.csv beside the study).
+
+Everything from a file, a study name or a parameter is escaped: in the HTML, and in plotly's text, which interprets
+HTML-like tags (see ``plotly_safe``). Only files and the Optuna storage are read, so the report also works on a
+study that is running or was interrupted (shown as partial).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from ..common import FerTuneError, shipped
+from ..tune.lock import running_line
+from ..tune.record import load_optuna_study, read_study
+from ..tune.trials import status_summary, study_results
+from . import final as report_final
+from .html import Page, duration, esc, fmt, params_text, table, write_page
+from .trials import class_section, comparisons_section, curves_section
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------
+def write_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the study's report (default results/NAME/report.html, atomically) and return its path."""
+    sdir = Path(study_dir)
+    text = build_report(sdir)
+    path = Path(out) if out else sdir / "report.html"
+    write_page(path, text)
+    return path
+
+
+def build_report(sdir: Path) -> str:
+    record = read_study(sdir)
+    spec = record["spec"]
+    scanned = study_results(sdir, record)  # one pass over the trials' results, local or s3://...
+    summary = status_summary(sdir, record, scanned)
+    results = scanned[0]
+    page = Page(f"fer-tune study {record['name']}")
+    header = ""
+    unfinished = [r for r in summary["rows"] if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")]
+    running = summary["running"]
+    if running:
+        header = "".join(
+            f'<p class="banner" id="running-{what}">Running: {esc(running_line(what, info))} when this '
+            f"report was written ({time.strftime('%Y-%m-%d %H:%M:%S')}).</p>"
+            for what, info in running.items()
+        )
+    if summary["finished"] < summary["num_samples"] or unfinished:
+        state = (
+            "It is still running"
+            if "study" in running
+            else f"It was interrupted (<code>fer-tune resume {esc(sdir)}</code> continues it)"
+        )
+        header += (
+            f'<p class="banner" id="partial">Partial study: {summary["finished"]} of {summary["num_samples"]} '
+            f"trials finished ({len(unfinished)} started and unfinished). {state}; the figures show the "
+            "results so far.</p>"
+        )
+    _summary_section(page, sdir, record, summary)
+    _optuna_section(page, record)
+    curves_section(page, spec, summary["rows"], results)
+    comparisons_section(page, spec, summary["rows"])
+    class_section(page, spec, summary["rows"], results)
+    final = report_final.load_final(sdir)
+    if final is not None:
+        report_final.final_section(page, final)
+    _reference_section(page, sdir, report_final.reference_rows(final) if final else [], record["data"])
+    return page.html(_data_line(record["data"]) + header)
+
+
+def is_synthetic(data: dict) -> bool:
+    return data.get("format") == "synthetic"
+
+
+def _data_line(data: dict) -> str:
+    """The data the study used, at the top of the report."""
+    sizes = ", ".join(f"{k} {v:,}" for k, v in data.get("sizes", {}).items())
+    if is_synthetic(data):
+        return (
+            f'<p class="data synthetic" id="data-used">Data: the embedded synthetic faces ({esc(data.get("source"))}; '
+            f"{esc(sizes)}), not FER2013. Accuracies here measure the pipeline, not emotion recognition on real "
+            "faces.</p>"
+        )
+    return (
+        f'<p class="data" id="data-used">Data: {esc(data.get("source"))} ({esc(data.get("format", ""))}; '
+        f"{esc(sizes)}), protocol {esc(data.get('protocol', ''))}.</p>"
+    )
+
+
+def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
+    spec, data = record["spec"], record["data"]
+    es = spec["early_stopping"]
+    best = s["best"]
+    metric = spec["metric"]
+    wall = sum(r.get("wall_seconds", 0.0) for r in record["runs"])
+    restarted = [r for r in s["rows"] if int(r["restarts"])]
+    items = [
+        ("study", f"{record['name']} ({sdir.resolve()})"),
+        ("description", spec.get("description", "").strip()),
+        ("space file", f"{record['space_file']} (copy: space.yaml)"),
+        ("metric", f"{metric} ({spec['mode']})"),
+        ("sampler", f"{spec['sampler']} (seed {spec['seed']})"),
+        ("scheduler (early stopping)", ", ".join([es["type"]] + [f"{k} {v}" for k, v in es.items() if k != "type"])),
+        ("epochs per trial", f"at most {spec['max_epochs']}"),
+        ("resources per trial", ", ".join(f"{k} {v}" for k, v in spec["resources"].items())),
+        (
+            "data",
+            f"{data['source']} ({data.get('format', '')}; sizes "
+            + ", ".join(f"{k} {v:,}" for k, v in data.get("sizes", {}).items())
+            + ")",
+        ),
+        ("protocol", f"{data['protocol']}: {data.get('protocol_note', '')}"),
+        (
+            "trials",
+            f"{s['finished']} of {s['num_samples']} finished; by state: "
+            + (", ".join(f"{k} {n}" for k, n in sorted(s["states"].items())) or "none yet"),
+        ),
+        (
+            "best",
+            f"trial {best['number']}: {metric} {fmt(best['best_' + metric])} at epoch {best['best_epoch']}; "
+            f"{params_text(best)}"
+            if best
+            else "no trial has reported yet",
+        ),
+        ("device-hours", fmt(s["device_hours"], 4)),
+        ("wall time", f"{duration(wall)} (all runs)"),
+        (
+            "precision",
+            ", ".join(
+                f"{p} ({n} trial{'s' if n > 1 else ''})"
+                for p, n in sorted(
+                    Counter(r.get("precision") or "not recorded" for r in s["rows"] if int(r["epochs"])).items()
+                )
+            )
+            or "-",
+        ),
+        ("epochs trained", s["epochs_trained"]),
+        ("created", record.get("created", "")),
+        ("fixed settings", ", ".join(f"{k}={v}" for k, v in spec.get("fixed", {}).items()) or "-"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in record.get("fingerprint", {}).get("versions", {}).items())),
+    ]
+    parts = page.section("summary", "Summary")
+    parts.append(
+        '<table id="summary-table">'
+        + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
+        + "</table>"
+    )
+    space = [
+        [
+            n,
+            p["type"],
+            ", ".join(map(str, p.get("choices", [])))
+            or f"{p.get('low', 0)} .. {p.get('high', 0)}{' (log)' if p.get('log') else ''}",
+        ]
+        for n, p in spec["space"].items()
+    ]
+    parts.append("<h3>Search space</h3>" + table(["parameter", "type", "values"], space))
+    runs = [
+        [r["dir"], r["num_samples"], r["seed"], r.get("max_concurrent") or "-", duration(r.get("wall_seconds", 0.0))]
+        for r in record["runs"]
+    ]
+    parts.append(
+        "<h3>Runs (sweep, extends; resumes continue a run)</h3>"
+        + table(["run", "trials", "sampler seed", "max concurrent", "wall time"], runs, {1, 2})
+    )
+    parts.append(
+        f'<p class="note">{len(restarted)} trial(s) continued from a checkpoint (crash retries or '
+        f"resumes), {sum(int(r['restarts']) for r in restarted)} restart(s) in all"
+        + (": " + ", ".join(f"#{r['number']} x{r['restarts']}" for r in restarted) if restarted else "")
+        + ".</p>"
+    )
+    cols = [
+        "number",
+        "status",
+        "epochs",
+        f"best_{metric}",
+        "best_epoch",
+        "wall_seconds",
+        "device_seconds",
+        "node",
+        "restarts",
+    ]
+    rows = [[r[c] for c in cols] + [params_text(r)] for r in s["rows"]]
+    parts.append(
+        "<h3>Trials</h3>"
+        + table(cols + ["params"], rows, {0, 2, 3, 4, 5, 6, 8}).replace("<table>", '<table id="trials-table">', 1)
+    )
+
+
+def _optuna_section(page: Page, record: dict) -> None:
+    import optuna.visualization as vis
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+    from optuna.trial import TrialState
+
+    parts = page.section("optuna", "Optuna: history, parallel coordinates, importance, slice, contour")
+    try:
+        study = load_optuna_study(record)
+    except (FerTuneError, KeyError, ValueError, ImportError, RuntimeError) as exc:
+        parts.append(
+            f'<p class="note">The Optuna storage cannot be read here ({esc(exc)}); its plots are left out.</p>'
+        )
+        return
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        parts.append('<p class="note">No trial has completed yet: Optuna plots need completed trials.</p>')
+        return
+    varied = [p for p in record["spec"]["space"] if len({repr(t.params.get(p)) for t in done if p in t.params}) > 1]
+    figs = [
+        ("optuna-history", lambda: vis.plot_optimization_history(study, target_name=record["spec"]["metric"])),
+        ("optuna-parallel", lambda: vis.plot_parallel_coordinate(study, target_name=record["spec"]["metric"])),
+    ]
+    top = varied
+    why = ""
+    if len(done) < 2:
+        why = f"only {len(done)} trial has completed (importance needs at least 2)"
+    elif not varied:
+        why = "no searched parameter took more than one value among the completed trials"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=varied)
+            top = sorted(varied, key=lambda p: -imp.get(p, 0.0))
+            figs.append(
+                (
+                    "optuna-importance",
+                    lambda: vis.plot_param_importances(
+                        study,
+                        evaluator=PedAnovaImportanceEvaluator(),
+                        params=varied,
+                        target_name=record["spec"]["metric"],
+                    ),
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 (Optuna raises several types; the report must still be written)
+            why = f"Optuna could not compute it ({type(exc).__name__}: {exc})"
+    if top:
+        figs.append(
+            ("optuna-slice", lambda: vis.plot_slice(study, params=top[:3], target_name=record["spec"]["metric"]))
+        )
+    if len(top) >= 2:
+        figs.append(
+            ("optuna-contour", lambda: vis.plot_contour(study, params=top[:2], target_name=record["spec"]["metric"]))
+        )
+    for name, make in figs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fig = make()
+        except Exception as exc:  # noqa: BLE001
+            parts.append(
+                f'<p class="note">{esc(name[7:])} plot not available: {esc(type(exc).__name__)}: {esc(exc)}</p>'
+            )
+            continue
+        if name == "optuna-history":
+            fig.update_layout(title=f"Optimization history of {record['name']}")
+        parts.append(page.figure(fig, name))
+    if why:
+        parts.append(f'<p class="note" id="importance-note">Hyperparameter importance is not shown: {esc(why)}.</p>')
+    parts.append(
+        f'<p class="note">{len(done)} completed trial(s); Optuna leaves pruned and failed trials out of '
+        f"these plots. Top parameters (slice, contour): {esc(', '.join(top[:3]) or '-')}.</p>"
+    )
+
+
+def _reference_section(page: Page, sdir: Path, own: list[dict], data: dict) -> None:
+    parts = page.section("reference", "Against published numbers")
+    if is_synthetic(data):  # synthetic numbers are never set beside FER2013 numbers
+        parts.append(
+            '<p class="note" id="reference-synthetic">This study ran on the embedded synthetic faces, so its '
+            "accuracies are not comparable with results on FER2013 and are not listed here; the published "
+            "numbers alone:</p>"
+        )
+        own = []
+    # the results root's own reference/*.csv first, then the published numbers fer-tune ships
+    dirs = [sdir.resolve().parent / "reference", shipped("reference")]
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for d in dirs:
+        for f in (
+            sorted((f for f in d.iterdir() if f.name.endswith(".csv")), key=lambda f: f.name) if d.is_dir() else []
+        ):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            with f.open(newline="") as fh:
+                rows += list(csv.DictReader(fh))
+    cols = ["result", "top1_pct", "split", "protocol", "epochs", "source", "note"]
+    if not rows and not own:
+        parts.append(f'<p class="note">No reference CSV found in {esc(" or ".join(map(str, dirs)))}.</p>')
+        return
+    parts.append(
+        table(cols, [[r.get(c, "") for c in cols] for r in own + rows], {1}).replace(
+            "<table>", '<table id="reference-table">', 1
+        )
+    )
+    parts.append(
+        '<p class="note">Protocol paper: train = Training, val = PrivateTest, test = PublicTest (as '
+        "usef-kh/fer); standard: train = Training, val = PublicTest, test = PrivateTest. Numbers on "
+        "different protocols or splits are not directly comparable.</p>"
+    )

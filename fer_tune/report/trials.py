@@ -1,0 +1,218 @@
+"""The report's figures of the trials: learning curves, the comparisons the study searched (optimizer x scheduler,
+scheduler, dropout, architecture) and the class-aware view (per-emotion val recall of the top trials)."""
+
+from __future__ import annotations
+
+from ..common import EMOTIONS
+from .html import Page, fmt, params_text, table
+
+STATUS_STYLE = {  # learning-curve style per trial status: color, dash, end-marker symbol
+    "completed": ("#1f77b4", "solid", "circle"),
+    "pruned": ("#ff7f0e", "dash", "x"),
+    "diverged": ("#d62728", "dot", "x-thin-open"),
+    "error": ("#d62728", "dot", "x-thin-open"),
+}
+RUNNING_STYLE = ("#2ca02c", "dashdot", "circle-open")
+COMPARISONS = (
+    ("optimizer", "optimizer"),
+    ("scheduler", "learning-rate scheduler"),
+    ("dropout", "dropout"),
+    ("model", "architecture"),
+)
+
+
+TOP_CLASS_TRIALS = 10
+
+
+def curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> None:
+    import plotly.graph_objects as go
+
+    metric = spec["metric"]
+    parts = page.section("curves", f"Learning curves ({metric} per epoch, every trial)")
+    fig = go.Figure()
+    best = max(
+        (r for r in rows if r[f"best_{metric}"] != ""),
+        default=None,
+        key=lambda r: r[f"best_{metric}"] * (1 if spec["mode"] == "max" else -1),
+    )
+    shown: set[str] = set()
+    for r in rows:
+        res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
+        if not res:
+            continue
+        # a trial Tune holds as pending or paused while the study runs is drawn as running
+        status = "running" if r["state"] == "RUNNING" and r["status"] != "interrupted" else r["status"]
+        color, dash, symbol = STATUS_STYLE.get(status, RUNNING_STYLE)
+        is_best = best is not None and r["number"] == best["number"]
+        label = f"trial {r['number']} ({status})"
+        xs, ys = [x["epoch"] for x in res], [x[metric] for x in res]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                name=f"best: {label}" if is_best else status,
+                legendgroup="best" if is_best else status,
+                showlegend=is_best or status not in shown,
+                line={"color": "#000" if is_best else color, "dash": dash, "width": 3 if is_best else 1.5},
+                marker={"size": [4] * (len(xs) - 1) + [10], "symbol": ["circle"] * (len(xs) - 1) + [symbol]},
+                customdata=[[label, params_text(r)]] * len(xs),
+                hovertemplate="%{customdata[0]}<br>epoch %{x}: %{y:.2f}<br>%{customdata[1]}<extra></extra>",
+            )
+        )
+        shown.add(status)
+    if not fig.data:
+        parts.append('<p class="note">No trial has reported an epoch yet.</p>')
+        return
+    fig.update_layout(
+        title=f"{metric} per epoch; pruned (x) and failed (thin x) trials end early",
+        height=520,
+        xaxis_title="epoch",
+        yaxis_title=metric,
+        legend_title_text="trial status",
+    )
+    parts.append(page.figure(fig, "curves"))
+
+
+def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
+    import plotly.graph_objects as go
+
+    metric, key = spec["metric"], f"best_{spec['metric']}"
+    pick = max if spec["mode"] == "max" else min
+    scored = [r for r in rows if r[key] != ""]
+    space = spec["space"]
+    parts = page.section("comparisons", f"Comparisons: best {metric} per setting")
+    varied = {n for n, _ in COMPARISONS if n in space and len({str(r.get(f"param_{n}")) for r in scored}) > 1}
+
+    def best_per(name: str, subset: list[dict]) -> dict[str, tuple[float, int]]:
+        groups: dict[str, list[float]] = {}
+        for r in subset:
+            groups.setdefault(str(r[f"param_{name}"]), []).append(float(r[key]))
+        return {v: (pick(xs), len(xs)) for v, xs in groups.items()}
+
+    if {"optimizer", "scheduler"} <= varied:
+        fig = go.Figure()
+        for sched in sorted({str(r["param_scheduler"]) for r in scored}):
+            b = best_per("optimizer", [r for r in scored if str(r["param_scheduler"]) == sched])
+            fig.add_trace(
+                go.Bar(
+                    x=list(b),
+                    y=[v for v, _ in b.values()],
+                    name=sched,
+                    text=[f"{v:.2f}" for v, _ in b.values()],
+                    customdata=[n for _, n in b.values()],
+                    hovertemplate="%{x}: %{y:.2f} (%{customdata} trials)<extra></extra>",
+                )
+            )
+        fig.update_layout(
+            barmode="group",
+            title=f"Best {metric} per optimizer x scheduler",
+            height=420,
+            xaxis_title="optimizer",
+            yaxis_title=metric,
+            legend_title_text="scheduler",
+        )
+        parts.append(page.figure(fig, "cmp-optimizer-scheduler"))
+    for name, label in COMPARISONS:
+        if name not in varied or (name == "optimizer" and "scheduler" in varied):
+            continue
+        if space[name]["type"] == "float":
+            fig = go.Figure()
+            for status in sorted({r["status"] for r in scored}):
+                sub = [r for r in scored if r["status"] == status]
+                fig.add_trace(
+                    go.Scatter(
+                        x=[r[f"param_{name}"] for r in sub],
+                        y=[r[key] for r in sub],
+                        mode="markers",
+                        name=status,
+                        marker={"color": STATUS_STYLE.get(status, RUNNING_STYLE)[0], "size": 9},
+                        text=[f"trial {r['number']} ({status})" for r in sub],
+                        hovertemplate="%{text}<br>%{x:.4g}: %{y:.2f}<extra></extra>",
+                    )
+                )
+        else:
+            b = best_per(name, scored)
+            fig = go.Figure(
+                go.Bar(
+                    x=list(b),
+                    y=[v for v, _ in b.values()],
+                    text=[f"{v:.2f}" for v, _ in b.values()],
+                    customdata=[n for _, n in b.values()],
+                    hovertemplate="%{x}: %{y:.2f} (%{customdata} trials)<extra></extra>",
+                )
+            )
+            fig.update_xaxes(type="category")
+        fig.update_layout(title=f"Best {metric} per {label}", height=380, xaxis_title=label, yaxis_title=metric)
+        parts.append(page.figure(fig, f"cmp-{name}"))
+    if not scored:
+        parts.append('<p class="note">No trial has a value yet.</p>')
+    elif not varied:
+        parts.append(
+            '<p class="note">This study varies none of optimizer, scheduler, dropout and model (the '
+            "seed's comparisons); see the Optuna plots for its parameters.</p>"
+        )
+    else:
+        parts.append(
+            f'<p class="note">Each trial counts with its best epoch; pruned trials stopped early. '
+            f"{len(scored)} trial(s) with a value.</p>"
+        )
+
+
+def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> None:
+    import plotly.graph_objects as go
+
+    key = f"best_{spec['metric']}"
+    parts = page.section("classes", "Class-aware view: per-emotion val recall")
+    recalls = {}
+    for r in rows:
+        at = {x["epoch"]: x for x in results.get(r["ray_trial_id"], [])}.get(r["best_epoch"] or -1, {})
+        if any(f"val_recall_{e}" in at for e in EMOTIONS):
+            recalls[r["number"]] = [at.get(f"val_recall_{e}") for e in EMOTIONS]
+    scored = sorted(
+        (r for r in rows if r[key] != "" and r["number"] in recalls),
+        key=lambda r: r[key],
+        reverse=spec["mode"] == "max",
+    )
+    if not scored:
+        parts.append(
+            '<p class="note">No trial reported per-class recall (trials trained before fer-tune reported '
+            "<code>val_recall_&lt;emotion&gt;</code>, or none has finished an epoch).</p>"
+        )
+        return
+    top = scored[:TOP_CLASS_TRIALS]
+    z = [recalls[r["number"]] for r in top]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(EMOTIONS),
+            y=[f"trial {r['number']}" for r in top],
+            zmin=0,
+            zmax=100,
+            colorscale="Viridis",
+            text=[[fmt(v, 1) for v in row] for row in z],
+            texttemplate="%{text}",
+            customdata=[[params_text(r)] * len(EMOTIONS) for r in top],
+            hovertemplate="%{y}, %{x}: %{z:.1f} %<br>%{customdata}<extra></extra>",
+            colorbar={"title": "recall %"},
+        )
+    )
+    fig.update_layout(
+        title=f"Val recall per emotion at each trial's best epoch (top {len(top)} by {key})",
+        height=160 + 34 * len(top),
+        yaxis={"autorange": "reversed"},
+    )
+    parts.append(page.figure(fig, "class-recall"))
+    for emotion in ("disgust", "fear"):
+        i = EMOTIONS.index(emotion)
+        ranked = sorted(
+            (r for r in scored if recalls[r["number"]][i] is not None), key=lambda r: -recalls[r["number"]][i]
+        )[:3]
+        parts.append(
+            f"<h3>Best {emotion} recall</h3>"
+            + table(
+                ["trial", f"{emotion} recall %", key, "params"],
+                [[r["number"], fmt(recalls[r["number"]][i], 1), fmt(r[key]), params_text(r)] for r in ranked],
+                {0, 1, 2},
+            )
+        )

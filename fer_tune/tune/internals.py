@@ -1,0 +1,74 @@
+"""Every private attribute of Ray and Optuna that fer-tune relies on, in one place.
+
+fer-tune extends three classes from the inside (Ray's OptunaSearch and ASHAScheduler, Optuna's trials) and starts
+Ray's daemons in a session of their own. Those hooks read attributes that are not public API, so a minor release
+may rename them: the versions in pyproject.toml are bounded to the minor releases tested, and
+tests/test_internals.py checks every name listed here against the installed Ray and Optuna, so that a renamed one
+fails one clear test instead of a resume months later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# OptunaSearch (ray.tune.search.optuna): its study, its {Tune trial id: optuna.Trial}, the storage it was given,
+# the trials it has finished, and the sampler; StudySearch pickles itself without the first three
+SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE = "_ot_study", "_ot_trials", "_storage"
+SEARCH_UNPICKLED = (SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE)
+SEARCH_ATTRS = (*SEARCH_UNPICKLED, "_completed_trials", "_sampler", "_study_name", "_space")
+# ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
+ASHA_ATTRS = ("_brackets", "_metric", "_metric_op", "_time_attr")
+BRACKET_ATTRS = ("_rungs",)
+
+
+def search_study(search: Any) -> Any:
+    """The optuna.Study an OptunaSearch asks and tells (None before its study is set up)."""
+    return search.__dict__.get(SEARCH_STUDY)
+
+
+def search_trials(search: Any) -> dict:
+    """{Tune trial id: optuna.Trial} of an OptunaSearch (the dict itself: adding to it hands a trial over)."""
+    return search.__dict__.setdefault(SEARCH_TRIALS, {})
+
+
+def search_finished(search: Any, trial_id: str) -> None:
+    """Tell an OptunaSearch that a Tune trial is done with (it then ignores further results of it)."""
+    search._completed_trials.add(trial_id)
+
+
+def search_name_and_sampler(search: Any) -> tuple[str, Any]:
+    return search._study_name, search._sampler
+
+
+def trial_id(trial: Any) -> int:
+    """The storage's id of an optuna.Trial or FrozenTrial (what storage calls take; not its number)."""
+    return trial._trial_id
+
+
+def study_storage(study: Any) -> Any:
+    """The optuna.storages.BaseStorage of an optuna.Study."""
+    return study._storage
+
+
+def asha_brackets(scheduler: Any) -> list:
+    """The brackets of an ASHAScheduler, in order."""
+    return scheduler._brackets
+
+
+def bracket_rungs(bracket: Any) -> list[tuple[Any, dict]]:
+    """[(milestone, {trial id: reward})] of one ASHA bracket (the dicts themselves: adding to one records a result)."""
+    return bracket._rungs
+
+
+def asha_reading(scheduler: Any) -> tuple[str, str, float]:
+    """(metric, time attribute, sign) of an ASHAScheduler: a rung records sign * metric at time >= milestone."""
+    return scheduler._metric, scheduler._time_attr, scheduler._metric_op
+
+
+def ray_console_popen() -> tuple[Any, str] | None:
+    """(module, attribute name) of the Popen class Ray starts its local daemons with, None where there is none."""
+    try:
+        from ray._private import services
+    except ImportError:
+        return None
+    return (services, "ConsolePopen") if hasattr(services, "ConsolePopen") else None

@@ -1,0 +1,217 @@
+"""A study's record: study.json, the fingerprint that guards a resume, the Optuna storage it names.
+
+results/NAME/study.json holds what was launched: the spec, the data source, the Optuna storage (a reference:
+`sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, one entry per run (the sweep, each
+extend) and a fingerprint of the inputs (space, data, versions). A resume or extend refuses when the
+fingerprint changed, unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .. import __version__
+from ..common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
+from .spaces import find_space, parse_space
+from .spec import StudySpec
+
+STUDY_FILE = "study.json"
+
+
+def optuna_lib() -> Any:
+    """optuna, with its INFO log off (a line per trial; fer-tune reports trials itself): the one place it is set."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def resolve_storage(ref: str) -> Any:
+    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL."""
+    optuna = optuna_lib()
+    url = ref
+    if ref.startswith("env:"):
+        url = os.environ.get(ref[4:], "")
+        if not url:
+            raise FerTuneError(f"storage {ref}: the environment variable {ref[4:]} is not set on this machine")
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
+    )
+
+
+def load_optuna_study(record: dict) -> Any:
+    """The study's optuna.Study."""
+    return optuna_lib().load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
+
+
+def storage_ref(arg: str | None, sdir: Path) -> str:
+    """The Optuna storage reference recorded in study.json (`storage`): --optuna-storage, else sqlite in sdir."""
+    if not arg:
+        return f"sqlite:///{sdir / 'optuna.db'}"
+    if arg.startswith("env:"):
+        return arg
+    if "://" not in arg:
+        raise FerTuneError(
+            f"--optuna-storage {arg}: give a SQLAlchemy URL (sqlite:////ABS/PATH/optuna.db, "
+            "postgresql://USER@HOST/DB) or env:VAR naming an environment variable that holds one; "
+            "--storage is where Ray keeps checkpoints and results"
+        )
+    if urlsplit(arg).password:
+        raise FerTuneError(
+            "--optuna-storage: the URL holds a password, which would be written to the study files; "
+            "put the URL in an environment variable and pass --optuna-storage env:VARNAME"
+        )
+    return arg
+
+
+def study_dir(results: str, name: str | None, default: str, space_path: str) -> Path:
+    """RESULTS/NAME for a new study, refused unless NAME is a plain name and the directory is inside RESULTS."""
+    given = "--name" if name else f"the study name of {space_path}"
+    name = name or default
+    if not is_plain_name(name):
+        raise FerTuneError(
+            f"{given} {name!r}: {NAME_RULE} (it becomes RESULTS/NAME, Ray's storage prefix and the "
+            "Optuna study's name)" + ("" if given == "--name" else "; pass --name NAME")
+        )
+    root = Path(results).expanduser().resolve()
+    sdir = (root / name).resolve()
+    if sdir.parent != root:
+        raise FerTuneError(
+            f"{root / name} leads to {sdir}, outside the results root {root} (a symbolic link?); "
+            "choose another --name or --results"
+        )
+    return sdir
+
+
+def versions() -> dict:
+    """The versions a study's fingerprint holds (a change asks for --force on resume)."""
+    import optuna
+    import ray
+
+    return {"fer_tune": __version__, "torch": torch_version(), "ray": ray.__version__, "optuna": optuna.__version__}
+
+
+def torch_version() -> str:
+    """torch.__version__ (with its local part, e.g. 2.14.1+cu130) read from torch/version.py: the driver never
+    imports torch (the trials do; it would delay a study's start by seconds)."""
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FerTuneError("PyTorch is not installed in this Python environment (pip install torch)")
+    namespace: dict = {}
+    exec((Path(spec.submodule_search_locations[0]) / "version.py").read_text(), namespace)
+    return str(namespace["__version__"])
+
+
+def read_study(sdir: str | Path) -> dict:
+    """study.json of a study directory (FerTuneError when it is not one)."""
+    sdir = Path(sdir)
+    f = sdir / STUDY_FILE
+    if not f.is_file():
+        hint = " (it does not exist)" if not sdir.exists() else f" ({sdir} has no {STUDY_FILE})"
+        raise FerTuneError(f"{sdir} is not a fer-tune study directory{hint}; start one with fer-tune sweep")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
+
+
+def write_study(sdir: Path, record: dict) -> None:
+    write_json(sdir / STUDY_FILE, record)
+
+
+def new_record(
+    sdir: Path,
+    spec: StudySpec,
+    space_path: str,
+    overrides: dict,
+    source: str,
+    protocol: str,
+    data: Any,
+    optuna_ref: str,
+    ray_storage: str | None,
+    max_concurrent: int | None,
+) -> dict:
+    """The study.json of a new study (its first run: the sweep, in tune/)."""
+    return {
+        "name": sdir.name,
+        "space_file": str(find_space(space_path).resolve()),
+        "spec": spec.to_dict(),
+        "overrides": overrides,
+        "data": {"source": source, "protocol": protocol, **data.describe()},
+        "storage": optuna_ref,
+        "ray_storage": ray_storage,
+        "optuna_study": sdir.name,
+        "fingerprint": fingerprint(spec, data),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": [new_run("tune", spec.num_samples, spec.seed, max_concurrent)],
+    }
+
+
+def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | None) -> dict:
+    """One run of a study (the sweep or an extend): its Ray experiment and the code revision that started it."""
+    return {
+        "dir": directory,
+        "num_samples": num_samples,
+        "seed": seed,
+        "max_concurrent": max_concurrent,
+        "code": code_revision(),
+    }
+
+
+def fingerprint(spec: StudySpec, data: Any) -> dict:
+    return {
+        "space_sha256": spec.sha256,
+        "data_source": data.source,
+        "data_fingerprint": data.fingerprint,
+        "protocol": data.protocol,
+        "versions": versions(),
+    }
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def spec_with(text: str, overrides: dict, source: str, name: str) -> StudySpec:
+    """The spec of a space file's text with the command-line overrides a study was launched with."""
+    import yaml
+
+    return parse_space({**yaml.safe_load(text), **overrides}, source=source, text=text, default_name=name)
+
+
+def reopen(sdir: Path, force: bool, loader: Callable[[str, str], Any]) -> tuple[dict, StudySpec, Any]:
+    """(record, spec, data) of an existing study, refused when its inputs changed since it started (unless force)."""
+    record = read_study(sdir)
+    spec = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"])
+    data = loader(record["data"]["source"], record["data"]["protocol"])
+    changes = diff(record["fingerprint"], fingerprint(spec, data))
+    space_file = Path(record["space_file"])
+    if space_file.is_file() and space_file.read_text() != spec.text:
+        changes.append(f"space file {space_file} was edited since the study started (the study keeps its copy)")
+    if changes and not force:
+        raise FerTuneError(
+            f"{sdir}: the study's inputs changed since it started: "
+            + "; ".join(changes)
+            + ". Pass --force to continue anyway."
+        )
+    return record, spec, data

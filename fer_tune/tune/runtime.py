@@ -1,0 +1,215 @@
+"""Ray's lifecycle and the trial adapter: the only module that starts or stops Ray.
+
+`ray_session()` starts a local Ray (or joins a cluster) for the commands inside it and stops it at the end if it
+started it; nested sessions reuse the running one (the demo runs its sweep and final stage in one). `study_trial`
+is the few lines that turn fer_tune.train.fit's per-epoch callback into `ray.tune.report(metrics,
+checkpoint=...)`; the final stage's adapter lives beside its driver (fer_tune.tune.final).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..common import FerTuneError
+from . import internals, signals
+
+SNAPSHOT_S = "3"  # TUNE_GLOBAL_CHECKPOINT_S: a crash redoes at most a few seconds of bookkeeping
+CRASH_ENV = "FER_TUNE_CRASH_ONCE"  # test hook "MARKER_FILE:EPOCH": the first trial to get there crashes once
+
+# Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
+# trial's worker would start only once the first one's had, and an autoscaler would see one waiting trial at a
+# time. fer-tune sets it (unless the user did) to --max-concurrent, else to the number of trials the cluster's
+# resources hold now.
+_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
+
+
+def tune_env(quiet: bool) -> None:
+    """Tune settings read from the environment; set before ray.tune is imported."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
+    # Tune keeps every checkpoint's entry (fer_tune.tune.checkpoints deletes the files): without their metrics, so
+    # that the experiment state it saves every few seconds stays small
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+
+
+def set_pending_trials(max_concurrent: int | None, resources: dict) -> None:
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _USER_PENDING or str(max_concurrent or trials_that_fit(resources))
+
+
+def trials_that_fit(res: dict) -> int:
+    """How many trials of `res` the cluster's resources hold now (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get(key.upper(), 0) / res[key] + 1e-9) for key in ("cpu", "gpu") if res[key]]
+    return max(1, min(fits, default=1))
+
+
+@contextmanager
+def ray_session(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> Iterator[bool]:
+    """Ray for the block: joined at `address`, else a local Ray (with `num_cpus`); yields True when this call
+    started it, and then shuts it down at the end. SIGTERM and SIGHUP act as Ctrl-C while it runs."""
+    import ray
+
+    tune_env(quiet)
+    if ray.is_initialized():
+        yield False
+        return
+    if num_cpus is not None and address:
+        raise FerTuneError("--num-cpus applies to a local Ray only; a cluster's CPUs are set where it starts")
+    # trial workers' logs (one "Checkpoint successfully created" line per epoch) stay in Ray's log files;
+    # Tune's own progress tables and trial error reports print in the driver
+    kw: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": True,
+        "logging_level": "WARNING",
+    }
+    if num_cpus is not None:
+        kw["num_cpus"] = num_cpus
+    try:
+        with _own_session_for_ray_daemons():
+            ray.init(address=address, **kw)
+    except ConnectionError as exc:
+        raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    signals.install()  # SIGTERM / SIGHUP as Ctrl-C, in place of Ray's handler
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+        signals.restore()
+
+
+@contextmanager
+def _own_session_for_ray_daemons() -> Iterator[None]:
+    """The local Ray's daemons (GCS, raylet and through it the trial workers) start in a session of their own, so
+    that a signal to the driver's whole process group (a closed terminal, a batch system's SIGTERM, `kill -TERM
+    -PGID`) reaches only the driver, which then stops the trials and saves the study before it stops them. They
+    still end with the driver (Ray ties them to it) and Ctrl-C reaches them as before (Ray masks it for them).
+    Where a Ray release has no such Popen class, nothing changes."""
+    where = internals.ray_console_popen()
+    if where is None:
+        yield
+        return
+    module, name = where
+    popen = getattr(module, name)
+
+    class SessionPopen(popen):
+        def __init__(self, *args: Any, **kw: Any):
+            kw.setdefault("start_new_session", True)
+            super().__init__(*args, **kw)
+
+    setattr(module, name, SessionPopen)
+    try:
+        yield
+    finally:
+        setattr(module, name, popen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inside a trial
+# ---------------------------------------------------------------------------------------------------------
+def memory_mb() -> dict:
+    """This trial process's resident memory: rss (shared pages counted in full), pss (shared pages split between
+    the processes that map them) and uss (private pages only; the dataset in Ray's object store is not in it);
+    store_rss / store_pss: the part that is Ray's object store (its /dev/shm plasma mapping), where the dataset
+    lives: a store_pss well under store_rss means other processes map the same pages."""
+    kb: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                kb[key] = int(rest.split()[0])
+        in_store = False
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:  # a mapping's header line
+                    in_store = "/plasma" in line
+                elif in_store and line.startswith(("Rss:", "Pss:")):
+                    key = "store_" + line[:3]
+                    kb[key] = kb.get(key, 0) + int(line.split()[1])
+    except (OSError, ValueError, IndexError):  # not Linux
+        return {}
+    return {
+        "rss_mb": round(kb.get("Rss", 0) / 1024, 1),
+        "pss_mb": round(kb.get("Pss", 0) / 1024, 1),
+        "store_rss_mb": round(kb.get("store_Rss", 0) / 1024, 1),
+        "store_pss_mb": round(kb.get("store_Pss", 0) / 1024, 1),
+        "uss_mb": round((kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024, 1),
+    }
+
+
+def _crash_epoch(crash: str, trial_id: str) -> int | None:
+    """The test hook CRASH_ENV: the epoch at which this trial crashes once (the first trial to claim the marker)."""
+    if not crash:
+        return None
+    marker, _, epoch = crash.rpartition(":")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    os.write(fd, trial_id.encode())
+    os.close(fd)
+    return int(epoch)
+
+
+def study_trial(
+    config: dict, *, base: dict, data: dict, weight: float, crash: str = "", renames: dict | None = None
+) -> None:
+    """One trial of a study: fit() with the trial's config, each epoch reported to Tune with a checkpoint."""
+    import ray
+    from ray import tune
+
+    from ..config import TrainConfig
+    from ..recipe import ArraySplits
+    from ..train import fit, load_checkpoint, save_checkpoint, select_device
+    from .checkpoints import restore, write_meta
+    from .spec import train_keys
+
+    cfg = TrainConfig.from_dict({**base, **train_keys(config, renames or {})}, source="trial config")
+    checkpoint = tune.get_checkpoint()
+    state = restore(checkpoint, lambda d: load_checkpoint(d / "state.pt")) if checkpoint is not None else None
+    trial_start = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    fail_at = _crash_epoch(crash, trial_id)
+    start_epoch = int(state["epoch"]) if state else 0
+    node = ray.util.get_node_ip_address()
+    node_id = ray.get_runtime_context().get_node_id()[:12]
+    device = select_device()
+
+    def on_epoch(metrics: dict, st: dict | None) -> bool | None:
+        # the metric first: Tune's progress table shows the first few columns
+        first = [k for k in ("val_acc", "best_val_acc", "epoch", "val_loss") if k in metrics]
+        out = {
+            k: metrics[k]
+            for k in first + [k for k in metrics if k not in first]
+            if isinstance(metrics[k], (int, float, str, bool))
+        }
+        out.update(
+            node=node,
+            node_id=node_id,
+            device=str(device),
+            start_epoch=start_epoch,
+            trial_start=trial_start,
+            trial_id=trial_id,
+            **memory_mb(),
+        )
+        if st is None:  # diverged: no checkpoint, the study goes on
+            out.setdefault("val_acc", 0.0)
+            out["device_seconds"] = 0.0
+            tune.report(out)
+            return False
+        out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st["history"])
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(st, Path(d) / "state.pt")
+            write_meta(Path(d), out)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+        return None
+
+    fit(cfg, data=ArraySplits(data), device=device, checkpoint=state, on_epoch=on_epoch, fail_at_epoch=fail_at)

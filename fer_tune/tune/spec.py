@@ -1,0 +1,145 @@
+"""A validated search space (StudySpec): its parameters, the Optuna define-by-run function, sampler and the
+TrainConfig of a trial. fer_tune.tune.spaces reads and validates space files into it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import TrainConfig
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    choices: list = field(default_factory=list)  # categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    value: Any = None  # fixed
+    when: dict[str, list] = field(default_factory=dict)  # {earlier param: [values that enable this one]}
+    key: str = ""  # the training key it sets (default: its name)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
+
+    def to_dict(self) -> dict:
+        keep = {
+            "categorical": ("choices",),
+            "float": ("low", "high", "log", "step"),
+            "int": ("low", "high", "log", "step"),
+            "fixed": ("value",),
+        }[self.type]
+        out = {"type": self.type, **{k: getattr(self, k) for k in keep if getattr(self, k) not in (None, False)}}
+        if self.when:
+            out["when"] = self.when
+        if self.key != self.name:
+            out["key"] = self.key
+        return out
+
+
+@dataclass
+class StudySpec:
+    name: str
+    description: str = ""
+    metric: str = "val_acc"
+    mode: str = "max"
+    sampler: str = "tpe"
+    seed: int = 0
+    num_samples: int = 10
+    max_epochs: int = 10
+    early_stopping: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    data: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    space: dict[str, Param] = field(default_factory=dict)
+    source: str = ""
+    text: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def base_config(self) -> dict:
+        """The TrainConfig every trial starts from: defaults + fixed + epochs = max_epochs."""
+        return TrainConfig.from_dict({**self.fixed, "epochs": self.max_epochs}, source=self.source).to_dict()
+
+    def grid(self) -> dict[str, list]:
+        return {p.name: list(p.choices) for p in self.space.values() if p.type == "categorical"}
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.grid().values())
+
+    def renames(self) -> dict[str, str]:
+        """{parameter name: training key} for the parameters whose name is not their key."""
+        return {p.name: p.key for p in self.space.values() if p.key != p.name}
+
+    def trial_config(self, params: dict) -> TrainConfig:
+        return TrainConfig.from_dict(
+            {**self.base_config(), **train_keys(params, self.renames())}, source=f"{self.source}: trial params"
+        )
+
+    def define_by_run(self) -> Callable:
+        """The Optuna define-by-run function: suggests the searched params, returns the fixed ones."""
+        params = list(self.space.values())
+
+        def define(trial) -> dict:
+            chosen: dict[str, Any] = {}
+            constants: dict[str, Any] = {}
+            for p in params:
+                if any(chosen.get(k, constants.get(k)) not in vals for k, vals in p.when.items()):
+                    continue
+                if p.type == "fixed":
+                    constants[p.name] = p.value
+                elif p.type == "categorical":
+                    chosen[p.name] = trial.suggest_categorical(p.name, p.choices)
+                elif p.type == "float":
+                    chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+                else:
+                    chosen[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=p.step or 1)
+            return constants
+
+        return define
+
+    def make_sampler(self, seed: int | None = None):
+        import optuna
+
+        seed = self.seed if seed is None else seed
+        if self.sampler == "tpe":
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=min(10, max(2, self.num_samples // 4)), constant_liar=True
+            )
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler == "grid":
+            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if self.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "metric": self.metric,
+            "mode": self.mode,
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "max_epochs": self.max_epochs,
+            "early_stopping": self.early_stopping,
+            "resources": self.resources,
+            "data": self.data,
+            "fixed": self.fixed,
+            "space": {k: p.to_dict() for k, p in self.space.items()},
+        }
+
+
+def train_keys(params: dict, renames: dict[str, str]) -> dict:
+    """A trial's parameters (Optuna's names) as training keys."""
+    return {renames.get(k, k): v for k, v in params.items()}

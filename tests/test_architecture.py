@@ -1,0 +1,188 @@
+"""The package's shape, read from its source: no import cycles (function-level imports included), no imports of
+another module's private names, a Ray- and Optuna-free core, Ray started in one module, modules of a readable
+size, and every private Ray / Optuna attribute the code relies on still there in the installed versions."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fer_tune"
+CORE = (
+    "common",
+    "config",
+    "data",
+    "synthetic",
+    "augment",
+    "models",
+    "optim",
+    "train",
+    "evaluate",
+    "predict",
+    "recipe",
+    "formats",
+)
+MAX_LINES = 420
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        out[name] = ast.parse(f.read_text(), str(f))
+    return out
+
+
+def imports(name: str, tree: ast.Module, is_pkg: bool):
+    """(imported module, [names]) of every import statement anywhere in the module, relative ones resolved."""
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(base[: len(base) - node.level + 1] + ([mod] if mod else []))
+            yield mod, [a.name for a in node.names]
+
+
+def graph():
+    mods = modules()
+    pkgs = {f.parent.relative_to(PKG.parent).as_posix().replace("/", ".") for f in PKG.rglob("__init__.py")}
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    private = []
+    for name, tree in mods.items():
+        for mod, names in imports(name, tree, name in pkgs):
+            if not mod.startswith("fer_tune"):
+                continue
+            for n in names:  # `from fer_tune.x import y` may import the module y
+                if f"{mod}.{n}" in mods:
+                    edges[name].add(f"{mod}.{n}")
+                else:
+                    if mod in mods and mod != name:
+                        edges[name].add(mod)
+                    if n.startswith("_") and n != "__version__":
+                        private.append(f"{name} imports {mod}.{n}")
+            if not names and mod in mods:
+                edges[name].add(mod)
+    return mods, edges, private
+
+
+def test_no_import_cycles_and_no_private_imports():
+    mods, edges, private = graph()
+    assert not private, private
+
+    # a package's __init__ importing its own submodules is its interface, not a cycle
+    def deps(m):
+        return {d for d in edges[m] if not (m.count(".") < d.count(".") and d.startswith(m + "."))}
+
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(deps(m)):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(path[path.index(d) :] + [d]) if d in path else f"{m} -> {d}")
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_the_core_never_imports_ray_or_optuna_or_the_layers_above():
+    mods, edges, _ = graph()
+    for name in CORE:
+        tree = mods[f"fer_tune.{name}"]
+        outside = {mod.split(".")[0] for mod, _ in imports(f"fer_tune.{name}", tree, False)}
+        assert not outside & {"ray", "optuna"}, name
+        above = [
+            d for d in edges[f"fer_tune.{name}"] if d.startswith(("fer_tune.tune", "fer_tune.cli", "fer_tune.report"))
+        ]
+        assert not above, (name, above)
+
+
+def test_ray_is_started_and_stopped_in_one_module_and_modules_stay_readable():
+    mods, _, _ = graph()
+    for name, tree in mods.items():
+        calls = {
+            f"{n.func.value.id}.{n.func.attr}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+        }
+        if name != "fer_tune.tune.runtime":
+            assert not calls & {"ray.init", "ray.shutdown"}, name
+    long = {
+        n: len(Path(PKG.parent, *n.split(".")).with_suffix(".py").read_text().splitlines())
+        for n in mods
+        if Path(PKG.parent, *n.split(".")).with_suffix(".py").is_file()
+    }
+    assert all(v <= MAX_LINES for v in long.values()), {n: v for n, v in long.items() if v > MAX_LINES}
+
+
+def test_no_print_in_the_library():
+    """Library code logs (named loggers, stderr) and returns results; only the commands print."""
+    mods, _, _ = graph()
+    for name, tree in mods.items():
+        if name.startswith("fer_tune.cli"):
+            continue
+        prints = [
+            n.lineno
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+        ]
+        assert not prints, (name, prints)
+
+
+def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there():
+    """Fails loudly when a Ray or Optuna release renames what fer_tune.tune.internals reads."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from fer_tune.tune import internals as ri
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = OptunaSearch(
+        space=lambda t: t.suggest_float("x", 0, 1) and None,
+        metric="m",
+        mode="max",
+        storage=optuna.storages.InMemoryStorage(),
+        study_name="s",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+    missing = [a for a in ri.SEARCH_ATTRS if not hasattr(search, a)]
+    assert not missing, f"OptunaSearch lacks {missing}"
+    search.suggest("t1")
+    trial = ri.search_trials(search)["t1"]
+    study = ri.search_study(search)
+    assert isinstance(study, optuna.Study) and isinstance(ri.trial_id(trial), int)
+    assert isinstance(ri.study_storage(study), optuna.storages.BaseStorage)
+    assert ri.study_storage(study).get_trial(ri.trial_id(trial)).number == 0
+    ri.search_finished(search, "t1")
+    name, sampler = ri.search_name_and_sampler(search)
+    assert name == "s" and hasattr(sampler, "reseed_rng")
+    asha = ASHAScheduler(metric="m", mode="max", max_t=8, grace_period=1, reduction_factor=2, time_attr="epoch")
+    assert all(hasattr(asha, a) for a in ri.ASHA_ATTRS)
+    rungs = ri.bracket_rungs(ri.asha_brackets(asha)[0])
+    assert [m for m, _ in rungs] == [8, 4, 2, 1] and all(isinstance(r, dict) for _, r in rungs)
+    assert ri.asha_reading(asha) == ("m", "epoch", 1.0)
+    assert ri.ray_console_popen() is not None, "ray._private.services.ConsolePopen is gone"
+
+
+@pytest.mark.parametrize("name", ["ray", "optuna"])
+def test_the_tested_minor_versions_are_the_ones_installed(name):
+    """pyproject.toml bounds ray and optuna to the minor releases these tests ran with."""
+    import importlib
+    import re
+
+    text = (PKG.parent / "pyproject.toml").read_text()
+    low, high = re.search(rf'"{name}(?:\[tune\])?>=([\d.]+),<([\d.]+)"', text).groups()
+    version = tuple(int(x) for x in importlib.import_module(name).__version__.split(".")[:2])
+    assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
