@@ -151,6 +151,10 @@ def test_config_rejects_bad_values():
         TrainConfig(optimizer="rmsprop")
     with pytest.raises(FerTuneError, match="dropout must be in"):
         TrainConfig().with_overrides(["dropout=1.5"])
+    for bad in ("1.5", "-0.1"):  # a probability: [0, 1]
+        with pytest.raises(FerTuneError, match=r"erase_p must be in \[0, 1\]"):
+            TrainConfig().with_overrides([f"erase_p={bad}"])
+    assert TrainConfig(erase_p=1.0).erase_p == 1.0  # every crop erased: allowed
     with pytest.raises(FerTuneError, match="sgd_nesterov needs momentum"):
         TrainConfig(momentum=0.0)
 
