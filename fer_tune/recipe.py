@@ -18,12 +18,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .common import EMOTIONS, code_revision, write_json
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODELS = ("last", "best_val", "finetuned")
 TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
@@ -43,6 +44,18 @@ BASELINE_KEEPS = (
     "eval_batch_size",
 )
 BASELINES = ("paper",)
+# the final stage's settings (`fer-tune final` options) by default: the paper's 300 epochs, then its fine-tune
+# (cosine from lr 1e-4 on train + val, 50 epochs)
+FINAL_DEFAULTS = {
+    "epochs": 300,
+    "finetune_epochs": 50,
+    "finetune_lr": 1e-4,
+    "finetune_scheduler": "cosine",
+    "finetune_on": "train+val",
+    "seeds": 1,
+    "eval_every": 25,
+    "baseline": None,
+}
 
 
 def baseline_config(config: dict, name: str) -> dict:
@@ -73,6 +86,8 @@ class FinetuneSplits(ArraySplits):
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split == "train" and self._on == "train+val":
+            import numpy as np
+
             (xt, yt), (xv, yv) = self._arrays["train"], self._arrays["val"]
             return np.concatenate([xt, xv]), np.concatenate([yt, yv])
         return self._arrays[split]

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..recipe import BASELINES
-from ..tune.final import DEFAULTS
+from ..recipe import BASELINES, FINAL_DEFAULTS
 from .common import add_ray_options, add_read_options, loader, parser_with
 from .report import refresh_report
 
@@ -33,7 +32,7 @@ def finish_final(rc: int, out: str | Path, study: str | Path, report: bool = Tru
 def cmd_final(args: argparse.Namespace) -> int:
     from ..tune.final import run_final
 
-    given = {k: getattr(args, k) for k in DEFAULTS}
+    given = {k: getattr(args, k) for k in FINAL_DEFAULTS}
     rc = run_final(
         args.study,
         trial=args.trial,
@@ -70,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "final",
         "retrain a study's best configuration, fine-tune it, evaluate it (resumable)",
         f"""
-        fer-tune final results/joint                      # {DEFAULTS["epochs"]} epochs + {DEFAULTS["finetune_epochs"]} fine-tune, 1 seed
+        fer-tune final results/joint                      # {FINAL_DEFAULTS["epochs"]} epochs + {FINAL_DEFAULTS["finetune_epochs"]} fine-tune, 1 seed
         fer-tune final results/joint --seeds 3 --gpus-per-run 1 --address auto
         fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
         fer-tune final results/fer2013_cpu --epochs 12 --finetune-epochs 3 --seeds 2 --baseline paper
@@ -79,15 +78,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("study", help="the study directory (results/NAME)")
     p.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {FINAL_DEFAULTS['epochs']})")
     p.add_argument(
         "--finetune-epochs",
         type=int,
         default=None,
-        help=f"fine-tune epochs from the best-val checkpoint (default {DEFAULTS['finetune_epochs']})",
+        help=f"fine-tune epochs from the best-val checkpoint (default {FINAL_DEFAULTS['finetune_epochs']})",
     )
     p.add_argument(
-        "--finetune-lr", type=float, default=None, help=f"fine-tune starting lr (default {DEFAULTS['finetune_lr']:g})"
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help=f"fine-tune starting lr (default {FINAL_DEFAULTS['finetune_lr']:g})",
     )
     p.add_argument(
         "--finetune-scheduler",
@@ -106,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-every",
         type=int,
         default=None,
-        help=f"test accuracy and a kept checkpoint every N epochs (default {DEFAULTS['eval_every']})",
+        help=f"test accuracy and a kept checkpoint every N epochs (default {FINAL_DEFAULTS['eval_every']})",
     )
     p.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed (default: the study's)")
     p.add_argument("--cpus-per-run", type=float, default=None, help="CPUs per seed (default: the study's)")

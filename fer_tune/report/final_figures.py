@@ -4,6 +4,7 @@ and per-class precision / recall / F1, each from the numbers the final stage wro
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from ..common import EMOTIONS
 from ..recipe import MODELS
@@ -18,7 +19,7 @@ CURVES = (
 )
 
 
-def curves_figure(runs: dict[int, dict]):
+def curves_figure(runs: dict[int, dict]) -> Any:
     from plotly.subplots import make_subplots
 
     seeds = sorted(runs)
@@ -86,7 +87,7 @@ def curves_figure(runs: dict[int, dict]):
     return fig
 
 
-def accuracy_figure(agg: dict):
+def accuracy_figure(agg: dict) -> Any:
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -107,7 +108,7 @@ def accuracy_figure(agg: dict):
     return fig
 
 
-def confusion_figure(seeds: list[dict]):
+def confusion_figure(seeds: list[dict]) -> Any:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(
@@ -145,7 +146,7 @@ def confusion_figure(seeds: list[dict]):
     return fig
 
 
-def per_class_figure(seeds: list[dict]):
+def per_class_figure(seeds: list[dict]) -> Any:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=3, subplot_titles=["precision %", "recall %", "F1 %"])

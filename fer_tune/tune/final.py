@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
-from ..recipe import BASELINES, TEST_CROPS, baseline_config
+from ..recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
 from . import preflight, signals, storage
 from .checkpoints import pruner
 from .final_outputs import WINNER, collect, write_history
@@ -38,16 +38,6 @@ from .trials import best_trial
 log = logging.getLogger(__name__)
 
 FINAL_FILE = "final.json"
-DEFAULTS = {
-    "epochs": 300,
-    "finetune_epochs": 50,
-    "finetune_lr": 1e-4,
-    "finetune_scheduler": "cosine",
-    "finetune_on": "train+val",
-    "seeds": 1,
-    "eval_every": 25,
-    "baseline": None,
-}
 
 
 def _settings(out: Path, given: dict) -> dict | None:
@@ -95,7 +85,7 @@ def run_final(
     force: bool = False,
 ) -> int:
     """`fer-tune final`: start, continue or report a study's final stage (holding the lock of its directory).
-    ``given``: the options the user passed (None = not given) among DEFAULTS' keys."""
+    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys."""
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / "final"
     for k, v in given.items():
@@ -170,7 +160,7 @@ def _final(
         )
     announce = ""
     if rec is None:
-        settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in DEFAULTS.items()}
+        settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
         settings["eval_every"] = min(settings["eval_every"], settings["epochs"])
         best = best_trial(sdir, record, spec, trial)
