@@ -108,3 +108,14 @@ def test_epochs_missing_from_result_json_come_from_the_checkpoints(tmp_path):
 def test_write_meta_names_the_epoch(tmp_path, n):
     write_meta(tmp_path, {"epoch": n, "val_acc": 1.5})
     assert json.loads((tmp_path / f"result-{n}.json").read_text())["val_acc"] == 1.5
+
+
+def test_a_tune_state_another_release_wrote_is_refused_in_one_line(tmp_path):
+    """Tune pickles the searcher and the trainable by name: a state that names classes this release does not
+    have is a clear refusal, not a traceback."""
+    from fer_tune.common import FerTuneError
+    from fer_tune.tune.runtime import restore_tuner
+
+    (tmp_path / "tuner.pkl").write_bytes(b"cfer_tune.study\n_searcher_class\n.")  # a 0.2 study's searcher
+    with pytest.raises(FerTuneError, match=r"written by fer-tune 0\.2\.0 and cannot be read by fer-tune .*release"):
+        restore_tuner(str(tmp_path), lambda config: None, "0.2.0")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
 from ..recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
 from . import preflight, signals, storage
@@ -32,7 +33,7 @@ from .final_outputs import WINNER, collect, write_history
 from .final_trial import SNAPSHOT_KEEP, seed_trial
 from .lock import acquire, describe, holder
 from .record import read_study, reopen
-from .runtime import ray_session
+from .runtime import ray_session, restore_tuner
 from .trials import best_trial
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def _final(
             "wall_seconds": 0.0,
             "track_crops": TEST_CROPS,
             "code": code_revision(),
+            "fer_tune": __version__,
         }
         if settings["baseline"]:
             rec["baselines"] = {settings["baseline"]: baseline_config(config, settings["baseline"])}
@@ -281,7 +283,7 @@ def _run_final(
         )
         exp = storage.join(rec["ray_storage"], "tune")
         if storage.exists(storage.join(exp, "tuner.pkl")):
-            tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = restore_tuner(exp, trainable, rec.get("fer_tune"))
         else:
             tuner = tune.Tuner(
                 trainable,

@@ -112,6 +112,24 @@ def _own_session_for_ray_daemons() -> Iterator[None]:
         setattr(module, name, popen)
 
 
+def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:
+    """Tune's saved experiment in `exp_dir`, to continue its unfinished and errored trials. Tune pickles the
+    searcher, the scheduler and the trainable by name: a state another fer-tune release saved is refused in one
+    line (`saved_by`: that release, when known)."""
+    from ray import tune
+
+    from .. import __version__
+
+    try:
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except (ImportError, AttributeError) as exc:
+        by = f"fer-tune {saved_by}" if saved_by else "another fer-tune release"
+        raise FerTuneError(
+            f"{exp_dir}: Tune's saved state was written by {by} and cannot be read by fer-tune {__version__} "
+            f"({type(exc).__name__}: {exc}); continue it with the release that started it"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inside a trial
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .record import (
     study_dir,
     write_study,
 )
-from .runtime import CRASH_ENV, ray_session, set_pending_trials, study_trial
+from .runtime import CRASH_ENV, ray_session, restore_tuner, set_pending_trials, study_trial
 from .spaces import load_space
 from .spec import StudySpec
 from .storage import experiment_dir, study_storage
@@ -87,7 +87,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
     if restore and _has_state(exp_dir):
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
             space=spec.define_by_run(),
