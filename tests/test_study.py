@@ -429,7 +429,10 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
                 time.sleep(0.2)
             time.sleep(rng.uniform(0, 4))
             ended = proc.poll() is not None
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own between the check and the kill
+                ended = True
             out = proc.communicate()[0]
         finally:
             if proc.poll() is None:
