@@ -140,7 +140,7 @@ def test_no_print_in_the_library():
         assert not prints, (name, prints)
 
 
-def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there():
+def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_path):
     """Fails loudly when a Ray or Optuna release renames what fer_tune.tune.internals reads."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
@@ -174,6 +174,10 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there():
     assert [m for m, _ in rungs] == [8, 4, 2, 1] and all(isinstance(r, dict) for _, r in rungs)
     assert ri.asha_reading(asha) == ("m", "epoch", 1.0)
     assert ri.ray_console_popen() is not None, "ray._private.services.ConsolePopen is gone"
+    from ray import tune
+
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3))
+    assert all(hasattr(tuner, a) for a in ri.TUNER_ATTRS) and ri.tuner_run_config(tuner).verbose == 3
 
 
 @pytest.mark.parametrize("name", ["ray", "optuna"])

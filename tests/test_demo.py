@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 from conftest import fer_tune
 
@@ -14,6 +15,12 @@ def test_demo_quick_end_to_end(tmp_path, env):
         assert step in r.stderr
     for result in ("best: trial", "test top-1", "open the report", "optuna-dashboard"):  # results: stdout
         assert result in r.stdout
+    # progress in fer-tune's words, one line per event; Tune's tables and Ray's notes kept out of the terminal
+    assert re.search(r"^trial \d+ started: optimizer=", r.stderr, re.M), r.stderr[-3000:]
+    assert re.search(r"^trial \d+ (completed: best val_acc|pruned at epoch)", r.stderr, re.M)
+    assert re.search(r"^seed 0 epoch \d+/\d+ \(finetune\): val_acc", r.stderr, re.M)
+    assert "== Status ==" not in r.stdout + r.stderr and "Tuner.restore" not in r.stderr
+    assert (out / "ray.log").is_file() and (out / "final" / "ray.log").is_file()
     with open(out / "trials.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and {x["param_optimizer"] for x in rows} <= {"sgd_nesterov", "adam", "adamw"}

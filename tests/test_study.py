@@ -23,6 +23,7 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
     r = fer_tune({**env, "FER_TUNE_CRASH_ONCE": f"{marker}:2"}, "sweep", space, "--results", results, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "best: trial" in r.stdout
+    assert " started: " not in r.stderr  # --quiet: no per-trial lines
 
     trials = study_trials(sdir)
     assert len(trials) == 6 and all(t.state.is_finished() for t in trials)

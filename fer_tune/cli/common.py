@@ -59,7 +59,21 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         help="join a running Ray cluster (auto, ray://HOST:10001); default: start a local Ray",
     )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """How much a run says: a line per trial event (default), --quiet, or Tune's own tables (--verbose)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--quiet", action="store_true", help="no per-trial progress lines (only the start, the end and what goes wrong)"
+    )
+    g.add_argument("--verbose", action="store_true", help="Tune's own progress tables in place of fer-tune's lines")
+
+
+def output_mode(args: argparse.Namespace) -> str:
+    """--quiet / --verbose / neither as fer_tune.tune.runtime.OUTPUTS names it."""
+    return "quiet" if args.quiet else "tables" if args.verbose else "progress"
 
 
 def load_data(args: argparse.Namespace, protocol: str, source: str | None = None) -> Any:

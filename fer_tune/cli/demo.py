@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_read_options, loader, parser_with
+from .common import add_output_options, add_read_options, loader, output_mode, parser_with
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ BUDGETS = {
 }
 
 
-def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader: Callable) -> int:
+def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader: Callable) -> int:
     """Sweep, final stage and report of the demo's study in `out` (continued when it exists)."""
     from ..report import write_report
     from ..tune.final import run_final
@@ -78,7 +78,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
     b = BUDGETS["quick" if quick else "full"]
     sdir = Path(out).resolve()
     t0 = time.time()
-    with ray_session(None, num_cpus=num_cpus, quiet=quiet):  # one local Ray for every step
+    with ray_session(None, num_cpus=num_cpus, output=output):  # one local Ray for every step
         log.info(
             "[1/3] sweep: %d trials of at most %d epochs on %s synthetic faces (TPE + ASHA over optimizer, "
             "scheduler, lr, dropout)",
@@ -87,7 +87,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
             f"{b['images']:,}",
         )
         if (sdir / STUDY_FILE).exists():
-            rc = resume(str(sdir), force=False, address=None, quiet=quiet, loader=loader)
+            rc = resume(str(sdir), force=False, address=None, output=output, loader=loader)
         else:
             with tempfile.TemporaryDirectory() as d:
                 space = Path(d) / "demo.yaml"
@@ -103,7 +103,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
                     max_concurrent=None,
                     gpus=None,
                     cpus=None,
-                    quiet=quiet,
+                    output=output,
                     loader=loader,
                 )
         if rc != 0:
@@ -117,7 +117,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
             f["finetune_epochs"],
         )
         rc = run_final(
-            str(sdir), trial=None, out=None, given=dict(f), gpus=None, address=None, quiet=quiet, loader=loader
+            str(sdir), trial=None, out=None, given=dict(f), gpus=None, address=None, output=output, loader=loader
         )
         if rc != 0:
             return rc
@@ -138,7 +138,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, quiet: bool, loader
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.out, quick=args.quick, num_cpus=args.num_cpus, quiet=not args.verbose, loader=loader(args))
+    return run_demo(args.out, quick=args.quick, num_cpus=args.num_cpus, output=output_mode(args), loader=loader(args))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +158,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a smaller budget (what the tests run)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
-    p.add_argument("--verbose", action="store_true", help="show Tune's progress tables")
+    add_output_options(p)
     add_read_options(p)
     p.set_defaults(func=cmd_demo, data=None)

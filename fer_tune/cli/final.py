@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..recipe import BASELINES, FINAL_DEFAULTS
-from .common import add_ray_options, add_read_options, loader, parser_with
+from .common import add_ray_options, add_read_options, loader, output_mode, parser_with
 from .report import refresh_report
 
 
@@ -41,7 +41,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         gpus=args.gpus_per_run,
         cpus=args.cpus_per_run,
         address=args.address,
-        quiet=args.quiet,
+        output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
         force=args.force,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_ray_options, add_read_options, loader, parser_with
+from .common import add_ray_options, add_read_options, loader, output_mode, parser_with
 from .report import refresh_report
 
 
@@ -15,7 +15,7 @@ def print_summary(sdir: str | Path) -> None:
     import csv
 
     from ..tune.record import read_study
-    from ..tune.study import summary_lines
+    from ..tune.trials import summary_lines
 
     sdir = Path(sdir).resolve()
     if not (sdir / "trials.csv").is_file():
@@ -48,7 +48,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         gpus=args.gpus_per_trial,
         cpus=args.cpus_per_trial,
-        quiet=args.quiet,
+        output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
         optuna_storage=args.optuna_storage,
@@ -72,7 +72,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             given={},
             gpus=None,
             address=args.address,
-            quiet=args.quiet,
+            output=output_mode(args),
             loader=loader(args),
             num_cpus=args.num_cpus,
             force=args.force,
@@ -82,7 +82,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         args.study,
         force=args.force,
         address=args.address,
-        quiet=args.quiet,
+        output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
     )
@@ -97,7 +97,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         force=args.force,
         address=args.address,
-        quiet=args.quiet,
+        output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
     )

@@ -32,8 +32,9 @@ from .checkpoints import pruner
 from .final_outputs import WINNER, collect, write_history
 from .final_trial import SNAPSHOT_KEEP, seed_trial
 from .lock import acquire, describe, holder
+from .progress import final_progress
 from .record import read_study, reopen
-from .runtime import ray_session, restore_tuner
+from .runtime import ray_log_note, ray_log_to, ray_session, restore_tuner, set_output, tune_verbosity
 from .trials import best_trial
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def run_final(
     gpus: float | None,
     cpus: float | None = None,
     address: str | None,
-    quiet: bool,
+    output: str,
     loader: Callable,
     num_cpus: int | None = None,
     force: bool = False,
@@ -109,7 +110,7 @@ def run_final(
             gpus=gpus,
             cpus=cpus,
             address=address,
-            quiet=quiet,
+            output=output,
             loader=loader,
             num_cpus=num_cpus,
             force=force,
@@ -146,7 +147,7 @@ def _final(
     gpus: float | None,
     cpus: float | None,
     address: str | None,
-    quiet: bool,
+    output: str,
     loader: Callable,
     num_cpus: int | None,
     force: bool,
@@ -231,7 +232,7 @@ def _final(
         return 0
     else:
         log.info("continuing the final stage in %s from its last checkpoints", out_p)
-    return _run_final(out_p, rec, data, address=address, quiet=quiet, num_cpus=num_cpus, announce=announce)
+    return _run_final(out_p, rec, data, address=address, output=output, num_cpus=num_cpus, announce=announce)
 
 
 _FINAL_FIX = (
@@ -246,7 +247,7 @@ _CONTINUE_FIX = (
 
 
 def _run_final(
-    out: Path, rec: dict, data: Any, *, address: str | None, quiet: bool, num_cpus: int | None, announce: str = ""
+    out: Path, rec: dict, data: Any, *, address: str | None, output: str, num_cpus: int | None, announce: str = ""
 ) -> int:
     """Run (or continue) the final stage's Ray experiment; `announce`: a new stage's launch line (said and
     final.json written once Ray has accepted the runs: a refused stage leaves nothing behind)."""
@@ -254,7 +255,7 @@ def _run_final(
 
     new = bool(announce)
 
-    with ray_session(address, num_cpus=num_cpus, quiet=quiet):
+    with ray_session(address, num_cpus=num_cpus, output=output):
         preflight.check_run(
             rec["ray_storage"], address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
         )
@@ -262,6 +263,7 @@ def _run_final(
             log.info("%s", announce)
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / FINAL_FILE, rec)
+        ray_log_to(out / "ray.log")
         res = rec["resources"]
         weight = res["gpu"] if res["gpu"] else res["cpu"]
         threads = max(1, int(res["cpu"]))
@@ -295,12 +297,13 @@ def _run_final(
                 run_config=tune.RunConfig(
                     name="tune",
                     storage_path=rec["ray_storage"],
-                    verbose=0 if quiet else 1,
+                    verbose=tune_verbosity(output),
                     # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
                     callbacks=[pruner(latest=3, pinned=lambda m: m.get("keep", 0) >= SNAPSHOT_KEEP)],
                     failure_config=tune.FailureConfig(max_failures=2),
                 ),
             )
+        set_output(tuner, output, final_progress(rec))
         t0 = time.time()
         try:
             grid = tuner.fit()
@@ -309,6 +312,8 @@ def _run_final(
         rec["wall_seconds"] = rec.get("wall_seconds", 0.0) + time.time() - t0
         write_json(out / FINAL_FILE, rec)
         write_history(out, exp)
+        if ray_log_note():
+            log.info("%s", ray_log_note())
         done = collect(out, rec, grid) if grid is not None else None
         if done is None:
             log.warning(

@@ -16,6 +16,8 @@ from typing import Any
 SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE = "_ot_study", "_ot_trials", "_storage"
 SEARCH_UNPICKLED = (SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE)
 SEARCH_ATTRS = (*SEARCH_UNPICKLED, "_completed_trials", "_sampler", "_study_name", "_space")
+# Tuner (ray.tune): its local TunerInternal, whose RunConfig a restored Tuner cannot be given
+TUNER_ATTRS = ("_local_tuner",)
 # ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
 ASHA_ATTRS = ("_brackets", "_metric", "_metric_op", "_time_attr")
 BRACKET_ATTRS = ("_rungs",)
@@ -63,6 +65,12 @@ def bracket_rungs(bracket: Any) -> list[tuple[Any, dict]]:
 def asha_reading(scheduler: Any) -> tuple[str, str, float]:
     """(metric, time attribute, sign) of an ASHAScheduler: a rung records sign * metric at time >= milestone."""
     return scheduler._metric, scheduler._time_attr, scheduler._metric_op
+
+
+def tuner_run_config(tuner: Any) -> Any:
+    """The RunConfig a ray.tune.Tuner runs with (a restored one: the saved one), None under Ray Client."""
+    local = getattr(tuner, "_local_tuner", None)
+    return None if local is None else local.get_run_config()
 
 
 def ray_console_popen() -> tuple[Any, str] | None:

@@ -8,7 +8,9 @@ checkpoint=...)`; the final stage's adapter lives beside its driver (fer_tune.tu
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from typing import Any
 
 from ..common import FerTuneError
 from . import internals, signals
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_S = "3"  # TUNE_GLOBAL_CHECKPOINT_S: a crash redoes at most a few seconds of bookkeeping
 CRASH_ENV = "FER_TUNE_CRASH_ONCE"  # test hook "MARKER_FILE:EPOCH": the first trial to get there crashes once
@@ -29,10 +33,13 @@ CRASH_ENV = "FER_TUNE_CRASH_ONCE"  # test hook "MARKER_FILE:EPOCH": the first tr
 _USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
 
 
-def tune_env(quiet: bool) -> None:
+OUTPUTS = ("quiet", "progress", "tables")  # --quiet, the default (fer_tune.tune.progress), --verbose (Tune's own)
+
+
+def tune_env(output: str) -> None:
     """Tune settings read from the environment; set before ray.tune is imported."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0" if quiet else "1"
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if output == "tables" else "0"
     # Tune keeps every checkpoint's entry (fer_tune.tune.checkpoints deletes the files): without their metrics, so
     # that the experiment state it saves every few seconds stays small
     os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
@@ -51,13 +58,70 @@ def trials_that_fit(res: dict) -> int:
     return max(1, min(fits, default=1))
 
 
+class _RayLog(logging.Handler):
+    """Ray's own log records in the driver (its start-up notes, Tune's warnings, a trial's traceback): kept in
+    memory until the command names its log file (`ray_log_to`), then written there, and counted. Tune's Ctrl-C
+    notice is said in fer-tune's words. Records never given a file reach stderr at the end (a refused command)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.kept: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self.path: Path | None = None
+        self.warnings = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            log.warning("\nfer-tune: stopping the trials and saving the study's state (Ctrl-C again stops at once)")
+        self.warnings += record.levelno >= logging.WARNING
+        if self.file is not None:
+            self.file.emit(record)
+        else:
+            self.kept.append(record)
+
+    def to_file(self, path: Path) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file, self.path = logging.FileHandler(path, encoding="utf-8"), path
+        self.file.setFormatter(self.formatter)
+        for record in self.kept:
+            self.file.emit(record)
+        self.kept.clear()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        for record in self.kept:
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(self.format(record) + "\n")
+        self.kept.clear()
+        super().close()
+
+
+_RAY_LOG: list[_RayLog] = []  # the running session's
+
+
+def ray_log_to(path: Path) -> None:
+    """Ray's log records of this session go to `path` (appended) from now on, with those kept so far."""
+    if _RAY_LOG:
+        _RAY_LOG[-1].to_file(path)
+
+
+def ray_log_note() -> str:
+    """'' or a line saying how many warnings Ray logged, and where (for the end of a run)."""
+    if not _RAY_LOG or not _RAY_LOG[-1].warnings or _RAY_LOG[-1].path is None:
+        return ""
+    return f"Ray logged {_RAY_LOG[-1].warnings} warning(s) on the way: {_RAY_LOG[-1].path}"
+
+
 @contextmanager
-def ray_session(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> Iterator[bool]:
+def ray_session(address: str | None, *, num_cpus: int | None = None, output: str = "quiet") -> Iterator[bool]:
     """Ray for the block: joined at `address`, else a local Ray (with `num_cpus`); yields True when this call
     started it, and then shuts it down at the end. SIGTERM and SIGHUP act as Ctrl-C while it runs."""
     import ray
 
-    tune_env(quiet)
+    tune_env(output)
     if ray.is_initialized():
         yield False
         return
@@ -73,17 +137,27 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, quiet: bool
     }
     if num_cpus is not None:
         kw["num_cpus"] = num_cpus
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:]
+    ray_log = _RayLog()
+    ray_logger.handlers = [ray_log]  # Ray's own messages into the study's ray.log (see _RayLog)
+    _RAY_LOG.append(ray_log)
     try:
-        with _own_session_for_ray_daemons():
-            ray.init(address=address, **kw)
-    except ConnectionError as exc:
-        raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
-    signals.install()  # SIGTERM / SIGHUP as Ctrl-C, in place of Ray's handler
-    try:
-        yield True
+        try:
+            with _own_session_for_ray_daemons():
+                ray.init(address=address, **kw)
+        except ConnectionError as exc:
+            raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+        signals.install()  # SIGTERM / SIGHUP as Ctrl-C, in place of Ray's handler
+        try:
+            yield True
+        finally:
+            ray.shutdown()
+            signals.restore()
     finally:
-        ray.shutdown()
-        signals.restore()
+        ray_logger.handlers = saved
+        _RAY_LOG.remove(ray_log)
+        ray_log.close()
 
 
 @contextmanager
@@ -110,6 +184,24 @@ def _own_session_for_ray_daemons() -> Iterator[None]:
         yield
     finally:
         setattr(module, name, popen)
+
+
+def tune_verbosity(output: str) -> int:
+    """RunConfig.verbose: Tune's tables only for --verbose."""
+    return 1 if output == "tables" else 0
+
+
+def set_output(tuner: Any, output: str, progress: Any) -> None:
+    """Tune's verbosity and fer-tune's progress callback on a Tuner, new or restored (a restored one keeps the
+    RunConfig it was saved with: its verbosity, and a progress callback of an earlier run, which is replaced)."""
+    from .progress import TrialProgress
+
+    run_config = internals.tuner_run_config(tuner)
+    if run_config is None:  # Ray Client: the Tuner lives on the cluster
+        return
+    run_config.verbose = tune_verbosity(output)
+    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, TrialProgress)]
+    run_config.callbacks = callbacks + ([progress] if output == "progress" else [])
 
 
 def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:

@@ -7,6 +7,7 @@ results/NAME/       (on the driver)
     tune/           Ray's experiment directory of the sweep (trial dirs, checkpoints, experiment state)
     extend-1/ ...   one Ray experiment per `fer-tune extend`
     trials.csv      one row per trial, rewritten at the end of every run
+    ray.log         Ray's and Tune's own log messages (kept out of the terminal; see fer_tune.tune.runtime)
     .lock           who runs the study now (sweep, resume and extend hold it; see fer_tune.tune.lock)
 
 With --storage URI|DIR (a cluster's shared storage) tune/ and extend-N/ live in URI/NAME/ instead; study.json
@@ -29,6 +30,7 @@ from ..common import FerTuneError
 from . import preflight, signals
 from . import storage as st
 from .lock import acquire
+from .progress import study_progress
 from .record import (
     STUDY_FILE,
     load_optuna_study,
@@ -41,7 +43,17 @@ from .record import (
     study_dir,
     write_study,
 )
-from .runtime import CRASH_ENV, ray_session, restore_tuner, set_pending_trials, study_trial
+from .runtime import (
+    CRASH_ENV,
+    ray_log_note,
+    ray_log_to,
+    ray_session,
+    restore_tuner,
+    set_output,
+    set_pending_trials,
+    study_trial,
+    tune_verbosity,
+)
 from .spaces import load_space
 from .spec import StudySpec
 from .storage import experiment_dir, study_storage
@@ -60,13 +72,14 @@ _SWEEP_FIX = (
 )
 
 
-def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, quiet: bool) -> int:
+def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, output: str) -> int:
     """One Ray experiment of the study (the sweep, an extend, or its restore) in the running Ray session."""
     from ray import tune
 
     from .checkpoints import pruner
     from .searcher import FinishedInStudy, NumpyTBXLoggerCallback, StudySearch, make_scheduler
 
+    ray_log_to(sdir / "ray.log")
     res = spec.resources
     weight = res["gpu"] if res["gpu"] else res["cpu"]  # device-seconds per second of training
     base = spec.base_config()
@@ -111,13 +124,14 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
             run_config=tune.RunConfig(
                 name=run["dir"],
                 storage_path=study_storage(sdir, record),
-                verbose=0 if quiet else 1,
+                verbose=tune_verbosity(output),
                 # Tune deletes no checkpoint: fer_tune.tune.checkpoints keeps each trial's latest 3 and its best
                 failure_config=tune.FailureConfig(max_failures=2),
                 stop=FinishedInStudy(record),
                 callbacks=[NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
             ),
         )
+    set_output(tuner, output, study_progress(record, spec, run))
     t0 = time.time()
     interrupted = False
     try:
@@ -127,6 +141,8 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
     write_study(sdir, record)
     write_trials_csv(sdir, record)
+    if ray_log_note():
+        log.info("%s", ray_log_note())
     if interrupted or (grid is not None and _interrupted(exp_dir)):
         log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
         return signals.exit_code()
@@ -156,42 +172,17 @@ def _run_in_session(
     loc: str,
     fix: str,
     address: str | None,
-    quiet: bool,
+    output: str,
     num_cpus: int | None,
     before: Callable[[], None] | None = None,
 ) -> int:
     """Ray up, one trial checked to fit and the Ray storage `loc` to suit the cluster (else `fix` says which flags
     help), `before()` (what a new run writes once Ray has accepted it), then the run."""
-    with ray_session(address, num_cpus=num_cpus, quiet=quiet):
+    with ray_session(address, num_cpus=num_cpus, output=output):
         preflight.check_run(loc, address, spec.resources, fix)
         if before is not None:
             before()
-        return _run(sdir, record, spec, data, run, restore=restore, quiet=quiet)
-
-
-def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
-    """A finished run in a few lines: trials by state, the best trial, where trials.csv is."""
-    sdir = Path(sdir)
-    metric, key = spec["metric"], "best_" + spec["metric"]
-    done = [r for r in table if r[key] != ""]
-    states: dict[str, int] = {}
-    for r in table:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    lines = [f"{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"]
-    if done:
-        best = (max if spec["mode"] == "max" else min)(done, key=lambda r: float(r[key]))
-        params = {k[len("param_") :]: v for k, v in best.items() if k.startswith("param_") and v != ""}
-        lines.append(
-            f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
-        )
-    errored = states.get("FAIL", 0)
-    if errored:
-        lines.append(
-            f"{errored} trial(s) diverged or errored (see the status column); `fer-tune resume {sdir}` "
-            "retries errored ones"
-        )
-    lines.append(f"trials: {sdir / 'trials.csv'}")
-    return lines
+        return _run(sdir, record, spec, data, run, restore=restore, output=output)
 
 
 def sweep(
@@ -206,7 +197,7 @@ def sweep(
     max_concurrent: int | None,
     gpus: float | None,
     cpus: float | None,
-    quiet: bool,
+    output: str,
     loader: Loader,
     num_cpus: int | None = None,
     optuna_storage: str | None = None,
@@ -245,7 +236,7 @@ def sweep(
             loader,
             optuna_storage,
             address=address,
-            quiet=quiet,
+            output=output,
             num_cpus=num_cpus,
         )
 
@@ -262,7 +253,7 @@ def _sweep(
     optuna_storage: str | None,
     *,
     address: str | None,
-    quiet: bool,
+    output: str,
     num_cpus: int | None,
 ) -> int:
     from ..data import is_synthetic
@@ -315,14 +306,14 @@ def _sweep(
         loc=ray_storage or str(sdir),
         fix=_SWEEP_FIX,
         address=address,
-        quiet=quiet,
+        output=output,
         num_cpus=num_cpus,
         before=write,
     )
 
 
 def resume(
-    sdir: str, *, force: bool, address: str | None, quiet: bool, loader: Loader, num_cpus: int | None = None
+    sdir: str, *, force: bool, address: str | None, output: str, loader: Loader, num_cpus: int | None = None
 ) -> int:
     """Continue the study's last run where it stopped (0 with a note when it had finished)."""
     sdir_p = Path(sdir).resolve()
@@ -352,7 +343,7 @@ def resume(
             loc=study_storage(sdir_p, record),
             fix=_RESUME_FIX,
             address=address,
-            quiet=quiet,
+            output=output,
             num_cpus=num_cpus,
         )
 
@@ -363,7 +354,7 @@ def extend(
     num_samples: int,
     force: bool,
     address: str | None,
-    quiet: bool,
+    output: str,
     loader: Loader,
     num_cpus: int | None = None,
 ) -> int:
@@ -408,7 +399,7 @@ def extend(
             loc=study_storage(sdir_p, record),
             fix=_RESUME_FIX,
             address=address,
-            quiet=quiet,
+            output=output,
             num_cpus=num_cpus,
             before=write,
         )

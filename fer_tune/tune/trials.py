@@ -266,3 +266,28 @@ def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) ->
         "params": params,
         "config": spec.trial_config(params).to_dict(),
     }
+
+
+def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
+    """A finished run in a few lines: trials by state, the best trial, where trials.csv is."""
+    sdir = Path(sdir)
+    metric, key = spec["metric"], "best_" + spec["metric"]
+    done = [r for r in table if r[key] != ""]
+    states: dict[str, int] = {}
+    for r in table:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    lines = [f"{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"]
+    if done:
+        best = (max if spec["mode"] == "max" else min)(done, key=lambda r: float(r[key]))
+        params = {k[len("param_") :]: v for k, v in best.items() if k.startswith("param_") and v != ""}
+        lines.append(
+            f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
+        )
+    errored = states.get("FAIL", 0)
+    if errored:
+        lines.append(
+            f"{errored} trial(s) diverged or errored (see the status column); `fer-tune resume {sdir}` "
+            "retries errored ones"
+        )
+    lines.append(f"trials: {sdir / 'trials.csv'}")
+    return lines

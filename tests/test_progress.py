@@ -1,0 +1,90 @@
+"""fer-tune's progress lines (fer_tune.tune.progress): one line per trial event, with trials done of N, the best
+so far and an ETA once a trial has finished; a failed trial names its error."""
+
+import logging
+from types import SimpleNamespace
+
+from fer_tune.tune.progress import TrialProgress
+
+
+def trial(tid, status="RUNNING", config=None, last=None, error_file=None):
+    return SimpleNamespace(
+        trial_id=tid, status=status, config=config or {}, last_result=last or {}, error_file=error_file
+    )
+
+
+def test_one_line_per_event_with_counts_best_so_far_and_eta(caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="fer_tune")
+    names = {"a": "trial 0", "b": "trial 1"}
+
+    def ended(result, epochs):
+        return f"pruned at epoch {epochs}" if epochs < 4 else "completed"
+
+    p = TrialProgress(
+        metric="val_acc", mode="max", total=3, epochs={"": 4}, name=lambda t: names[t.trial_id], ended=ended
+    )
+    a = trial("a", config={"optimizer": "adam", "lr": 0.0031234})
+    b = trial("b", config={"optimizer": "sgd_nesterov", "lr": 0.02})
+    p.on_trial_start(0, [a], a)
+    p.on_trial_start(0, [a, b], b)
+    a.last_result = {"epoch": 1, "val_acc": 30.0, "best_val_acc": 30.0}
+    b.last_result = {"epoch": 1, "val_acc": 41.5, "best_val_acc": 41.5}
+    p.on_trial_result(0, [a, b], a, a.last_result)
+    p.on_trial_result(0, [a, b], b, {"epoch": 2, "val_acc": 44.0, "best_val_acc": 44.0})  # b leads: says so
+    a.status = "TERMINATED"
+    p.on_trial_complete(0, [a, b], a)
+    err = tmp_path / "error.txt"
+    err.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    b.error_file, b.status = str(err), "ERROR"
+    p.on_trial_error(0, [a, b], b)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "trial 0 started: optimizer=adam, lr=0.003123  [0/3 done, 1 running]"
+    assert lines[1] == "trial 1 started: optimizer=sgd_nesterov, lr=0.02  [0/3 done, 2 running]"
+    assert lines[2] == "trial 0 epoch 1/4: val_acc 30.00 (best so far 41.50, trial 1)"
+    assert lines[3] == "trial 1 epoch 2/4: val_acc 44.00 (the best so far)"
+    assert lines[4].startswith("trial 0 pruned at epoch 1  [1/3 done, 1 running, ETA ~") and lines[4].endswith(" min]")
+    assert lines[5].startswith(
+        f"trial 1 failed: RuntimeError: CUDA out of memory (details: {err})  [2/3 done, 0 running"
+    )
+    assert caplog.records[5].levelno == logging.WARNING and len(lines) == 6
+
+
+def test_the_final_stage_names_seeds_and_phases(caplog):
+    caplog.set_level(logging.INFO, logger="fer_tune")
+    p = TrialProgress(
+        metric="val_acc",
+        mode="max",
+        total=1,
+        epochs={"train": 12, "finetune": 2},
+        name=lambda t: f"seed {t.config['seed']}",
+        ended=lambda r, e: "finished",
+        params=False,
+        best=False,
+    )
+    s = trial("s", config={"seed": 0})
+    p.on_trial_start(0, [s], s)
+    p.on_trial_result(0, [s], s, {"epoch": 1, "phase": "finetune", "val_acc": 50.0})
+    p.on_trial_result(0, [s], s, {"epoch": 2, "phase": "finetune", "status": "done", "val_acc": 50.0})  # not an epoch
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["seed 0 started  [0/1 done, 1 running]", "seed 0 epoch 1/2 (finetune): val_acc 50.00"]
+
+
+def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restore(tmp_path):
+    """set_output on a Tuner (a restored one keeps the RunConfig it was saved with)."""
+    from ray import tune
+
+    from fer_tune.tune.internals import tuner_run_config
+    from fer_tune.tune.runtime import set_output
+
+    old = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
+    new = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
+    tuner = tune.Tuner(
+        lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3, callbacks=[old])
+    )
+    set_output(tuner, "progress", new)
+    rc = tuner_run_config(tuner)
+    assert rc.verbose == 0 and rc.callbacks == [new]
+    set_output(tuner, "quiet", new)
+    assert rc.verbose == 0 and rc.callbacks == []
+    set_output(tuner, "tables", new)
+    assert rc.verbose == 1 and rc.callbacks == []
