@@ -204,6 +204,8 @@ def test_final_bad_inputs(env, study, tmp_path):
     assert not (tmp_path / "two words").exists() and not (study / "tune" / "final.json").exists()
     r = fer_tune(env, "final", study, "--trial", "99", "--out", tmp_path / "f")
     assert r.returncode == 2 and "no trial 99" in r.stderr
+    r = fer_tune(env, "final", study, "--trial", "99")  # beside the final stage STUDY/final holds: still the trial
+    assert r.returncode == 2 and "no trial 99 (trials 0..2)" in r.stderr and "other settings" not in r.stderr
     r = fer_tune(env, "final", study, "--epochs", "0", "--out", tmp_path / "f")
     assert r.returncode == 2 and "--epochs must be > 0" in r.stderr
     # a study whose trials never finished: nothing to retrain

@@ -91,6 +91,10 @@ BAD = [
     ({"space": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "log scale needs low > 0"),
     ({"space": {"lr": {"type": "float", "low": "a", "high": 0.1}}}, "space.lr.low must be a number"),
     ({"space": {"lr": {"type": "uniform", "low": 0.1, "high": 1}}}, "space.lr: type must be one of"),
+    (
+        {"space": {"lr": {"tpye": "float", "low": 0.1, "high": 1}}},
+        "space.lr: no `type:` (one of categorical, float, int, fixed); unknown field(s) tpye (a misspelt type?)",
+    ),
     ({"space": {"lr": {"type": "float", "min": 0.1, "max": 1}}}, "space.lr: unknown field(s) max, min"),
     ({"space": {"batch_size": {"type": "float", "low": 16, "high": 64}}}, "integer setting; use type int"),
     ({"space": {"optimizer": {"type": "int", "low": 1, "high": 3}}}, "not numeric; use type categorical"),

@@ -27,13 +27,14 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
 
     trials = study_trials(sdir)
     assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
-    states = [t.state.name for t in trials]
-    assert "PRUNED" in states, states  # ASHA stopped at least one trial, and Optuna sees it as pruned
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert all(t.intermediate_values for t in pruned)  # with its per-epoch values
 
     rows = read_csv(sdir)
     assert len(rows) == 6 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    # a trial ASHA stopped early is PRUNED in Optuna, one that ran all its epochs COMPLETE (how many ASHA stops
+    # depends on the order trials reach a rung, and tiny models on synthetic faces often tie there)
+    assert all((r["state"] == "PRUNED") == (int(r["epochs"]) < SPACE["max_epochs"]) for r in rows), rows
     # (that both CPUs' trials start together is measured by benchmarks/bench_study.py overhead)
     crashed = marker.read_text()
     row = next(r for r in rows if r["ray_trial_id"] == crashed)

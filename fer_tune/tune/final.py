@@ -153,6 +153,8 @@ def _final(
     force: bool,
 ) -> int:
     record, spec, data = reopen(sdir, force, loader)
+    if trial is not None:  # a trial the study does not have is that, whatever the final stage in OUT holds
+        best_trial(sdir, record, spec, trial)
     rec = _settings(out_p, {**given, "trial": trial})
     running = holder(sdir) if rec is None and trial is None else None
     if running:

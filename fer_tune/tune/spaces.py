@@ -216,6 +216,13 @@ def _parse_params(space: Any, err) -> dict[str, Param]:
                 + ("" if key != name else " (or give `key:` naming the training key it sets)")
             )
         kind = body.pop("type", None)
+        if kind is None:
+            known = {"key", "when", "choices", "low", "high", "log", "step", "value"}
+            odd = sorted(set(body) - known)
+            raise err(
+                f"{where}: no `type:` (one of {', '.join(PARAM_TYPES)})"
+                + (f"; unknown field(s) {', '.join(odd)} (a misspelt type?)" if odd else "")
+            )
         if kind not in PARAM_TYPES:
             raise err(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
         when = body.pop("when", {}) or {}

@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..common import FerTuneError, write_atomic
 from .checkpoints import checkpointed_results, result_rows
@@ -268,6 +269,15 @@ def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) ->
     }
 
 
+def _short(value: Any) -> str:
+    """A trials.csv value as a person reads it: numbers to 4 significant digits."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if not float(number).is_integer() or "." in str(value) else str(value)
+
+
 def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
     """A finished run in a few lines: trials by state, the best trial, where trials.csv is."""
     sdir = Path(sdir)
@@ -279,7 +289,9 @@ def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
     lines = [f"{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"]
     if done:
         best = (max if spec["mode"] == "max" else min)(done, key=lambda r: float(r[key]))
-        params = {k[len("param_") :]: v for k, v in best.items() if k.startswith("param_") and v != ""}
+        params = ", ".join(
+            f"{k[len('param_') :]}={_short(v)}" for k, v in best.items() if k.startswith("param_") and v != ""
+        )
         lines.append(
             f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
         )
