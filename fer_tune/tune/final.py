@@ -34,7 +34,7 @@ from .final_trial import SNAPSHOT_KEEP, seed_trial
 from .lock import acquire, describe, holder
 from .progress import final_progress
 from .record import read_study, reopen
-from .runtime import ray_log_note, ray_log_to, ray_session, restore_tuner, set_output, tune_verbosity
+from .runtime import ray_log_to, ray_session, restore_tuner, say_ray_log, set_output, tune_verbosity
 from .trials import best_trial
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def _final(
     force: bool,
 ) -> int:
     record, spec, data = reopen(sdir, force, loader)
-    if trial is not None:  # a trial the study does not have is that, whatever the final stage in OUT holds
-        best_trial(sdir, record, spec, trial)
+    # a trial the study does not have is refused as that, whatever the final stage in OUT holds
+    chosen = best_trial(sdir, record, spec, trial) if trial is not None else None
     rec = _settings(out_p, {**given, "trial": trial})
     running = holder(sdir) if rec is None and trial is None else None
     if running:
@@ -167,7 +167,7 @@ def _final(
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
         settings["eval_every"] = min(settings["eval_every"], settings["epochs"])
-        best = best_trial(sdir, record, spec, trial)
+        best = chosen or best_trial(sdir, record, spec, None)
         config = {**best["config"], "epochs": settings["epochs"]}
         seeds = [int(config["seed"]) + i for i in range(settings["seeds"])]
         res = spec.resources
@@ -314,8 +314,7 @@ def _run_final(
         rec["wall_seconds"] = rec.get("wall_seconds", 0.0) + time.time() - t0
         write_json(out / FINAL_FILE, rec)
         write_history(out, exp)
-        if ray_log_note():
-            log.info("%s", ray_log_note())
+        say_ray_log()
         done = collect(out, rec, grid) if grid is not None else None
         if done is None:
             log.warning(

@@ -108,11 +108,10 @@ def ray_log_to(path: Path) -> None:
         _RAY_LOG[-1].to_file(path)
 
 
-def ray_log_note() -> str:
-    """'' or a line saying how many warnings Ray logged, and where (for the end of a run)."""
-    if not _RAY_LOG or not _RAY_LOG[-1].warnings or _RAY_LOG[-1].path is None:
-        return ""
-    return f"Ray logged {_RAY_LOG[-1].warnings} warning(s) on the way: {_RAY_LOG[-1].path}"
+def say_ray_log() -> None:
+    """At the end of a run: how many warnings Ray logged and where, if it logged any."""
+    if _RAY_LOG and _RAY_LOG[-1].warnings and _RAY_LOG[-1].path is not None:
+        log.info("Ray logged %d warning(s) on the way: %s", _RAY_LOG[-1].warnings, _RAY_LOG[-1].path)
 
 
 @contextmanager

@@ -45,10 +45,10 @@ from .record import (
 )
 from .runtime import (
     CRASH_ENV,
-    ray_log_note,
     ray_log_to,
     ray_session,
     restore_tuner,
+    say_ray_log,
     set_output,
     set_pending_trials,
     study_trial,
@@ -141,8 +141,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
     write_study(sdir, record)
     write_trials_csv(sdir, record)
-    if ray_log_note():
-        log.info("%s", ray_log_note())
+    say_ray_log()
     if interrupted or (grid is not None and _interrupted(exp_dir)):
         log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
         return signals.exit_code()
