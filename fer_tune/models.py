@@ -68,10 +68,39 @@ def load_tensor_file(file: Path, what: str, hint: str = "") -> Any:
     """torch.load(weights_only=True) on CPU with a clear error for a missing, truncated or foreign file."""
     if not file.is_file():
         raise FerTuneError(f"{what} {file} does not exist{hint}")
+    kind = not_torch_file(file)
+    if kind:
+        raise FerTuneError(f"{what} {file} cannot be read: it is {kind}, not a file torch.save wrote")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors on a truncated or foreign file
-        raise FerTuneError(f"{what} {file} cannot be read ({exc.__class__.__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise FerTuneError(f"{what} {file} cannot be read ({exc.__class__.__name__}: {first})") from None
+
+
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image", b"BM": "a BMP image"}
+
+
+def not_torch_file(file: Path) -> str:
+    """What a file is when it is plainly not a torch.save file (a zip archive since PyTorch 1.6): '' otherwise."""
+    import zipfile
+
+    if zipfile.is_zipfile(file):
+        return ""
+    with file.open("rb") as fh:
+        head = fh.read(4096)
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip file"
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""  # binary: let torch.load judge it (a legacy pickle checkpoint)
+    return "a text file"
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -41,13 +41,23 @@ def read_faces(paths: list[str]) -> np.ndarray:
     return np.stack(faces)
 
 
-def predict(model_path: str | Path, paths: list[str], device: Any = None) -> list[dict]:
+USAGE = "fer-tune predict MODEL IMAGE..."
+
+
+def load_model(path: str | Path) -> dict:
+    """The fer-tune model (or checkpoint) at `path`; an image or a CSV given in its place is named as such."""
+    from .train import load_checkpoint
+
+    return load_checkpoint(model_file(path), USAGE)
+
+
+def predict(state: dict, paths: list[str], device: Any = None) -> list[dict]:
+    """Classify the images at `paths` with the model `state` (load_model's)."""
     import torch
 
-    from .train import load_checkpoint, model_from_checkpoint, predict_logits, select_device
+    from .train import model_from_checkpoint, predict_logits, select_device
 
     device = device or select_device()
-    state = load_checkpoint(model_file(model_path))
     faces = read_faces(paths)
     model, _ = model_from_checkpoint(state, device)
     logits = predict_logits(model, torch.from_numpy(faces).to(device), crops="ten")

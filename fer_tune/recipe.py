@@ -155,6 +155,7 @@ def run_seed(
     eval_every: int,
     track_crops: str | None = None,
     export: bool = True,
+    data_info: dict | None = None,
 ) -> dict | None:
     """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done."""
     from .train import fit
@@ -235,6 +236,7 @@ def run_seed(
             out_dir,
             state,
             export=export,
+            data_info=data_info,
         )
         state.phase, state.fit_state = "done", None
         state.weights.update(best=None, last=None)  # the exports hold them now
@@ -263,6 +265,7 @@ def evaluate_and_export(
     state: SeedState,
     *,
     export: bool = True,
+    data_info: dict | None = None,
 ) -> dict:
     """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
     files (a baseline's models are measured, not exported)."""
@@ -281,7 +284,7 @@ def evaluate_and_export(
         write_confusion(out_dir / f"confusion_{name}.csv", models[name]["confusion"])
     saliency_sample(model, x_test, y_test, out_dir, device=device, seed=cfg.seed)
     if export:
-        export_model(model, ft_cfg, cfg, weights["finetuned"], models, out_dir)
+        export_model(model, ft_cfg, cfg, weights["finetuned"], models, out_dir, data_info or {})
     result = {
         "seed": cfg.seed,
         "status": state.status,
@@ -298,17 +301,20 @@ def evaluate_and_export(
 
 
 def export_model(
-    model: Any, ft_cfg: TrainConfig, cfg: TrainConfig, finetuned: dict, models: dict, out_dir: Path
+    model: Any, ft_cfg: TrainConfig, cfg: TrainConfig, finetuned: dict, models: dict, out_dir: Path, data_info: dict
 ) -> None:
-    """model.pt (fer-tune checkpoint), model.pt2 (torch.export program) and model.json (how to feed it)."""
+    """model.pt (fer-tune checkpoint), model.pt2 (torch.export program) and model.json (how to feed it); both
+    record the data the model was trained on and the crops its test score used (evaluate / predict's defaults)."""
     from .train import save_checkpoint
 
+    trained = {**data_info, "test_crops": TEST_CROPS}
     export = {
         "format": 1,
         "kind": "fer-tune model",
         "config": ft_cfg.to_dict(),
         "model": finetuned,
         "classes": list(EMOTIONS),
+        "data": trained,
     }
     save_checkpoint(export, out_dir / "model.pt")
     export_program(model, out_dir / "model.pt2")
@@ -329,6 +335,7 @@ def export_model(
             "seed": cfg.seed,
             "test_top1": models["finetuned"]["top1"],
             "protocol": cfg.protocol,
+            "data": trained,
             "code": code_revision(),
             "files": {
                 "model.pt": "fer-tune checkpoint (fer-tune predict / evaluate)",

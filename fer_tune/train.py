@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import augment
 from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
-from .models import create_model, load_tensor_file
+from .models import create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
 
 CHECKPOINT_FORMAT = 1
@@ -138,12 +138,27 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, usage: str = "") -> dict:
+    """A fer-tune checkpoint or model.pt; `usage` (a command's synopsis) is added to the error for a file that is
+    not one, as when an image or a CSV is given where the model goes."""
     path = Path(path)
-    state = load_tensor_file(path, "checkpoint")
+    hint = f" (usage: {usage})" if usage else ""
+    kind = not_torch_file(path) if usage and path.is_file() else ""
+    if kind:
+        raise FerTuneError(f"{path} is not a fer-tune model: it is {kind}{hint}")
+    try:
+        state = load_tensor_file(path, "checkpoint")
+    except FerTuneError as exc:
+        raise FerTuneError(f"{exc}{hint}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise FerTuneError(f"{path} is not a fer-tune checkpoint (no model/config in it)")
+        raise FerTuneError(f"{path} is not a fer-tune checkpoint (no model/config in it){hint}")
     return state
+
+
+def trained_on(state: dict) -> dict:
+    """The data a checkpoint's model was trained on (FerData.describe() and the test crops its scores used), as
+    `fer-tune train` and the final stage record them; {} for a file that predates the record."""
+    return dict(state.get("data") or {})
 
 
 def model_from_checkpoint(state: dict, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:

@@ -15,6 +15,10 @@ def test_demo_quick_end_to_end(tmp_path, env):
         assert step in r.stderr
     for result in ("best: trial", "test top-1", "open the report", "optuna-dashboard"):  # results: stdout
         assert result in r.stdout
+    # how to get the dashboard, and that the model is no model for real photos
+    assert "pip install -e '.[dashboard]'" in r.stdout and "it learnt synthetic faces" in r.stdout
+    # the space is the demo's own, named as such (no temporary file that is gone)
+    assert json.loads((out / "study.json").read_text())["space_file"].startswith("the demo's own space")
     # progress in fer-tune's words, one line per event; Tune's tables and Ray's notes kept out of the terminal
     assert re.search(r"^trial \d+ started: optimizer=", r.stderr, re.M), r.stderr[-3000:]
     assert re.search(r"^trial \d+ (completed: best val_acc|pruned at epoch)", r.stderr, re.M)

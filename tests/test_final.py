@@ -102,6 +102,17 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
         assert torch.allclose(model(x), program(x), atol=1e-4)
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"][0] == "angry" and m["exported_seed"] in rec["seeds"]
+    # the model carries the data it was trained on and the crops of its test score (evaluate's defaults)
+    study_data = json.loads((study / "study.json").read_text())["data"]
+    for trained in (meta["data"], load_checkpoint(out / "model.pt")["data"]):
+        assert trained["test_crops"] == "ten" and trained["fingerprint"] == study_data["fingerprint"]
+        assert trained["format"] == "synthetic" and trained["source"] == study_data["source"]
+    r = fer_tune(env, "evaluate", out, "--json")
+    assert r.returncode == 0, r.stderr
+    exported = next(x for x in m["seeds"] if x["seed"] == m["exported_seed"])["models"]["finetuned"]
+    ev = json.loads(r.stdout)
+    assert ev["crops"] == "ten" and ev["data"]["fingerprint"] == study_data["fingerprint"]
+    assert ev["top1"] == pytest.approx(exported["top1"]) and ev["confusion"] == exported["confusion"]
 
     # predict: images of any size, JSON; probabilities sum to one
     paths = faces(tmp_path)
@@ -112,8 +123,17 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
     for p in preds:
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert p["emotion"] == max(p["probabilities"], key=p["probabilities"].get)
+    # a synthetic-data model says so, once, on stderr
+    assert "trained on fer-tune's synthetic faces" in r.stderr and r.stderr.count("\n") == 1
     r = fer_tune(env, "predict", out / "model.pt", paths[0])
     assert r.returncode == 0 and r.stdout.startswith(str(paths[0]))
+    # an image or a CSV where the model goes: named as such, with the usage
+    (tmp_path / "faces.csv").write_text("emotion,pixels,Usage\n0,1 2 3,Training\n")
+    for wrong, kind in ((paths[0], "image"), (tmp_path / "faces.csv", "a text file")):
+        r = fer_tune(env, "predict", wrong, paths[0])
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{wrong} is not a fer-tune model: it is " in r.stderr and kind in r.stderr
+        assert "usage: fer-tune predict MODEL IMAGE..." in r.stderr and "weights_only" not in r.stderr
 
     # the same command again: complete, nothing re-run; other settings: refused
     r = fer_tune(env, "final", study, "--seeds", "2", *FAST)

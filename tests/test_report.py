@@ -284,7 +284,9 @@ def test_sweep_writes_the_report_with_the_studys_numbers(study):
         "fig-class-recall",
     ):
         assert fid in ids, (fid, ids)
-    assert "fig-optuna-importance" in ids or 'id="importance-note"' in text
+    # 4 trials: the importances are either left out or shown with the caveat that so few trials only hint
+    assert 'id="importance-note"' in text
+    assert ("fig-optuna-importance" in ids) == ("read them as a hint of where to look" in text)
     rows = read_csv(sdir / "trials.csv")
     assert len(rows) == 4
     tables = Tables(text).tables
@@ -293,11 +295,16 @@ def test_sweep_writes_the_report_with_the_studys_numbers(study):
     for r in rows:
         t = shown[r["number"]]
         assert t[header.index("status")] == r["status"]
-        assert t[header.index("best_val_acc")] == r["best_val_acc"]
+        assert t[header.index("best_val_acc")] == f"{float(r['best_val_acc']):.2f}"  # one number format
         assert t[header.index("epochs")] == r["epochs"]
     summary = dict((k, v) for k, v in tables["summary-table"])
     assert summary["trials"].startswith("4 of 4 finished")
     best = max(rows, key=lambda r: float(r["best_val_acc"]))
+    assert re.findall(r'<tr class="best"><td class="num">(\d+)</td>', text) == [best["number"]]
+    # the runs and their sessions: the sweep started and finished, with no resume
+    (run,) = tables["runs-table"][1:]
+    assert run[0] == "tune" and re.fullmatch(r"started [-\d]+ [:\d]+, finished after \d:\d\d:\d\d", run[-1]), run
+    assert "No trial was restarted" in text
     assert summary["best"].startswith(f"trial {best['number']}: val_acc {float(best['best_val_acc']):.2f}")
     # learning curves: one trace per trial, its values those of the trial's result.json
     curves = figure(text, "fig-curves")["data"]
@@ -412,11 +419,19 @@ def test_final_stage_complete(study, tmp_path):
     assert conf[0]["z"] == summed.tolist()  # counts of the last-epoch model, summed over seeds
     assert np.allclose(conf[1]["z"], 100 * summed / summed.sum(1, keepdims=True))
     curves = figure(text, "fig-final-curves")["data"]
-    val = next(t for t in curves if t["name"] == "val acc (train)")  # seed 0's
-    assert val["y"] == [h["val_acc"] for h in m["seeds"][0]["history"]]
-    test = next(t for t in curves if t["name"] == "test acc (train)")
+    # one legend entry per curve (solid: training, dotted: the fine-tune), seed 0's first
+    assert [t["name"] for t in curves if t.get("showlegend", True)] == [
+        "train acc",
+        "val acc",
+        "test acc",
+        "train loss",
+        "val loss",
+    ]
+    val = next(t for t in curves if t["name"] == "val acc")
+    assert val["y"] == [h["val_acc"] for h in m["seeds"][0]["history"]] and val["line"]["dash"] == "solid"
+    test = next(t for t in curves if t["name"] == "test acc")
     assert test["x"] == [2, 4, 6]  # only the tracked epochs
-    ft = next(t for t in curves if t["name"] == "val acc (fine-tune)")
+    ft = next(t for t in curves if t["name"] == "val acc" and t["line"]["dash"] == "dot")
     assert ft["x"] == [7, 8, 9]
     per_class = figure(text, "fig-final-per-class")["data"][0]  # last model's precision
     assert per_class["y"][0] == pytest.approx(
@@ -475,7 +490,7 @@ def test_final_stage_running(study, tmp_path):
     ids = figure_ids(text)
     assert "fig-final-curves" in ids and "fig-final-confusion" not in ids
     curves = figure(text, "fig-final-curves")["data"]
-    assert [t["x"] for t in curves if t["name"] == "val acc (train)"][1] == [1, 2, 3, 4]
+    assert [t["x"] for t in curves if t["name"] == "val acc" and t["line"]["dash"] == "solid"][1] == [1, 2, 3, 4]
 
 
 def test_the_seeds_comparisons_from_trial_rows():
@@ -486,6 +501,7 @@ def test_the_seeds_comparisons_from_trial_rows():
     spec = {
         "metric": "val_acc",
         "mode": "max",
+        "max_epochs": 4,
         "space": {
             "optimizer": {"type": "categorical"},
             "scheduler": {"type": "categorical"},
@@ -506,6 +522,7 @@ def test_the_seeds_comparisons_from_trial_rows():
             "number": i,
             "status": "completed",
             "best_val_acc": round(float(rng.uniform(20, 70)), 4),
+            "epochs": 4,
             "param_optimizer": o,
             "param_scheduler": s,
             "param_dropout": d,
@@ -514,22 +531,31 @@ def test_the_seeds_comparisons_from_trial_rows():
         for i, (o, s, d, m) in enumerate(combos)
     ]
     rows.append({**rows[0], "number": 99, "best_val_acc": ""})  # running, no value yet: ignored
+    # a trial stopped at epoch 2 that is the best of its dropout: its bar is hatched and says so
+    rows.append({**rows[0], "number": 98, "best_val_acc": 99.0, "epochs": 2, "status": "pruned", "param_dropout": 0.9})
     page = Page("t")
     comparisons_section(page, spec, rows)
     text = "".join(page.sections[0][2])
     assert figure_ids(text) == ["fig-cmp-optimizer-scheduler", "fig-cmp-scheduler", "fig-cmp-dropout", "fig-cmp-model"]
     grouped = figure(text, "fig-cmp-optimizer-scheduler")["data"]
     assert [t["name"] for t in grouped] == ["constant", "rlrp"]
+    valued = [r for r in rows if r["best_val_acc"] != ""]
     for t in grouped:
         for opt, y in zip(t["x"], t["y"]):
             assert y == max(
-                r["best_val_acc"] for r in rows[:-1] if (r["param_optimizer"], r["param_scheduler"]) == (opt, t["name"])
+                r["best_val_acc"] for r in valued if (r["param_optimizer"], r["param_scheduler"]) == (opt, t["name"])
             )
     for name in ("dropout", "model"):
         bars = figure(text, f"fig-cmp-{name}")["data"][0]
-        for v, y, n in zip(bars["x"], bars["y"], bars["customdata"]):
-            group = [r["best_val_acc"] for r in rows[:-1] if str(r[f"param_{name}"]) == v]
-            assert (y, n) == (max(group), 12)
+        for v, y, (trial, epochs, n, n_full), label, hatch in zip(
+            bars["x"], bars["y"], bars["customdata"], bars["text"], bars["marker"]["pattern"]["shape"]
+        ):
+            group = [r for r in valued if str(r[f"param_{name}"]) == v]
+            top = max(group, key=lambda r: r["best_val_acc"])
+            assert (y, trial, epochs, n) == (top["best_val_acc"], top["number"], top["epochs"], len(group))
+            assert n_full == sum(r["epochs"] == 4 for r in group) and f"n={n}" in label
+            assert (hatch == "/") == (epochs < 4) == ("2 ep" in label)
+    assert figure(text, "fig-cmp-dropout")["data"][0]["x"][-1] == "0.9"  # the hatched bar is there
 
 
 def test_cli_report(study, tmp_path, capsys):
@@ -607,3 +633,53 @@ def test_report_renders_in_a_real_browser(study, tmp_path):
     shot = Path(os.environ.get("FER_TUNE_SCREENSHOT_DIR", tmp_path)) / "report.png"
     r = run_chromium(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}")
     assert r.returncode == 0 and shot.stat().st_size > 50_000, r.stderr[-3000:]
+
+
+SECTION_PROBE = """<script>window.addEventListener('load',()=>setTimeout(()=>{const out={sections:[],legends:[],
+height:document.documentElement.scrollHeight};for(const s of document.querySelectorAll('section')){const b=
+s.getBoundingClientRect();out.sections.push([s.id,b.top+window.scrollY,b.height]);}for(const gd of document
+.querySelectorAll('.plotly-graph-div')){const l=gd._fullLayout&&gd._fullLayout.legend;if(l&&l._height>l._effHeight+1)
+out.legends.push(gd.id);}const p=document.createElement('pre');p.id='probe-layout';p.textContent=JSON.stringify(out);
+document.body.appendChild(p);},500));</script>"""
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_every_section_is_drawn_in_a_screenshot_and_no_legend_overflows(study, tmp_path, seeds):
+    """The page as a reader sees it: every section has content on screen, no figure's legend needs a scrollbar
+    (plotly cuts the entries it cannot fit), with one seed and with several."""
+    from PIL import Image
+
+    if chromium() is None:
+        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir, seeds=seeds, baseline=True)
+    report = write_report(sdir)
+    probe = report.with_name("probe.html")
+    probe.write_text(report.read_text().replace("<head>", "<head>" + SECTION_PROBE, 1))
+    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom")
+    m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
+    assert m, r.stderr[-3000:]
+    layout = json.loads(html.unescape(m.group(1)))
+    assert [s[0] for s in layout["sections"]] == [
+        "summary",
+        "optuna",
+        "curves",
+        "comparisons",
+        "classes",
+        "final",
+        "reference",
+    ]
+    assert layout["legends"] == []
+    height = int(layout["height"]) + 50
+    shot = Path(os.environ.get("FER_TUNE_SCREENSHOT_DIR", tmp_path)) / f"report-{len(seeds)}-seeds.png"
+    r = run_chromium(report.as_uri(), tmp_path / "profile2", f"--screenshot={shot}", f"--window-size=1280,{height}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert img.shape[0] >= layout["height"]
+    for name, top, h in layout["sections"]:
+        band = img[int(top) : int(top + h)]
+        assert h > 150 and band.std() > 20, (name, h, band.std())  # drawn: text and figures, not a blank band
+        inked = (band < 200).any(axis=1).mean()  # the share of pixel rows with something dark on them
+        assert inked > 0.15, (name, inked)

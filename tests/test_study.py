@@ -61,6 +61,13 @@ def test_sweep_with_a_crash_then_extend(tmp_path, env):
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == 8
     assert len(read_csv(sdir)) == 8 and (sdir / "extend-1").is_dir()
+    # study.json records every run's sessions: when, with which code, how each ended
+    runs = json.loads((sdir / "study.json").read_text())["runs"]
+    assert [r["dir"] for r in runs] == ["tune", "extend-1"]
+    for r in runs:
+        (session,) = r["sessions"]
+        assert session["kind"] == "start" and session["outcome"] == "finished" and session["code"]["sha"]
+        assert session["trials_finished"] == r["num_samples"] and session["wall_seconds"] > 0
 
     r = fer_tune(env, "status", sdir, "--json")
     s = json.loads(r.stdout)
@@ -165,6 +172,16 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
         if line.strip()
     ]
     assert max(starts) > 0
+    # the killed sweep's session has no end; the resume's took up the unfinished trials and finished
+    killed, resumed = json.loads((sdir / "study.json").read_text())["runs"][0]["sessions"]
+    assert killed["kind"] == "start" and "outcome" not in killed
+    assert resumed["kind"] == "resume" and resumed["outcome"] == "finished" and resumed["trials_finished"] == 6
+    assert 1 <= resumed["trials_continued"] <= 6
+    from fer_tune.report.study import sessions_text
+
+    text = sessions_text([killed, resumed])
+    assert "ended without a record (the driver was killed)" in text and "finished after 0:" in text
+    assert f"resumed {resumed['started']} ({resumed['trials_continued']} unfinished trial(s) taken up)" in text
 
 
 def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):

@@ -398,3 +398,42 @@ def assert_code_revision_recorded(run_dir) -> None:
         assert len(code["sha"]) == 40 and isinstance(code["dirty"], bool), code
     else:
         assert code is None
+
+
+def test_evaluate_defaults_to_the_data_and_crops_the_model_was_trained_and_scored_with(tmp_path, capsys):
+    from PIL import Image
+
+    csv_file = tmp_path / "faces.csv"
+    assert run(capsys, "data", "synth", str(csv_file), "--n", "600")[0] == 0
+    out_dir = tmp_path / "run"
+    tiny = ["width=0.0625", "epochs=1", "train_crops=one", "test_crops=center", "batch_size=32"]
+    code, _, err = run(capsys, "train", "--data", str(csv_file), "--out", str(out_dir), "--quiet", "--set", *tiny)
+    assert code == 0, err
+    test = json.loads((out_dir / "metrics.json").read_text())["test"]
+    best = out_dir / "best.pt"
+    assert load_checkpoint(best)["data"]["source"] == str(csv_file.resolve())
+
+    # no --data: the CSV it was trained on, with its test crops (center here), the same numbers as metrics.json
+    code, out, err = run(capsys, "evaluate", str(best), "--json")
+    assert code == 0 and f"scoring on the data the model was trained on: {csv_file.resolve()}" in err
+    ev = json.loads(out)
+    assert ev["crops"] == "center" and ev["data"]["format"] == "csv"
+    assert ev["top1"] == pytest.approx(test["top1"]) and ev["confusion"] == test["confusion"]
+    # other data: scored, with a note that they are not the model's
+    code, out, err = run(capsys, "evaluate", str(best), "--data", "synthetic:600:5", "--json")
+    assert code == 0 and "are not those" in err and json.loads(out)["data"]["format"] == "synthetic"
+    # the training data gone: refused in one line that says where they were
+    csv_file.rename(tmp_path / "moved.csv")
+    code, _, err = run(capsys, "evaluate", str(best))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"was trained on csv data at {csv_file.resolve()}, which is not here: pass --data" in err
+    # a file without the record (written before models carried it): synthetic, with a warning
+    state = load_checkpoint(best)
+    del state["data"]
+    save_checkpoint(state, tmp_path / "old.pt")
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "old.pt"))
+    assert code == 0 and "does not record the data it was trained on" in err and "synthetic data" in out
+    # an image where the model goes
+    Image.new("L", (48, 48)).save(tmp_path / "face.png")
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "face.png"))
+    assert code == 2 and "face.png is not a fer-tune model: it is a PNG image (usage: fer-tune evaluate" in err

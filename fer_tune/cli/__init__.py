@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fer-tune",
         description="Hyperparameter studies for facial-emotion recognition (FER2013) with Ray Tune and Optuna.",
         epilog=examples("""
-            fer-tune data check ../shared/datasets/fer2013
+            fer-tune data check PATH/TO/fer2013
             fer-tune train --set width=0.25 --set epochs=5 --out results/first-run
             fer-tune sweep search_spaces/smoke.yaml
             fer-tune status results/smoke
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         "validate a dataset and print per-split, per-class counts",
         """
-        fer-tune data check ../shared/datasets/fer2013
+        fer-tune data check PATH/TO/fer2013
         fer-tune data check fer2013.csv.gz --protocol standard --json
         fer-tune data check synthetic:20000
     """,
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         "convert a dataset (e.g. Kaggle folders) to the challenge CSV",
         """
-        fer-tune data convert ../shared/datasets/fer2013 fer2013.csv
+        fer-tune data convert PATH/TO/fer2013 fer2013.csv
     """,
     )
     convert.add_argument("data", metavar="PATH", help="fer2013.csv(.gz), a Kaggle folder, or synthetic[:N[:SEED]]")

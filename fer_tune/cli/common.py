@@ -27,21 +27,29 @@ def parser_with(sub: Any, name: str, help: str, example_text: str, **kw: Any) ->
     )
 
 
-def add_data_options(p: argparse.ArgumentParser, *, data: bool = True, protocol: bool = True) -> None:
-    """--data (and --protocol) with the options of how a dataset is read."""
+def add_data_options(
+    p: argparse.ArgumentParser,
+    *,
+    data: bool = True,
+    protocol: bool = True,
+    default: str = "synthetic",
+    default_protocol: str = "the config's, paper",
+) -> None:
+    """--data (and --protocol) with the options of how a dataset is read; `default`, `default_protocol`: what they
+    default to, as --help says it."""
     if data:
         p.add_argument(
             "--data",
             default=None,
             metavar="PATH",
-            help="fer2013.csv(.gz), a Kaggle folder (train/, test/), or synthetic[:N[:SEED]] (default: synthetic)",
+            help=f"fer2013.csv(.gz), a Kaggle folder (train/, test/), or synthetic[:N[:SEED]] (default: {default})",
         )
     if protocol:
         p.add_argument(
             "--protocol",
             choices=("paper", "standard"),
             default=None,
-            help="split protocol (default: the config's, paper)",
+            help=f"split protocol (default: {default_protocol})",
         )
     add_read_options(p)
 

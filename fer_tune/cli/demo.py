@@ -105,6 +105,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
                     cpus=None,
                     output=output,
                     loader=loader,
+                    space_label="the demo's own space, built into fer-tune (fer_tune/cli/demo.py)",
                 )
         if rc != 0:
             return rc
@@ -128,8 +129,9 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
         f"\ndemo finished in {time.time() - t0:.0f} s.\n"
         f"  open the report:      {report}  (a browser, no server or internet needed)\n"
         f"  the trials:           fer-tune status {sdir}\n"
-        f"  Optuna's dashboard:   optuna-dashboard sqlite:///{sdir / 'optuna.db'}\n"
-        f"  classify a face:      fer-tune predict {sdir / 'final' / 'model.pt'} FACE.jpg\n"
+        f"  Optuna's dashboard:   optuna-dashboard sqlite:///{sdir / 'optuna.db'}  (pip install -e '.[dashboard]')\n"
+        f"  try the model:        fer-tune predict {sdir / 'final' / 'model.pt'} FACE.jpg\n"
+        "                        (it learnt synthetic faces: its answers for real photos mean nothing)\n"
         f"  a real study:         fer-tune sweep joint --data PATH/TO/fer2013 "
         "(a fer2013.csv or the Kaggle folders)",
         flush=True,

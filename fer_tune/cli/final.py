@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..recipe import BASELINES, FINAL_DEFAULTS
-from .common import add_ray_options, add_read_options, loader, output_mode, parser_with
+from .common import add_ray_options, add_read_options, loader, log, output_mode, parser_with
 from .report import refresh_report
 
 
@@ -51,9 +51,17 @@ def cmd_final(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import predict
+    from ..predict import load_model, predict
+    from ..train import trained_on
 
-    results = predict(args.model, args.images)
+    state = load_model(args.model)
+    if trained_on(state).get("format") == "synthetic":
+        log.warning(
+            "%s was trained on fer-tune's synthetic faces (the demo's), not on photos: its answers for real faces "
+            "mean nothing; a model to use is trained on FER2013 (--data)",
+            args.model,
+        )
+    results = predict(state, args.images)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

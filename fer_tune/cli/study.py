@@ -154,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         """
         fer-tune sweep search_spaces/smoke.yaml
         fer-tune sweep smoke --name smoke-2                # a shipped space by name
-        fer-tune sweep search_spaces/joint.yaml --data ../shared/datasets/fer2013 --gpus-per-trial 0.25
+        fer-tune sweep search_spaces/joint.yaml --data PATH/TO/fer2013 --gpus-per-trial 0.25
         fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --storage s3://my-bucket/fer-tune
     """,
     )

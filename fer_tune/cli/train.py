@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import FerTuneError, code_revision, write_json
-from .common import add_data_options, load_data, parser_with
+from .common import add_data_options, load_data, log, parser_with
 
 # keys a resumed run may change: they do not alter the model, optimizer or data the checkpoint was made with
 RESUME_CHANGEABLE = {"epochs", "threads", "eval_batch_size"}
@@ -134,11 +134,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    trained = {**data.describe(), "test_crops": cfg.test_crops}  # what evaluate / predict default to
+
     def on_epoch(metrics: dict, state: dict | None) -> None:
         if state is not None:
-            save_checkpoint(state, last)
+            save_checkpoint({**state, "data": trained}, last)
             if metrics["is_best"]:
-                save_checkpoint({**state, "rng": {}, "optimizer": {}, "scheduler": {}}, best_path)
+                save_checkpoint({**state, "rng": {}, "optimizer": {}, "scheduler": {}, "data": trained}, best_path)
             record["history"], record["best"] = state["history"], state["best"]
         write_json(metrics_path, record)
 
@@ -169,21 +171,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+EVALUATE_USAGE = "fer-tune evaluate MODEL [--data PATH]"
+
+
+def model_data(args: argparse.Namespace, trained: dict) -> str | None:
+    """The data `evaluate` scores: --data, else the data the model was trained on (a real dataset only where it
+    still is; refused when it has gone), else the synthetic faces with a warning (a file without the record)."""
+    if args.data is not None:
+        return args.data
+    if not trained:
+        log.warning(
+            "%s does not record the data it was trained on: scoring it on the synthetic faces (pass --data PATH)",
+            args.checkpoint,
+        )
+        return None
+    if trained["format"] == "synthetic":
+        return trained["source"]
+    if not Path(trained["source"]).exists():
+        raise FerTuneError(
+            f"{args.checkpoint} was trained on {trained['format']} data at {trained['source']}, which is not "
+            "here: pass --data PATH/TO/fer2013 (its copy on this machine)"
+        )
+    log.info("scoring on the data the model was trained on: %s", trained["source"])
+    return trained["source"]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_model, format_report, saliency_sample
-    from ..train import load_checkpoint, model_from_checkpoint, select_device
+    from ..predict import model_file
+    from ..train import load_checkpoint, model_from_checkpoint, select_device, trained_on
 
-    state = load_checkpoint(args.checkpoint)
+    args.checkpoint = model_file(args.checkpoint)
+    state = load_checkpoint(args.checkpoint, EVALUATE_USAGE)
+    trained = trained_on(state)
     device = select_device(args.device)
     model, cfg = model_from_checkpoint(state, device)
-    data = load_data(args, args.protocol or cfg.protocol)
+    protocol = args.protocol or trained.get("protocol") or cfg.protocol
+    data = load_data(args, protocol, model_data(args, trained))
+    if trained and data.fingerprint != trained["fingerprint"] and data.protocol == trained.get("protocol"):
+        log.warning(
+            "note: these data (fingerprint %s) are not those %s was trained on (%s): its %s split may hold images "
+            "it trained on",
+            data.fingerprint,
+            args.checkpoint,
+            trained["fingerprint"],
+            args.split,
+        )
     images, labels = data.arrays(args.split)
     result = evaluate_model(
         model,
         images,
         labels,
         device=device,
-        crops=args.crops or cfg.test_crops,
+        crops=args.crops or trained.get("test_crops") or cfg.test_crops,
         batch_size=cfg.eval_batch_size,
         amp=cfg.amp,
     )
@@ -251,12 +291,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune evaluate best.pt --saliency results/first-run/saliency
     """,
     )
-    p.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt, last.pt) or a model.pt")
-    add_data_options(p)
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="MODEL",
+        help="a model.pt, a training checkpoint (best.pt, last.pt) or a final stage's directory",
+    )
+    add_data_options(p, default="the data the model was trained on", default_protocol="the model's")
     p.add_argument(
         "--split", choices=("train", "val", "test"), default="test", help="the split to score (default test)"
     )
-    p.add_argument("--crops", choices=("ten", "center"), default=None, help="test crops (default: the config's)")
+    p.add_argument(
+        "--crops",
+        choices=("ten", "center"),
+        default=None,
+        help="test crops (default: those of the model's recorded test score)",
+    )
     p.add_argument("--saliency", default=None, metavar="DIR", help="also write saliency maps (PNG + npz) to DIR")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--json", action="store_true", help="print JSON")

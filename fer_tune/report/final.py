@@ -19,6 +19,8 @@ from ..recipe import pm as plain_pm
 from .final_figures import MODEL_LABEL, accuracy_figure, confusion_figure, curves_figure, per_class_figure
 from .html import Page, esc, fmt, table
 
+TEST_SPLIT = {"paper": "PublicTest", "standard": "PrivateTest"}  # the FER2013 split each protocol tests on
+
 
 def _read_json(path: Path) -> tuple[dict | None, str]:
     if not path.is_file():
@@ -123,10 +125,14 @@ def final_section(page: Page, fin: dict) -> None:
         (
             "training",
             f"{info.get('config', {}).get('epochs', '?')} epochs; "
-            + ", ".join(f"{k}={v}" for k, v in sorted(info.get("config", {}).items()) if k != "epochs"),
+            + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in sorted(info.get("config", {}).items())
+                if k != "epochs"
+            ),
         ),
         ("fine-tune", f"{ft.get('epochs')} epochs, lr {ft.get('lr')}, {ft.get('scheduler')}, on {ft.get('on')}"),
-        ("seeds", ", ".join(map(str, info.get("seeds", [])))),
+        ("seeds", _seeds_text(info.get("seeds", []))),
         (
             "precision",
             ", ".join(sorted({s.get("precision", "not recorded") for s in (m or {}).get("seeds", [])})) or "-",
@@ -174,6 +180,11 @@ def final_section(page: Page, fin: dict) -> None:
     parts.append(page.figure(confusion_figure(ok), "final-confusion"))
     parts.append(page.figure(per_class_figure(ok), "final-per-class"))
     _saliency(parts, fin["dir"], [s["seed"] for s in ok])
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    """'2 (seeds 0, 1)', '1 (seed 0)': how many seeds, and which."""
+    return f"{len(seeds)} (seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))})" if seeds else "none"
 
 
 def pm(a: dict) -> str:
@@ -274,7 +285,7 @@ def reference_rows(fin: dict) -> list[dict]:
                 else "one seed)"
             ),
             "top1_pct": pm(agg[n]["top1"]),
-            "split": "test",
+            "split": TEST_SPLIT.get(m.get("protocol", ""), "test"),
             "protocol": f"{m.get('protocol', '')}{note}",
             "epochs": f"{epochs} + {ft.get('epochs')} fine-tune" if n == "finetuned" else epochs,
             "source": "final/metrics.json",

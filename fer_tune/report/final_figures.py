@@ -48,9 +48,9 @@ def curves_figure(runs: dict[int, dict]) -> Any:
                         x=[p[0] for p in pts],
                         y=[p[1] for p in pts],
                         mode="lines+markers" if key == "test_acc" else "lines",
-                        name=f"{label} ({phase})",
-                        legendgroup=f"{key}-{phase}",
-                        showlegend=i == 1,
+                        name=label,
+                        legendgroup=key,  # one legend entry per curve: solid = training, dotted = fine-tune
+                        showlegend=i == 1 and phase == "train",
                         line={"color": color, "dash": dash},
                     ),
                     row=i,
@@ -82,7 +82,8 @@ def curves_figure(runs: dict[int, dict]) -> Any:
                 )
     fig.update_xaxes(title_text="epoch (fine-tune epochs follow the training epochs, shaded)", row=len(seeds))
     fig.update_layout(
-        title="Train / val / test per epoch; the dashed line marks the best-val epoch", height=320 * len(seeds) + 80
+        title="Train / val / test per epoch (dotted: the fine-tune); the dashed line marks the best-val epoch",
+        height=320 * len(seeds) + 80,
     )
     return fig
 
@@ -98,12 +99,16 @@ def accuracy_figure(agg: dict) -> Any:
                 x=[MODEL_LABEL[n] for n in names],
                 y=[agg[n][k]["mean"] for n in names],
                 name=label,
-                error_y={"type": "data", "array": [agg[n][k]["std"] for n in names]},
+                error_y=spread_bars([agg[n][k]["mean"] for n in names], [agg[n][k]["std"] for n in names]),
                 text=[f"{agg[n][k]['mean']:.2f}" for n in names],
             )
         )
     fig.update_layout(
-        barmode="group", title="Test metrics per model, mean ± std over seeds (%)", height=400, yaxis_title="%"
+        barmode="group",
+        title="Test metrics per model (%)"
+        + (", mean ± std over seeds" if any(len(a["top1"]["values"]) > 1 for a in agg.values()) else ""),
+        height=400,
+        yaxis_title="%",
     )
     return fig
 
@@ -153,12 +158,13 @@ def per_class_figure(seeds: list[dict]) -> Any:
     for n, color in zip(MODELS, ("#9ecae1", "#3182bd", "#08519c")):
         for j, k in enumerate(("precision", "recall", "f1"), 1):
             vals = [[s["models"][n]["per_class"][e][k] for s in seeds] for e in EMOTIONS]
+            means = [statistics.fmean(v) for v in vals]
             fig.add_trace(
                 dict(
                     type="bar",
                     x=list(EMOTIONS),
-                    y=[statistics.fmean(v) for v in vals],
-                    error_y={"type": "data", "array": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]},
+                    y=means,
+                    error_y=spread_bars(means, [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]),
                     name=MODEL_LABEL[n],
                     legendgroup=n,
                     showlegend=j == 1,
@@ -167,7 +173,18 @@ def per_class_figure(seeds: list[dict]) -> Any:
                 row=1,
                 col=j,
             )
-    fig.update_layout(
-        barmode="group", title="Per-class precision / recall / F1 on the test split, mean ± std over seeds", height=420
-    )
+    spread = ", mean ± std over seeds (bars cut at 0 and 100)" if len(seeds) > 1 else f", seed {seeds[0]['seed']}"
+    fig.update_layout(barmode="group", title=f"Per-class precision / recall / F1 on the test split{spread}", height=420)
     return fig
+
+
+def spread_bars(means: list[float], stds: list[float]) -> dict:
+    """Error bars of +- std kept inside 0..100 % (a percentage cannot leave it); none with one seed."""
+    if not any(stds):
+        return {"visible": False}
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [min(s, 100.0 - m) for m, s in zip(means, stds)],
+        "arrayminus": [min(s, m) for m, s in zip(means, stds)],
+    }

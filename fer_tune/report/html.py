@@ -20,6 +20,7 @@ vertical-align:top;font-size:14px}th{background:#f5f5f5}td.num{text-align:right;
 img.saliency{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .data{position:sticky;top:0;z-index:10;background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:8px 0;
 font-size:14px}.data.synthetic{background:#fde8e8;border-color:#e6a0a0}
+tr.best td{background:#e3f2e1;font-weight:600}
 """
 
 
@@ -48,18 +49,22 @@ def plotly_safe(obj: Any, key: str = "") -> Any:
     return obj
 
 
-def table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+def table(
+    header: list[str], rows: list[list], numeric: set[int] = frozenset(), highlight: set[int] = frozenset()
+) -> str:
+    """An HTML table; `numeric`: right-aligned columns; `highlight`: rows marked as the best (class "best")."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
-        "<tr>"
+        ('<tr class="best">' if k in highlight else "<tr>")
         + "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>" for i, c in enumerate(r))
         + "</tr>"
-        for r in rows
+        for k, r in enumerate(rows)
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def fmt(v: Any, digits: int = 2) -> str:
+    """A value for a table: floats with `digits` decimals (3 significant digits below 0.01), "-" for none."""
     if v is None or v == "":
         return "-"
     if isinstance(v, float):

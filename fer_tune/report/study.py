@@ -167,35 +167,76 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
     ]
     parts.append("<h3>Search space</h3>" + table(["parameter", "type", "values"], space))
     runs = [
-        [r["dir"], r["num_samples"], r["seed"], r.get("max_concurrent") or "-", duration(r.get("wall_seconds", 0.0))]
+        [
+            r["dir"],
+            r["num_samples"],
+            r["seed"],
+            r.get("max_concurrent") or "-",
+            duration(r.get("wall_seconds", 0.0)),
+            sessions_text(r.get("sessions"), live="study" in s["running"] and r is record["runs"][-1]),
+        ]
         for r in record["runs"]
     ]
     parts.append(
-        "<h3>Runs (sweep, extends; resumes continue a run)</h3>"
-        + table(["run", "trials", "sampler seed", "max concurrent", "wall time"], runs, {1, 2})
+        "<h3>Runs (the sweep and each extend; a resume continues its run)</h3>"
+        + table(["run", "trials", "sampler seed", "max concurrent", "wall time", "sessions"], runs, {1, 2}).replace(
+            "<table>", '<table id="runs-table">', 1
+        )
     )
-    parts.append(
-        f'<p class="note">{len(restarted)} trial(s) continued from a checkpoint (crash retries or '
-        f"resumes), {sum(int(r['restarts']) for r in restarted)} restart(s) in all"
-        + (": " + ", ".join(f"#{r['number']} x{r['restarts']}" for r in restarted) if restarted else "")
-        + ".</p>"
-    )
-    cols = [
-        "number",
-        "status",
-        "epochs",
-        f"best_{metric}",
-        "best_epoch",
-        "wall_seconds",
-        "device_seconds",
-        "node",
-        "restarts",
+    if restarted:
+        parts.append(
+            f'<p class="note">{len(restarted)} trial(s) continued from a checkpoint after a crash retry or a '
+            f"resume, {sum(int(r['restarts']) for r in restarted)} restart(s) in all: "
+            + ", ".join(f"#{r['number']} x{r['restarts']}" for r in restarted)
+            + ".</p>"
+        )
+    else:
+        parts.append('<p class="note">No trial was restarted (no crash retry, no trial continued by a resume).</p>')
+    cols = ["number", "status", "epochs", f"best_{metric}", "best_epoch", "wall_seconds", "device_seconds", "node"]
+    rows = [
+        [r["number"], r["status"], r["epochs"], fmt(r[f"best_{metric}"]), r["best_epoch"]]
+        + [fmt(_float(r[c]), 0) for c in ("wall_seconds", "device_seconds")]
+        + [r["node"], r["restarts"], params_text(r)]
+        for r in s["rows"]
     ]
-    rows = [[r[c] for c in cols] + [params_text(r)] for r in s["rows"]]
+    best_rows = {k for k, r in enumerate(s["rows"]) if best and r["number"] == best["number"]}
     parts.append(
         "<h3>Trials</h3>"
-        + table(cols + ["params"], rows, {0, 2, 3, 4, 5, 6, 8}).replace("<table>", '<table id="trials-table">', 1)
+        + (f'<p class="note">The best trial ({best["number"]}) is highlighted.</p>' if best else "")
+        + table(cols + ["restarts", "params"], rows, {0, 2, 3, 4, 5, 6, 8}, best_rows).replace(
+            "<table>", '<table id="trials-table">', 1
+        )
     )
+
+
+def _float(v: object) -> float | str:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ""
+
+
+def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:
+    """A run's sessions (the command that started it, each resume) as one line of when and how each ended;
+    `live`: the run's last session is running now."""
+    if not sessions:
+        return "-"
+    out = []
+    for k, x in enumerate(sessions):
+        what = f"{'resumed' if x['kind'] == 'resume' else 'started'} {x['started']}"
+        if x["kind"] == "resume":
+            what += f" ({x.get('trials_continued', 0)} unfinished trial(s) taken up)"
+        if "outcome" in x:
+            what += f", {x['outcome']} after {duration(x.get('wall_seconds', 0.0))}"
+        elif live and k == len(sessions) - 1:
+            what += ", running"
+        else:
+            what += ", ended without a record (the driver was killed)"
+        out.append(what)
+    return "; ".join(out)
+
+
+FEW_FOR_IMPORTANCE = 20  # completed trials below which the report says the importances are only a hint
 
 
 def _optuna_section(page: Page, record: dict) -> None:
@@ -268,6 +309,12 @@ def _optuna_section(page: Page, record: dict) -> None:
         parts.append(page.figure(fig, name))
     if why:
         parts.append(f'<p class="note" id="importance-note">Hyperparameter importance is not shown: {esc(why)}.</p>')
+    elif len(done) < FEW_FOR_IMPORTANCE:
+        parts.append(
+            f'<p class="note" id="importance-note">The importances (PED-ANOVA) come from {len(done)} completed '
+            f"trial(s): with fewer than {FEW_FOR_IMPORTANCE} a few more trials can reorder them, so read them as a "
+            "hint of where to look, not as a ranking.</p>"
+        )
     parts.append(
         f'<p class="note">{len(done)} completed trial(s); Optuna leaves pruned and failed trials out of '
         f"these plots. Top parameters (slice, contour): {esc(', '.join(top[:3]) or '-')}.</p>"
@@ -301,9 +348,11 @@ def _reference_section(page: Page, sdir: Path, own: list[dict], data: dict) -> N
         parts.append(f'<p class="note">No reference CSV found in {esc(" or ".join(map(str, dirs)))}.</p>')
         return
     parts.append(
-        table(cols, [[r.get(c, "") for c in cols] for r in own + rows], {1}).replace(
-            "<table>", '<table id="reference-table">', 1
-        )
+        table(
+            ["result", "top-1 %", "split", "protocol", "epochs", "source", "note"],
+            [[r.get(c, "") for c in cols] for r in own + rows],
+            {1},
+        ).replace("<table>", '<table id="reference-table">', 1)
     )
     parts.append(
         '<p class="note">Protocol paper: train = Training, val = PrivateTest, test = PublicTest (as '

@@ -84,26 +84,46 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
     parts = page.section("comparisons", f"Comparisons: best {metric} per setting")
     varied = {n for n, _ in COMPARISONS if n in space and len({str(r.get(f"param_{n}")) for r in scored}) > 1}
 
-    def best_per(name: str, subset: list[dict]) -> dict[str, tuple[float, int]]:
-        groups: dict[str, list[float]] = {}
+    full = int(spec["max_epochs"])
+
+    def best_per(name: str, subset: list[dict]) -> dict[str, dict]:
+        """Per value of `name`: the best trial's score, its epochs, and how many trials (all / run to the end)."""
+        groups: dict[str, list[dict]] = {}
         for r in subset:
-            groups.setdefault(str(r[f"param_{name}"]), []).append(float(r[key]))
-        return {v: (pick(xs), len(xs)) for v, xs in groups.items()}
+            groups.setdefault(str(r[f"param_{name}"]), []).append(r)
+        out = {}
+        for v, rs in groups.items():
+            top = pick(rs, key=lambda r: float(r[key]))
+            out[v] = {
+                "score": float(top[key]),
+                "epochs": int(top["epochs"] or 0),
+                "trial": top["number"],
+                "n": len(rs),
+                "n_full": sum(int(r["epochs"] or 0) >= full for r in rs),
+            }
+        return out
+
+    def bar(b: dict[str, dict], **kw) -> go.Bar:
+        """Bars of best_per: n trials on each; hatched where the best of them stopped before the last epoch."""
+        return go.Bar(
+            x=list(b),
+            y=[g["score"] for g in b.values()],
+            text=[
+                f"{g['score']:.2f}<br>n={g['n']}" + (f"<br>{g['epochs']} ep" if g["epochs"] < full else "")
+                for g in b.values()
+            ],
+            marker_pattern_shape=["/" if g["epochs"] < full else "" for g in b.values()],
+            customdata=[[g["trial"], g["epochs"], g["n"], g["n_full"]] for g in b.values()],
+            hovertemplate="%{x}: %{y:.2f} (trial %{customdata[0]}, %{customdata[1]} epochs); %{customdata[2]} "
+            f"trials, %{{customdata[3]}} of them ran all {full} epochs<extra></extra>",
+            **kw,
+        )
 
     if {"optimizer", "scheduler"} <= varied:
         fig = go.Figure()
         for sched in sorted({str(r["param_scheduler"]) for r in scored}):
             b = best_per("optimizer", [r for r in scored if str(r["param_scheduler"]) == sched])
-            fig.add_trace(
-                go.Bar(
-                    x=list(b),
-                    y=[v for v, _ in b.values()],
-                    name=sched,
-                    text=[f"{v:.2f}" for v, _ in b.values()],
-                    customdata=[n for _, n in b.values()],
-                    hovertemplate="%{x}: %{y:.2f} (%{customdata} trials)<extra></extra>",
-                )
-            )
+            fig.add_trace(bar(b, name=sched))
         fig.update_layout(
             barmode="group",
             title=f"Best {metric} per optimizer x scheduler",
@@ -132,16 +152,7 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
                     )
                 )
         else:
-            b = best_per(name, scored)
-            fig = go.Figure(
-                go.Bar(
-                    x=list(b),
-                    y=[v for v, _ in b.values()],
-                    text=[f"{v:.2f}" for v, _ in b.values()],
-                    customdata=[n for _, n in b.values()],
-                    hovertemplate="%{x}: %{y:.2f} (%{customdata} trials)<extra></extra>",
-                )
-            )
+            fig = go.Figure(bar(best_per(name, scored)))
             fig.update_xaxes(type="category")
         fig.update_layout(title=f"Best {metric} per {label}", height=380, xaxis_title=label, yaxis_title=metric)
         parts.append(page.figure(fig, f"cmp-{name}"))
@@ -154,8 +165,10 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
         )
     else:
         parts.append(
-            f'<p class="note">Each trial counts with its best epoch; pruned trials stopped early. '
-            f"{len(scored)} trial(s) with a value.</p>"
+            f'<p class="note">Each bar is the best trial of its setting, at that trial\'s best epoch; n counts the '
+            f"trials with the setting. A hatched bar's best trial was stopped before epoch {full} (early stopping "
+            "or a failure): it stands for fewer epochs than the others, so it does not rank the setting against a "
+            f"bar of full-length trials. {len(scored)} trial(s) with a value.</p>"
         )
 
 
@@ -208,6 +221,12 @@ def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> No
         ranked = sorted(
             (r for r in scored if recalls[r["number"]][i] is not None), key=lambda r: -recalls[r["number"]][i]
         )[:3]
+        if ranked and not any(recalls[r["number"]][i] for r in ranked):
+            parts.append(
+                f'<h3>Best {emotion} recall</h3><p class="note">No trial recognised any {emotion} face of the val '
+                f"split at its best epoch (recall 0 in all {len(scored)} trials with a value).</p>"
+            )
+            continue
         parts.append(
             f"<h3>Best {emotion} recall</h3>"
             + table(

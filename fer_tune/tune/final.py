@@ -282,6 +282,7 @@ def _run_final(
                 weight=weight,
                 arms=arms,
                 track_crops=rec.get("track_crops"),
+                data_info=data.describe(),
             ),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]},
         )

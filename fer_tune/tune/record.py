@@ -142,11 +142,13 @@ def new_record(
     optuna_ref: str,
     ray_storage: str | None,
     max_concurrent: int | None,
+    space_label: str | None = None,
 ) -> dict:
-    """The study.json of a new study (its first run: the sweep, in tune/)."""
+    """The study.json of a new study (its first run: the sweep, in tune/); `space_label` names a space that is no
+    file of its own (the demo's) in place of the space file's path."""
     return {
         "name": sdir.name,
-        "space_file": str(find_space(space_path).resolve()),
+        "space_file": space_label or str(find_space(space_path).resolve()),
         "spec": spec.to_dict(),
         "overrides": overrides,
         "data": {"source": source, "protocol": protocol, **data.describe()},
@@ -168,6 +170,17 @@ def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | N
         "max_concurrent": max_concurrent,
         "code": code_revision(),
     }
+
+
+def new_session(continued: int | None) -> dict:
+    """One command's share of a run (runs[i].sessions): when, by which code; for a resume (`continued` not None)
+    the trials it took up unfinished (each continues from its last checkpoint, or starts over without one). The
+    run's driver adds how it ended (ended, wall_seconds, outcome, trials_finished); a killed one leaves no end."""
+    session = {"kind": "start" if continued is None else "resume", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if continued is not None:
+        session["trials_continued"] = continued
+    session["code"] = code_revision()
+    return session
 
 
 def fingerprint(spec: StudySpec, data: Any) -> dict:

@@ -36,6 +36,7 @@ from .record import (
     load_optuna_study,
     new_record,
     new_run,
+    new_session,
     read_study,
     reopen,
     spec_with,
@@ -132,6 +133,10 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
             ),
         )
     set_output(tuner, output, study_progress(record, spec, run))
+    unfinished = sum(s != "TERMINATED" for s in experiment_trial_states(exp_dir).values()) if restore else None
+    session = new_session(unfinished)
+    run.setdefault("sessions", []).append(session)
+    write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
     t0 = time.time()
     interrupted = False
     try:
@@ -139,10 +144,17 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     except KeyboardInterrupt:
         interrupted, grid = True, None
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
+    interrupted = interrupted or (grid is not None and _interrupted(exp_dir))
+    session.update(
+        ended=time.strftime("%Y-%m-%d %H:%M:%S"),
+        wall_seconds=time.time() - t0,
+        outcome="interrupted" if interrupted else "finished",
+        trials_finished=sum(s in ("TERMINATED", "ERROR") for s in experiment_trial_states(exp_dir).values()),
+    )
     write_study(sdir, record)
     write_trials_csv(sdir, record)
     say_ray_log()
-    if interrupted or (grid is not None and _interrupted(exp_dir)):
+    if interrupted:
         log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
         return signals.exit_code()
     return 0
@@ -200,9 +212,11 @@ def sweep(
     loader: Loader,
     num_cpus: int | None = None,
     optuna_storage: str | None = None,
+    space_label: str | None = None,
 ) -> int:
     """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
-    gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR."""
+    gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR;
+    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's)."""
     spec = load_space(space_path)
     overrides: dict[str, Any] = {}
     if num_samples is not None:
@@ -237,6 +251,7 @@ def sweep(
             address=address,
             output=output,
             num_cpus=num_cpus,
+            space_label=space_label,
         )
 
 
@@ -254,6 +269,7 @@ def _sweep(
     address: str | None,
     output: str,
     num_cpus: int | None,
+    space_label: str | None = None,
 ) -> int:
     from ..data import is_synthetic
 
@@ -272,7 +288,7 @@ def _sweep(
     protocol = spec.data.get("protocol", "paper")
     data = loader(source, protocol)
     record = new_record(
-        sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent
+        sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent, space_label
     )
 
     def write() -> None:  # once Ray has accepted the trials: a refused study leaves nothing behind
