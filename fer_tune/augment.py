@@ -203,10 +203,18 @@ def apply_params(images: torch.Tensor, p: dict, crops: str = "ten") -> torch.Ten
 
 
 def train_batch(
-    images: torch.Tensor, generator: torch.Generator, crops: str = "ten", erase_p: float = 0.5
+    images: torch.Tensor,
+    generator: torch.Generator,
+    crops: str = "ten",
+    erase_p: float = 0.5,
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 (B, 48, 48) -> float32 (B * n, 1, 40, 40) in [0, 1], image-major (labels.repeat_interleave(n))."""
-    return apply_params(images, sample_params(images.shape[0], generator, images.device, crops, erase_p), crops)
+    """uint8 (B, 48, 48) -> float32 (B * n, 1, 40, 40) in [0, 1], image-major (labels.repeat_interleave(n));
+    `flip` (bool (B,)) replaces the random horizontal flips (the draws are made all the same)."""
+    p = sample_params(images.shape[0], generator, images.device, crops, erase_p)
+    if flip is not None:
+        p["flip"] = flip
+    return apply_params(images, p, crops)
 
 
 def eval_batch(images: torch.Tensor, crops: str = "ten") -> torch.Tensor:

@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "sgd_nesterov", "asgd", "adam", "amsgrad", "adamw", "adadel
 SCHEDULERS = ("constant", "rlrp", "cosine", "cosine_wr", "onecycle", "step")
 CROPS_TRAIN = ("ten", "one")
 CROPS_TEST = ("ten", "center")
+FLIPS = ("random", "alternate")
 PROTOCOLS = ("paper", "standard")
 AMP_MODES = ("auto", "bf16", "off")
 
@@ -54,6 +55,15 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler pre-Ampere) and on CPUs with native bf16; bf16; off
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.eval_images_per_batch)
+    # beyond the paper (fer_tune.regularize); each off by default
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 .. 0.3
+    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off
+    mix_p: float = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
+    ema: float = 0.0  # weight EMA decay per update, 0 = off (evaluation and exports use the EMA weights)
+    ema_every: int = 1  # optimizer steps between EMA updates
+    flip: str = "random"  # random (the paper's RandomHorizontalFlip) | alternate (cifar10-airbench's)
+    no_wd_1d: bool = False  # no weight decay on biases and normalisation weights
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,10 +87,21 @@ class TrainConfig:
         choice("test_crops", CROPS_TEST)
         choice("protocol", PROTOCOLS)
         choice("amp", AMP_MODES)
-        for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size"):
+        choice("flip", FLIPS)
+        for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size", "ema_every"):
             positive(key)
         for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed", "eval_batch_size"):
             positive(key, allow_zero=True)
+        for key, low, high, upper in (
+            ("label_smoothing", 0.0, 0.3, "]"),
+            ("mixup", 0.0, 10.0, "]"),
+            ("cutmix", 0.0, 10.0, "]"),
+            ("mix_p", 0.0, 1.0, "]"),
+            ("ema", 0.0, 1.0, ")"),
+        ):
+            value = getattr(self, key)
+            if not (low <= value < high if upper == ")" else low <= value <= high):
+                raise FerTuneError(f"config: {key} must be in [{low:g}, {high:g}{upper}, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise FerTuneError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.erase_p <= 1.0:  # a probability: 1 erases a patch of every crop
@@ -176,6 +197,18 @@ def coerce(key: str, value: Any, *, source: str = "config") -> Any:
             return float(value)
         if kind == "str":
             return str(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
     except (TypeError, ValueError):
-        raise FerTuneError(f"{source}: {key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
+        what = {"int": "an int", "float": "a float", "str": "a str", "bool": "true or false"}.get(str(kind), str(kind))
+        raise FerTuneError(f"{source}: {key} must be {what}, got {value!r}") from None
     return value

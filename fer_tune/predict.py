@@ -1,4 +1,5 @@
-"""Classify face images of any size with a trained model: grayscale, 48x48, TenCrop(40), logits averaged."""
+"""Classify face images of any size with a trained model: grayscale, 48x48, the test crops of the model's recorded
+score (TenCrop(40) for a final stage's model), logits averaged."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def predict(state: dict, paths: list[str], device: Any = None) -> list[dict]:
     device = device or select_device()
     faces = read_faces(paths)
     model, _ = model_from_checkpoint(state, device)
-    logits = predict_logits(model, torch.from_numpy(faces).to(device), crops="ten")
+    crops = (state.get("data") or {}).get("test_crops", "ten")  # those of the model's recorded test score
+    logits = predict_logits(model, torch.from_numpy(faces).to(device), crops=crops)
     probs = torch.softmax(logits, 1).cpu().numpy()
     out = []
     for p, pr in zip(paths, probs):

@@ -28,6 +28,7 @@ from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
 from .models import create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
+from .regularize import Additions, mixed_correct, mixed_loss, param_groups
 
 CHECKPOINT_FORMAT = 1
 
@@ -278,7 +279,7 @@ def fit(
         raise FerTuneError(f"the train split has {n_train} images: too few for batch_size {bs}")
 
     model = build_model(cfg, device)
-    optimizer = create_optimizer(cfg, model.parameters())
+    optimizer = create_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.no_wd_1d))
     scheduler = Scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     history: list[dict] = []
@@ -286,11 +287,13 @@ def fit(
     start = 0
     if init_model is not None and checkpoint is None:
         model.load_state_dict(init_model)
+    extra = Additions(cfg, model, n_train, device)
     x_track = y_track = None
     if track is not None:
         x_track, y_track = (_as_tensor(a, device) for a in track)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        extra.resume(checkpoint, model)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
@@ -320,23 +323,26 @@ def fit(
             model.train()
             perm = torch.randperm(n_train, generator=gen, device=device)
             loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
+            correct = torch.zeros((), device=device)
             seen = 0
             for b in range(steps):
                 idx = perm[b * bs : (b + 1) * bs]
-                x = augment.train_batch(x_train[idx], gen, cfg.train_crops, cfg.erase_p)
+                x = augment.train_batch(x_train[idx], gen, cfg.train_crops, cfg.erase_p, extra.flips(idx, epoch))
+                x, y, y_b, lam = extra.mix(
+                    x, y_train[idx].repeat_interleave(n_crops), n_crops, gen, (cfg.seed, epoch, b)
+                )
                 x = x.contiguous(memory_format=torch.channels_last)
-                y = y_train[idx].repeat_interleave(n_crops)
                 with autocast(device, dtype):
                     logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    loss = mixed_loss(logits.float(), y, y_b, lam, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.after_batch()
+                extra.after_step(model)
                 loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
+                correct += mixed_correct(logits, y, y_b, lam)
                 seen += len(y)
                 if bar is not None:
                     bar.update(1)
@@ -352,7 +358,8 @@ def fit(
                     on_epoch(metrics, None)
                 break
             train_time = time.perf_counter() - t0
-            logits = predict_logits(model, x_val, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype)
+            evaluated = extra.evaluated(model)
+            logits = predict_logits(evaluated, x_val, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype)
             val_loss = float(F.cross_entropy(logits, y_val))
             val_acc = 100.0 * float((logits.argmax(1) == y_val).float().mean())
             scheduler.after_epoch(val_acc)
@@ -370,7 +377,7 @@ def fit(
             }
             if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
                 t_logits = predict_logits(
-                    model, x_track, crops=track_crops or cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype
+                    evaluated, x_track, crops=track_crops or cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype
                 )
                 metrics["test_acc"] = 100.0 * float((t_logits.argmax(1) == y_track).float().mean())
             if is_best:
@@ -386,7 +393,8 @@ def fit(
                 "config": cfg.to_dict(),
                 "precision": prec,
                 "epoch": epoch,
-                "model": _cpu_state(model.state_dict()),
+                "model": _cpu_state(evaluated.state_dict()),
+                **{k: _cpu_state(v) for k, v in extra.state(model).items()},
                 "optimizer": _cpu_state(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if use_scaler else {},

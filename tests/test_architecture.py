@@ -16,6 +16,7 @@ CORE = (
     "augment",
     "models",
     "optim",
+    "regularize",
     "train",
     "evaluate",
     "predict",

@@ -17,7 +17,16 @@ OK = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}
 
 def test_shipped_spaces_load_with_descriptions():
     names = sorted(p.stem for p in SPACES.glob("*.yaml"))
-    assert names == ["architecture", "dropout", "fer2013_cpu", "joint", "optimizer", "scheduler", "smoke"]
+    assert names == [
+        "architecture",
+        "dropout",
+        "fer2013_cpu",
+        "joint",
+        "optimizer",
+        "recipe",
+        "scheduler",
+        "smoke",
+    ]
     sizes = {}
     for name in names:
         spec = load_space(SPACES / f"{name}.yaml")
@@ -28,6 +37,30 @@ def test_shipped_spaces_load_with_descriptions():
     assert load_space(SPACES / "optimizer.yaml").max_epochs == 100
     joint = load_space(SPACES / "joint.yaml")
     assert (joint.sampler, joint.early_stopping["type"]) == ("tpe", "asha")
+
+
+def test_the_recipe_space_keeps_the_papers_optimizer_and_scheduler_and_searches_the_additions():
+    spec = load_space(SPACES / "recipe.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2), direction="maximize")
+    seen: dict[str, set] = {}
+    for _ in range(40):
+        t = study.ask()
+        constants = spec.define_by_run()(t)
+        cfg = spec.trial_config({**t.params, **constants})
+        assert (cfg.optimizer, cfg.momentum, cfg.scheduler, cfg.factor, cfg.patience) == (
+            "sgd_nesterov",
+            0.9,
+            "rlrp",
+            0.75,
+            5,
+        )
+        assert isinstance(cfg.no_wd_1d, bool) and cfg.flip in ("random", "alternate")
+        for k in ("label_smoothing", "mixup", "cutmix", "ema", "flip", "no_wd_1d"):
+            seen.setdefault(k, set()).add(getattr(cfg, k))
+        study.tell(t, 1.0)
+    assert all(len(v) > 1 for v in seen.values()), seen  # every addition is searched
+    off = {"label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, "flip": "random", "no_wd_1d": False}
+    assert all(v in seen[k] for k, v in off.items())  # the paper's setting among the choices
 
 
 def test_grid_covers_every_point():
