@@ -121,6 +121,34 @@ def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2):
     )
 
 
+def kill_when_half_way(proc, sdir, within: float = 240.0) -> None:
+    """SIGKILL a sweep's driver once one of its trials has reported 2 epochs (and a second for Tune's experiment
+    snapshot to learn about that checkpoint), like a machine going away; then the local Ray of its session (it
+    must have been started with start_new_session=True)."""
+    import os
+    import signal
+    import time
+
+    try:
+        deadline = time.time() + within
+        while time.time() < deadline:
+            if any(len(f.read_text().splitlines()) >= 2 for f in Path(sdir).glob("tune/*/result.json")):
+                time.sleep(1.0)
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no trial reported 2 epochs within {within:.0f} s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def write_space(tmp_path, **changes):
     import yaml
 

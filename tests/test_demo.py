@@ -13,7 +13,7 @@ def test_demo_quick_end_to_end(tmp_path, env):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/3] sweep", "[2/3] final stage", "[3/3] report"):  # progress: stderr
         assert step in r.stderr
-    for result in ("best: trial", "test top-1", "open the report", "optuna-dashboard"):  # results: stdout
+    for result in ("best: trial", "test top-1", "open the report", "fer-tune dashboard"):  # results: stdout
         assert result in r.stdout
     # how to get the dashboard, and that the model is no model for real photos
     assert "pip install -e '.[dashboard]'" in r.stdout and "it learnt synthetic faces" in r.stdout

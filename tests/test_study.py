@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, fer_tune, read_csv, study_trials, write_space
+from conftest import SPACE, fer_tune, kill_when_half_way, read_csv, study_trials, write_space
 
 
 def test_sweep_with_a_crash_then_extend(tmp_path, env):
@@ -135,24 +135,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:  # kill once a trial is half-way (2 of 4 epochs reported)
-            if any(len(f.read_text().splitlines()) == 2 for f in sdir.glob("tune/*/result.json")):
-                time.sleep(1.0)  # let Tune's experiment snapshot learn about that checkpoint
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("no results within 180 s")
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, like a machine going away
-        proc.wait()
-        time.sleep(1)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it had started (same session)
-        except ProcessLookupError:
-            pass
+    kill_when_half_way(proc, sdir, within=180)  # a trial half-way: 2 of its 4 epochs reported
     before = {t.number: t.state.name for t in study_trials(sdir)}
     assert before and len(before) < 6 or any(s == "RUNNING" for s in before.values())
 

@@ -129,7 +129,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
         f"\ndemo finished in {time.time() - t0:.0f} s.\n"
         f"  open the report:      {report}  (a browser, no server or internet needed)\n"
         f"  the trials:           fer-tune status {sdir}\n"
-        f"  Optuna's dashboard:   optuna-dashboard sqlite:///{sdir / 'optuna.db'}  (pip install -e '.[dashboard]')\n"
+        f"  Optuna's dashboard:   fer-tune dashboard {sdir}  (pip install -e '.[dashboard]' first)\n"
         f"  try the model:        fer-tune predict {sdir / 'final' / 'model.pt'} FACE.jpg\n"
         "                        (it learnt synthetic faces: its answers for real photos mean nothing)\n"
         f"  a real study:         fer-tune sweep joint --data PATH/TO/fer2013 "

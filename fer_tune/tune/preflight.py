@@ -109,6 +109,31 @@ def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
         raise FerTuneError(problem)
 
 
+def trials_at_once(resources: dict, nodes: list[dict]) -> int:
+    """How many trials of `resources` the nodes ({"CPU": n, "GPU": n} each) hold at once (a trial sits on one
+    node)."""
+    need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
+    total = 0
+    for n in nodes:
+        fits = [int(n.get("CPU", 0) / need_cpu + 1e-9)] if need_cpu > 0 else []
+        if need_gpu > 0:
+            fits.append(int(n.get("GPU", 0) / need_gpu + 1e-9))
+        total += min(fits) if fits else 0
+    return total
+
+
+def local_machine(num_cpus: int | None = None) -> dict:
+    """{"CPU": n, "GPU": n} of this machine as a local Ray would count them, without starting Ray: --num-cpus or
+    every CPU, and the NVIDIA GPUs (CUDA_VISIBLE_DEVICES when set, else the driver's /proc entries)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    else:
+        proc = Path("/proc/driver/nvidia/gpus")
+        gpus = len(list(proc.iterdir())) if proc.is_dir() else 0
+    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": gpus}
+
+
 def _amount(x: float) -> str:
     return f"{x:g}"
 

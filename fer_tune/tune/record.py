@@ -33,17 +33,25 @@ def optuna_lib() -> Any:
 
 
 def resolve_storage(ref: str) -> Any:
-    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL."""
+    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL.
+    A database server's storage rides out a dropped connection or a restart (fer_tune.tune.dbretry)."""
     optuna = optuna_lib()
     url = ref
     if ref.startswith("env:"):
         url = os.environ.get(ref[4:], "")
         if not url:
             raise FerTuneError(f"storage {ref}: the environment variable {ref[4:]} is not set on this machine")
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
-    )
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    from .dbretry import retrying_storage
+
+    try:
+        return retrying_storage(lambda: optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}))
+    except ImportError:  # the database's driver (Optuna's message names none)
+        raise FerTuneError(
+            f"storage {ref if ref.startswith('env:') else url.split('://')[0] + '://...'}: the database driver "
+            "of this URL is not installed (PostgreSQL: pip install -e '.[postgres]', URLs postgresql+psycopg://...)"
+        ) from None
 
 
 def load_optuna_study(record: dict) -> Any:

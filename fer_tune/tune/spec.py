@@ -35,7 +35,7 @@ class Param:
             "int": ("low", "high", "log", "step"),
             "fixed": ("value",),
         }[self.type]
-        out = {"type": self.type, **{k: getattr(self, k) for k in keep if getattr(self, k) not in (None, False)}}
+        out = {"type": self.type, **{k: v for k in keep if (v := getattr(self, k)) is not None and v is not False}}
         if self.when:
             out["when"] = self.when
         if self.key != self.name:
@@ -74,6 +74,24 @@ class StudySpec:
 
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid().values())
+
+    def epoch_budget(self) -> dict:
+        """Trial-epochs the study may take: `worst` (every trial runs max_epochs), `rungs` (ASHA's milestones:
+        grace_period * reduction_factor^k below max_epochs) and `expected` (ASHA keeping 1/reduction_factor of the
+        trials at each rung, the share it promotes once many trials have reported; None for median stopping)."""
+        n, top, es = self.num_samples, self.max_epochs, self.early_stopping
+        out: dict = {"worst": n * top, "rungs": [], "expected": n * top if es["type"] == "none" else None}
+        if es["type"] == "asha":
+            rungs, r = [], es["grace_period"]
+            while r < top:
+                rungs.append(r)
+                r *= es["reduction_factor"]
+            per_trial, before, share = 0.0, 0, 1.0
+            for r in [*rungs, top]:
+                per_trial += share * (r - before)
+                before, share = r, share / es["reduction_factor"]
+            out.update(rungs=rungs, expected=n * per_trial)
+        return out
 
     def renames(self) -> dict[str, str]:
         """{parameter name: training key} for the parameters whose name is not their key."""

@@ -1,0 +1,143 @@
+"""Studies on a real PostgreSQL server (tests/pgserver.py starts one per module): the password only in the
+environment, two studies on one database at once, a SIGKILLed driver resumed with nothing lost, the server
+restarted mid-study. Skipped where PostgreSQL is not installed, unless FER_TUNE_REQUIRE_POSTGRES is set (CI)."""
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import cli_args, fer_tune, kill_when_half_way, read_csv, write_space
+from pgserver import PgServer, pg_bin
+
+ENV_VAR = "FER_TUNE_TEST_PG_URL"
+
+
+@pytest.fixture(scope="module")
+def pg():
+    pytest.importorskip("psycopg")
+    bindir = pg_bin()
+    if bindir is None:
+        if os.environ.get("FER_TUNE_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PgServer(bindir)
+    server.start()
+    yield server
+    server.close()
+
+
+def trials_of(url: str, name: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=url).trials
+
+
+def files_hold(root, text: str) -> list[str]:
+    """The files under root whose bytes contain `text` (tuner.pkl, experiment state, logs, everything)."""
+    return [str(f) for f in root.rglob("*") if f.is_file() and text.encode() in f.read_bytes()]
+
+
+def test_a_storage_call_waits_while_the_server_is_down(pg):
+    """The retrying storage itself: a call made while the server is stopped returns once it is back."""
+    from fer_tune.tune.record import resolve_storage
+
+    url = pg.create_db("retry")
+    storage = resolve_storage(url)
+    study_id = storage.create_new_study([], "r")
+    pg.halt()
+    restart = threading.Timer(3.0, pg.start)
+    restart.start()
+    t0 = time.monotonic()
+    try:
+        assert storage.get_study_name_from_id(study_id) == "r"
+    finally:
+        restart.join()
+    assert time.monotonic() - t0 >= 2.5  # it waited for the server
+
+
+def test_two_studies_on_one_database_at_once_with_the_password_only_in_the_environment(pg, tmp_path, env):
+    url = pg.create_db("shared")
+    env = {**env, ENV_VAR: url}
+    results = tmp_path / "results"
+    procs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / name).mkdir()
+        space = write_space(tmp_path / name, name=name, seed=seed)
+        procs[name] = subprocess.Popen(
+            cli_args("sweep", space, "--results", results, "--optuna-storage", f"env:{ENV_VAR}", "--quiet", num_cpus=1),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, out[-2000:], err[-3000:])
+        assert pg.password not in out + err
+    for name in ("a", "b"):
+        trials = trials_of(url, name)
+        assert len(trials) == 6 and all(t.state.is_finished() for t in trials), name
+        assert len(read_csv(results / name)) == 6
+    # the password is in no file either study wrote (study.json records env:VAR)
+    assert files_hold(results, pg.password) == []
+    assert files_hold(results, f"env:{ENV_VAR}")  # what is recorded instead
+    r = fer_tune(env, "status", results / "a")
+    assert r.returncode == 0 and "6/6 trials finished" in r.stdout
+
+
+def start_sweep(space, results, env, num_cpus: int = 2, **popen) -> subprocess.Popen:
+    """`fer-tune sweep SPACE` on the PostgreSQL storage named by ENV_VAR, as a background process."""
+    args = cli_args(
+        "sweep", space, "--results", results, "--optuna-storage", f"env:{ENV_VAR}", "--quiet", num_cpus=num_cpus
+    )
+    return subprocess.Popen(args, env=env, **popen)
+
+
+def test_sigkill_mid_study_then_resume_loses_nothing(pg, tmp_path, env):
+    url = pg.create_db("killed")
+    env = {**env, ENV_VAR: url}
+    space = write_space(
+        tmp_path,
+        name="k",
+        max_epochs=4,
+        data={"path": "synthetic:3000"},
+        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+    )
+    results = tmp_path / "results"
+    proc = start_sweep(
+        space, results, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    kill_when_half_way(proc, results / "k")
+    before = trials_of(url, "k")
+    assert before and not all(t.state.is_finished() for t in before) or len(before) < 6
+    r = fer_tune(env, "resume", results / "k", "--quiet")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    trials = trials_of(url, "k")
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)  # no duplicates, none left running
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert len(read_csv(results / "k")) == 6 and files_hold(results, pg.password) == []
+
+
+def test_the_server_restarts_mid_study_and_the_study_finishes(pg, tmp_path, env):
+    url = pg.create_db("restarted")
+    env = {**env, ENV_VAR: url}
+    space = write_space(tmp_path, name="s", data={"path": "synthetic:2000"})
+    results = tmp_path / "results"
+    proc = start_sweep(space, results, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not any((results / "s").glob("tune/*/result.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.3)
+    pg.halt()  # every connection drops; down for 5 s
+    time.sleep(5)
+    pg.start()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    # the driver's storage calls waited for the server instead of failing the study, and said so
+    assert "the Optuna database went away" in err and "the Optuna database is back" in err, err[-3000:]
+    trials = trials_of(url, "s")
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+    assert len(read_csv(results / "s")) == 6
