@@ -142,13 +142,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = parser_with(
         sub,
         "predict",
-        "classify face images (any size; grayscale 48x48, TenCrop) with a model",
+        "classify face images (any size; grayscale 48x48, the test crops of the model's score: TenCrop for a final stage's)",
         """
         fer-tune predict results/joint/final/model.pt face1.jpg face2.png
         fer-tune predict results/joint/final photo.jpg --json
     """,
     )
-    p.add_argument("model", help="a model.pt (final stage), a training checkpoint, or a final stage directory")
+    p.add_argument(
+        "model", metavar="MODEL", help="a model.pt (final stage), a training checkpoint, or a final stage directory"
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="face images (any size and format PIL reads)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
