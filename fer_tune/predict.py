@@ -56,12 +56,12 @@ def predict(state: dict, paths: list[str], device: Any = None) -> list[dict]:
     """Classify the images at `paths` with the model `state` (load_model's)."""
     import torch
 
-    from .train import model_from_checkpoint, predict_logits, select_device
+    from .train import model_from_checkpoint, predict_logits, select_device, trained_on
 
     device = device or select_device()
     faces = read_faces(paths)
     model, _ = model_from_checkpoint(state, device)
-    crops = (state.get("data") or {}).get("test_crops", "ten")  # those of the model's recorded test score
+    crops = trained_on(state).get("test_crops", "ten")  # those of the model's recorded test score
     logits = predict_logits(model, torch.from_numpy(faces).to(device), crops=crops)
     probs = torch.softmax(logits, 1).cpu().numpy()
     out = []

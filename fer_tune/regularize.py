@@ -97,6 +97,8 @@ class WeightEMA:
             p.requires_grad_(False)
         self.updates = 0
         self.steps = 0
+        self._source: torch.nn.Module | None = None  # the model whose tensors _pairs holds
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -107,10 +109,13 @@ class WeightEMA:
         self.steps += 1
         if self.steps % self.every:
             return
+        if self._source is not model:  # state_dict()'s tensors are the live ones (load_state_dict copies into them)
+            self._source = model
+            self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
         d = self.current_decay()
-        for ema, cur in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for ema, cur in self._pairs:
             if ema.dtype.is_floating_point:
-                ema.lerp_(cur.detach(), 1.0 - d)
+                ema.lerp_(cur, 1.0 - d)
             else:  # BatchNorm's num_batches_tracked
                 ema.copy_(cur)
         self.updates += 1

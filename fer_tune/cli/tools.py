@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..common import FerTuneError
 from .common import add_read_options, load_data, parser_with
 
 
@@ -18,8 +19,6 @@ def cmd_space_check(args: argparse.Namespace) -> int:
     required = bool(spec.data.get("required"))
     source = args.data or spec.data.get("path")
     if args.data and required and is_synthetic(args.data):
-        from ..common import FerTuneError
-
         raise FerTuneError(f"{args.space} is a study of real faces: --data must name real images, not synthetic")
     data = load_data(args, spec.data.get("protocol", "paper"), source) if source or not required else None
     r = report(spec, capacity(spec, args.address, args.num_cpus), data, required)

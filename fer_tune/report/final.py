@@ -17,7 +17,7 @@ from ..common import EMOTIONS
 from ..recipe import MODELS
 from ..recipe import pm as plain_pm
 from .final_figures import MODEL_LABEL, accuracy_figure, confusion_figure, curves_figure, per_class_figure
-from .html import Page, esc, fmt, table
+from .html import Page, esc, fmt, number, table
 
 TEST_SPLIT = {"paper": "PublicTest", "standard": "PrivateTest"}  # the FER2013 split each protocol tests on
 
@@ -29,13 +29,6 @@ def _read_json(path: Path) -> tuple[dict | None, str]:
         return json.loads(path.read_text()), ""
     except (json.JSONDecodeError, OSError) as exc:
         return None, f"{path.name} cannot be read ({exc})"
-
-
-def _num(v: str):
-    try:
-        return float(v) if v not in ("", None) else None
-    except ValueError:
-        return None
 
 
 def load_final(sdir: Path) -> dict | None:
@@ -56,7 +49,7 @@ def load_final(sdir: Path) -> dict | None:
                         "seed": int(r["seed"]),
                         "phase": r["phase"],
                         "epoch": int(r["epoch"]),
-                        **{k: _num(v) for k, v in r.items() if k not in ("seed", "phase", "epoch", "arm")},
+                        **{k: number(v) for k, v in r.items() if k not in ("seed", "phase", "epoch", "arm")},
                     }
                 )
     return {"dir": fdir, "info": info, "metrics": metrics, "history": history, "errors": [e for e in (err1, err2) if e]}

@@ -72,6 +72,14 @@ def fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def number(v: object) -> float | None:
+    """A CSV cell as a float, None when it is empty or not a number."""
+    try:
+        return float(v) if v not in ("", None) else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

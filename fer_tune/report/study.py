@@ -24,7 +24,7 @@ from ..tune.lock import running_line
 from ..tune.record import load_optuna_study, read_study
 from ..tune.trials import status_summary, study_results
 from . import final as report_final
-from .html import Page, duration, esc, fmt, params_text, table, write_page
+from .html import Page, duration, esc, fmt, number, params_text, table, write_page
 from .trials import class_section, comparisons_section, curves_section
 
 
@@ -195,7 +195,7 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
     cols = ["number", "status", "epochs", f"best_{metric}", "best_epoch", "wall_seconds", "device_seconds", "node"]
     rows = [
         [r["number"], r["status"], r["epochs"], fmt(r[f"best_{metric}"]), r["best_epoch"]]
-        + [fmt(_float(r[c]), 0) for c in ("wall_seconds", "device_seconds")]
+        + [fmt(number(r[c]), 0) for c in ("wall_seconds", "device_seconds")]
         + [r["node"], r["restarts"], params_text(r)]
         for r in s["rows"]
     ]
@@ -207,13 +207,6 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
             "<table>", '<table id="trials-table">', 1
         )
     )
-
-
-def _float(v: object) -> float | str:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return ""
 
 
 def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:

@@ -138,18 +138,18 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     run.setdefault("sessions", []).append(session)
     write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
     t0 = time.time()
-    interrupted = False
     try:
-        grid = tuner.fit()
+        grid, interrupted = tuner.fit(), False
     except KeyboardInterrupt:
-        interrupted, grid = True, None
+        grid, interrupted = None, True
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
-    interrupted = interrupted or (grid is not None and _interrupted(exp_dir))
+    finished = [s in ("TERMINATED", "ERROR") for s in experiment_trial_states(exp_dir).values()]
+    interrupted = interrupted or (grid is not None and not all(finished))  # _interrupted, on the states read once
     session.update(
         ended=time.strftime("%Y-%m-%d %H:%M:%S"),
         wall_seconds=time.time() - t0,
         outcome="interrupted" if interrupted else "finished",
-        trials_finished=sum(s in ("TERMINATED", "ERROR") for s in experiment_trial_states(exp_dir).values()),
+        trials_finished=sum(finished),
     )
     write_study(sdir, record)
     write_trials_csv(sdir, record)
