@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from optuna.storages import BaseStorage
+
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 180.0
+CONNECT_SECONDS = 30.0  # a database that is not there when a command starts: most likely a wrong URL
 FIRST_WAIT, MAX_WAIT = 0.5, 10.0
 
 
@@ -61,24 +64,22 @@ def _retried(name: str) -> Callable:
     return call
 
 
-def _storage_class() -> type:
-    """optuna's BaseStorage with every public method retried on the wrapped storage (built once)."""
-    global _CLASS
-    if _CLASS is None:
-        from optuna.storages import BaseStorage
-
-        names = [n for n in dir(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))]
-        body: dict[str, Any] = {n: _retried(n) for n in names}
-        body["__init__"] = lambda self, inner: self.__dict__.update(inner=inner)
-        body["__getattr__"] = lambda self, name: getattr(self.__dict__["inner"], name)  # RDBStorage.engine, ...
-        body["__doc__"] = "An Optuna storage whose every call is retried while the database connection is gone."
-        _CLASS = type("RetryingStorage", (BaseStorage,), body)
-    return _CLASS
+def _init(self: Any, inner: Any) -> None:
+    self.__dict__["inner"] = inner
 
 
-_CLASS: type | None = None
+RetryingStorage = type(
+    "RetryingStorage",
+    (BaseStorage,),
+    {
+        "__doc__": "An Optuna storage whose every public call is retried while the database connection is gone.",
+        "__init__": _init,
+        "__getattr__": lambda self, name: getattr(self.__dict__["inner"], name),  # RDBStorage.engine, ...
+        **{n: _retried(n) for n in dir(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))},
+    },
+)
 
 
 def retrying_storage(make: Callable[[], Any]) -> Any:
     """make() (an RDBStorage), connected with retries, inside a storage whose every public call is retried."""
-    return _storage_class()(call_with_retry("connect", make))
+    return RetryingStorage(call_with_retry("connect", make, CONNECT_SECONDS))

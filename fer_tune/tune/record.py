@@ -43,14 +43,23 @@ def resolve_storage(ref: str) -> Any:
             raise FerTuneError(f"storage {ref}: the environment variable {ref[4:]} is not set on this machine")
     if url.startswith("sqlite"):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    from .dbretry import retrying_storage
+    from .dbretry import CONNECT_SECONDS, connection_lost, retrying_storage
 
+    shown = ref if ref.startswith("env:") else url.split("://")[0] + "://..."
     try:
         return retrying_storage(lambda: optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}))
     except ImportError:  # the database's driver (Optuna's message names none)
         raise FerTuneError(
-            f"storage {ref if ref.startswith('env:') else url.split('://')[0] + '://...'}: the database driver "
-            "of this URL is not installed (PostgreSQL: pip install -e '.[postgres]', URLs postgresql+psycopg://...)"
+            f"storage {shown}: the database driver of this URL is not installed (PostgreSQL: pip install -e "
+            "'.[postgres]', URLs postgresql+psycopg://...)"
+        ) from None
+    except Exception as exc:
+        if not connection_lost(exc):
+            raise
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise FerTuneError(
+            f"storage {shown}: the database cannot be reached for {CONNECT_SECONDS:.0f} s ({first}); check the "
+            "URL's host, port and credentials"
         ) from None
 
 
