@@ -141,3 +141,16 @@ def test_the_server_restarts_mid_study_and_the_study_finishes(pg, tmp_path, env)
     trials = trials_of(url, "s")
     assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
     assert len(read_csv(results / "s")) == 6
+
+
+def test_a_database_that_is_not_there_at_start_is_one_line(monkeypatch):
+    pytest.importorskip("psycopg")
+    from fer_tune.common import FerTuneError
+    from fer_tune.tune import dbretry
+    from fer_tune.tune.record import resolve_storage
+
+    monkeypatch.setattr(dbretry, "CONNECT_SECONDS", 1.0)
+    monkeypatch.setenv(ENV_VAR, "postgresql+psycopg://u:hunter2@127.0.0.1:1/db")  # nothing listens on port 1
+    with pytest.raises(FerTuneError, match=f"storage env:{ENV_VAR}: the database cannot be reached") as info:
+        resolve_storage(f"env:{ENV_VAR}")
+    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
