@@ -58,6 +58,35 @@ def test_a_storage_call_waits_while_the_server_is_down(pg):
     assert time.monotonic() - t0 >= 2.5  # it waited for the server
 
 
+def open_at_once(url: str, drivers: int) -> tuple[list[str], list[str]]:
+    """`drivers` threads open the storage at url at the same moment and each creates a study: (names, errors)."""
+    from fer_tune.tune.record import resolve_storage
+
+    start, errors, names = threading.Barrier(drivers), [], []
+
+    def open_and_use(i: int) -> None:
+        start.wait()
+        try:
+            storage = resolve_storage(url)
+            names.append(storage.get_study_name_from_id(storage.create_new_study([], f"s{i}")))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    threads = [threading.Thread(target=open_and_use, args=(i,)) for i in range(drivers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return sorted(names), errors
+
+
+def test_drivers_opening_a_fresh_database_at_the_same_moment_all_get_it(pg):
+    """Four drivers race to create Optuna's schema on a new database (studies started together): none fails."""
+    for round_ in range(3):
+        names, errors = open_at_once(pg.create_db(f"fresh{round_}"), 4)
+        assert errors == [] and names == ["s0", "s1", "s2", "s3"], errors
+
+
 def test_two_studies_on_one_database_at_once_with_the_password_only_in_the_environment(pg, tmp_path, env):
     url = pg.create_db("shared")
     env = {**env, ENV_VAR: url}

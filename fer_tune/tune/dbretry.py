@@ -6,11 +6,15 @@ A write whose connection dropped after the server committed it but before the an
 retry; for Optuna's writes that is harmless (they set a value) except create_new_trial, which can leave one extra
 trial in RUNNING state that no Tune trial owns (fer-tune status shows it; Optuna's own retries have the same
 window).
+
+Drivers that open a fresh database at the same moment (two studies started together) race to create Optuna's
+tables and types; the losers fail with a duplicate-object error and simply open it again once the winner is done.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 180.0
 CONNECT_SECONDS = 30.0  # a database that is not there when a command starts: most likely a wrong URL
 FIRST_WAIT, MAX_WAIT = 0.5, 10.0
+SCHEMA_TRIES = 20
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -35,6 +40,16 @@ def connection_lost(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def schema_race(exc: BaseException) -> bool:
+    """True for the error of a driver that lost the race to create Optuna's schema on a fresh database."""
+    import sqlalchemy.exc as sx
+
+    text = str(exc).lower()
+    return isinstance(exc, (sx.IntegrityError, sx.ProgrammingError)) and (
+        "already exists" in text or "duplicate" in text
+    )
 
 
 def call_with_retry(what: str, fn: Callable[[], Any], seconds: float = RETRY_SECONDS) -> Any:
@@ -82,4 +97,10 @@ RetryingStorage = type(
 
 def retrying_storage(make: Callable[[], Any]) -> Any:
     """make() (an RDBStorage), connected with retries, inside a storage whose every public call is retried."""
-    return RetryingStorage(call_with_retry("connect", make, CONNECT_SECONDS))
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            return RetryingStorage(call_with_retry("connect", make, CONNECT_SECONDS))
+        except Exception as exc:
+            if not schema_race(exc) or attempt == SCHEMA_TRIES - 1:
+                raise
+            time.sleep(random.uniform(0.1, 0.5))
