@@ -4,7 +4,7 @@
    for selection);
 2. fine-tune from the best-validation weights (Khaireddin & Chen 2021: cosine from lr 1e-4 on train + val);
 3. measure the last, best-validation and fine-tuned models on the test split with TenCrop, write their confusion
-   matrices and saliency maps, and export the fine-tuned model (model.pt, model.pt2, model.json).
+   matrices and saliency maps, and export the fine-tuned model (fer_tune.export).
 
 `run_seed` reads top to bottom; whatever runs it (fer_tune.tune.final on Ray) persists a `SeedState` through
 the `save` callback at every epoch and hands the last one back to continue after a crash.
@@ -155,7 +155,7 @@ def run_seed(
     eval_every: int,
     track_crops: str | None = None,
     export: bool = True,
-    data_info: dict | None = None,
+    provenance: dict | None = None,
 ) -> dict | None:
     """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done."""
     from .train import fit
@@ -236,7 +236,7 @@ def run_seed(
             out_dir,
             state,
             export=export,
-            data_info=data_info,
+            provenance=provenance,
         )
         state.phase, state.fit_state = "done", None
         state.weights.update(best=None, last=None)  # the exports hold them now
@@ -265,7 +265,7 @@ def evaluate_and_export(
     state: SeedState,
     *,
     export: bool = True,
-    data_info: dict | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
     files (a baseline's models are measured, not exported)."""
@@ -284,7 +284,11 @@ def evaluate_and_export(
         write_confusion(out_dir / f"confusion_{name}.csv", models[name]["confusion"])
     saliency_sample(model, x_test, y_test, out_dir, device=device, seed=cfg.seed)
     if export:
-        export_model(model, ft_cfg, cfg, weights["finetuned"], models, out_dir, data_info or {})
+        from .export import export_model
+
+        export_model(
+            model, ft_cfg, cfg, weights["finetuned"], models, out_dir, provenance or {}, x_test[:64], TEST_CROPS
+        )
     result = {
         "seed": cfg.seed,
         "status": state.status,
@@ -298,61 +302,6 @@ def evaluate_and_export(
     }
     write_json(out_dir / "metrics.json", result)
     return result
-
-
-def export_model(
-    model: Any, ft_cfg: TrainConfig, cfg: TrainConfig, finetuned: dict, models: dict, out_dir: Path, data_info: dict
-) -> None:
-    """model.pt (fer-tune checkpoint), model.pt2 (torch.export program) and model.json (how to feed it); both
-    record the data the model was trained on and the crops its test score used (evaluate / predict's defaults)."""
-    from .train import save_checkpoint
-
-    trained = {**data_info, "test_crops": TEST_CROPS}
-    export = {
-        "format": 1,
-        "kind": "fer-tune model",
-        "config": ft_cfg.to_dict(),
-        "model": finetuned,
-        "classes": list(EMOTIONS),
-        "data": trained,
-    }
-    save_checkpoint(export, out_dir / "model.pt")
-    export_program(model, out_dir / "model.pt2")
-    write_json(
-        out_dir / "model.json",
-        {
-            "classes": list(EMOTIONS),
-            "preprocessing": {
-                "grayscale": True,
-                "resize": [48, 48],
-                "scale": "pixel / 255",
-                "crops": "TenCrop(40)",
-                "combine": "mean of the 10 crops' logits, then softmax",
-            },
-            "input": "float32 (N, 1, 40, 40) crops in [0, 1]",
-            "output": "logits (N, 7) in the order of classes",
-            "config": ft_cfg.to_dict(),
-            "seed": cfg.seed,
-            "test_top1": models["finetuned"]["top1"],
-            "protocol": cfg.protocol,
-            "data": trained,
-            "code": code_revision(),
-            "files": {
-                "model.pt": "fer-tune checkpoint (fer-tune predict / evaluate)",
-                "model.pt2": "torch.export program: torch.export.load(path).module()(crops)",
-            },
-        },
-    )
-
-
-def export_program(model: Any, path: Path) -> None:
-    """A torch.export program of the model (fp32, CPU, dynamic batch)."""
-    import torch
-
-    model = model.float().cpu().eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (torch.zeros(2, 1, 40, 40),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
 
 
 def write_confusion(path: Path, confusion: list[list[int]]) -> None:

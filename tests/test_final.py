@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import SPACE, cli_args, fer_tune
 
+from fer_tune.common import EMOTIONS
+
 FAST = ["--epochs", "3", "--finetune-epochs", "2", "--eval-every", "2", "--quiet"]
 
 
@@ -114,17 +116,32 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
     assert ev["crops"] == "ten" and ev["data"]["fingerprint"] == study_data["fingerprint"]
     assert ev["top1"] == pytest.approx(exported["top1"]) and ev["confusion"] == exported["confusion"]
 
-    # predict: images of any size, JSON; probabilities sum to one
+    # the model card: the test score of the exported seed, where the model came from, its ONNX check
+    assert meta["test"]["top1"] == pytest.approx(exported["top1"]) and set(meta["test"]["recall"]) == set(EMOTIONS)
+    assert meta["study"] == "t" and meta["trial"]["number"] == rec["trial"]["number"]
+    assert meta["preprocessing"]["crops"] == "TenCrop(40)" and meta["versions"]["torch"] == torch.__version__
+    assert meta["onnx"]["status"] == "checked" and meta["onnx"]["max_abs_logit_diff"] <= 1e-4
+    assert meta["onnx"]["opset"] >= 17 and (out / "model.onnx").is_file()
+
+    # predict: images of any size (faces crops here), JSON Lines; probabilities sum to one; model.onnx agrees
     paths = faces(tmp_path)
     r = fer_tune(env, "predict", out, *paths, "--json")
     assert r.returncode == 0, r.stderr
-    preds = json.loads(r.stdout)
+    preds = [json.loads(line) for line in r.stdout.splitlines()]
     assert [p["image"] for p in preds] == list(map(str, paths))
     for p in preds:
-        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
-        assert p["emotion"] == max(p["probabilities"], key=p["probabilities"].get)
+        assert len(p["faces"]) == 1
+        f = p["faces"][0]
+        assert sum(f["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert f["label"] == max(f["probabilities"], key=f["probabilities"].get)
     # a synthetic-data model says so, once, on stderr
     assert "trained on fer-tune's synthetic faces" in r.stderr and r.stderr.count("\n") == 1
+    r = fer_tune(env, "predict", out / "model.onnx", *paths, "--json")
+    assert r.returncode == 0, r.stderr
+    for p, q in zip(preds, (json.loads(line) for line in r.stdout.splitlines())):
+        assert q["faces"][0]["box"] == p["faces"][0]["box"]
+        for e in EMOTIONS:
+            assert q["faces"][0]["probabilities"][e] == pytest.approx(p["faces"][0]["probabilities"][e], abs=1e-5)
     r = fer_tune(env, "predict", out / "model.pt", paths[0])
     assert r.returncode == 0 and r.stdout.startswith(str(paths[0]))
     # an image or a CSV where the model goes: named as such, with the usage

@@ -15,12 +15,16 @@ def examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-def parser_with(sub: Any, name: str, help: str, example_text: str, **kw: Any) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows `help` and the examples."""
+def parser_with(
+    sub: Any, name: str, help: str, example_text: str, details: str = "", **kw: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `help`, `details` (a paragraph, wrapped) and the examples."""
+    import textwrap
+
     return sub.add_parser(
         name,
         help=help,
-        description=help,
+        description=help + ("\n\n" + textwrap.fill(details, 100) if details else ""),
         epilog=examples(example_text),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **kw,

@@ -1,31 +1,58 @@
-"""`fer-tune predict`: classifying face images with a trained model."""
+"""`fer-tune predict`: the faces in images, found and classified with a trained model."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
+from ..common import FerTuneError
 from .common import log, parser_with
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import load_model, predict
-    from ..train import trained_on
+    from ..faces import image_paths
+    from ..predict import annotate, load_model, predict, text_lines, write_csv
 
-    state = load_model(args.model)
-    if trained_on(state).get("format") == "synthetic":
+    paths = image_paths(args.images)
+    out_dir = Path(args.annotate) if args.annotate else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise FerTuneError(f"--annotate {out_dir}: not a directory")
+        if any(Path(p).resolve().parent == out_dir.resolve() for p in paths):
+            raise FerTuneError(f"--annotate {out_dir} holds images being classified: give another directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    if model.trained_on.get("format") == "synthetic":
         log.warning(
             "%s was trained on fer-tune's synthetic faces (the demo's), not on photos: its answers for real faces "
             "mean nothing; a model to use is trained on FER2013 (--data)",
             args.model,
         )
-    results = predict(state, args.images)
+    taken: set[str] = set()
+    on_image = (lambda p, gray, r: annotate(p, r, out_dir, taken)) if out_dir is not None else None
+    bar = None
+    if len(paths) > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="image", file=sys.stderr, leave=False)
+    try:
+        results = predict(
+            model, paths, detect=not args.no_detect, on_image=on_image, progress=bar.update if bar else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.csv:
+        rows = write_csv(results, args.csv)
+        log.info("%d face(s) of %d image(s) in %s", rows, len(results), args.csv)
     if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
-        print(f"{r['image']}: {r['emotion']}  (" + ", ".join(f"{e} {p * 100:.1f} %" for e, p in top[:3]) + ")")
+        print("\n".join(json.dumps(r) for r in results))
+    elif not args.csv:
+        print("\n".join(text_lines(results)))
+    if out_dir is not None:
+        log.info("annotated images in %s", out_dir)
     return 0
 
 
@@ -33,15 +60,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = parser_with(
         sub,
         "predict",
-        "classify face images (any size; grayscale 48x48, the test crops of the model's score: TenCrop for a final stage's)",
+        "find the faces in images and classify their emotion (a final stage's model.pt or model.onnx)",
         """
-        fer-tune predict results/joint/final/model.pt face1.jpg face2.png
-        fer-tune predict results/joint/final photo.jpg --json
+        fer-tune predict results/joint/final/model.pt photo.jpg group.png
+        fer-tune predict results/joint/final/model.onnx photos/ --csv faces.csv --annotate annotated/
+        fer-tune predict results/joint/final 'shots/*.jpg' --json
+        fer-tune predict results/joint/final crops/ --no-detect     # images that are already face crops
     """,
+        details="Faces are found with OpenCV's frontal-face Haar cascade and framed as FER2013's faces; an image "
+        "with no face found that is small and square enough to be a face crop (at most 160 px) is classified "
+        "whole. Each face is made grayscale 48x48 and classified with the test crops of the model's score "
+        "(TenCrop for a final stage's model).",
     )
     p.add_argument(
-        "model", metavar="MODEL", help="a model.pt (final stage), a training checkpoint, or a final stage directory"
+        "model",
+        metavar="MODEL",
+        help="a model.pt or model.onnx (final stage), a training checkpoint, or a final stage directory",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="face images (any size and format PIL reads)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="images (any format PIL reads), folders of images, glob patterns"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: per image, its faces with box, label, probabilities"
+    )
+    p.add_argument("--csv", metavar="FILE", default=None, help="write one row per face to FILE (then print nothing)")
+    p.add_argument("--annotate", metavar="DIR", default=None, help="write each image with its faces' boxes and labels")
+    p.add_argument(
+        "--no-detect", action="store_true", help="classify each image whole (images that are already face crops)"
+    )
     p.set_defaults(func=cmd_predict)

@@ -6,10 +6,11 @@ results/NAME/final/
     tune/         Ray's experiment, one trial per seed; checkpoints: the latest, one every --eval-every epochs
                   and the finished one (each holds progress.json, state.pt, best.pt = the best-val weights)
     seed-S/       per seed: metrics.json, confusion_{last,best_val,finetuned}.csv, saliency.png/.npz,
-                  model.pt (state_dict + config), model.pt2 (torch.export program), model.json
+                  model.pt (state_dict + config), model.pt2 (torch.export program), model.onnx (checked
+                  with onnxruntime), model.json (the model card; fer_tune.export)
     metrics.json  per seed and mean +- std over seeds (written when every seed has finished)
     history.csv   every seed's train and fine-tune epochs (also while running or after an interruption)
-    model.pt, model.pt2, model.json   the fine-tuned model of the seed with the best validation accuracy
+    model.pt, .pt2, .onnx, .json  the fine-tuned model of the seed with the best validation accuracy
 
 Each seed runs fer_tune.recipe.run_seed through its Ray adapter (fer_tune.tune.final_trial.seed_trial);
 fer_tune.tune.final_outputs collects what the seeds leave behind. This module is the driver.
@@ -282,7 +283,7 @@ def _run_final(
                 weight=weight,
                 arms=arms,
                 track_crops=rec.get("track_crops"),
-                data_info=data.describe(),
+                provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
             ),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]},
         )

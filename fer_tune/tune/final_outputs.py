@@ -17,6 +17,7 @@ from . import storage
 from .checkpoints import checkpointed_results, result_rows
 
 WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
+EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # fer_tune.export's files
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 
 
@@ -84,8 +85,12 @@ def collect(out: Path, rec: dict, grid: Any) -> dict | None:
         metrics["baseline"] = next(iter(baselines.values()))
     if ok:
         top = max(ok, key=lambda s: s["best_val_acc"])
-        for f in ("model.pt", "model.pt2", "model.json"):
-            shutil.copy2(out / f"seed-{top['seed']}" / f, out / f)
+        for f in EXPORTS:
+            src = out / f"seed-{top['seed']}" / f
+            if src.exists():  # model.onnx is missing where its check failed (model.json says why)
+                shutil.copy2(src, out / f)
+            elif (out / f).exists():
+                (out / f).unlink()
         metrics["exported_seed"] = top["seed"]
     write_json(out / "metrics.json", metrics)
     return metrics

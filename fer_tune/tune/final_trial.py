@@ -52,7 +52,7 @@ def seed_trial(
     weight: float,
     arms: dict | None = None,
     track_crops: str | None = None,
-    data_info: dict | None = None,
+    provenance: dict | None = None,
 ) -> None:
     from ray import tune
 
@@ -101,5 +101,5 @@ def seed_trial(
         eval_every=eval_every,
         track_crops=track_crops,
         export=arm == WINNER,
-        data_info=data_info,
+        provenance=provenance,
     )

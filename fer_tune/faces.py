@@ -1,0 +1,171 @@
+"""Faces in photos: OpenCV's frontal-face Haar cascade (it ships inside opencv-python-headless, nothing is
+downloaded) finds them, and each is cropped as FER2013 frames its faces and made the model's 48x48 grayscale input.
+
+The cascade, its settings and the framing were chosen by measurement on FER2013 faces placed in scenes
+(benchmarks/bench_faces.py, RESULTS.md "Faces in photos"). A FER2013 face is a tight crop (brows to chin), smaller
+than the box the cascade draws around the same face: FRAME maps a detected box onto FER2013's framing.
+
+An image that is already a face crop (FER2013's own, a cropped avatar) has no background for the cascade to tell a
+face from; the image is padded with its own border and enlarged before detection, and an image small and square
+enough to be a crop (CROP_SIDE, CROP_ASPECT) is taken whole when no box is found that fills most of it (CROP_BOX).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import FerTuneError
+
+SIZE = 48  # the models' input side (FER2013)
+CASCADE = "haarcascade_frontalface_default.xml"
+SCALE_FACTOR = 1.1
+MIN_NEIGHBORS = 5
+MIN_FACE = 0.1  # the smallest face searched, as a fraction of the image's shorter side (and >= 24 px)
+DETECT_SIDE = 160  # small images are enlarged to this shorter side before detection
+PAD = 0.25  # and padded with their own border by this fraction of each side
+FRAME = (0.0, 0.0, 1.03)  # FER2013's crop from a detected box: centre shift (x, y) in box widths, scale (measured)
+CROP_SIDE = 160  # an image at most this large ...
+CROP_ASPECT = 1.35  # ... and at most this elongated is a face crop: it is used whole unless a box is found that
+CROP_BOX = 0.7  # fills at least this part of its shorter side (smaller boxes in FER2013's crops are not the face)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[int, int, int, int]  # x, y, w, h in the image's pixels
+    pixels: np.ndarray  # uint8 (48, 48)
+    detected: bool  # False: the whole image, taken as a face crop
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """The image at `path` as uint8 grayscale (H, W), turned upright by its EXIF orientation (phone photos)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FerTuneError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FerTuneError(f"{path}: is a directory") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise FerTuneError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise FerTuneError(
+            "face detection needs OpenCV 4 (pip install 'opencv-python-headless>=4.8,<5'), or pass --no-detect"
+        ) from None
+    if not hasattr(cv2, "CascadeClassifier"):
+        raise FerTuneError(
+            f"OpenCV {cv2.__version__} has no CascadeClassifier (OpenCV 5 removed it): pip install "
+            "'opencv-python-headless>=4.8,<5', or pass --no-detect"
+        )
+    return cv2
+
+
+class Detector:
+    """The frontal-face cascade with fer-tune's settings; detect(gray) -> boxes, largest first."""
+
+    def __init__(
+        self,
+        cascade: str = CASCADE,
+        scale_factor: float = SCALE_FACTOR,
+        min_neighbors: int = MIN_NEIGHBORS,
+        frame: tuple[float, float, float] = FRAME,
+    ):
+        cv2 = _cv2()
+        self.cv2, self.scale_factor, self.min_neighbors, self.frame = cv2, scale_factor, min_neighbors, frame
+        self.cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / cascade))
+        if self.cascade.empty():
+            raise FerTuneError(f"OpenCV's {cascade} cannot be loaded from {cv2.data.haarcascades}")
+
+    def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """Face boxes (x, y, w, h) in `gray`'s pixels, largest first."""
+        cv2 = self.cv2
+        h, w = gray.shape
+        scale = max(1.0, DETECT_SIDE / min(h, w))
+        pad = int(round(PAD * max(h, w) * scale)) if scale > 1 else 0
+        img = gray
+        if scale > 1:
+            img = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_CUBIC)
+            img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        side = max(24, int(MIN_FACE * min(h, w) * scale))
+        found = self.cascade.detectMultiScale(
+            cv2.equalizeHist(img), scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side)
+        )
+        boxes = []
+        for x, y, bw, bh in np.asarray(found, dtype=float).reshape(-1, 4):
+            x0, y0 = max(0.0, (x - pad) / scale), max(0.0, (y - pad) / scale)
+            x1, y1 = min(float(w), (x + bw - pad) / scale), min(float(h), (y + bh - pad) / scale)
+            if x1 - x0 >= 4 and y1 - y0 >= 4:
+                boxes.append((int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))))
+        return sorted(boxes, key=lambda b: -b[2] * b[3])
+
+    def crop(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """The face in `box`, framed as FER2013's faces are, as uint8 48x48 (the image's border extends it)."""
+        return frame_crop(gray, box, self.frame)
+
+    def faces(self, gray: np.ndarray) -> list[Face]:
+        """Every face found; an image with none that is small and square enough to be a face crop is taken whole."""
+        boxes = self.detect(gray)
+        if looks_like_a_crop(gray) and (not boxes or max(boxes[0][2:]) < CROP_BOX * min(gray.shape)):
+            return [whole(gray)]
+        return [Face(b, self.crop(gray, b), True) for b in boxes]
+
+
+def frame_crop(gray: np.ndarray, box: tuple[int, int, int, int], frame: tuple[float, float, float]) -> np.ndarray:
+    import cv2
+
+    x, y, w, h = box
+    dx, dy, scale = frame
+    side = max(w, h) * scale
+    cx, cy = x + w / 2 + dx * w, y + h / 2 + dy * w
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = max(1, int(round(side)))
+    H, W = gray.shape
+    pad = max(0, -x0, -y0, x0 + s - W, y0 + s - H)
+    src = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else gray
+    patch = src[y0 + pad : y0 + pad + s, x0 + pad : x0 + pad + s]
+    interp = cv2.INTER_AREA if s > SIZE else cv2.INTER_LINEAR
+    return cv2.resize(patch, (SIZE, SIZE), interpolation=interp)
+
+
+def looks_like_a_crop(gray: np.ndarray) -> bool:
+    h, w = gray.shape
+    return max(h, w) <= CROP_SIDE and max(h, w) / min(h, w) <= CROP_ASPECT
+
+
+def whole(gray: np.ndarray) -> Face:
+    """The whole image as one face (today's behaviour for face crops): resized to 48x48."""
+    from PIL import Image
+
+    h, w = gray.shape
+    pixels = np.asarray(Image.fromarray(gray).resize((SIZE, SIZE), Image.BILINEAR), dtype=np.uint8)
+    return Face((0, 0, w, h), pixels, False)
+
+
+def image_paths(items: list[str]) -> list[str]:
+    """Images named on the command line: files as given, folders (their images, recursively, sorted) and glob
+    patterns the shell left unexpanded; a name that is none of these stays (predict's check names it)."""
+    import glob
+
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FerTuneError(f"no images in {p} ({' '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif not p.exists() and glob.has_magic(item) and glob.glob(item, recursive=True):
+            out += sorted(h for h in glob.glob(item, recursive=True) if Path(h).is_file())
+        else:
+            out.append(item)
+    return out
