@@ -91,6 +91,11 @@ class OnnxModel:
 def load_model(path: str | Path) -> TorchModel | OnnxModel:
     """The model at `path`; an image or a CSV given in its place is named as such."""
     file = model_file(path)
+    if file.suffix.lower() == ".pt2":
+        raise FerTuneError(
+            f"{file} is a torch.export program of the network alone: give the model.pt or model.onnx beside it "
+            f"(usage: {USAGE})"
+        )
     if file.suffix.lower() == ".onnx":
         return OnnxModel(file)
     from .train import load_checkpoint

@@ -217,6 +217,7 @@ def test_predict_bad_inputs_are_one_line(tmp_path, detectable):
     cv2.imwrite(str(good), detectable[0])
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     (tmp_path / "fake.onnx").write_bytes(b"not an onnx model")
+    (tmp_path / "model.pt2").write_bytes(b"PK")
     (tmp_path / "empty").mkdir()
     cases = [
         (
@@ -228,6 +229,7 @@ def test_predict_bad_inputs_are_one_line(tmp_path, detectable):
         ((tmp_path / "fake.onnx", good), ["fake.onnx is not an ONNX model onnxruntime can load"]),
         ((good, good), ["is not a fer-tune model: it is a PNG image", "usage: fer-tune predict MODEL IMAGE..."]),
         ((model, good, "--annotate", tmp_path), ["holds images being classified"]),
+        ((tmp_path / "model.pt2", good), ["is a torch.export program of the network alone"]),
     ]
     for args, wanted in cases:
         r = run("predict", *args)
