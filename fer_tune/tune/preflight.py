@@ -170,6 +170,17 @@ def check_trials_fit(resources: dict, address: str | None, fix: str, what: str =
     )
 
 
+# what check_run's refusal tells a study to do (a new one; one that continues with the resources it was launched with)
+SWEEP_FIX = (
+    "pass --cpus-per-trial N and --gpus-per-trial F that fit it (--gpus-per-trial 0 on a machine without "
+    "a GPU), or --address to run on a Ray cluster"
+)
+RESUME_FIX = (
+    "the study was launched with these resources per trial: run it on a Ray cluster that has them "
+    "(--address), or on this machine with --num-cpus N to let Ray count more CPUs than it found"
+)
+
+
 def check_run(loc: str, address: str | None, resources: dict, fix: str, what: str = "trial") -> None:
     """Before a study's or final stage's runs start (Ray up): the Ray storage `loc` suits the cluster and one
     `what` of `resources` fits it (else `fix` says which flags help). The storage refusal comes first: before the

@@ -58,19 +58,10 @@ from .runtime import (
 from .spaces import load_space
 from .spec import StudySpec
 from .storage import experiment_dir, study_storage
-from .trials import experiment_trial_states, write_trials_csv
+from .trials import experiment_trial_states, has_tune_state, has_unfinished, write_trials_csv
 
 log = logging.getLogger(__name__)
 Loader = Callable[[str, str], Any]  # (data source, protocol) -> FerData
-
-_RESUME_FIX = (
-    "the study was launched with these resources per trial: run it on a Ray cluster that has them "
-    "(--address), or on this machine with --num-cpus N to let Ray count more CPUs than it found"
-)
-_SWEEP_FIX = (
-    "pass --cpus-per-trial N and --gpus-per-trial F that fit it (--gpus-per-trial 0 on a machine without "
-    "a GPU), or --address to run on a Ray cluster"
-)
 
 
 def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, output: str) -> int:
@@ -100,7 +91,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     exp_dir = experiment_dir(sdir, record, run)
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
-    if restore and _has_state(exp_dir):
+    if restore and has_tune_state(exp_dir):
         tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
@@ -144,7 +135,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         grid, interrupted = None, True
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
     finished = [s in ("TERMINATED", "ERROR") for s in experiment_trial_states(exp_dir).values()]
-    interrupted = interrupted or (grid is not None and not all(finished))  # _interrupted, on the states read once
+    interrupted = interrupted or (grid is not None and not all(finished))  # has_unfinished(), on the states read once
     session.update(
         ended=time.strftime("%Y-%m-%d %H:%M:%S"),
         wall_seconds=time.time() - t0,
@@ -158,18 +149,6 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
         return signals.exit_code()
     return 0
-
-
-def _has_state(exp_dir: str) -> bool:
-    """True when a Ray experiment (local path or URI) holds Tune's state, so Tuner.restore can continue it."""
-    return st.exists(st.join(exp_dir, "tuner.pkl"))
-
-
-def _interrupted(exp_dir: str, *, errors: bool = False) -> bool:
-    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver);
-    with errors=True, trials that errored out count as unfinished too (resume retries them)."""
-    done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
-    return any(s not in done for s in experiment_trial_states(exp_dir).values())
 
 
 def _run_in_session(
@@ -319,7 +298,7 @@ def _sweep(
         record["runs"][0],
         restore=False,
         loc=ray_storage or str(sdir),
-        fix=_SWEEP_FIX,
+        fix=preflight.SWEEP_FIX,
         address=address,
         output=output,
         num_cpus=num_cpus,
@@ -337,9 +316,9 @@ def resume(
         record, spec, data = reopen(sdir_p, force, loader)
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
-        if not _has_state(exp):
+        if not has_tune_state(exp):
             raise FerTuneError(f"{exp} holds no Ray experiment state; nothing to resume")
-        if not _interrupted(exp, errors=True):
+        if not has_unfinished(exp, errors=True):
             write_trials_csv(sdir_p, record)
             log.info(
                 "%s: the study is complete; nothing to resume (add trials with fer-tune extend %s --num-samples N)",
@@ -356,7 +335,7 @@ def resume(
             run,
             restore=True,
             loc=study_storage(sdir_p, record),
-            fix=_RESUME_FIX,
+            fix=preflight.RESUME_FIX,
             address=address,
             output=output,
             num_cpus=num_cpus,
@@ -382,7 +361,7 @@ def extend(
         record, spec, data = reopen(sdir_p, force, loader)
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
-        if _has_state(last_exp) and _interrupted(last_exp):
+        if has_tune_state(last_exp) and has_unfinished(last_exp):
             raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
         if spec.sampler == "grid":
             done = len(load_optuna_study(record).trials)
@@ -412,7 +391,7 @@ def extend(
             run,
             restore=False,
             loc=study_storage(sdir_p, record),
-            fix=_RESUME_FIX,
+            fix=preflight.RESUME_FIX,
             address=address,
             output=output,
             num_cpus=num_cpus,

@@ -19,7 +19,7 @@ from .checkpoints import checkpointed_results, result_rows
 from .lock import holder
 from .record import load_optuna_study
 from .spec import StudySpec
-from .storage import experiment_dir, join, listdir, read_text
+from .storage import exists, experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = (
     "val_acc",
@@ -119,6 +119,18 @@ def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
         if isinstance(t, dict) and "trial_id" in t:
             out[t["trial_id"]] = t.get("status", "")
     return out
+
+
+def has_tune_state(exp_dir: str) -> bool:
+    """True when a Ray experiment (local path or URI) holds Tune's state, so Tuner.restore can continue it."""
+    return exists(join(exp_dir, "tuner.pkl"))
+
+
+def has_unfinished(exp_dir: str, *, errors: bool = False) -> bool:
+    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver);
+    with errors=True, trials that errored out count as unfinished too (resume retries them)."""
+    done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
+    return any(s not in done for s in experiment_trial_states(exp_dir).values())
 
 
 def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
