@@ -111,3 +111,17 @@ def load_data(args: argparse.Namespace, protocol: str, source: str | None = None
 def loader(args: argparse.Namespace) -> Callable[[str, str], Any]:
     """(source, protocol) -> FerData with this command's read options (what the study layer calls)."""
     return lambda source, protocol: load_data(args, protocol, source)
+
+
+def add_mlflow_option(p: argparse.ArgumentParser, default: str) -> None:
+    """--mlflow URI (fer_tune.tune.tracking); `default`: what it is when not given, as --help says it."""
+    p.add_argument(
+        "--mlflow",
+        default=None,
+        metavar="URI",
+        help="track the trials in MLflow (a run per trial, the final stage's run with the model files, in an "
+        "experiment named after the study): a directory or file:///PATH (an MLflow file store), "
+        "http(s)://HOST:PORT (a tracking server; checked before anything starts), or env:VAR naming an "
+        "environment variable that holds one, e.g. with credentials (never written nor printed); off: no "
+        f"tracking. Recorded in study.json (default: {default})",
+    )

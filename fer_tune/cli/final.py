@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..recipe import BASELINES, FINAL_DEFAULTS
-from .common import add_ray_options, add_read_options, loader, output_mode, parser_with
+from .common import add_mlflow_option, add_ray_options, add_read_options, loader, output_mode, parser_with
 from .report import refresh_report
 
 
@@ -45,6 +45,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         loader=loader(args),
         num_cpus=args.num_cpus,
         force=args.force,
+        mlflow=args.mlflow,
     )
     # the report shows STUDY/final
     return finish_final(rc, args.out or Path(args.study) / "final", args.study, report=args.out is None)
@@ -108,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "1e-4, batch 64 on the study's model, width, crops and data",
     )
     p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
+    add_mlflow_option(p, "the final stage's, else the study's: its run goes into the study's experiment")
     p.add_argument(
         "--force",
         action="store_true",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_ray_options, add_read_options, loader, output_mode, parser_with
+from .common import add_mlflow_option, add_ray_options, add_read_options, loader, output_mode, parser_with
 from .report import refresh_report
 
 
@@ -52,6 +52,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         loader=loader(args),
         num_cpus=args.num_cpus,
         optuna_storage=args.optuna_storage,
+        mlflow=args.mlflow,
     )
     sdir = Path(args.results) / (args.name or load_space(args.space).name)
     return _finish(rc, sdir)
@@ -76,6 +77,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             loader=loader(args),
             num_cpus=args.num_cpus,
             force=args.force,
+            mlflow=args.mlflow,
         )
         return finish_final(rc, args.study, rec["study_dir"])
     rc = resume(
@@ -85,6 +87,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
+        mlflow=args.mlflow,
     )
     return _finish(rc, args.study)
 
@@ -100,6 +103,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
         output=output_mode(args),
         loader=loader(args),
         num_cpus=args.num_cpus,
+        mlflow=args.mlflow,
     )
     return _finish(rc, args.study)
 
@@ -156,6 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune sweep smoke --name smoke-2                # a shipped space by name
         fer-tune sweep search_spaces/joint.yaml --data PATH/TO/fer2013 --gpus-per-trial 0.25
         fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --storage s3://my-bucket/fer-tune
+        fer-tune sweep smoke --mlflow http://127.0.0.1:5000   # every trial a run in MLflow's experiment "smoke"
     """,
     )
     p.add_argument(
@@ -185,6 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "environment variable that holds one, e.g. with a password (default: sqlite "
         "RESULTS/NAME/optuna.db on this machine)",
     )
+    add_mlflow_option(p, "no tracking")
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument(
         "--max-concurrent",
@@ -218,6 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resume although the recorded fingerprint changed, or "
         "although the study's lock was recorded by a command on another machine (check it has ended)",
     )
+    add_mlflow_option(p, "the study's, recorded by sweep; with it, a complete study's runs are caught up")
     add_ray_options(p)
     add_read_options(p)
     p.set_defaults(func=cmd_resume)
@@ -238,6 +245,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extend although the recorded fingerprint changed, or "
         "although the study's lock was recorded by a command on another machine (check it has ended)",
     )
+    add_mlflow_option(p, "the study's, recorded by sweep")
     add_ray_options(p)
     add_read_options(p)
     p.set_defaults(func=cmd_extend)

@@ -36,6 +36,8 @@ from .lock import acquire, describe, holder
 from .progress import final_progress
 from .record import read_study, reopen
 from .runtime import ray_log_to, ray_session, restore_tuner, say_ray_log, set_output, tune_verbosity
+from .tracking import check as check_tracking
+from .tracking_final import catch_up_final, track_final
 from .trials import best_trial
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,11 @@ def run_final(
     loader: Callable,
     num_cpus: int | None = None,
     force: bool = False,
+    mlflow: str | None = None,
 ) -> int:
     """`fer-tune final`: start, continue or report a study's final stage (holding the lock of its directory).
-    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys."""
+    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys; ``mlflow``: the MLflow
+    tracking URI (fer_tune.tune.tracking), default the one the stage recorded, else the study's."""
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / "final"
     for k, v in given.items():
@@ -115,6 +119,7 @@ def run_final(
             loader=loader,
             num_cpus=num_cpus,
             force=force,
+            mlflow=mlflow,
         )
 
 
@@ -152,6 +157,7 @@ def _final(
     loader: Callable,
     num_cpus: int | None,
     force: bool,
+    mlflow: str | None = None,
 ) -> int:
     record, spec, data = reopen(sdir, force, loader)
     # a trial the study does not have is refused as that, whatever the final stage in OUT holds
@@ -163,7 +169,7 @@ def _final(
             f"{sdir}: the study is being run by {describe(running)}, so its best trial is not "
             "settled yet: start the final stage when it has finished, or pick a trial with --trial N"
         )
-    announce = ""
+    announce, complete = "", False
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
@@ -232,9 +238,17 @@ def _final(
         )
     elif (out_p / "metrics.json").exists():
         log.info("%s: the final stage is complete", out_p)
-        return 0
+        complete = True
     else:
         log.info("continuing the final stage in %s from its last checkpoints", out_p)
+    ref = check_tracking(mlflow, record["name"], rec.get("mlflow", record.get("mlflow")))
+    if complete:  # MLflow gets what it lacks of it
+        if ref != rec.get("mlflow"):
+            rec["mlflow"] = ref
+            write_json(out_p / FINAL_FILE, rec)
+        catch_up_final(out_p, rec)
+        return 0
+    rec["mlflow"] = ref
     return _run_final(out_p, rec, data, address=address, output=output, num_cpus=num_cpus, announce=announce)
 
 
@@ -308,6 +322,7 @@ def _run_final(
                 ),
             )
         set_output(tuner, output, final_progress(rec))
+        tracking = track_final(tuner, out, rec)
         t0 = time.time()
         try:
             grid = tuner.fit()
@@ -315,9 +330,11 @@ def _run_final(
             grid = None
         rec["wall_seconds"] = rec.get("wall_seconds", 0.0) + time.time() - t0
         write_json(out / FINAL_FILE, rec)
-        write_history(out, exp)
+        rows = write_history(out, exp)
         say_ray_log()
         done = collect(out, rec, grid) if grid is not None else None
+        if tracking is not None:
+            tracking.finish(done, rows)
         if done is None:
             log.warning(
                 "\nfinal stage interrupted; continue it with:\n    fer-tune final %s%s",

@@ -1,20 +1,21 @@
-"""A study's record: study.json, the fingerprint that guards a resume, the Optuna storage it names.
+"""A study's record: study.json, the fingerprint that guards a resume, the storages it names.
 
 results/NAME/study.json holds what was launched: the spec, the data source, the Optuna storage (a reference:
-`sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, one entry per run (the sweep, each
-extend) and a fingerprint of the inputs (space, data, versions). A resume or extend refuses when the
-fingerprint changed, unless --force.
+`sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, the MLflow tracking URI (`mlflow`: a
+reference too, see mlflow_ref), one entry per run (the sweep, each extend) and a fingerprint of the inputs (space,
+data, versions). A resume or extend refuses when the fingerprint changed, unless --force.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .. import __version__
 from ..common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
@@ -36,11 +37,7 @@ def resolve_storage(ref: str) -> Any:
     """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL.
     A database server's storage rides out a dropped connection or a restart (fer_tune.tune.dbretry)."""
     optuna = optuna_lib()
-    url = ref
-    if ref.startswith("env:"):
-        url = os.environ.get(ref[4:], "")
-        if not url:
-            raise FerTuneError(f"storage {ref}: the environment variable {ref[4:]} is not set on this machine")
+    url = from_env(ref, "storage") if ref.startswith("env:") else ref
     if url.startswith("sqlite"):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     from .dbretry import CONNECT_SECONDS, connection_lost, retrying_storage
@@ -86,6 +83,62 @@ def storage_ref(arg: str | None, sdir: Path) -> str:
             "put the URL in an environment variable and pass --optuna-storage env:VARNAME"
         )
     return arg
+
+
+def from_env(ref: str, what: str) -> str:
+    """The value of the environment variable an `env:VAR` reference names (`what`: the option, for the error)."""
+    value = os.environ.get(ref[4:], "")
+    if not value:
+        raise FerTuneError(f"{what} {ref}: the environment variable {ref[4:]} is not set on this machine")
+    return value
+
+
+MLFLOW_OFF = "off"
+MLFLOW_FORMS = (
+    "a directory or file:///PATH (an MLflow file store), http(s)://HOST:PORT (a tracking server), env:VAR naming "
+    "an environment variable that holds one, or off"
+)
+
+
+def mlflow_ref(arg: str) -> str | None:
+    """What study.json and final.json record for --mlflow ARG: None for `off`, env:VAR as given, an http(s) URL as
+    given (refused with a password in it), a path or file: URI as file:///ABSOLUTE/PATH."""
+    if arg == MLFLOW_OFF:
+        return None
+    if arg.startswith("env:"):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", arg[4:]):
+            raise FerTuneError(f"--mlflow {arg}: env:VAR names an environment variable (letters, digits and _)")
+        return arg
+    return _tracking_uri(arg, f"--mlflow {arg}", secret=False)
+
+
+def mlflow_uri(ref: str) -> str:
+    """The tracking URI of a recorded reference (env:VAR read from the environment, never shown)."""
+    if not ref.startswith("env:"):
+        return ref
+    return _tracking_uri(from_env(ref, "--mlflow"), f"--mlflow {ref} (the URI in {ref[4:]})", secret=True)
+
+
+def _tracking_uri(value: str, what: str, *, secret: bool) -> str:
+    """The tracking URI `value` names (a path: file:///ABSOLUTE/PATH); `secret`: it came from the environment, so
+    it may hold a password and is never shown."""
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise FerTuneError(f"{what}: the URL names no host; give {MLFLOW_FORMS}")
+        if parts.password and not secret:
+            raise FerTuneError(
+                "--mlflow: the URL holds a password, which would be written to the study files; put the URL in an "
+                "environment variable and pass --mlflow env:VARNAME"
+            )
+        return value.rstrip("/")
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+        path = unquote(parts.path)
+    elif not parts.scheme and value.strip():
+        path = value
+    else:
+        raise FerTuneError(f"{what}: give {MLFLOW_FORMS}")
+    return Path(path).expanduser().resolve().as_uri()
 
 
 def study_dir(results: str, name: str | None, default: str, space_path: str) -> Path:

@@ -58,6 +58,8 @@ from .runtime import (
 from .spaces import load_space
 from .spec import StudySpec
 from .storage import experiment_dir, study_storage
+from .tracking import check as check_tracking
+from .tracking_study import catch_up_study, track_study
 from .trials import experiment_trial_states, has_tune_state, has_unfinished, write_trials_csv
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
             ),
         )
     set_output(tuner, output, study_progress(record, spec, run))
+    track_study(tuner, sdir, record, spec)
     unfinished = sum(s != "TERMINATED" for s in experiment_trial_states(exp_dir).values()) if restore else None
     session = new_session(unfinished)
     run.setdefault("sessions", []).append(session)
@@ -192,10 +195,12 @@ def sweep(
     num_cpus: int | None = None,
     optuna_storage: str | None = None,
     space_label: str | None = None,
+    mlflow: str | None = None,
 ) -> int:
     """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
     gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR;
-    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's)."""
+    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's); `mlflow`:
+    the MLflow tracking URI or env:VAR (fer_tune.tune.tracking; resume and extend take it over the recorded one)."""
     spec = load_space(space_path)
     overrides: dict[str, Any] = {}
     if num_samples is not None:
@@ -231,6 +236,7 @@ def sweep(
             output=output,
             num_cpus=num_cpus,
             space_label=space_label,
+            mlflow=mlflow,
         )
 
 
@@ -249,6 +255,7 @@ def _sweep(
     output: str,
     num_cpus: int | None,
     space_label: str | None = None,
+    mlflow: str | None = None,
 ) -> int:
     from ..data import is_synthetic
 
@@ -265,10 +272,12 @@ def _sweep(
             "Kaggle image folders)" + (", not synthetic data" if data_arg else "")
         )
     protocol = spec.data.get("protocol", "paper")
+    mlflow_ref = check_tracking(mlflow, sdir.name)
     data = loader(source, protocol)
     record = new_record(
         sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent, space_label
     )
+    record["mlflow"] = mlflow_ref
 
     def write() -> None:  # once Ray has accepted the trials: a refused study leaves nothing behind
         sdir.mkdir(parents=True, exist_ok=True)
@@ -307,19 +316,29 @@ def _sweep(
 
 
 def resume(
-    sdir: str, *, force: bool, address: str | None, output: str, loader: Loader, num_cpus: int | None = None
+    sdir: str,
+    *,
+    force: bool,
+    address: str | None,
+    output: str,
+    loader: Loader,
+    num_cpus: int | None = None,
+    mlflow: str | None = None,
 ) -> int:
     """Continue the study's last run where it stopped (0 with a note when it had finished)."""
     sdir_p = Path(sdir).resolve()
     read_study(sdir_p)  # a study directory, before a lock is made in it
     with acquire(sdir_p, what="the study", force=force):
         record, spec, data = reopen(sdir_p, force, loader)
+        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
         if not has_tune_state(exp):
             raise FerTuneError(f"{exp} holds no Ray experiment state; nothing to resume")
         if not has_unfinished(exp, errors=True):
+            write_study(sdir_p, record)
             write_trials_csv(sdir_p, record)
+            catch_up_study(sdir_p, record, spec)
             log.info(
                 "%s: the study is complete; nothing to resume (add trials with fer-tune extend %s --num-samples N)",
                 sdir_p,
@@ -351,6 +370,7 @@ def extend(
     output: str,
     loader: Loader,
     num_cpus: int | None = None,
+    mlflow: str | None = None,
 ) -> int:
     """A new run of `num_samples` trials in a finished study; the sampler sees every earlier trial."""
     sdir_p = Path(sdir).resolve()
@@ -359,6 +379,7 @@ def extend(
     read_study(sdir_p)
     with acquire(sdir_p, what="the study", force=force):
         record, spec, data = reopen(sdir_p, force, loader)
+        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
         if has_tune_state(last_exp) and has_unfinished(last_exp):
