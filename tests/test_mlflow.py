@@ -169,6 +169,9 @@ def test_a_store_that_cannot_be_written_or_no_mlflow_is_one_line(tmp_path, monke
     pytest.importorskip("mlflow")
     from fer_tune.tune.tracking import check
 
+    # off, given on resume, wins over the recorded server (which is not even asked)
+    assert check("off", "t", recorded=f"http://127.0.0.1:{free_port()}") is None
+    assert check(None, "t", recorded=None) is None
     (tmp_path / "a-file").write_text("")
     with pytest.raises(FerTuneError, match="cannot be written"):
         check(str(tmp_path / "a-file" / "mlruns"), "t")

@@ -196,8 +196,10 @@ def catch_up_final(out: Path, rec: dict) -> None:
     tracking.setup()
     if tracking.run is not None and tracking.run.status in ("FINISHED", "FAILED"):
         return
-    with open(out / "history.csv", newline="") as fh:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    rows = []
+    if (out / "history.csv").is_file():
+        with open(out / "history.csv", newline="") as fh:
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
     tracking.finish(json.loads((out / "metrics.json").read_text()), rows)
 
 
