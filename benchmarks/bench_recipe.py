@@ -49,9 +49,10 @@ ARMS = {
 
 def _run_one(data, arm: str, changes: dict, seed: int, args, out: Path) -> None:
     from fer_tune.config import TrainConfig
+    from fer_tune.device import select_device
     from fer_tune.evaluate import evaluate_model
     from fer_tune.recipe import ArraySplits
-    from fer_tune.train import fit, model_from_checkpoint, select_device
+    from fer_tune.train import fit, model_from_checkpoint
 
     f = out / f"{arm}-seed{seed}.json"
     if f.exists():
@@ -135,7 +136,8 @@ def _median_epoch(runs: dict) -> float:
 def overhead(args) -> None:
     from fer_tune import data as fdata
     from fer_tune.config import TrainConfig
-    from fer_tune.train import fit, select_device
+    from fer_tune.device import select_device
+    from fer_tune.train import fit
 
     torch.set_num_threads(2)
     d = fdata.load("synthetic:4000", "paper")

@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from fer_tune import data as fdata
 from fer_tune.config import TrainConfig
+from fer_tune.device import cpu_has_native_bf16, precision
 from fer_tune.evaluate import metrics_from_logits
 from fer_tune.models import create_model
 from fer_tune.optim import Scheduler, create_optimizer
-from fer_tune.train import cpu_has_native_bf16, fit, precision, predict_logits
+from fer_tune.train import fit, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ CROPS_TEST = ("ten", "center")
 FLIPS = ("random", "alternate")
 PROTOCOLS = ("paper", "standard")
 AMP_MODES = ("auto", "bf16", "off")
+COMPILE_MODES = ("off", "on", "auto")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler pre-Ampere) and on CPUs with native bf16; bf16; off
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    compile: str = "off"  # torch.compile the model: off | on | auto (what measured faster on the device type)
     eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.eval_images_per_batch)
     # beyond the paper (fer_tune.regularize); each off by default
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 .. 0.3
@@ -87,6 +89,7 @@ class TrainConfig:
         choice("test_crops", CROPS_TEST)
         choice("protocol", PROTOCOLS)
         choice("amp", AMP_MODES)
+        choice("compile", COMPILE_MODES)
         choice("flip", FLIPS)
         for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size", "ema_every"):
             positive(key)

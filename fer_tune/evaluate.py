@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from . import augment
 from .common import EMOTIONS, NUM_CLASSES
-from .train import precision, predict_logits
+from .device import precision
+from .train import predict_logits
 
 
 def metrics_from_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict:

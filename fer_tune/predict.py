@@ -41,7 +41,8 @@ class TorchModel:
     """A fer-tune model file or checkpoint, run with torch."""
 
     def __init__(self, state: dict, device: Any = None):
-        from .train import model_from_checkpoint, select_device, trained_on
+        from .device import select_device
+        from .train import model_from_checkpoint, trained_on
 
         self.device = device or select_device()
         self.net, _ = model_from_checkpoint(state, self.device)

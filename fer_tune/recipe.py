@@ -269,8 +269,9 @@ def evaluate_and_export(
 ) -> dict:
     """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
     files (a baseline's models are measured, not exported)."""
+    from .device import precision, precision_name
     from .evaluate import evaluate_model, saliency_sample
-    from .train import model_from_checkpoint, precision, precision_name
+    from .train import model_from_checkpoint
 
     out_dir.mkdir(parents=True)
     x_test, y_test = data["test"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import augment
 from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
+from .device import autocast, compile_model, precision, precision_name, prepare_device, resumed_precision, select_device
 from .models import create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
 from .regularize import Additions, mixed_correct, mixed_loss, param_groups
@@ -45,80 +46,7 @@ class FitResult:
     best: dict = field(default_factory=dict)
     checkpoint: dict | None = None  # the last epoch's checkpoint
     precision: str = "fp32"  # bf16 | fp16 | fp32: the autocast dtype the run trained with
-
-
-# ---------------------------------------------------------------------------------------------------------
-# device and precision
-# ---------------------------------------------------------------------------------------------------------
-def select_device(name: str | None = None) -> torch.device:
-    """'cuda', 'cpu', 'cuda:1' or None (CUDA when usable, else CPU)."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise FerTuneError(f"device {name!r} requested but CUDA is not available here")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        try:
-            torch.zeros(1, device="cuda")
-            return torch.device("cuda")
-        except RuntimeError:  # e.g. CUDA_VISIBLE_DEVICES set by Ray for a fake GPU resource
-            pass
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on a CPU with bf16 arithmetic in hardware: x86 avx512_bf16 or AMX (amx_bf16), Arm bf16 (Linux's
-    /proc/cpuinfo flags). Other CPUs emulate bf16 and gain nothing from it."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return False
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    return False
-
-
-def precision(device: torch.device, amp: str = "auto") -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, use GradScaler) for `amp` (auto | bf16 | off) on `device`.
-
-    auto: CUDA -> bf16 where supported, else fp16 + GradScaler; CPU -> bf16 where the CPU has it natively
-    (benchmarks/RESULTS.md, "bf16 on a CPU"), else fp32. bf16 forces bf16 autocast; off is fp32 everywhere.
-    The loss and the softmax are computed in fp32 in every mode."""
-    if amp == "bf16" and device.type not in ("cuda", "cpu"):
-        raise FerTuneError(f"amp=bf16 is supported on CUDA and CPU devices, not on {device.type}; use amp=auto")
-    if amp == "off" or device.type not in ("cuda", "cpu"):
-        return None, False
-    if device.type == "cpu":
-        return (torch.bfloat16, False) if amp == "bf16" or cpu_has_native_bf16() else (None, False)
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    if amp == "bf16":
-        raise FerTuneError(
-            f"amp=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use amp=auto "
-            "(fp16 with a gradient scaler) or amp=off"
-        )
-    return torch.float16, True
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """'bf16', 'fp16' or 'fp32': what a run records as its precision."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def resumed_precision(device: torch.device, amp: str, checkpoint: dict) -> tuple[torch.dtype | None, bool]:
-    """precision() for a run that continues `checkpoint`: with amp=auto, the precision the checkpoint trained
-    with (checkpoints that do not record it are from versions whose auto meant fp32 on a CPU), so that a resumed
-    run never changes its arithmetic half-way, whatever this machine's CPU has."""
-    recorded = checkpoint.get("precision") or ("fp32" if device.type == "cpu" else "")
-    if amp != "auto" or not recorded:
-        return precision(device, amp)
-    return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[recorded]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    compiled: bool = False  # whether torch.compile ran the model (compile=on, or auto where it pays)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -265,6 +193,7 @@ def fit(
         precision(device, cfg.amp) if checkpoint is None else resumed_precision(device, cfg.amp, checkpoint)
     )
     prec = precision_name(dtype)
+    prepare_device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -279,7 +208,7 @@ def fit(
         raise FerTuneError(f"the train split has {n_train} images: too few for batch_size {bs}")
 
     model = build_model(cfg, device)
-    optimizer = create_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.no_wd_1d))
+    optimizer = create_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.no_wd_1d), device)
     scheduler = Scheduler(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     history: list[dict] = []
@@ -288,6 +217,7 @@ def fit(
     if init_model is not None and checkpoint is None:
         model.load_state_dict(init_model)
     extra = Additions(cfg, model, n_train, device)
+    compiled = compile_model(model, cfg.compile, device)  # after Additions: an EMA copies the eager model
     x_track = y_track = None
     if track is not None:
         x_track, y_track = (_as_tensor(a, device) for a in track)
@@ -375,6 +305,8 @@ def fit(
                 "epoch_seconds": seconds,
                 "images_per_s": n_train / train_time,
             }
+            if device.type == "cuda":  # this process's peak (a trial's, on a fractional GPU); no device sync
+                metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
                 t_logits = predict_logits(
                     evaluated, x_track, crops=track_crops or cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype
@@ -386,7 +318,7 @@ def fit(
                 {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best, "status": "running"}
             )
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
-            metrics["precision"] = prec
+            metrics["precision"], metrics["compiled"] = prec, compiled
             metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -417,4 +349,4 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    return FitResult(status, message, history, best, state, prec)
+    return FitResult(status, message, history, best, state, prec, compiled)

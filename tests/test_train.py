@@ -302,7 +302,7 @@ def test_resume_cannot_stretch_a_fixed_length_schedule(tmp_path, capsys):
 # precision: bf16 autocast on CPUs that have it
 # ---------------------------------------------------------------------------------------------------------
 def test_precision_follows_amp_and_the_cpu(monkeypatch):
-    from fer_tune import train
+    from fer_tune import device as train
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.precision(CPU, "auto") == (torch.bfloat16, False)
@@ -318,7 +318,7 @@ def test_precision_follows_amp_and_the_cpu(monkeypatch):
 
 
 def test_a_resumed_run_keeps_the_precision_it_trained_with(small, monkeypatch):
-    from fer_tune import train
+    from fer_tune import device as train
 
     cfg = TrainConfig(**TINY, epochs=2)  # amp=auto
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
@@ -333,7 +333,7 @@ def test_a_resumed_run_keeps_the_precision_it_trained_with(small, monkeypatch):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
-    from fer_tune import train
+    from fer_tune import device as train
 
     real = Path.read_text
     for flags, expected in (
@@ -437,3 +437,75 @@ def test_evaluate_defaults_to_the_data_and_crops_the_model_was_trained_and_score
     Image.new("L", (48, 48)).save(tmp_path / "face.png")
     code, _, err = run(capsys, "evaluate", str(tmp_path / "face.png"))
     assert code == 2 and "face.png is not a fer-tune model: it is a PNG image (usage: fer-tune evaluate" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the device hot path: torch.compile, fused optimizers, no host syncs in the batch loop
+# ---------------------------------------------------------------------------------------------------------
+class _Splits:
+    def __init__(self, splits):
+        self.splits = splits
+
+    def arrays(self, split):
+        return self.splits[split]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_its_checkpoint_is_an_eager_models(small):
+    """compile=on trains the same model as eager (up to kernel rounding), records that it compiled, and its
+    checkpoint (same state_dict keys) loads into an eager model and continues."""
+    from fer_tune.device import use_compile
+
+    # 256 images in batches of 64, 32 validation images: fixed shapes, one graph per mode
+    splits = _Splits(
+        {"train": tuple(a[:256] for a in small.arrays("train")), "val": tuple(a[:32] for a in small.arrays("val"))}
+    )
+    cfg = TrainConfig(**{**TINY, "batch_size": 64}, epochs=2, amp="off", threads=1)
+    eager = fit(cfg, splits, device=CPU)
+    compiled = fit(cfg.replace(compile="on"), splits, device=CPU)
+    assert compiled.compiled and not eager.compiled and use_compile("off", CPU) is False
+    for e, c in zip(eager.history, compiled.history):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=0.02)
+        assert abs(c["val_acc"] - e["val_acc"]) <= 100 / 32 + 1e-6  # at most one of 32 images differs
+    assert set(compiled.checkpoint["model"]) == set(eager.checkpoint["model"])
+    more = fit(cfg.replace(epochs=3), splits, device=CPU, checkpoint=compiled.checkpoint)
+    assert [h["epoch"] for h in more.history] == [1, 2, 3] and not more.compiled
+    with pytest.raises(FerTuneError, match=r"compile='yes' is not one of off, on, auto"):
+        TrainConfig(compile="yes")
+
+
+def test_optimizers_use_fused_kernels_on_cuda_only():
+    from fer_tune.optim import create_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("sgd_nesterov", "adam", "adamw"):
+        cfg = TrainConfig(optimizer=name)
+        assert not create_optimizer(cfg, params, CPU).defaults.get("fused")
+        # the flag a CUDA run gets (torch accepts fused=True for CPU tensors too, so it can be built here)
+        assert create_optimizer(cfg, params, torch.device("cuda")).defaults["fused"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_batch_loop_never_waits_for_the_gpu():
+    """torch.cuda.set_sync_debug_mode warns at every host-device sync: a run with three times the batches per epoch
+    syncs exactly as often (the syncs are per epoch: the loss, the validation), so the batch loop has none."""
+    import warnings
+
+    dev = torch.device("cuda")
+    x = np.random.default_rng(0).integers(0, 256, (192, 48, 48), dtype=np.uint8)
+    y = np.arange(192) % 7
+
+    def syncs(n: int) -> int:
+        data = _Splits({"train": (x[:n], y[:n]), "val": (x[:32], y[:32])})
+        cfg = TrainConfig(**{**TINY, "batch_size": 32}, epochs=1)
+        fit(cfg, data, device=dev)  # warm-up: cuDNN's autotuner and the allocator
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fit(cfg, data, device=dev)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(64) == syncs(192)

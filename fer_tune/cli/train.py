@@ -52,16 +52,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
+    from ..device import precision, precision_name, select_device
     from ..evaluate import evaluate_model, format_report, saliency_sample
-    from ..train import (
-        fit,
-        load_checkpoint,
-        model_from_checkpoint,
-        precision,
-        precision_name,
-        save_checkpoint,
-        select_device,
-    )
+    from ..train import fit, load_checkpoint, model_from_checkpoint, save_checkpoint
 
     out = Path(args.out)
     last, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
@@ -197,9 +190,10 @@ def model_data(args: argparse.Namespace, trained: dict) -> str | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..device import select_device
     from ..evaluate import evaluate_model, format_report, saliency_sample
     from ..predict import model_file
-    from ..train import load_checkpoint, model_from_checkpoint, select_device, trained_on
+    from ..train import load_checkpoint, model_from_checkpoint, trained_on
 
     args.checkpoint = model_file(args.checkpoint)
     state = load_checkpoint(args.checkpoint, EVALUATE_USAGE)

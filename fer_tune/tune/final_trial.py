@@ -57,7 +57,8 @@ def seed_trial(
     from ray import tune
 
     from ..config import TrainConfig
-    from ..train import save_checkpoint, select_device
+    from ..device import select_device
+    from ..train import save_checkpoint
 
     seed, arm = int(config["seed"]), config.get("arm", WINNER)
     cfg = TrainConfig.from_dict({**(base if arm == WINNER else (arms or {})[arm]), "seed": seed}, source="final config")

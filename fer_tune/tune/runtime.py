@@ -276,8 +276,9 @@ def study_trial(
     from ray import tune
 
     from ..config import TrainConfig
+    from ..device import select_device
     from ..recipe import ArraySplits
-    from ..train import fit, load_checkpoint, save_checkpoint, select_device
+    from ..train import fit, load_checkpoint, save_checkpoint
     from .checkpoints import restore, write_meta
     from .spec import train_keys
 
