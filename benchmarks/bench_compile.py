@@ -66,25 +66,51 @@ def step_rate(width: float, dtype, variant: str, seconds: float, dev: torch.devi
 
 
 def cmd_step(args) -> None:
+    """Each width x precision x variant in a fresh process (compiled code never leaks from one into the next)."""
+    import subprocess
+    import sys
+
     dev = device()
-    torch.set_num_threads(args.threads)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
     print(f"{dev.type}, {args.threads} threads, torch {torch.__version__}; crops/s (first two steps' seconds)")
     print(
         f"{'width':>6} {'prec':>5} {'crops':>6} {'eager':>14} {'compiled':>14} {'whole step':>14} {'compiled/eager':>15}"
     )
     rows = []
-    for width in (float(w) for w in args.widths.split(",")):
+    for width in args.widths.split(","):
         for prec in args.precisions.split(","):
-            r = {v: step_rate(width, dtypes[prec], v, args.seconds, dev) for v in ("eager", "compiled", "whole step")}
-            rows.append({"width": width, "precision": prec, **r})
+            r = {}
+            for variant in ("eager", "compiled", "whole step"):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "cell",
+                    "--width",
+                    width,
+                    "--precision",
+                    prec,
+                    "--variant",
+                    variant,
+                    "--seconds",
+                    str(args.seconds),
+                    "--threads",
+                    str(args.threads),
+                ]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                r[variant] = json.loads(out.strip().splitlines()[-1])
+            rows.append({"width": float(width), "precision": prec, **r})
             cell = {v: f"{r[v]['crops_per_s']:.0f} ({r[v]['first_two_steps_s']:.1f}s)" for v in r}
             print(
-                f"{width:>6g} {prec:>5} {r['eager']['crops']:>6} {cell['eager']:>14} {cell['compiled']:>14} "
+                f"{float(width):>6g} {prec:>5} {r['eager']['crops']:>6} {cell['eager']:>14} {cell['compiled']:>14} "
                 f"{cell['whole step']:>14} {r['compiled']['crops_per_s'] / r['eager']['crops_per_s']:>14.2f}x",
                 flush=True,
             )
     print(json.dumps({"device": dev.type, "threads": args.threads, "rows": rows}))
+
+
+def cmd_cell(args) -> None:
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    print(json.dumps(step_rate(args.width, dtype, args.variant, args.seconds, device())))
 
 
 def cmd_fit(args) -> None:
@@ -135,6 +161,12 @@ def main() -> None:
     s.add_argument("--precisions", default="fp32,bf16")
     s.add_argument("--seconds", type=float, default=8.0)
     s.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("cell", help="one step_rate measurement (what step runs in a fresh process)")
+    c.add_argument("--width", type=float, required=True)
+    c.add_argument("--precision", choices=("fp32", "bf16"), required=True)
+    c.add_argument("--variant", choices=("eager", "compiled", "whole step"), required=True)
+    c.add_argument("--seconds", type=float, default=8.0)
+    c.add_argument("--threads", type=int, default=2)
     f = sub.add_parser("fit")
     f.add_argument("--width", type=float, default=0.25)
     f.add_argument("--epochs", type=int, default=3)
@@ -142,7 +174,7 @@ def main() -> None:
     f.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     f.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"step": cmd_step, "fit": cmd_fit}[args.cmd](args)
+    {"step": cmd_step, "cell": cmd_cell, "fit": cmd_fit}[args.cmd](args)
 
 
 if __name__ == "__main__":
