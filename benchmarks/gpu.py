@@ -77,7 +77,7 @@ class Arrays:
         return self.splits[split]
 
 
-def part_env(dev: torch.device, size: dict) -> dict:
+def part_env(dev: torch.device) -> dict:
     out = {"device": dev.type, "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
@@ -187,7 +187,7 @@ def part_throughput(dev: torch.device, size: dict) -> dict:
     return out
 
 
-def load_real(data: str | None, size: dict):
+def load_real(data: str | None, size: dict) -> dict:
     from fer_tune import data as fdata
 
     if data and Path(data).is_dir():
@@ -197,9 +197,9 @@ def load_real(data: str | None, size: dict):
     else:
         raise SystemExit(f"gpu.sh: FER2013 not found at {data} (--data PATH/TO/fer2013)")
     if size["images"] is None:
-        return d, {s: d.arrays(s) for s in ("train", "val", "test")}
+        return {s: d.arrays(s) for s in ("train", "val", "test")}
     n = size["images"]
-    return d, {s: tuple(a[: n if s == "train" else n // 4] for a in d.arrays(s)) for s in ("train", "val", "test")}
+    return {s: tuple(a[: n if s == "train" else n // 4] for a in d.arrays(s)) for s in ("train", "val", "test")}
 
 
 def real_or_synthetic(data: str | None, size: dict) -> str:
@@ -348,12 +348,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {"smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    summary["env"] = part_env(dev, size)
+    summary["env"] = part_env(dev)
     splits = None
     if "throughput" in parts:
         summary["throughput"] = part_throughput(dev, size)
     if "epoch" in parts:
-        _, splits = load_real(args.data, size)
+        splits = load_real(args.data, size)
         faster = summary.get("throughput", {}).get("compiled_over_eager", 0) > 1.0
         summary["epoch"] = part_epoch(dev, size, splits, "on" if faster else "off")
     if "study" in parts:

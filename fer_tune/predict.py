@@ -129,11 +129,11 @@ def predict(
     paths: list[str],
     *,
     detect: bool = True,
-    on_image: Callable[[str, np.ndarray, dict], None] | None = None,
+    on_image: Callable[[str, dict], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Per image: {"image", "faces": [{"box": [x, y, w, h], "detected", "label", "probabilities"}]}; `detect`
-    False takes each image whole (images that are face crops). on_image(path, gray, result) after each image
+    False takes each image whole (images that are face crops). on_image(path, result) after each image
     (annotation); progress(n) after each chunk of n images."""
     from .faces import Detector, read_gray, whole
 
@@ -147,7 +147,7 @@ def predict(
         flat = [f for faces in found for f in faces]
         probs = model.probabilities(np.stack([f.pixels for f in flat])) if flat else np.zeros((0, len(EMOTIONS)))
         k = 0
-        for p, g, faces in zip(chunk, grays, found):
+        for p, faces in zip(chunk, found):
             rows = []
             for f in faces:
                 pr = probs[k]
@@ -162,7 +162,7 @@ def predict(
                 )
             results.append({"image": str(p), "faces": rows})
             if on_image is not None:
-                on_image(p, g, results[-1])
+                on_image(p, results[-1])
         if progress is not None:
             progress(len(chunk))
     return results
@@ -234,7 +234,8 @@ def annotate(image: str, result: dict, out_dir: Path, taken: set[str]) -> Path:
         text = f"{f['label']} {f['probabilities'][f['label']] * 100:.0f} %"
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 200, 0), width=line)
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        ty = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= 0 else y + h
+        above = y - (bottom - top) - 2 * line  # the label above the box, or below it at the image's top
+        ty = above if above >= 0 else y + h
         draw.rectangle([x, ty, x + right - left + 2 * line, ty + bottom - top + 2 * line], fill=(255, 200, 0))
         draw.text((x + line, ty + line - (top - y)), text, fill=(0, 0, 0), font=font)
     out = out_dir / name

@@ -31,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             args.model,
         )
     taken: set[str] = set()
-    on_image = (lambda p, gray, r: annotate(p, r, out_dir, taken)) if out_dir is not None else None
+    on_image = (lambda p, r: annotate(p, r, out_dir, taken)) if out_dir is not None else None
     bar = None
     if len(paths) > 1 and sys.stderr.isatty():
         from tqdm import tqdm
