@@ -60,6 +60,7 @@ def export_model(
     """model.pt, model.pt2, model.onnx and model.json of the fine-tuned `model` (its metrics in `models`);
     `provenance`: {"data": FerData.describe(), "study": ..., "trial": ...}; `check_faces`: uint8 (N, 48, 48) real
     inputs the ONNX file is checked on."""
+    from .cost import model_cost
     from .train import save_checkpoint
 
     trained = {**provenance.get("data", {}), "test_crops": test_crops}
@@ -111,6 +112,12 @@ def export_model(
         "seed": cfg.seed,
         "config": ft_cfg.to_dict(),
         "onnx": onnx,
+        # what it costs to run (fer_tune.cost): counted, and timed here at export (fp32, this machine's CPU)
+        "cost": {
+            **model_cost(model, torch.device("cpu"), test_crops, None),
+            "latency": f"ms per image with its test crops, batch 1, fp32, on the exporting machine's CPU with "
+            f"{torch.get_num_threads()} thread(s)",
+        },
         "versions": versions(),
         "code": code_revision(),
         "files": {

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import augment
 from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
+from .cost import model_cost
 from .device import autocast, compile_model, precision, precision_name, prepare_device, resumed_precision, select_device
 from .models import create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
@@ -217,6 +218,7 @@ def fit(
     if init_model is not None and checkpoint is None:
         model.load_state_dict(init_model)
     extra = Additions(cfg, model, n_train, device)
+    cost = model_cost(model, device, cfg.test_crops, dtype)  # eager, before a compile sees a batch of one
     compiled = compile_model(model, cfg.compile, device)  # after Additions: an EMA copies the eager model
     x_track = y_track = None
     if track is not None:
@@ -319,6 +321,7 @@ def fit(
             )
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
             metrics["precision"], metrics["compiled"] = prec, compiled
+            metrics.update(cost)
             metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
             state = {
                 "format": CHECKPOINT_FORMAT,

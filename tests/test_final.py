@@ -122,6 +122,9 @@ def test_final_two_seeds_end_to_end(env, study, tmp_path):
     assert meta["preprocessing"]["crops"] == "TenCrop(40)" and meta["versions"]["torch"] == torch.__version__
     assert meta["onnx"]["status"] == "checked" and meta["onnx"]["max_abs_logit_diff"] <= 1e-4
     assert meta["onnx"]["opset"] >= 17 and (out / "model.onnx").is_file()
+    # and what it costs: the parameters counted from the weights, the FLOPs counted, the latency measured here
+    assert meta["cost"]["params"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert meta["cost"]["mflops"] > 0 and meta["cost"]["latency_ms"] > 0 and "fp32" in meta["cost"]["latency"]
 
     # predict: images of any size (faces crops here), JSON Lines; probabilities sum to one; model.onnx agrees
     paths = faces(tmp_path)

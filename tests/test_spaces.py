@@ -23,6 +23,7 @@ def test_shipped_spaces_load_with_descriptions():
         "fer2013_cpu",
         "joint",
         "optimizer",
+        "pareto",
         "recipe",
         "scheduler",
         "smoke",
@@ -37,6 +38,8 @@ def test_shipped_spaces_load_with_descriptions():
     assert load_space(SPACES / "optimizer.yaml").max_epochs == 100
     joint = load_space(SPACES / "joint.yaml")
     assert (joint.sampler, joint.early_stopping["type"]) == ("tpe", "asha")
+    pareto = load_space(SPACES / "pareto.yaml")
+    assert (pareto.metrics, pareto.modes) == (["val_acc", "mflops"], ["max", "min"]) and pareto.data["required"]
 
 
 def test_the_recipe_space_keeps_the_papers_optimizer_and_scheduler_and_searches_the_additions():

@@ -111,7 +111,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ..tune.lock import running_line
     from ..tune.record import read_study
-    from ..tune.trials import status_summary
+    from ..tune.trials import objective_value, status_summary
 
     record = read_study(args.study)
     s = status_summary(args.study, record)
@@ -130,17 +130,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     # every column as wide as its widest value
     widths = [max([len(p) - 6, *(len(_fmt(r[p])) for r in s["rows"])]) for p in params]
     sw = max([len("status"), *(len(r["status"]) for r in s["rows"])])
+    others = [m for m, _ in s["objectives"][1:]]  # a multi-objective study's other objectives, and its front
+    extra_head = "".join(f"{m:>12}" for m in others) + ("  front" if others else "")
     print(
-        f"{'#':>4} {'status':<{sw}} {'epochs':>6}{'best ' + metric:>14}  "
+        f"{'#':>4} {'status':<{sw}} {'epochs':>6}{'best ' + metric:>14}{extra_head}  "
         + "  ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)).rstrip()
     )
     for r in s["rows"]:
         best = f"{r['best_' + metric]:.2f}" if r["best_" + metric] != "" else "-"
+        extra = "".join(f"{_fmt(objective_value(r, m, metric)):>12}" for m in others)
+        extra += f"  {'*' if r.get('pareto') == 'yes' else ' ':<5}" if others else ""
         vals = "  ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths)).rstrip()
-        print(f"{r['number']:>4} {r['status']:<{sw}} {r['epochs']:>6}{best:>14}  {vals}")
+        print(f"{r['number']:>4} {r['status']:<{sw}} {r['epochs']:>6}{best:>14}{extra}  {vals}")
     if s["best"]:
         b = s["best"]
-        print(f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})")
+        print(
+            f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})"
+            + (
+                f"; * = on the Pareto front of {', '.join(f'{m} {o}' for m, o in s['objectives'])} (completed "
+                f"trials), whose best {metric} fer-tune final takes"
+                if others
+                else ""
+            )
+        )
     return 0
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 from ..common import FerTuneError, shipped
 from ..tune.lock import running_line
 from ..tune.record import load_optuna_study, read_study
+from ..tune.spec import objectives
 from ..tune.trials import status_summary, study_results
 from . import final as report_final
 from .html import Page, duration, esc, fmt, number, params_text, table, write_page
+from .pareto import pareto_section
 from .trials import class_section, comparisons_section, curves_section
 
 
@@ -68,11 +70,13 @@ def build_report(sdir: Path) -> str:
             "results so far.</p>"
         )
     _summary_section(page, sdir, record, summary)
-    _optuna_section(page, record)
+    final = report_final.load_final(sdir)
+    study, unread = _study(record)
+    pareto_section(page, record, study, summary["rows"], summary["best"], final)
+    _optuna_section(page, record, study, unread)
     curves_section(page, spec, summary["rows"], results)
     comparisons_section(page, spec, summary["rows"])
     class_section(page, spec, summary["rows"], results)
-    final = report_final.load_final(sdir)
     if final is not None:
         report_final.final_section(page, final)
     _reference_section(page, sdir, report_final.reference_rows(final) if final else [], record["data"])
@@ -109,7 +113,11 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
         ("study", f"{record['name']} ({sdir.resolve()})"),
         ("description", spec.get("description", "").strip()),
         ("space file", f"{record['space_file']} (copy: space.yaml)"),
-        ("metric", f"{metric} ({spec['mode']})"),
+        (
+            "objectives" if len(objectives(spec)) > 1 else "metric",
+            ", ".join(f"{m} ({mode})" for m, mode in objectives(spec))
+            + ("; early stopping and the default final trial by the first" if len(objectives(spec)) > 1 else ""),
+        ),
         ("sampler", f"{spec['sampler']} (seed {spec['seed']})"),
         ("scheduler (early stopping)", ", ".join([es["type"]] + [f"{k} {v}" for k, v in es.items() if k != "type"])),
         ("epochs per trial", f"at most {spec['max_epochs']}"),
@@ -232,27 +240,35 @@ def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:
 FEW_FOR_IMPORTANCE = 20  # completed trials below which the report says the importances are only a hint
 
 
-def _optuna_section(page: Page, record: dict) -> None:
+def _study(record: dict) -> tuple:
+    """(the Optuna study, None) or (None, why it cannot be read here)."""
+    try:
+        return load_optuna_study(record), None
+    except (FerTuneError, KeyError, ValueError, ImportError, RuntimeError) as exc:
+        return None, exc
+
+
+def _optuna_section(page: Page, record: dict, study, unread) -> None:
     import optuna.visualization as vis
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
 
     parts = page.section("optuna", "Optuna: history, parallel coordinates, importance, slice, contour")
-    try:
-        study = load_optuna_study(record)
-    except (FerTuneError, KeyError, ValueError, ImportError, RuntimeError) as exc:
+    if study is None:
         parts.append(
-            f'<p class="note">The Optuna storage cannot be read here ({esc(exc)}); its plots are left out.</p>'
+            f'<p class="note">The Optuna storage cannot be read here ({esc(unread)}); its plots are left out.</p>'
         )
         return
+    # a multi-objective study: the plots show the first objective (the one early stopping used)
+    first = {"target": (lambda t: t.values[0])} if len(objectives(record["spec"])) > 1 else {}
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         parts.append('<p class="note">No trial has completed yet: Optuna plots need completed trials.</p>')
         return
     varied = [p for p in record["spec"]["space"] if len({repr(t.params.get(p)) for t in done if p in t.params}) > 1]
     figs = [
-        ("optuna-history", lambda: vis.plot_optimization_history(study, target_name=record["spec"]["metric"])),
-        ("optuna-parallel", lambda: vis.plot_parallel_coordinate(study, target_name=record["spec"]["metric"])),
+        ("optuna-history", lambda: vis.plot_optimization_history(study, target_name=record["spec"]["metric"], **first)),
+        ("optuna-parallel", lambda: vis.plot_parallel_coordinate(study, target_name=record["spec"]["metric"], **first)),
     ]
     top = varied
     why = ""
@@ -264,7 +280,7 @@ def _optuna_section(page: Page, record: dict) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=varied)
+                imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=varied, **first)
             top = sorted(varied, key=lambda p: -imp.get(p, 0.0))
             figs.append(
                 (
@@ -274,6 +290,7 @@ def _optuna_section(page: Page, record: dict) -> None:
                         evaluator=PedAnovaImportanceEvaluator(),
                         params=varied,
                         target_name=record["spec"]["metric"],
+                        **first,
                     ),
                 )
             )
@@ -281,11 +298,17 @@ def _optuna_section(page: Page, record: dict) -> None:
             why = f"Optuna could not compute it ({type(exc).__name__}: {exc})"
     if top:
         figs.append(
-            ("optuna-slice", lambda: vis.plot_slice(study, params=top[:3], target_name=record["spec"]["metric"]))
+            (
+                "optuna-slice",
+                lambda: vis.plot_slice(study, params=top[:3], target_name=record["spec"]["metric"], **first),
+            )
         )
     if len(top) >= 2:
         figs.append(
-            ("optuna-contour", lambda: vis.plot_contour(study, params=top[:2], target_name=record["spec"]["metric"]))
+            (
+                "optuna-contour",
+                lambda: vis.plot_contour(study, params=top[:2], target_name=record["spec"]["metric"], **first),
+            )
         )
     for name, make in figs:
         try:

@@ -219,8 +219,9 @@ def _final(
             source="fine-tune settings",
         )
         announce = (
-            f"final stage of {record['name']}: trial {best['number']} ({spec.metric} {best['value']:.2f}) "
-            f"with {best['params']}; {settings['epochs']} epochs + {settings['finetune_epochs']} fine-tune "
+            f"final stage of {record['name']}: trial {best['number']} ({spec.metric} {best['value']:.2f}"
+            + (", the Pareto front's best; another with --trial N" if spec.multi and trial is None else "")
+            + f") with {best['params']}; {settings['epochs']} epochs + {settings['finetune_epochs']} fine-tune "
             f"epochs ({settings['finetune_scheduler']} from lr {settings['finetune_lr']:g} on "
             f"{settings['finetune_on']}), seeds {seeds}"
             + (

@@ -65,6 +65,15 @@ def load_optuna_study(record: dict) -> Any:
     return optuna_lib().load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
 
 
+def epoch_values(trial: Any) -> dict[int, float]:
+    """{epoch: the first objective's value} an Optuna trial (frozen) holds: its intermediate values, or in a
+    multi-objective study (where Optuna has none: its samplers read them as one objective's) its `objectives`
+    attribute {epoch: [every objective's value]}."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return {int(e): v[0] for e, v in trial.user_attrs.get("objectives", {}).items()}
+
+
 def storage_ref(arg: str | None, sdir: Path) -> str:
     """The Optuna storage reference recorded in study.json (`storage`): --optuna-storage, else sqlite in sdir."""
     if not arg:

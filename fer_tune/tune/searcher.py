@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
 from . import internals as ri
-from .record import load_optuna_study, optuna_lib, resolve_storage
+from .record import epoch_values, load_optuna_study, optuna_lib, resolve_storage
 from .spec import StudySpec
 from .trials import read_results
 
@@ -64,12 +64,27 @@ class StudySearch(OptunaSearch):
         self._db.set_trial_user_attr(ri.trial_id(trials[trial_id]), "ray_trial_id", trial_id)
         return params
 
+    @property
+    def _metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
     def _report_epoch(self, trial_id: str, result: dict) -> None:
-        """The epoch's metric as an Optuna intermediate value (step = epoch, stable across restarts)."""
-        if self.metric in result and "epoch" in result and result.get("status") != "diverged":
+        """The epoch's metric as an Optuna intermediate value (step = epoch, stable across restarts). Optuna refuses
+        Trial.report in a multi-objective study (and its samplers would read intermediate values as one objective's
+        pruned score), so there every objective's value of the epoch goes to the trial's `objectives` attribute."""
+        first = self._metrics[0]
+        if first in result and "epoch" in result and result.get("status") != "diverged":
             ot = ri.search_trials(self)[trial_id]
-            if int(result["epoch"]) not in self._db.get_trial(ri.trial_id(ot)).intermediate_values:
-                ot.report(float(result[self.metric]), int(result["epoch"]))
+            number, epoch = ri.trial_id(ot), int(result["epoch"])
+            frozen = self._db.get_trial(number)
+            if epoch in epoch_values(frozen):
+                return
+            if len(self._metrics) == 1:
+                ot.report(float(result[first]), epoch)
+                return
+            by_epoch = dict(frozen.user_attrs.get("objectives", {}))
+            by_epoch[str(epoch)] = [float(result[m]) if m in result else None for m in self._metrics]
+            self._db.set_trial_user_attr(number, "objectives", by_epoch)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         state = self._db_state(trial_id)
@@ -87,7 +102,8 @@ class StudySearch(OptunaSearch):
         ot = ri.search_trials(self)[trial_id]
         number = ri.trial_id(ot)
         self._report_epoch(trial_id, result)  # Tune hands the last result only to on_trial_complete
-        values = self._db.get_trial(number).intermediate_values.values()
+        values = epoch_values(self._db.get_trial(number)).values()
+        self._keep_two_epochs(number)  # while the trial can still be written to
         status = result.get("status")
         epochs = int(result.get("epoch", 0) or 0)
         if error or status == "diverged" or not values:
@@ -96,11 +112,37 @@ class StudySearch(OptunaSearch):
         elif epochs < self._max_epochs:  # stopped early by the scheduler (ASHA, median)
             self._db.set_trial_user_attr(number, "status", "pruned")
             self._tell(ot, state=TrialState.PRUNED)
+        elif (value := self._values(number)) is None:  # an objective the trial never reported
+            self._db.set_trial_user_attr(number, "status", "error")
+            self._tell(ot, state=TrialState.FAIL)
         else:  # the trial's value: its best epoch (the checkpoint a user would keep)
             self._db.set_trial_user_attr(number, "status", "completed")
-            self._tell(ot, (max if self.mode == "max" else min)(values))
+            self._tell(ot, value)
         ri.search_finished(self, trial_id)
         self._last.pop(trial_id, None)
+
+    def _values(self, number: int) -> float | list[float] | None:
+        """A completed trial's value: its first metric at its best epoch by that metric, and in a multi-objective
+        study the other objectives at that epoch too (its `objectives` attribute then keeps that epoch's alone)."""
+        frozen = self._db.get_trial(number)
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        pick = max if modes[0] == "max" else min
+        best = pick(epoch_values(frozen).items(), key=lambda kv: kv[1])
+        if len(self._metrics) == 1:
+            return best[1]
+        values = frozen.user_attrs.get("objectives", {}).get(str(best[0]))
+        return None if values is None or None in values else values
+
+    def _keep_two_epochs(self, number: int) -> None:
+        """A finished trial of a multi-objective study keeps its best and last epochs' values (where its values are
+        from, where the study stopped it), not every epoch's, which Optuna's plots would show in every hover."""
+        frozen = self._db.get_trial(number)
+        by_epoch = epoch_values(frozen)
+        if len(self._metrics) > 1 and by_epoch:
+            pick = max if (self.mode[0] if isinstance(self.mode, list) else self.mode) == "max" else min
+            keep = {str(pick(by_epoch, key=by_epoch.get)), str(max(by_epoch))}
+            kept = {e: v for e, v in frozen.user_attrs["objectives"].items() if e in keep}
+            self._db.set_trial_user_attr(number, "objectives", kept)
 
     def _tell(self, ot: optuna.Trial, *args: Any, **kw: Any) -> None:
         try:

@@ -67,6 +67,7 @@ def report(spec: StudySpec, cap: dict, data: Any | None, required: bool) -> dict
         "description": spec.description.strip(),
         "metric": spec.metric,
         "mode": spec.mode,
+        "objectives": list(zip(spec.metrics, spec.modes, strict=True)),
         "sampler": spec.sampler,
         "seed": spec.seed,
         "early_stopping": spec.early_stopping,
@@ -103,8 +104,16 @@ def report_lines(r: dict) -> list[str]:
     lines = [
         f"{r['source']}: a valid space, study {r['name']}",
         *textwrap.wrap(r["description"], 112, initial_indent="  ", subsequent_indent="  "),
-        f"metric {r['metric']} ({r['mode']}); sampler {r['sampler']} (seed {r['seed']}); early stopping "
-        + ", ".join([es["type"]] + [f"{k} {v}" for k, v in es.items() if k != "type"]),
+        (
+            f"metric {r['metric']} ({r['mode']})"
+            if len(r["objectives"]) == 1
+            else "objectives " + ", ".join(f"{m} ({mode})" for m, mode in r["objectives"]) + " (a Pareto front)"
+        )
+        + f"; sampler {r['sampler']} (seed {r['seed']}); early stopping "
+        + ", ".join(
+            [es["type"] + (f" by {r['metric']}" if len(r["objectives"]) > 1 and es["type"] != "none" else "")]
+            + [f"{k} {v}" for k, v in es.items() if k != "type"]
+        ),
         f"parameters ({len(r['parameters'])}):",
     ]
     width = max((len(n) for n in r["parameters"]), default=0)

@@ -8,7 +8,7 @@ shown with `# default`)::
     description: what it reproduces   # default: none
     metric: val_acc                   # default; any per-epoch metric a trial reports
     mode: max                         # default; max | min
-    sampler: tpe                      # default; tpe | random | grid | cmaes | qmc
+    sampler: tpe                      # default; tpe | random | grid | cmaes | qmc | nsga2
     seed: 0                           # default
     num_samples: 10                   # default; grid: default (and at most) the grid size
     max_epochs: 10                    # default; every trial's TrainConfig.epochs
@@ -31,6 +31,15 @@ parameters may then set one key under disjoint conditions of the same parent, ea
       lr_adam: {type: float, low: 1.0e-4, high: 3.0e-3, log: true, key: lr, when: {optimizer: [adam]}}
 
 Every value in a `when:` list must be one the parent can take (a choice, a fixed value, an int in range).
+
+A multi-objective study lists its objectives, one mode each; the first is a training metric (it drives early
+stopping, which needs one number), the others may be the cost metrics every trial reports (fer_tune.cost:
+params, mflops, latency_ms)::
+
+    metric: [val_acc, mflops]
+    mode: [max, min]
+    space:
+      width: {type: categorical, choices: [0.25, 0.5, 1.0]}
 """
 
 from __future__ import annotations
@@ -40,9 +49,9 @@ from typing import Any
 
 from ..common import NAME_RULE, FerTuneError, is_plain_name
 from ..config import TrainConfig, coerce
-from .spec import Param, StudySpec
+from .spec import Param, StudySpec, parse_objectives
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2")
 STOPPERS = ("asha", "median", "none")
 PARAM_TYPES = ("categorical", "float", "int", "fixed")
 TOP_KEYS = (
@@ -129,8 +138,7 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
     name = get("name", str, default_name, lambda v: "name" not in raw or is_plain_name(v), NAME_RULE)
     spec = StudySpec(name=name, source=source, text=text)
     spec.description = get("description", str, "")
-    spec.mode = get("mode", str, "max", lambda v: v in ("max", "min"), "must be max or min")
-    spec.metric = get("metric", str, "val_acc", lambda v: v in METRICS, f"must be one of {', '.join(METRICS)}")
+    spec.metrics, spec.modes = parse_objectives(raw.get("metric", "val_acc"), raw.get("mode", "max"), err)
     spec.sampler = get("sampler", str, "tpe", lambda v: v in SAMPLERS, f"must be one of {', '.join(SAMPLERS)}")
     spec.seed = get("seed", int, 0, lambda v: v >= 0, "must be >= 0")
     spec.max_epochs = get("max_epochs", int, 10, lambda v: v >= 1, "must be >= 1")
@@ -161,6 +169,10 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
         spec.num_samples = get("num_samples", int, 10, lambda v: v >= 1, "must be >= 1")
         if not any(p.type != "fixed" for p in spec.space.values()):
             raise err(f"sampler {spec.sampler}: the space has nothing to search (only fixed values)")
+    if spec.sampler == "cmaes" and spec.multi:
+        raise err(
+            "sampler cmaes optimises one objective; a multi-objective study takes tpe, nsga2, random, grid or qmc"
+        )
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -177,9 +189,6 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
             except FerTuneError as exc:
                 raise err(f"space.{p.name}: value {v!r} is invalid ({str(exc).removeprefix('config: ')})") from None
     return spec
-
-
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc")
 
 
 def _parse_fixed(fixed: dict, err) -> dict:

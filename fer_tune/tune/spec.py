@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import TrainConfig
+from ..cost import COST_METRICS
 
 
 @dataclass
@@ -47,8 +48,9 @@ class Param:
 class StudySpec:
     name: str
     description: str = ""
-    metric: str = "val_acc"
-    mode: str = "max"
+    # the objectives: one metric (and mode) per objective; the first drives early stopping and the final stage
+    metrics: list[str] = field(default_factory=lambda: ["val_acc"])
+    modes: list[str] = field(default_factory=lambda: ["max"])
     sampler: str = "tpe"
     seed: int = 0
     num_samples: int = 10
@@ -60,6 +62,18 @@ class StudySpec:
     space: dict[str, Param] = field(default_factory=dict)
     source: str = ""
     text: str = ""
+
+    @property
+    def metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
 
     @property
     def sha256(self) -> str:
@@ -138,6 +152,8 @@ class StudySpec:
             return optuna.samplers.GridSampler(self.grid(), seed=seed)
         if self.sampler == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed)
+        if self.sampler == "nsga2":  # NSGA-II (Deb et al. 2002); generations of a quarter of the study
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, min(50, self.num_samples // 4)))
         return optuna.samplers.QMCSampler(seed=seed)
 
     def to_dict(self) -> dict:
@@ -146,6 +162,8 @@ class StudySpec:
             "description": self.description,
             "metric": self.metric,
             "mode": self.mode,
+            "metrics": list(self.metrics),
+            "modes": list(self.modes),
             "sampler": self.sampler,
             "seed": self.seed,
             "num_samples": self.num_samples,
@@ -156,6 +174,40 @@ class StudySpec:
             "fixed": self.fixed,
             "space": {k: p.to_dict() for k, p in self.space.items()},
         }
+
+
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "best_val_acc")
+OBJECTIVES = (*METRICS, *COST_METRICS)
+
+
+def parse_objectives(metric: Any, mode: Any, err) -> tuple[list[str], list[str]]:
+    """metric / mode: one name each, or lists of equal length (a multi-objective study)."""
+    metrics = metric if isinstance(metric, list) else [metric]
+    if not metrics or not all(isinstance(m, str) for m in metrics):
+        raise err(f"metric must be a metric name or a list of them, got {metric!r}")
+    bad = [m for m in metrics if m not in OBJECTIVES]
+    if bad:
+        raise err(f"metric={bad[0]!r}: must be one of {', '.join(OBJECTIVES)}")
+    if metrics[0] not in METRICS:
+        raise err(
+            f"metric: the first objective drives early stopping and picks the final stage's trial, so it must be "
+            f"a training metric ({', '.join(METRICS)}), not {metrics[0]}; list the cost after it"
+        )
+    if len(set(metrics)) != len(metrics):
+        raise err(f"metric lists {metrics}: each objective once")
+    if not isinstance(mode, list) and len(metrics) > 1:
+        raise err(f"metric is a list of {len(metrics)} objectives: mode must be a list of as many (max or min)")
+    modes = mode if isinstance(mode, list) else [mode]
+    if len(modes) != len(metrics):
+        raise err(f"metric has {len(metrics)} objective(s) but mode has {len(modes)}: give one mode per metric")
+    if not all(m in ("max", "min") for m in modes):
+        raise err(f"mode={mode!r}: must be max or min" + (" (one per metric)" if isinstance(mode, list) else ""))
+    return list(metrics), list(modes)
+
+
+def objectives(spec: dict) -> list[tuple[str, str]]:
+    """[(metric, mode)] of a recorded spec (StudySpec.to_dict()); one pair for a single-objective study."""
+    return list(zip(spec.get("metrics", [spec["metric"]]), spec.get("modes", [spec["mode"]]), strict=True))
 
 
 def train_keys(params: dict, renames: dict[str, str]) -> dict:

@@ -98,8 +98,8 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     else:
         search = StudySearch(
             space=spec.define_by_run(),
-            metric=spec.metric,
-            mode=spec.mode,
+            metric=spec.metrics if spec.multi else spec.metric,
+            mode=spec.modes if spec.multi else spec.mode,
             sampler=spec.make_sampler(run["seed"]),
             storage_ref=record["storage"],
             study_name=record["optuna_study"],

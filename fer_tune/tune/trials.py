@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..common import FerTuneError, write_atomic
+from ..cost import COST_METRICS
 from .checkpoints import checkpointed_results, result_rows
 from .lock import holder
-from .record import load_optuna_study
-from .spec import StudySpec
+from .record import epoch_values, load_optuna_study
+from .spec import StudySpec, objectives
 from .storage import exists, experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = (
@@ -46,6 +47,7 @@ RESULT_KEYS = (
     "store_rss_mb",
     "store_pss_mb",
     "trial_start",
+    *COST_METRICS,
 )
 
 
@@ -160,13 +162,15 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
     if live is None:
         live = holder(sdir) is not None
     names = list(spec["space"])
+    goals = objectives(spec)
+    front = {t.number for t in study.best_trials} if len(goals) > 1 else set()
     rows = []
     for t in study.get_trials(deepcopy=False):
         tid = t.user_attrs.get("ray_trial_id", "")
         res = results.get(tid, [])
-        if t.state.name in ("COMPLETE", "PRUNED") and t.intermediate_values:
+        if t.state.name in ("COMPLETE", "PRUNED") and epoch_values(t):
             # the study's decision stands: epochs a restarted trial ran after it (before it was stopped) are not its
-            last = max(t.intermediate_values)
+            last = max(epoch_values(t))
             res = [r for r in res if r["epoch"] <= last]
         vals = [r[metric] for r in res if metric in r and r.get("status") != "diverged"]
         pick = max if spec["mode"] == "max" else min
@@ -190,10 +194,16 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
             "node": res[-1].get("node", "") if res else "",
             "device": res[-1].get("device", "") if res else "",
             "precision": res[-1].get("precision", "") if res else "",
+            **{m: round(res[-1][m], 4) if res and m in res[-1] else "" for m in COST_METRICS},
             "nodes": len({r.get("node_id") for r in res}),
             "peak_pss_mb": max((r.get("pss_mb", 0) for r in res), default=0),
             "restarts": restarted.get(tid, 0),
         }
+        if len(goals) > 1:  # the study's values (COMPLETE trials); `pareto`: on the Pareto front
+            for i, (m, _) in enumerate(goals[1:], 1):
+                if m not in COST_METRICS:
+                    row[f"{m}_at_best"] = round(t.values[i], 4) if t.values else ""
+            row["pareto"] = "yes" if t.number in front else ""
         by_epoch = {r["epoch"]: r for r in res}
         for m in rungs:
             row[f"{metric}@{m}"] = round(by_epoch[m][metric], 4) if m in by_epoch and metric in by_epoch[m] else ""
@@ -224,17 +234,14 @@ def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None)
     states: dict[str, int] = {}
     for r in rows:
         states[r["status"]] = states.get(r["status"], 0) + 1
-    key = f"best_{spec['metric']}"
-    scored = [r for r in rows if r[key] != ""]
-    best = None
-    if scored:
-        best = (max if spec["mode"] == "max" else min)(scored, key=lambda r: r[key])
+    best = pick_best(rows, spec)
     finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
     return {
         "name": record["name"],
         "directory": str(sdir),
         "metric": spec["metric"],
         "mode": spec["mode"],
+        "objectives": objectives(spec),
         "running": running,
         "num_samples": total,
         "trials": len(rows),
@@ -245,6 +252,15 @@ def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None)
         "best": best,
         "rows": rows,
     }
+
+
+def pick_best(rows: list[dict], spec: dict) -> dict | None:
+    """The trial the final stage takes by default: the best first metric among the trials that did not fail; in
+    a multi-objective study among the Pareto front's trials (completed ones: a trial stopped early has no values)."""
+    key = f"best_{spec['metric']}"
+    multi = len(objectives(spec)) > 1
+    scored = [r for r in rows if r[key] != "" and r["state"] != "FAIL" and (not multi or r.get("pareto") == "yes")]
+    return (max if spec["mode"] == "max" else min)(scored, key=lambda r: float(r[key])) if scored else None
 
 
 def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) -> dict:
@@ -258,13 +274,12 @@ def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) ->
         if row[key] == "":
             raise FerTuneError(f"{sdir}: trial {number} reported no {spec.metric} ({row['status']}); pick another")
     else:
-        scored = [r for r in rows if r[key] != "" and r["state"] != "FAIL"]
-        if not scored:
+        row = pick_best(rows, spec.to_dict())
+        if row is None:
+            what = "on the Pareto front (completed)" if spec.multi else f"with a {spec.metric}"
             raise FerTuneError(
-                f"{sdir}: the study has no finished trial with a {spec.metric} yet "
-                f"({len(rows)} trials); run or resume the sweep first"
+                f"{sdir}: the study has no finished trial {what} yet ({len(rows)} trials); run or resume the sweep first"
             )
-        row = (max if spec.mode == "max" else min)(scored, key=lambda r: float(r[key]))
     import optuna
 
     trial = next(t for t in load_optuna_study(record).get_trials(deepcopy=False) if t.number == row["number"])
@@ -290,23 +305,46 @@ def _short(value: Any) -> str:
     return f"{number:.4g}" if not float(number).is_integer() or "." in str(value) else str(value)
 
 
+def objective_value(row: dict, metric: str, first: str) -> Any:
+    """A trials.csv row's value of an objective: the first metric's best, a cost metric, or another at the best
+    epoch."""
+    if metric == first:
+        return row[f"best_{metric}"]
+    return row[metric] if metric in COST_METRICS else row.get(f"{metric}_at_best", "")
+
+
 def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
     """A finished run in a few lines: trials by state, the best trial, where trials.csv is."""
     sdir = Path(sdir)
     metric, key = spec["metric"], "best_" + spec["metric"]
-    done = [r for r in table if r[key] != ""]
     states: dict[str, int] = {}
     for r in table:
         states[r["state"]] = states.get(r["state"], 0) + 1
     lines = [f"{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"]
-    if done:
-        best = (max if spec["mode"] == "max" else min)(done, key=lambda r: float(r[key]))
+    best = pick_best(table, spec)
+    if best is not None:
         params = ", ".join(
             f"{k[len('param_') :]}={_short(v)}" for k, v in best.items() if k.startswith("param_") and v != ""
         )
         lines.append(
             f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
         )
+    goals = objectives(spec)
+    front = sorted((r for r in table if r.get("pareto") == "yes"), key=lambda r: float(r[key]), reverse=True)
+    if len(goals) > 1:
+        lines.append(
+            f"Pareto front ({', '.join(f'{m} {mode}' for m, mode in goals)}; completed trials): "
+            + (
+                "; ".join(
+                    f"trial {r['number']} "
+                    + ", ".join(f"{m} {_short(objective_value(r, m, metric))}" for m, _ in goals)
+                    for r in front
+                )
+                or "none yet"
+            )
+        )
+        if best is not None:
+            lines.append(f"fer-tune final takes trial {best['number']}, the front's best {metric} (or pass --trial N)")
     errored = states.get("FAIL", 0)
     if errored:
         lines.append(
