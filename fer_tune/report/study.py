@@ -136,8 +136,9 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
         ),
         (
             "best",
-            f"trial {best['number']}: {metric} {fmt(best['best_' + metric])} at epoch {best['best_epoch']}; "
-            f"{params_text(best)}"
+            f"trial {best['number']}: {metric} {fmt(best['best_' + metric])} at epoch {best['best_epoch']}"
+            + (" (the Pareto front's best)" if len(objectives(spec)) > 1 else "")
+            + f"; {params_text(best)}"
             if best
             else "no trial has reported yet",
         ),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..cost import COST_METRICS
 from .record import resolve_storage
 from .spec import StudySpec
 from .tracking import TERMINAL, Mlflow, Run, Tracking, attach, numeric
@@ -33,6 +34,7 @@ TRIAL_METRICS = (
     "lr",
     "epoch_seconds",
     "device_seconds",
+    *COST_METRICS,
 )
 
 
