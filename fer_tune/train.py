@@ -31,6 +31,7 @@ from .device import autocast, compile_model, precision, precision_name, prepare_
 from .models import create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
 from .regularize import Additions, mixed_correct, mixed_loss, param_groups
+from .schedule import apply_schedule
 
 CHECKPOINT_FORMAT = 1
 
@@ -180,12 +181,14 @@ def fit(
     track: tuple[np.ndarray, np.ndarray] | None = None,
     track_every: int = 0,
     track_crops: str | None = None,
+    schedule: dict | None = None,
 ) -> FitResult:
     """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring.
 
     ``init_model``: model weights to start from when not resuming (a fine-tune). ``track``: (images, labels) whose
     accuracy is measured every ``track_every`` epochs and at the last epoch as ``test_acc`` (the final stage's
     overfitting curve; never used for selection), with ``track_crops`` (default: the config's test crops).
+    ``schedule``: {epoch: {key: value}} changes of lr / weight_decay / dropout from that epoch on (fer_tune.schedule).
     """
     device = device or select_device()
     if cfg.threads:
@@ -250,6 +253,7 @@ def fit(
         for epoch in range(start + 1, cfg.epochs + 1):
             if fail_at_epoch is not None and epoch == fail_at_epoch:
                 raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+            cfg = apply_schedule(schedule, epoch, start, cfg, model, optimizer)
             t0 = time.perf_counter()
             lr = scheduler.lr
             model.train()
