@@ -50,14 +50,15 @@ def export_model(
     model: Any,
     ft_cfg: Any,
     cfg: Any,
-    finetuned: dict,
-    models: dict,
+    weights: dict,
+    test: dict,
     out_dir: Path,
     provenance: dict,
     check_faces: np.ndarray,
     test_crops: str,
 ) -> None:
-    """model.pt, model.pt2, model.onnx and model.json of the fine-tuned `model` (its metrics in `models`);
+    """model.pt, model.pt2, model.onnx and model.json of `model` (its state_dict `weights`, its test metrics
+    `test`: the final stage's fine-tuned model, the PBT stage's best member);
     `provenance`: {"data": FerData.describe(), "study": ..., "trial": ...}; `check_faces`: uint8 (N, 48, 48) real
     inputs the ONNX file is checked on."""
     from .cost import model_cost
@@ -68,7 +69,7 @@ def export_model(
         "format": 1,
         "kind": "fer-tune model",
         "config": ft_cfg.to_dict(),
-        "model": finetuned,
+        "model": weights,
         "classes": list(EMOTIONS),
         "data": trained,
     }
@@ -78,7 +79,6 @@ def export_model(
     onnx = export_onnx(
         model, out_dir / "model.onnx", test_crops, {"classes": list(EMOTIONS), "data": trained}, check_faces
     )
-    test = models["finetuned"]
     card = {
         "kind": "fer-tune model card",
         "classes": list(EMOTIONS),

@@ -55,6 +55,7 @@ FINAL_DEFAULTS = {
     "seeds": 1,
     "eval_every": 25,
     "baseline": None,
+    "from_pbt": False,  # retrain the PBT stage's best member with its schedule (fer_tune.tune.pbt)
 }
 
 
@@ -156,8 +157,10 @@ def run_seed(
     track_crops: str | None = None,
     export: bool = True,
     provenance: dict | None = None,
+    schedule: dict | None = None,
 ) -> dict | None:
-    """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done."""
+    """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done.
+    `schedule`: the training phase's changes per epoch (fer_tune.schedule: a PBT member's, replayed)."""
     from .train import fit
 
     if state.phase == "done":
@@ -193,6 +196,7 @@ def run_seed(
             track=test,
             track_every=eval_every,
             track_crops=track_crops,
+            schedule=schedule,
         )
         if res.status == "diverged":
             return None
@@ -267,8 +271,9 @@ def evaluate_and_export(
     export: bool = True,
     provenance: dict | None = None,
 ) -> dict:
-    """Test metrics of the three models, confusion CSVs, saliency maps; with `export`, the fine-tuned model's
-    files (a baseline's models are measured, not exported)."""
+    """Test metrics of the models `weights` holds (last, best, finetuned: the final stage's three; the PBT stage's
+    best member: last alone), confusion CSVs, saliency maps; with `export`, the files of the last of them (a
+    baseline's models are measured, not exported)."""
     from .device import precision, precision_name
     from .evaluate import evaluate_model, saliency_sample
     from .train import model_from_checkpoint
@@ -277,7 +282,7 @@ def evaluate_and_export(
     x_test, y_test = data["test"]
     models = {}
     key = {"last": "last", "best_val": "best", "finetuned": "finetuned"}
-    for name in MODELS:
+    for name in (n for n in MODELS if weights.get(key[n]) is not None):
         model, _ = model_from_checkpoint({"config": cfg.to_dict(), "model": weights[key[name]]}, device)
         models[name] = evaluate_model(
             model, x_test, y_test, device=device, crops=TEST_CROPS, batch_size=cfg.eval_batch_size, amp=cfg.amp
@@ -288,7 +293,7 @@ def evaluate_and_export(
         from .export import export_model
 
         export_model(
-            model, ft_cfg, cfg, weights["finetuned"], models, out_dir, provenance or {}, x_test[:64], TEST_CROPS
+            model, ft_cfg, cfg, weights[key[name]], models[name], out_dir, provenance or {}, x_test[:64], TEST_CROPS
         )
     result = {
         "seed": cfg.seed,

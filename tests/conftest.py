@@ -149,6 +149,23 @@ def kill_when_half_way(proc, sdir, within: float = 240.0) -> None:
             pass
 
 
+def sweep_small(env, root: Path, **changes) -> Path:
+    """The small study (SPACE with `changes`) swept in `root`; its directory, results/t."""
+    import yaml
+
+    space = root / "t.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, **changes}, sort_keys=False))
+    r = fer_tune(env, "sweep", space, "--results", root / "results", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "results" / "t"
+
+
+@pytest.fixture(scope="module")
+def small_study(module_env, tmp_path_factory):
+    """The small study, 3 trials of at most 2 epochs, for a module's tests of the stages after it."""
+    return sweep_small(module_env, tmp_path_factory.mktemp("study"), num_samples=3, max_epochs=2)
+
+
 def write_space(tmp_path, **changes):
     import yaml
 

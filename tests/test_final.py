@@ -10,8 +10,7 @@ import subprocess
 import time
 
 import pytest
-import yaml
-from conftest import SPACE, cli_args, fer_tune
+from conftest import cli_args, fer_tune, sweep_small
 
 from fer_tune.common import EMOTIONS
 
@@ -26,12 +25,7 @@ def env(module_env):
 
 @pytest.fixture(scope="module")
 def study(env, tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    space = root / "t.yaml"
-    space.write_text(yaml.safe_dump({**SPACE, "num_samples": 3, "max_epochs": 2}, sort_keys=False))
-    r = fer_tune(env, "sweep", space, "--results", root / "results", "--quiet")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root / "results" / "t"
+    return sweep_small(env, tmp_path_factory.mktemp("study"), num_samples=3, max_epochs=2)
 
 
 def faces(tmp_path, n=3):

@@ -113,6 +113,16 @@ def loader(args: argparse.Namespace) -> Callable[[str, str], Any]:
     return lambda source, protocol: load_data(args, protocol, source)
 
 
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    """--force of a stage after the study (final, pbt): run although its inputs changed or a lock says otherwise."""
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run although the study's data or space changed, or although "
+        "its directory's lock was recorded by a command on another machine (check it has ended)",
+    )
+
+
 def add_mlflow_option(p: argparse.ArgumentParser, default: str) -> None:
     """--mlflow URI (fer_tune.tune.tracking); `default`: what it is when not given, as --help says it."""
     p.add_argument(

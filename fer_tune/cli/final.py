@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 
 from ..recipe import BASELINES, FINAL_DEFAULTS
-from .common import add_mlflow_option, add_ray_options, add_read_options, loader, output_mode, parser_with
+from ..tune.pbt_read import REPLAY_DIR
+from .common import (
+    add_force_option,
+    add_mlflow_option,
+    add_ray_options,
+    add_read_options,
+    loader,
+    output_mode,
+    parser_with,
+)
 from .report import refresh_report
 
 
@@ -47,8 +56,9 @@ def cmd_final(args: argparse.Namespace) -> int:
         force=args.force,
         mlflow=args.mlflow,
     )
-    # the report shows STUDY/final
-    return finish_final(rc, args.out or Path(args.study) / "final", args.study, report=args.out is None)
+    # the report shows STUDY/final (and STUDY/final-pbt in its PBT section)
+    default = Path(args.study) / (REPLAY_DIR if args.from_pbt else "final")
+    return finish_final(rc, args.out or default, args.study, report=args.out is None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune final results/smoke --epochs 8 --finetune-epochs 3 --eval-every 2
         fer-tune final results/fer2013_cpu --epochs 12 --finetune-epochs 3 --seeds 2 --baseline paper
         fer-tune final results/joint                      # again: continues an interrupted final stage
+        fer-tune final results/joint --from-pbt           # the PBT stage's best member, its schedule replayed
     """,
     )
     p.add_argument("study", help="the study directory (results/NAME)")
@@ -108,14 +119,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "SGD-Nesterov lr 0.01 momentum 0.9, RLRP factor 0.75 patience 5, dropout 0.2, weight decay "
         "1e-4, batch 64 on the study's model, width, crops and data",
     )
+    p.add_argument(
+        "--from-pbt",
+        action="store_true",
+        default=None,
+        help="retrain the best member of the study's PBT stage (fer-tune pbt) from scratch with its recorded "
+        "schedule: its config, scheduler constant, and lr / weight_decay / dropout per epoch segment as it "
+        "trained (--epochs default: the stage's; a longer run keeps the last values); then the usual fine-tune. "
+        f"Default --out: STUDY/{REPLAY_DIR}",
+    )
     p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
     add_mlflow_option(p, "the final stage's, else the study's: its run goes into the study's experiment")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="run although the study's data or space changed, or although "
-        "its directory's lock was recorded by a command on another machine (check it has ended)",
-    )
+    add_force_option(p)
     add_ray_options(p)
     add_read_options(p)
     p.set_defaults(func=cmd_final)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .common import add_mlflow_option, add_ray_options, add_read_options, loader, output_mode, parser_with
+from .pbt import print_pbt
 from .report import refresh_report
 
 
@@ -153,6 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    print_pbt(args.study)
     return 0
 
 

@@ -27,6 +27,7 @@ from ..tune.trials import status_summary, study_results
 from . import final as report_final
 from .html import Page, duration, esc, fmt, number, params_text, table, write_page
 from .pareto import pareto_section
+from .pbt import pbt_section
 from .trials import class_section, comparisons_section, curves_section
 
 
@@ -79,6 +80,7 @@ def build_report(sdir: Path) -> str:
     class_section(page, spec, summary["rows"], results)
     if final is not None:
         report_final.final_section(page, final)
+    pbt_section(page, sdir)
     _reference_section(page, sdir, report_final.reference_rows(final) if final else [], record["data"])
     return page.html(_data_line(record["data"]) + header)
 

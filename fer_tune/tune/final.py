@@ -18,7 +18,6 @@ fer_tune.tune.final_outputs collects what the seeds leave behind. This module is
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,9 +32,11 @@ from .checkpoints import pruner
 from .final_outputs import WINNER, collect, write_history
 from .final_trial import SNAPSHOT_KEEP, seed_trial
 from .lock import acquire, describe, holder
+from .pbt_read import REPLAY_DIR, replay_choice
 from .progress import final_progress
 from .record import read_study, reopen
-from .runtime import ray_log_to, ray_session, restore_tuner, say_ray_log, set_output, tune_verbosity
+from .runtime import ray_log_to, ray_session, say_ray_log, set_output, tune_verbosity
+from .stages import fit_stage, read_record, refuse_other_settings, stage_tuner
 from .tracking import check as check_tracking
 from .tracking_final import catch_up_final, track_final
 from .trials import best_trial
@@ -47,13 +48,9 @@ FINAL_FILE = "final.json"
 
 def _settings(out: Path, given: dict) -> dict | None:
     """The recorded settings of an existing final stage; refuses when given options contradict them."""
-    f = out / FINAL_FILE
-    if not f.is_file():
+    rec = read_record(out / FINAL_FILE, "the final stage")
+    if rec is None:
         return None
-    try:
-        rec = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise FerTuneError(f"{f} is damaged ({exc}); remove {out} to start the final stage again") from None
 
     def recorded(k: str) -> str:
         if rec["settings"].get(k) is not None:
@@ -62,16 +59,7 @@ def _settings(out: Path, given: dict) -> dict | None:
             return f"it retrains trial {rec['trial']['number']}, the study's best"
         return "it was started without it"
 
-    conflicts = [
-        f"--{k.replace('_', '-')} {v} ({recorded(k)})"
-        for k, v in given.items()
-        if v is not None and rec["settings"].get(k) != v
-    ]
-    if conflicts:
-        raise FerTuneError(
-            f"{out} already holds a final stage with other settings: {', '.join(conflicts)}. Run it "
-            "again without these options to continue it, or pass --out DIR for a new one."
-        )
+    refuse_other_settings(out, "a final stage", given, rec["settings"], recorded, "or pass --out DIR for a new one")
     return rec
 
 
@@ -94,9 +82,11 @@ def run_final(
     ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys; ``mlflow``: the MLflow
     tracking URI (fer_tune.tune.tracking), default the one the stage recorded, else the study's."""
     sdir = Path(study).resolve()
-    out_p = Path(out).resolve() if out else sdir / "final"
+    out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
+    if given.get("from_pbt") and trial is not None:
+        raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
     for k, v in given.items():
-        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline") and v <= 0:
+        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
             raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
     if given.get("baseline") not in (None, *BASELINES):
         raise FerTuneError(f"--baseline {given['baseline']}: the baselines are {', '.join(BASELINES)}")
@@ -163,7 +153,7 @@ def _final(
     # a trial the study does not have is refused as that, whatever the final stage in OUT holds
     chosen = best_trial(sdir, record, spec, trial) if trial is not None else None
     rec = _settings(out_p, {**given, "trial": trial})
-    running = holder(sdir) if rec is None and trial is None else None
+    running = holder(sdir) if rec is None and trial is None and not given.get("from_pbt") else None
     if running:
         raise FerTuneError(
             f"{sdir}: the study is being run by {describe(running)}, so its best trial is not "
@@ -173,8 +163,10 @@ def _final(
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
+        best = replay_choice(sdir) if settings["from_pbt"] else chosen or best_trial(sdir, record, spec, None)
+        if settings["from_pbt"] and given.get("epochs") is None:  # the PBT stage's epochs, which its schedule spans
+            settings["epochs"] = best["epochs"]
         settings["eval_every"] = min(settings["eval_every"], settings["epochs"])
-        best = chosen or best_trial(sdir, record, spec, None)
         config = {**best["config"], "epochs": settings["epochs"]}
         seeds = [int(config["seed"]) + i for i in range(settings["seeds"])]
         res = spec.resources
@@ -205,6 +197,8 @@ def _final(
             "code": code_revision(),
             "fer_tune": __version__,
         }
+        if settings["from_pbt"]:  # the member's schedule (a longer run keeps its last values)
+            rec["schedule"] = {e: v for e, v in best["schedule"].items() if e <= settings["epochs"]}
         if settings["baseline"]:
             rec["baselines"] = {settings["baseline"]: baseline_config(config, settings["baseline"])}
         from ..config import TrainConfig
@@ -231,6 +225,10 @@ def _final(
             )
             + f"; results in {out_p}"
         )
+        if settings["from_pbt"]:
+            announce += f"; the schedule of the PBT stage's best member {best['params']['pbt_member']}: " + ", ".join(
+                f"from epoch {e} {v}" for e, v in sorted(rec["schedule"].items())
+            )
     elif any(v is not None and v != rec["resources"][k] for k, v in (("cpu", cpus), ("gpu", gpus))):
         raise FerTuneError(
             f"{out_p} already holds a final stage that runs with {rec['resources']['cpu']:g} CPU and "
@@ -299,14 +297,13 @@ def _run_final(
                 arms=arms,
                 track_crops=rec.get("track_crops"),
                 provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
+                schedule=rec.get("schedule"),
             ),
             resources={"cpu": res["cpu"], "gpu": res["gpu"]},
         )
-        exp = storage.join(rec["ray_storage"], "tune")
-        if storage.exists(storage.join(exp, "tuner.pkl")):
-            tuner = restore_tuner(exp, trainable, rec.get("fer_tune"))
-        else:
-            tuner = tune.Tuner(
+
+        def new_tuner() -> Any:
+            return tune.Tuner(
                 trainable,
                 param_space={
                     "seed": tune.grid_search(rec["seeds"]),
@@ -322,15 +319,11 @@ def _run_final(
                     failure_config=tune.FailureConfig(max_failures=2),
                 ),
             )
+
+        tuner, exp = stage_tuner(rec, trainable, new_tuner)
         set_output(tuner, output, final_progress(rec))
         tracking = track_final(tuner, out, rec)
-        t0 = time.time()
-        try:
-            grid = tuner.fit()
-        except KeyboardInterrupt:
-            grid = None
-        rec["wall_seconds"] = rec.get("wall_seconds", 0.0) + time.time() - t0
-        write_json(out / FINAL_FILE, rec)
+        grid = fit_stage(tuner, rec, out / FINAL_FILE)
         rows = write_history(out, exp)
         say_ray_log()
         done = collect(out, rec, grid) if grid is not None else None

@@ -53,6 +53,7 @@ def seed_trial(
     arms: dict | None = None,
     track_crops: str | None = None,
     provenance: dict | None = None,
+    schedule: dict | None = None,
 ) -> None:
     from ray import tune
 
@@ -103,4 +104,5 @@ def seed_trial(
         track_crops=track_crops,
         export=arm == WINNER,
         provenance=provenance,
+        schedule=schedule if arm == WINNER else None,
     )
