@@ -56,15 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("study", help="the study directory (results/NAME); the stage goes to results/NAME/pbt")
     add_force_option(p)
-    p.add_argument("--top-k", type=int, default=None, help="seed the population with the K best trials (default 4)")
-    p.add_argument("--population", type=int, default=None, help="members (default: K; at least 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per member (default: the study's max_epochs)")
-    p.add_argument(
-        "--interval",
-        type=int,
-        default=None,
-        help="epochs between perturbations; a checkpoint every epoch (default: epochs / 10, at least 1)",
-    )
+    for flag, meaning in (
+        ("--top-k", "seed the population with the K best trials (default 4)"),
+        ("--population", "members (default: K; at least 2)"),
+        ("--epochs", "epochs per member (default: the study's max_epochs)"),
+        ("--interval", "epochs between perturbations; a checkpoint every epoch (default: epochs / 10, at least 1)"),
+    ):
+        p.add_argument(flag, type=int, default=None, help=meaning)
     p.add_argument(
         "--mutate",
         default=None,
