@@ -194,6 +194,8 @@ def test_the_best_member_is_evaluated_exported_and_shown(env, study, pbt):
     assert json.loads(r.stdout)["top1"] == pytest.approx(m["test"]["top1"])
     r = fer_tune(env, "status", study)
     assert r.returncode == 0 and "PBT stage" in r.stdout and f"best: member {best['member']}" in r.stdout
+    s = json.loads(fer_tune(env, "status", study, "--json").stdout)["pbt"]
+    assert s["metrics"]["best"]["member"] == best["member"] and len(s["members"]) == len(m["members"])
     r = fer_tune(env, "report", study)
     html = (study / "report.html").read_text()
     assert r.returncode == 0 and 'id="pbt"' in html and "fig-pbt-population" in html and "fig-pbt-schedules" in html

@@ -117,6 +117,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = read_study(args.study)
     s = status_summary(args.study, record)
     if args.json:
+        from ..tune.pbt_read import stage
+
+        pbt = stage(args.study)  # the PBT stage, when the study has one
+        if pbt is not None:
+            s["pbt"] = {k: pbt[k] for k in ("record", "members", "clones", "metrics", "replay", "running")}
         print(json.dumps(s, indent=2, default=str))
         return 0
     metric = s["metric"]
