@@ -68,6 +68,11 @@ class StudySearch(OptunaSearch):
     def _metrics(self) -> list[str]:
         return self.metric if isinstance(self.metric, list) else [self.metric]
 
+    @property
+    def _pick(self) -> Any:
+        """max or min: what the first objective's mode wants."""
+        return max if (self.mode[0] if isinstance(self.mode, list) else self.mode) == "max" else min
+
     def _report_epoch(self, trial_id: str, result: dict) -> None:
         """The epoch's metric as an Optuna intermediate value (step = epoch, stable across restarts). Optuna refuses
         Trial.report in a multi-objective study (and its samplers would read intermediate values as one objective's
@@ -102,8 +107,10 @@ class StudySearch(OptunaSearch):
         ot = ri.search_trials(self)[trial_id]
         number = ri.trial_id(ot)
         self._report_epoch(trial_id, result)  # Tune hands the last result only to on_trial_complete
-        values = epoch_values(self._db.get_trial(number)).values()
-        self._keep_two_epochs(number)  # while the trial can still be written to
+        frozen = self._db.get_trial(number)
+        by_epoch = epoch_values(frozen)
+        values = by_epoch.values()
+        self._keep_two_epochs(number, frozen, by_epoch)  # while the trial can still be written to
         status = result.get("status")
         epochs = int(result.get("epoch", 0) or 0)
         if error or status == "diverged" or not values:
@@ -112,7 +119,7 @@ class StudySearch(OptunaSearch):
         elif epochs < self._max_epochs:  # stopped early by the scheduler (ASHA, median)
             self._db.set_trial_user_attr(number, "status", "pruned")
             self._tell(ot, state=TrialState.PRUNED)
-        elif (value := self._values(number)) is None:  # an objective the trial never reported
+        elif (value := self._values(frozen, by_epoch)) is None:  # an objective the trial never reported
             self._db.set_trial_user_attr(number, "status", "error")
             self._tell(ot, state=TrialState.FAIL)
         else:  # the trial's value: its best epoch (the checkpoint a user would keep)
@@ -121,26 +128,20 @@ class StudySearch(OptunaSearch):
         ri.search_finished(self, trial_id)
         self._last.pop(trial_id, None)
 
-    def _values(self, number: int) -> float | list[float] | None:
+    def _values(self, frozen: Any, by_epoch: dict[int, float]) -> float | list[float] | None:
         """A completed trial's value: its first metric at its best epoch by that metric, and in a multi-objective
-        study the other objectives at that epoch too (its `objectives` attribute then keeps that epoch's alone)."""
-        frozen = self._db.get_trial(number)
-        modes = self.mode if isinstance(self.mode, list) else [self.mode]
-        pick = max if modes[0] == "max" else min
-        best = pick(epoch_values(frozen).items(), key=lambda kv: kv[1])
+        study the other objectives at that epoch too (kept by _keep_two_epochs)."""
+        epoch, value = self._pick(by_epoch.items(), key=lambda kv: kv[1])
         if len(self._metrics) == 1:
-            return best[1]
-        values = frozen.user_attrs.get("objectives", {}).get(str(best[0]))
+            return value
+        values = frozen.user_attrs.get("objectives", {}).get(str(epoch))
         return None if values is None or None in values else values
 
-    def _keep_two_epochs(self, number: int) -> None:
+    def _keep_two_epochs(self, number: int, frozen: Any, by_epoch: dict[int, float]) -> None:
         """A finished trial of a multi-objective study keeps its best and last epochs' values (where its values are
         from, where the study stopped it), not every epoch's, which Optuna's plots would show in every hover."""
-        frozen = self._db.get_trial(number)
-        by_epoch = epoch_values(frozen)
         if len(self._metrics) > 1 and by_epoch:
-            pick = max if (self.mode[0] if isinstance(self.mode, list) else self.mode) == "max" else min
-            keep = {str(pick(by_epoch, key=by_epoch.get)), str(max(by_epoch))}
+            keep = {str(self._pick(by_epoch, key=by_epoch.get)), str(max(by_epoch))}
             kept = {e: v for e, v in frozen.user_attrs["objectives"].items() if e in keep}
             self._db.set_trial_user_attr(number, "objectives", kept)
 

@@ -330,8 +330,8 @@ def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
             f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
         )
     goals = objectives(spec)
-    front = sorted((r for r in table if r.get("pareto") == "yes"), key=lambda r: float(r[key]), reverse=True)
     if len(goals) > 1:
+        front = sorted((r for r in table if r.get("pareto") == "yes"), key=lambda r: float(r[key]), reverse=True)
         lines.append(
             f"Pareto front ({', '.join(f'{m} {mode}' for m, mode in goals)}; completed trials): "
             + (
