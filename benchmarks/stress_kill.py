@@ -3,12 +3,15 @@
     python benchmarks/stress_kill.py --storage s3 --runs 20          # Ray storage on a local S3 server (moto)
     python benchmarks/stress_kill.py --storage local --runs 20       # Ray storage = the study directory
     python benchmarks/stress_kill.py --storage s3 --runs 10 --kills 2  # a second kill lands during the resume
+    python benchmarks/stress_kill.py --storage local --at start --max-delay 4  # kills in the run's first seconds
     git worktree add /tmp/base COMMIT && python benchmarks/stress_kill.py --storage s3 --runs 20 --code /tmp/base
 
 Each run is a fresh study of 4 trials x 5 epochs (ASHA, so some trials are stopped early) on synthetic faces:
 `fer-tune sweep` is killed with SIGKILL at a moment drawn uniformly from 0-10 s after its first epoch result (a
-run whose sweep finishes first is shown but does not count towards --runs), `--kills 2` kills the first resume the
-same way, and a last `fer-tune resume` must finish the study. Then it checks what an operator would:
+run whose sweep finishes first is shown but does not count towards --runs), `--kills 2` (3) kills the first (two)
+resumes the same way, and a last `fer-tune resume` must finish the study. `--at start` counts the delay from the
+moment the Tune run exists (its tuner.pkl; for a resume, the command's start) instead: kills land before Tune's
+first saved state or its first trials. Then it checks what an operator would:
 
 - lost: Optuna trials missing (fewer than num_samples) or not finished (RUNNING / WAITING left over);
 - duplicates: two trials with the same parameters;
@@ -87,23 +90,31 @@ def first_result(exp: str) -> bool:
     return any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp) if d.startswith("_trial"))
 
 
-def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float) -> tuple[str, float]:
-    """Run cmd; SIGKILL its process group `delay` s after the first epoch result exists. Returns what happened
-    ("killed" or "finished rc=N") and the seconds from the first result to the kill."""
+def run_started(exp: str) -> bool:
+    from fer_tune.tune import storage as st
+
+    return st.exists(st.join(exp, "tuner.pkl"))
+
+
+def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float, at: str) -> tuple[str, float]:
+    """Run cmd; SIGKILL its process group `delay` s after the first epoch result exists (`at` "first-result") or
+    the Tune run does ("start"). Returns what happened ("killed" or "finished rc=N") and the seconds from that
+    moment to the kill."""
+    ready = first_result if at == "first-result" else run_started
     with log.open("w") as fh:
         proc = subprocess.Popen(
             cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=env["PYTHONPATH"]
         )
         t_first = None
         while proc.poll() is None:
-            if t_first is None and first_result(exp):
+            if t_first is None and ready(exp):
                 t_first = time.time()
             if t_first is not None and time.time() - t_first >= delay:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 time.sleep(1.5)  # Ray's daemons end with the driver
                 return "killed", time.time() - t_first - 1.5
-            time.sleep(0.1)
+            time.sleep(0.1 if at == "first-result" else 0.02)
     return f"finished rc={proc.returncode}", 0.0
 
 
@@ -171,8 +182,14 @@ def main() -> int:
         help="runs whose sweep is killed before it finishes (one that finishes first does not count; "
         "at most 2x this many runs in all)",
     )
-    ap.add_argument("--kills", type=int, choices=(1, 2), default=1, help="2: also kill the first resume")
-    ap.add_argument("--max-delay", type=float, default=10.0, help="kill at U(0, this) s after the first result")
+    ap.add_argument("--kills", type=int, choices=(1, 2, 3), default=1, help="2 (3): also kill the first (two) resumes")
+    ap.add_argument("--max-delay", type=float, default=10.0, help="kill at U(0, this) s after the moment of --at")
+    ap.add_argument(
+        "--at",
+        choices=("first-result", "start"),
+        default="first-result",
+        help="count the delay from the first epoch result (default) or from the Tune run's start",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--code",
@@ -185,7 +202,8 @@ def main() -> int:
     a = ap.parse_args()
     code = Path(a.code).resolve()
     label = "" if code == ROOT else f"-{code.name}"
-    out = Path(a.out) / f"{a.storage}-k{a.kills}-s{a.seed}{label}"
+    at = "" if a.at == "first-result" else f"-{a.at}"
+    out = Path(a.out) / f"{a.storage}-k{a.kills}-s{a.seed}{at}{label}"
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
     server, s3env = s3_server() if a.storage == "s3" else (None, {})
@@ -224,6 +242,7 @@ def main() -> int:
                 d / "sweep.log",
                 exp,
                 rng.uniform(0, a.max_delay),
+                a.at,
             )
             steps.append(f"sweep {what}" + (f" at +{at:.1f}s" if what == "killed" else ""))
             logs.append(d / "sweep.log")
@@ -234,6 +253,7 @@ def main() -> int:
                     d / f"resume-{k}.log",
                     exp,
                     rng.uniform(0, a.max_delay),
+                    a.at,
                 )
                 steps.append(f"resume {what}" + (f" at +{at:.1f}s" if what == "killed" else ""))
                 logs.append(d / f"resume-{k}.log")
@@ -274,6 +294,7 @@ def main() -> int:
     summary = {
         "storage": a.storage,
         "kills": a.kills,
+        "at": a.at,
         "seed": a.seed,
         "code": str(code),
         "runs": len(runs),

@@ -188,7 +188,8 @@ def test_final_resume_after_kill(env, study, tmp_path):
     r = fer_tune(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]
-    assert max(x.get("resumed_at", 0) for x in rows) >= 3  # continued from a checkpoint, not from scratch
+    # continued from a checkpoint, not from scratch: the newest one Tune's last saved state (every 3 s) named
+    assert max(x.get("resumed_at", 0) for x in rows) >= 1
     m = json.loads((out / "metrics.json").read_text())
     s = m["seeds"][0]
     assert s["status"] == "complete" and [h["epoch"] for h in s["history"]] == list(range(1, 13))

@@ -33,18 +33,34 @@ log = logging.getLogger(__name__)
 
 class StudySearch(OptunaSearch):
     """OptunaSearch on a persistent storage that (1) ignores Tune's repeated reports for trials the DB already
-    holds as finished (a trial that finished after Tune's last snapshot runs again on resume), (2) on restore marks
-    RUNNING DB trials Tune does not know as FAIL and draws a fresh sampler seed (so old suggestions are not
-    replayed), (3) tells ASHA-stopped trials as PRUNED and diverged ones as FAIL, (4) never pickles the storage URL
+    holds as finished (a trial that finished after Tune's last snapshot runs again on resume), (2) on restore hands
+    the RUNNING DB trials Tune does not know (suggested after its last snapshot) to its next new trials and draws a
+    fresh sampler seed (so old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged ones as FAIL, (4) never pickles the storage URL
     (it may hold a password): it is re-resolved on restore."""
 
-    def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, **kw: Any):
+    def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, adopt: bool = False, **kw: Any):
+        """`adopt`: a run that starts over because its driver died before Tune saved a state: the study's RUNNING
+        trials are its own, handed to its first Tune trials, and the sampler's seed is fresh (the seeded one would
+        suggest those trials' parameters again)."""
         optuna_lib()
         self._storage_ref = storage_ref
         self._max_epochs = max_epochs
         self._last: dict[str, dict] = {}
         self._orphans: list[int] = []
         super().__init__(storage=resolve_storage(storage_ref), study_name=study_name, **kw)
+        if adopt:
+            self._adopt(known=set())
+
+    def _adopt(self, known: set[int]) -> None:
+        """The study's RUNNING / WAITING trials that Tune does not know (`known`: the numbers it does) become the
+        trials handed to Tune's next new trials; a fresh sampler seed, so the suggestions made after Tune's last
+        saved state are not replayed."""
+        ri.search_name_and_sampler(self)[1].reseed_rng()
+        self._orphans = [
+            ri.trial_id(t)
+            for t in ri.search_study(self).get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            if ri.trial_id(t) not in known
+        ]
 
     @property
     def _db(self) -> Any:
@@ -182,14 +198,7 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             self.__setstate__(pickle.load(fh))
-        # a fresh seed: the pickled sampler would replay the suggestions made after the last snapshot
-        ri.search_name_and_sampler(self)[1].reseed_rng()
-        known = {ri.trial_id(t) for t in ri.search_trials(self).values()}
-        self._orphans = [
-            ri.trial_id(t)
-            for t in ri.search_study(self).get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-            if ri.trial_id(t) not in known
-        ]
+        self._adopt(known={ri.trial_id(t) for t in ri.search_trials(self).values()})
 
 
 class FinishedInStudy(Stopper):

@@ -38,12 +38,12 @@ def refuse_other_settings(
 
 def stage_tuner(rec: dict, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
     """(the Tuner, its experiment directory) of a stage's Ray experiment in rec["ray_storage"]/tune: Tune's saved
-    state continued when it holds one, else `new()`."""
+    state continued when it holds one, else `new()` (also when a driver died before Tune saved a state)."""
     from . import storage
     from .runtime import restore_tuner
 
     exp = storage.join(rec["ray_storage"], "tune")
-    if storage.exists(storage.join(exp, "tuner.pkl")):
+    if storage.has_tune_state(exp):
         return restore_tuner(exp, trainable, rec.get("fer_tune")), exp
     return new(), exp
 

@@ -148,19 +148,25 @@ def exists(loc: str | Path) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_text(loc: str | Path) -> str | None:
-    """A file's text, or None if it does not exist."""
+def read_bytes(loc: str | Path) -> bytes | None:
+    """A file's bytes, or None if it does not exist."""
     if not is_uri(loc):
         try:
-            return Path(loc).read_text(errors="replace")
+            return Path(loc).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
     fs, path = _fs(str(loc))
     try:
         with _reading(str(loc)), fs.open_input_stream(path) as fh:
-            return fh.read().decode(errors="replace")
+            return fh.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def read_text(loc: str | Path) -> str | None:
+    """A file's text, or None if it does not exist."""
+    data = read_bytes(loc)
+    return None if data is None else data.decode(errors="replace")
 
 
 def write_text(loc: str, text: str) -> None:
@@ -193,6 +199,16 @@ def delete(loc: str, *, tree: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # a study's experiment directories
 # ---------------------------------------------------------------------------------------------------------
+def has_tune_state(exp_dir: str | Path) -> bool:
+    """True when a Ray experiment (local path or URI) holds a state Tuner.restore can continue: its tuner.pkl
+    written whole and an experiment state saved. A driver killed in its first seconds leaves neither (or an empty
+    tuner.pkl): such a run starts over."""
+    names = listdir(exp_dir)
+    if "tuner.pkl" not in names or not any(n.startswith("experiment_state-") for n in names):
+        return False
+    return bool(read_bytes(join(str(exp_dir), "tuner.pkl")))
+
+
 def study_storage(sdir: str | Path, record: dict) -> str:
     """Where the study's Ray experiments live: its recorded Ray storage, else the study directory itself (so a
     results/NAME copied to a laptop still reads)."""

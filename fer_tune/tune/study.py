@@ -57,10 +57,10 @@ from .runtime import (
 )
 from .spaces import load_space
 from .spec import StudySpec
-from .storage import experiment_dir, study_storage
+from .storage import experiment_dir, has_tune_state, study_storage
 from .tracking import check as check_tracking
 from .tracking_study import catch_up_study, track_study
-from .trials import experiment_trial_states, has_tune_state, has_unfinished, write_trials_csv
+from .trials import experiment_trial_states, has_unfinished, run_complete, write_trials_csv
 
 log = logging.getLogger(__name__)
 Loader = Callable[[str, str], Any]  # (data source, protocol) -> FerData
@@ -93,7 +93,8 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     exp_dir = experiment_dir(sdir, record, run)
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
-    if restore and has_tune_state(exp_dir):
+    saved = has_tune_state(exp_dir)
+    if restore and saved:
         tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
@@ -104,6 +105,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
             storage_ref=record["storage"],
             study_name=record["optuna_study"],
             max_epochs=spec.max_epochs,
+            adopt=restore,  # a run whose driver died before Tune saved a state: it starts over
         )
         scheduler = make_scheduler(spec, [experiment_dir(sdir, record, r) for r in record["runs"]])
         tuner = tune.Tuner(
@@ -127,7 +129,10 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         )
     set_output(tuner, output, study_progress(record, spec, run))
     track_study(tuner, sdir, record, spec)
-    unfinished = sum(s != "TERMINATED" for s in experiment_trial_states(exp_dir).values()) if restore else None
+    unfinished = None
+    if restore:  # trials to finish: those Tune holds unfinished and those it has yet to start
+        before = experiment_trial_states(exp_dir)
+        unfinished = sum(s != "TERMINATED" for s in before.values()) + max(0, run["num_samples"] - len(before))
     session = new_session(unfinished)
     run.setdefault("sessions", []).append(session)
     write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
@@ -137,13 +142,13 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     except KeyboardInterrupt:
         grid, interrupted = None, True
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
-    finished = [s in ("TERMINATED", "ERROR") for s in experiment_trial_states(exp_dir).values()]
-    interrupted = interrupted or (grid is not None and not all(finished))  # has_unfinished(), on the states read once
+    states = experiment_trial_states(exp_dir)
+    interrupted = interrupted or (grid is not None and not run_complete(states, run["num_samples"]))
     session.update(
         ended=time.strftime("%Y-%m-%d %H:%M:%S"),
         wall_seconds=time.time() - t0,
         outcome="interrupted" if interrupted else "finished",
-        trials_finished=sum(finished),
+        trials_finished=sum(s in ("TERMINATED", "ERROR") for s in states.values()),
     )
     write_study(sdir, record)
     write_trials_csv(sdir, record)
@@ -333,9 +338,7 @@ def resume(
         record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
-        if not has_tune_state(exp):
-            raise FerTuneError(f"{exp} holds no Ray experiment state; nothing to resume")
-        if not has_unfinished(exp, errors=True):
+        if not has_unfinished(exp, run["num_samples"], errors=True):
             write_study(sdir_p, record)
             write_trials_csv(sdir_p, record)
             catch_up_study(sdir_p, record, spec)
@@ -345,7 +348,16 @@ def resume(
                 sdir_p,
             )
             return 0
-        log.info("resuming study %s (%s) in %s", record["name"], run["dir"], sdir_p)
+        if has_tune_state(exp):
+            log.info("resuming study %s (%s) in %s", record["name"], run["dir"], sdir_p)
+        else:
+            log.info(
+                "resuming study %s (%s) in %s: its driver stopped before Ray Tune saved a state, so the run starts "
+                "over, taking up the trials it had begun",
+                record["name"],
+                run["dir"],
+                sdir_p,
+            )
         return _run_in_session(
             sdir_p,
             record,
@@ -382,7 +394,7 @@ def extend(
         record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
-        if has_tune_state(last_exp) and has_unfinished(last_exp):
+        if has_unfinished(last_exp, last["num_samples"]):
             raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
         if spec.sampler == "grid":
             done = len(load_optuna_study(record).trials)

@@ -20,7 +20,7 @@ from .checkpoints import checkpointed_results, result_rows
 from .lock import holder
 from .record import epoch_values, load_optuna_study
 from .spec import StudySpec, objectives
-from .storage import exists, experiment_dir, join, listdir, read_text
+from .storage import experiment_dir, join, listdir, read_text
 
 RESULT_KEYS = (
     "val_acc",
@@ -123,16 +123,19 @@ def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def has_tune_state(exp_dir: str) -> bool:
-    """True when a Ray experiment (local path or URI) holds Tune's state, so Tuner.restore can continue it."""
-    return exists(join(exp_dir, "tuner.pkl"))
+def has_unfinished(exp_dir: str, num_samples: int, *, errors: bool = False) -> bool:
+    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver), or fewer
+    than the run's `num_samples` trials (a driver killed after the searcher suggested trials that no saved state of
+    Tune's names yet: they are RUNNING in the Optuna study and a resume hands them to Tune's next trials); with
+    errors=True, trials that errored out count as unfinished too (resume retries them)."""
+    return not run_complete(experiment_trial_states(exp_dir), num_samples, errors=errors)
 
 
-def has_unfinished(exp_dir: str, *, errors: bool = False) -> bool:
-    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver);
-    with errors=True, trials that errored out count as unfinished too (resume retries them)."""
+def run_complete(states: dict[str, str], num_samples: int, *, errors: bool = False) -> bool:
+    """Whether Tune states {trial id: status} of a run of `num_samples` trials are all there and finished (errored
+    trials count as finished unless errors=True)."""
     done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
-    return any(s not in done for s in experiment_trial_states(exp_dir).values())
+    return len(states) >= num_samples and all(s in done for s in states.values())
 
 
 def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
