@@ -87,7 +87,7 @@ def s3_server():
 def first_result(exp: str) -> bool:
     from fer_tune.tune import storage as st
 
-    return any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp) if d.startswith("_trial"))
+    return any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp) if "trial_" in d)
 
 
 def run_started(exp: str) -> bool:
