@@ -13,7 +13,7 @@ import time
 
 from conftest import cli_args, fer_tune, study_trials, write_space
 
-from fer_tune.tune.trials import run_complete
+from fer_tune.tune.trials import to_finish
 
 
 def _all_finished_once(sdir, n):
@@ -24,13 +24,13 @@ def _all_finished_once(sdir, n):
     return trials
 
 
-def test_run_complete_needs_every_trial_of_the_run():
-    assert run_complete({"a": "TERMINATED", "b": "TERMINATED"}, 2)
-    assert not run_complete({"a": "TERMINATED", "b": "TERMINATED"}, 3)  # one suggested after the last snapshot
-    assert not run_complete({}, 1)  # no state saved at all
-    assert not run_complete({"a": "TERMINATED", "b": "RUNNING"}, 2)
-    assert run_complete({"a": "TERMINATED", "b": "ERROR"}, 2)
-    assert not run_complete({"a": "TERMINATED", "b": "ERROR"}, 2, errors=True)
+def test_trials_to_finish_count_those_tune_does_not_name_yet():
+    assert to_finish({"a": "TERMINATED", "b": "TERMINATED"}, 2) == 0
+    assert to_finish({"a": "TERMINATED", "b": "TERMINATED"}, 3) == 1  # one begun after Tune's last state
+    assert to_finish({}, 4) == 4  # no state saved at all
+    assert to_finish({"a": "TERMINATED", "b": "RUNNING", "c": "PENDING"}, 3) == 2
+    assert to_finish({"a": "TERMINATED", "b": "ERROR"}, 2) == 1  # resume retries an errored trial
+    assert to_finish({"a": "TERMINATED", "b": "ERROR"}, 2, errors=False) == 0
 
 
 def test_a_driver_killed_before_tune_saved_a_state_starts_its_run_over(tmp_path, env):

@@ -60,7 +60,7 @@ from .spec import StudySpec
 from .storage import experiment_dir, has_tune_state, study_storage
 from .tracking import check as check_tracking
 from .tracking_study import catch_up_study, track_study
-from .trials import experiment_trial_states, has_unfinished, run_complete, write_trials_csv
+from .trials import experiment_trial_states, has_unfinished, to_finish, write_trials_csv
 
 log = logging.getLogger(__name__)
 Loader = Callable[[str, str], Any]  # (data source, protocol) -> FerData
@@ -93,8 +93,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     exp_dir = experiment_dir(sdir, record, run)
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
-    saved = has_tune_state(exp_dir)
-    if restore and saved:
+    if restore and has_tune_state(exp_dir):
         tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
@@ -129,11 +128,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         )
     set_output(tuner, output, study_progress(record, spec, run))
     track_study(tuner, sdir, record, spec)
-    unfinished = None
-    if restore:  # trials to finish: those Tune holds unfinished and those it has yet to start
-        before = experiment_trial_states(exp_dir)
-        unfinished = sum(s != "TERMINATED" for s in before.values()) + max(0, run["num_samples"] - len(before))
-    session = new_session(unfinished)
+    session = new_session(to_finish(experiment_trial_states(exp_dir), run["num_samples"]) if restore else None)
     run.setdefault("sessions", []).append(session)
     write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
     t0 = time.time()
@@ -143,7 +138,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         grid, interrupted = None, True
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
     states = experiment_trial_states(exp_dir)
-    interrupted = interrupted or (grid is not None and not run_complete(states, run["num_samples"]))
+    interrupted = interrupted or (grid is not None and to_finish(states, run["num_samples"], errors=False) > 0)
     session.update(
         ended=time.strftime("%Y-%m-%d %H:%M:%S"),
         wall_seconds=time.time() - t0,
@@ -348,16 +343,8 @@ def resume(
                 sdir_p,
             )
             return 0
-        if has_tune_state(exp):
-            log.info("resuming study %s (%s) in %s", record["name"], run["dir"], sdir_p)
-        else:
-            log.info(
-                "resuming study %s (%s) in %s: its driver stopped before Ray Tune saved a state, so the run starts "
-                "over, taking up the trials it had begun",
-                record["name"],
-                run["dir"],
-                sdir_p,
-            )
+        over = "" if has_tune_state(exp) else " (Tune saved no state before it stopped: the run starts over)"
+        log.info("resuming study %s (%s) in %s%s", record["name"], run["dir"], sdir_p, over)
         return _run_in_session(
             sdir_p,
             record,

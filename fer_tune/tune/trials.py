@@ -124,18 +124,18 @@ def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
 
 
 def has_unfinished(exp_dir: str, num_samples: int, *, errors: bool = False) -> bool:
-    """True when Ray's experiment state still holds trials that did not finish (a Ctrl-C, a killed driver), or fewer
-    than the run's `num_samples` trials (a driver killed after the searcher suggested trials that no saved state of
-    Tune's names yet: they are RUNNING in the Optuna study and a resume hands them to Tune's next trials); with
-    errors=True, trials that errored out count as unfinished too (resume retries them)."""
-    return not run_complete(experiment_trial_states(exp_dir), num_samples, errors=errors)
+    """True when Ray's experiment state of a run of `num_samples` trials leaves trials to finish (see to_finish):
+    a Ctrl-C, a killed driver; with errors=True, trials that errored out count too (resume retries them)."""
+    return to_finish(experiment_trial_states(exp_dir), num_samples, errors=errors) > 0
 
 
-def run_complete(states: dict[str, str], num_samples: int, *, errors: bool = False) -> bool:
-    """Whether Tune states {trial id: status} of a run of `num_samples` trials are all there and finished (errored
-    trials count as finished unless errors=True)."""
+def to_finish(states: dict[str, str], num_samples: int, *, errors: bool = True) -> int:
+    """How many trials of a run of `num_samples` are left to finish, by Tune's states {trial id: status}: those
+    not finished (errored ones too, unless errors=False) and those Tune's state does not name yet (the searcher
+    begins trials after Tune's last saved state: RUNNING in the Optuna study, a resume hands them to Tune's next
+    trials; a driver killed before Tune saved any state leaves no state at all)."""
     done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
-    return len(states) >= num_samples and all(s in done for s in states.values())
+    return sum(s not in done for s in states.values()) + max(0, num_samples - len(states))
 
 
 def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
