@@ -35,8 +35,8 @@ class StudySearch(OptunaSearch):
     """OptunaSearch on a persistent storage that (1) ignores Tune's repeated reports for trials the DB already
     holds as finished (a trial that finished after Tune's last snapshot runs again on resume), (2) on restore hands
     the RUNNING DB trials Tune does not know (suggested after its last snapshot) to its next new trials and draws a
-    fresh sampler seed (so old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged ones as FAIL, (4) never pickles the storage URL
-    (it may hold a password): it is re-resolved on restore."""
+    fresh sampler seed (so old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged
+    ones as FAIL, (4) never pickles the storage URL (it may hold a password): it is re-resolved on restore."""
 
     def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, adopt: bool = False, **kw: Any):
         """`adopt`: a run that starts over because its driver died before Tune saved a state: the study's RUNNING
