@@ -148,25 +148,32 @@ def exists(loc: str | Path) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(loc: str | Path) -> bytes | None:
-    """A file's bytes, or None if it does not exist."""
+def read_text(loc: str | Path) -> str | None:
+    """A file's text, or None if it does not exist."""
     if not is_uri(loc):
         try:
-            return Path(loc).read_bytes()
+            return Path(loc).read_text(errors="replace")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
     fs, path = _fs(str(loc))
     try:
         with _reading(str(loc)), fs.open_input_stream(path) as fh:
-            return fh.read()
+            return fh.read().decode(errors="replace")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
 
 
-def read_text(loc: str | Path) -> str | None:
-    """A file's text, or None if it does not exist."""
-    data = read_bytes(loc)
-    return None if data is None else data.decode(errors="replace")
+def size(loc: str | Path) -> int:
+    """A file's size in bytes, 0 if it does not exist."""
+    if not is_uri(loc):
+        try:
+            return Path(loc).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+    fs, path = _fs(str(loc))
+    with _reading(str(loc)):
+        info = fs.get_file_info(path)
+    return (info.size or 0) if info.is_file else 0
 
 
 def write_text(loc: str, text: str) -> None:
@@ -206,7 +213,7 @@ def has_tune_state(exp_dir: str | Path) -> bool:
     names = listdir(exp_dir)
     if "tuner.pkl" not in names or not any(n.startswith("experiment_state-") for n in names):
         return False
-    return bool(read_bytes(join(str(exp_dir), "tuner.pkl")))
+    return size(join(str(exp_dir), "tuner.pkl")) > 0
 
 
 def study_storage(sdir: str | Path, record: dict) -> str:
