@@ -169,8 +169,8 @@ def main() -> None:
 
 def _tops(sdir: Path, rec: dict) -> list[dict]:
     """The top trials with their study configs (their own schedulers), in the order the PBT stage took them."""
-    from fer_tune.tune.record import read_study, spec_with
-    from fer_tune.tune.trials import best_trial
+    from fer_tune.tune.study.outputs import best_trial
+    from fer_tune.tune.study.record import read_study, spec_with
 
     record = read_study(sdir)
     spec = spec_with((sdir / "space.yaml").read_text(), record["overrides"], "space", record["name"])

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np  # noqa: E402
 
-from fer_tune.common import NUM_CLASSES  # noqa: E402
-from fer_tune.synthetic import generate  # noqa: E402
+from fer_tune.common import NUM_CLASSES
+from fer_tune.synthetic import generate
 
 
 def throughput(n: int = 5000, repeats: int = 3) -> float:

@@ -85,13 +85,13 @@ def s3_server():
 
 
 def first_result(exp: str) -> bool:
-    from fer_tune.tune import storage as st
+    from fer_tune.tune.runtime import storage as st
 
     return any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp) if "trial_" in d)
 
 
 def run_started(exp: str) -> bool:
-    from fer_tune.tune import storage as st
+    from fer_tune.tune.runtime import storage as st
 
     return st.exists(st.join(exp, "tuner.pkl"))
 
@@ -121,8 +121,8 @@ def run_killed(cmd: list[str], env: dict, log: Path, exp: str, delay: float, at:
 def check(sdir: Path, spec: dict, logs: list[Path]) -> dict:
     import optuna
 
-    from fer_tune.tune.record import read_study
-    from fer_tune.tune.trials import study_results
+    from fer_tune.tune.study.outputs import study_results
+    from fer_tune.tune.study.record import read_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     record = read_study(sdir)

@@ -6,7 +6,7 @@
 3. measure the last, best-validation and fine-tuned models on the test split with TenCrop, write their confusion
    matrices and saliency maps, and export the fine-tuned model (fer_tune.export).
 
-`run_seed` reads top to bottom; whatever runs it (fer_tune.tune.final on Ray) persists a `SeedState` through
+`run_seed` reads top to bottom; whatever runs it (fer_tune.tune.final.driver on Ray) persists a `SeedState` through
 the `save` callback at every epoch and hands the last one back to continue after a crash.
 """
 
@@ -55,7 +55,7 @@ FINAL_DEFAULTS = {
     "seeds": 1,
     "eval_every": 25,
     "baseline": None,
-    "from_pbt": False,  # retrain the PBT stage's best member with its schedule (fer_tune.tune.pbt)
+    "from_pbt": False,  # retrain the PBT stage's best member with its schedule (fer_tune.tune.pbt.driver)
 }
 
 

@@ -117,7 +117,7 @@ def test_ray_is_started_and_stopped_in_one_module_and_modules_stay_readable():
             for n in ast.walk(tree)
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
         }
-        if name != "fer_tune.tune.runtime":
+        if name != "fer_tune.tune.runtime.session":
             assert not calls & {"ray.init", "ray.shutdown"}, name
     long = {
         n: len(Path(PKG.parent, *n.split(".")).with_suffix(".py").read_text().splitlines())
@@ -125,6 +125,32 @@ def test_ray_is_started_and_stopped_in_one_module_and_modules_stay_readable():
         if Path(PKG.parent, *n.split(".")).with_suffix(".py").is_file()
     }
     assert all(v <= MAX_LINES for v in long.values()), {n: v for n, v in long.items() if v > MAX_LINES}
+
+
+STAGES = ("study", "final", "pbt")  # packages of fer_tune.tune with the same files
+
+
+def test_the_study_layer_is_packages_by_stage_on_one_runtime():
+    """fer_tune/tune/: every stage has its driver (the command), its trial (the function inside Ray Tune) and its
+    outputs (what it leaves behind, read back); the runtime imports no stage; a trial imports only the runtime and
+    its own stage; only the commands (and the demo's driver calls) import a driver; no module is left beside the
+    packages but the map of the old names."""
+    _, edges, _ = graph()
+    tune = PKG / "tune"
+    for stage in STAGES:
+        assert {"driver.py", "trial.py", "outputs.py"} <= {f.name for f in (tune / stage).glob("*.py")}, stage
+    assert sorted(f.name for f in tune.glob("*.py")) == ["__init__.py", "moved.py"]
+    for src, deps in edges.items():
+        parts = src.split(".")
+        inner = [d for d in deps if d.startswith("fer_tune.tune.") and d.count(".") >= 3]
+        if parts[:3] == ["fer_tune", "tune", "runtime"]:
+            assert all(d.startswith("fer_tune.tune.runtime.") for d in inner), (src, inner)
+        if src.endswith(".trial") and parts[:2] == ["fer_tune", "tune"]:
+            own = ".".join(parts[:3]) + "."
+            assert all(d.startswith(("fer_tune.tune.runtime.", own)) for d in inner), (src, inner)
+        drivers = [d for d in inner if d.endswith(".driver") and not d.startswith(".".join(parts[:3]) + ".")]
+        if not src.startswith("fer_tune.cli"):
+            assert not drivers or src.endswith(".driver"), (src, drivers)
 
 
 def test_no_print_in_the_library():
@@ -142,12 +168,12 @@ def test_no_print_in_the_library():
 
 
 def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_path):
-    """Fails loudly when a Ray or Optuna release renames what fer_tune.tune.internals reads."""
+    """Fails loudly when a Ray or Optuna release renames what fer_tune.tune.runtime.internals reads."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from fer_tune.tune import internals as ri
+    from fer_tune.tune.runtime import internals as ri
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = OptunaSearch(

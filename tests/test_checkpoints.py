@@ -1,4 +1,4 @@
-"""Trial checkpoints in a crash (fer_tune.tune.checkpoints, and the results trials.csv reads): which are kept, where a
+"""Trial checkpoints in a crash (fer_tune.tune.runtime.checkpoints, and the results trials.csv reads): which are kept, where a
 restored trial continues from, and the epochs a killed driver lost. Plain files, no Ray runtime."""
 
 import json
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pyarrow.fs as pafs
 import pytest
 
-from fer_tune.tune.checkpoints import pruner, restore, write_meta
-from fer_tune.tune.trials import read_results
+from fer_tune.tune.runtime.checkpoints import pruner, restore, write_meta
+from fer_tune.tune.study.outputs import read_results
 
 
 def make_checkpoints(trial_dir, epochs, score=lambda e: float(e), first=0):
@@ -114,7 +114,7 @@ def test_a_tune_state_another_release_wrote_is_refused_in_one_line(tmp_path):
     """Tune pickles the searcher and the trainable by name: a state that names classes this release does not
     have is a clear refusal, not a traceback."""
     from fer_tune.common import FerTuneError
-    from fer_tune.tune.runtime import restore_tuner
+    from fer_tune.tune.runtime.session import restore_tuner
 
     (tmp_path / "tuner.pkl").write_bytes(b"cfer_tune.study\n_searcher_class\n.")  # a 0.2 study's searcher
     with pytest.raises(FerTuneError, match=r"written by fer-tune 0\.2\.0 and cannot be read by fer-tune .*release"):

@@ -125,7 +125,7 @@ def test_fetch_step_copies_the_dataset_once(tmp_path):
 # storage: the flags and the multi-node rule
 # ---------------------------------------------------------------------------------------------------------
 def test_node_local_path_on_a_multi_node_cluster_is_detected(tmp_path):
-    from fer_tune.tune.storage import filesystem_type, node_local_problem
+    from fer_tune.tune.runtime.storage import filesystem_type, node_local_problem
 
     local = str(tmp_path / "results")
     msg = node_local_problem(local, 3)
@@ -261,7 +261,7 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from fer_tune.tune import storage as st
+    from fer_tune.tune.runtime import storage as st
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

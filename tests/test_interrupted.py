@@ -13,7 +13,7 @@ import time
 
 from conftest import cli_args, fer_tune, study_trials, write_space
 
-from fer_tune.tune.trials import to_finish
+from fer_tune.tune.study.outputs import to_finish
 
 
 def _all_finished_once(sdir, n):

@@ -1,4 +1,4 @@
-"""One driver per study (fer_tune.tune.lock), study names, and SIGTERM / SIGHUP handling (fer_tune.tune.signals), without
+"""One driver per study (fer_tune.tune.runtime.lock), study names, and SIGTERM / SIGHUP handling (fer_tune.tune.runtime.signals), without
 Ray: the commands that use them are tested with real Ray in test_study and test_final."""
 
 import json
@@ -15,7 +15,7 @@ import pytest
 
 from fer_tune.cli import main
 from fer_tune.common import FerTuneError, is_plain_name
-from fer_tune.tune import lock, signals
+from fer_tune.tune.runtime import lock, signals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def hold_in_child(directory: Path):
     """A second process that takes the lock of `directory` and keeps it until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from fer_tune.tune import lock
+        from fer_tune.tune.runtime import lock
         lock.COMMAND = "fer-tune resume {directory}"
         held = lock.acquire({str(directory)!r}, what="the study")
         print("held", flush=True)
@@ -182,7 +182,7 @@ def test_a_space_file_name_must_be_plain(tmp_path, capsys):
 def test_sigterm_while_no_tune_run_is_a_keyboard_interrupt_with_its_exit_code():
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from fer_tune.tune import signals
+        from fer_tune.tune.runtime import signals
         signals.install()
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -199,7 +199,7 @@ def test_sigterm_while_no_tune_run_is_a_keyboard_interrupt_with_its_exit_code():
 def test_a_second_signal_stops_at_once_and_releases_the_lock(tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from fer_tune.tune import lock, signals
+        from fer_tune.tune.runtime import lock, signals
         held = lock.acquire({str(tmp_path)!r}, what="the study")
         signal.signal(signal.SIGINT, lambda *a: None)  # a run that takes its time to stop (as Tune saving)
         signals.install()

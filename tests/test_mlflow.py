@@ -146,7 +146,7 @@ def files_hold(root: Path, text: str) -> list[str]:
 # the URI and the check at start, without Ray
 # ---------------------------------------------------------------------------------------------------------
 def test_what_is_recorded_for_a_uri(tmp_path, monkeypatch):
-    from fer_tune.tune.record import mlflow_ref
+    from fer_tune.tune.study.record import mlflow_ref
 
     monkeypatch.chdir(tmp_path)
     assert mlflow_ref("off") is None
@@ -167,7 +167,7 @@ def test_what_is_recorded_for_a_uri(tmp_path, monkeypatch):
 
 def test_a_store_that_cannot_be_written_or_no_mlflow_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    from fer_tune.tune.tracking import check
+    from fer_tune.tune.mlflow.tracking import check
 
     # off, given on resume, wins over the recorded server (which is not even asked)
     assert check("off", "t", recorded=f"http://127.0.0.1:{free_port()}") is None
@@ -204,8 +204,8 @@ def test_an_unreachable_server_stops_a_sweep_before_it_starts(tmp_path):
 
 def test_mlflow_going_away_is_said_once_and_what_it_missed_follows_when_it_is_back(tmp_path, monkeypatch, caplog):
     pytest.importorskip("mlflow")
-    from fer_tune.tune import tracking
-    from fer_tune.tune.record import mlflow_ref
+    from fer_tune.tune.mlflow import tracking
+    from fer_tune.tune.study.record import mlflow_ref
 
     monkeypatch.setattr(tracking, "RETRY_S", 0.0)  # try again at once
     ml = tracking.Mlflow(mlflow_ref(str(tmp_path / "mlruns")), "t").open()

@@ -13,7 +13,7 @@ from fer_tune.common import FerTuneError
 from fer_tune.config import TrainConfig
 from fer_tune.cost import count_mflops, model_cost
 from fer_tune.train import build_model
-from fer_tune.tune.spaces import parse_space
+from fer_tune.tune.study.spaces import parse_space
 
 CPU = torch.device("cpu")
 

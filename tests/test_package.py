@@ -40,7 +40,7 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
 
     r = run("-c", "import fer_tune, sys; print(fer_tune.__file__)")
     assert r.returncode == 0 and str(tmp_path / "venv") in r.stdout, r.stdout + r.stderr  # the wheel, not the checkout
-    r = run("-c", "from fer_tune.tune.spaces import load_space; print(load_space('joint').name)")
+    r = run("-c", "from fer_tune.tune.study.spaces import load_space; print(load_space('joint').name)")
     assert r.returncode == 0 and r.stdout.strip() == "joint", r.stderr[-2000:]
     r = run("-m", "fer_tune.cli", "demo", "--out", str(work / "demo"), "--quick", "--num-cpus=2")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

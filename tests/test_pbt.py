@@ -17,7 +17,7 @@ from fer_tune.common import FerTuneError
 from fer_tune.config import TrainConfig
 from fer_tune.schedule import check_schedule
 from fer_tune.train import fit
-from fer_tune.tune.pbt_trial import continued
+from fer_tune.tune.pbt.trial import continued
 
 CPU = torch.device("cpu")
 TINY = dict(width=0.0625, train_crops="one", test_crops="center", batch_size=32, scheduler="constant", threads=1)

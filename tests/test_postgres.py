@@ -42,7 +42,7 @@ def files_hold(root, text: str) -> list[str]:
 
 def test_a_storage_call_waits_while_the_server_is_down(pg):
     """The retrying storage itself: a call made while the server is stopped returns once it is back."""
-    from fer_tune.tune.record import resolve_storage
+    from fer_tune.tune.study.record import resolve_storage
 
     url = pg.create_db("retry")
     storage = resolve_storage(url)
@@ -60,7 +60,7 @@ def test_a_storage_call_waits_while_the_server_is_down(pg):
 
 def open_at_once(url: str, drivers: int) -> tuple[list[str], list[str]]:
     """`drivers` threads open the storage at url at the same moment and each creates a study: (names, errors)."""
-    from fer_tune.tune.record import resolve_storage
+    from fer_tune.tune.study.record import resolve_storage
 
     start, errors, names = threading.Barrier(drivers), [], []
 
@@ -175,8 +175,8 @@ def test_the_server_restarts_mid_study_and_the_study_finishes(pg, tmp_path, env)
 def test_a_database_that_is_not_there_at_start_is_one_line(monkeypatch):
     pytest.importorskip("psycopg")
     from fer_tune.common import FerTuneError
-    from fer_tune.tune import dbretry
-    from fer_tune.tune.record import resolve_storage
+    from fer_tune.tune.study import dbretry
+    from fer_tune.tune.study.record import resolve_storage
 
     monkeypatch.setattr(dbretry, "CONNECT_SECONDS", 1.0)
     monkeypatch.setenv(ENV_VAR, "postgresql+psycopg://u:hunter2@127.0.0.1:1/db")  # nothing listens on port 1

@@ -1,10 +1,10 @@
-"""fer-tune's progress lines (fer_tune.tune.progress): one line per trial event, with trials done of N, the best
+"""fer-tune's progress lines (fer_tune.tune.runtime.progress): one line per trial event, with trials done of N, the best
 so far and an ETA once a trial has finished; a failed trial names its error."""
 
 import logging
 from types import SimpleNamespace
 
-from fer_tune.tune.progress import TrialProgress
+from fer_tune.tune.runtime.progress import TrialProgress
 
 
 def trial(tid, status="RUNNING", config=None, last=None, error_file=None):
@@ -73,8 +73,8 @@ def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restor
     """set_output on a Tuner (a restored one keeps the RunConfig it was saved with)."""
     from ray import tune
 
-    from fer_tune.tune.internals import tuner_run_config
-    from fer_tune.tune.runtime import set_output
+    from fer_tune.tune.runtime.internals import tuner_run_config
+    from fer_tune.tune.runtime.session import set_output
 
     old = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
     new = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")

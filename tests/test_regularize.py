@@ -188,7 +188,7 @@ def test_bad_values_are_one_line(tmp_path, capsys, setting, expected):
 
 
 def test_the_keys_are_searchable_in_a_space():
-    from fer_tune.tune.spaces import parse_space
+    from fer_tune.tune.study.spaces import parse_space
 
     spec = parse_space(
         {

@@ -1,5 +1,5 @@
 """The study report: one real tiny study (a `fer-tune sweep` subprocess, once per module) plus a made-up final/
-directory in the layout fer_tune.tune.final writes; content checks on the HTML and a real browser (headless chromium,
+directory in the layout fer_tune.tune.final.driver writes; content checks on the HTML and a real browser (headless chromium,
 offline, file://) that must render every figure without console errors."""
 
 import csv
@@ -98,7 +98,7 @@ def _history(rng, epochs, eval_every, base):
 
 
 def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1), baseline: bool = False) -> dict:
-    """results/NAME/final/ as fer_tune.tune.final writes it, with small made-up numbers."""
+    """results/NAME/final/ as fer_tune.tune.final.driver writes it, with small made-up numbers."""
     fdir = sdir / "final"
     fdir.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import yaml
 
 from fer_tune.cli import main
 from fer_tune.common import FerTuneError
-from fer_tune.tune.spaces import load_space, parse_space
+from fer_tune.tune.study.spaces import load_space, parse_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 OK = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}

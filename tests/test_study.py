@@ -89,7 +89,7 @@ def test_the_study_driver_never_imports_torch(tmp_path):
         "import sys\n"
         "from fer_tune import cli, data, report\n"
         "from fer_tune.cli import study as cli_study\n"
-        "from fer_tune.tune import record, searcher, spaces, study\n"
+        "from fer_tune.tune.study import driver, record, searcher, spaces\n"
         "spec = spaces.load_space('search_spaces/joint.yaml')\n"
         "spec.base_config(); spec.define_by_run(); record.versions(); searcher.NumpyTBXLoggerCallback()\n"
         "data.load('synthetic:100', 'paper')\n"
@@ -243,8 +243,8 @@ def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
 
 def test_asha_rungs_are_rebuilt_from_earlier_results(tmp_path):
     """After a restore, ASHA knows what trials reported before the interruption (Ray does not save rungs)."""
-    from fer_tune.tune.searcher import make_scheduler
-    from fer_tune.tune.spaces import parse_space
+    from fer_tune.tune.study.searcher import make_scheduler
+    from fer_tune.tune.study.spaces import parse_space
 
     spec = parse_space(
         {**SPACE, "max_epochs": 8, "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
@@ -289,7 +289,7 @@ def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path,
 
 def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, caplog):
     from fer_tune.common import FerTuneError
-    from fer_tune.tune import preflight
+    from fer_tune.tune.runtime import preflight
 
     nodes = [{"Resources": {"CPU": 8.0}}, {"Resources": {"CPU": 4.0, "GPU": 0.0}}]
     monkeypatch.setattr(preflight, "alive_nodes", lambda: nodes)
@@ -452,7 +452,7 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
         t.state.name for t in trials
     ]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == n
-    from fer_tune.tune.trials import read_results
+    from fer_tune.tune.study.outputs import read_results
 
     results_by_trial = read_results([sdir / "tune"])
     rows = {int(row["number"]): row for row in read_csv(sdir)}

@@ -3,13 +3,7 @@ import pytest
 from PIL import Image
 
 from fer_tune.common import EMOTIONS, NUM_CLASSES
-from fer_tune.synthetic import (
-    CLASS_FREQUENCIES,
-    LABEL_WIDTH,
-    contact_sheet,
-    generate,
-    generate_dataset_arrays,
-)
+from fer_tune.synthetic import CLASS_FREQUENCIES, LABEL_WIDTH, contact_sheet, generate, generate_dataset_arrays
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..tune import lock
+    from ..tune.runtime import lock
 
     lock.COMMAND = shlex.join(["fer-tune", *(sys.argv[1:] if argv is None else argv)])
     if not getattr(args, "func", None):
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        from ..tune.signals import exit_code
+        from ..tune.runtime.signals import exit_code
 
         print("fer-tune: interrupted", file=sys.stderr)
         return exit_code()

@@ -1,4 +1,4 @@
-"""`fer-tune preflight`: is this Ray cluster ready for a long study? (see fer_tune/preflight.py)"""
+"""`fer-tune preflight`: is this Ray cluster ready for a long study? (see fer_tune/tune/runtime/preflight.py)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .common import parser_with
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from ..tune.preflight import run
+    from ..tune.runtime.preflight import run
 
     report = run(
         address=args.address, storage=args.storage, data=args.data, num_cpus=args.num_cpus, timeout=args.timeout

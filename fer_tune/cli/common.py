@@ -84,7 +84,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def output_mode(args: argparse.Namespace) -> str:
-    """--quiet / --verbose / neither as fer_tune.tune.runtime.OUTPUTS names it."""
+    """--quiet / --verbose / neither as fer_tune.tune.runtime.session.OUTPUTS names it."""
     return "quiet" if args.quiet else "tables" if args.verbose else "progress"
 
 
@@ -124,7 +124,7 @@ def add_force_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_mlflow_option(p: argparse.ArgumentParser, default: str) -> None:
-    """--mlflow URI (fer_tune.tune.tracking); `default`: what it is when not given, as --help says it."""
+    """--mlflow URI (fer_tune.tune.mlflow.tracking); `default`: what it is when not given, as --help says it."""
     p.add_argument(
         "--mlflow",
         default=None,

@@ -68,10 +68,10 @@ BUDGETS = {
 def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader: Callable) -> int:
     """Sweep, final stage and report of the demo's study in `out` (continued when it exists)."""
     from ..report import write_report
-    from ..tune.final import run_final
-    from ..tune.record import STUDY_FILE
-    from ..tune.runtime import ray_session
-    from ..tune.study import resume, sweep
+    from ..tune.final.driver import run_final
+    from ..tune.runtime.session import ray_session
+    from ..tune.study.driver import resume, sweep
+    from ..tune.study.record import STUDY_FILE
     from .final import print_final
     from .study import print_summary
 

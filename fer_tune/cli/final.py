@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..recipe import BASELINES, FINAL_DEFAULTS
-from ..tune.pbt_read import REPLAY_DIR
+from ..tune.pbt.read import REPLAY_DIR
 from .common import (
     add_force_option,
     add_mlflow_option,
@@ -22,7 +22,7 @@ from .report import refresh_report
 
 def print_final(out: str | Path) -> None:
     """A finished final stage's results on stdout (from its metrics.json)."""
-    from ..tune.final_outputs import result_lines
+    from ..tune.final.outputs import result_lines
 
     f = Path(out) / "metrics.json"
     if f.is_file():
@@ -39,7 +39,7 @@ def finish_final(rc: int, out: str | Path, study: str | Path, report: bool = Tru
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from ..tune.final import run_final
+    from ..tune.final.driver import run_final
 
     given = {k: getattr(args, k) for k in FINAL_DEFAULTS}
     rc = run_final(

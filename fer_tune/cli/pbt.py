@@ -21,7 +21,7 @@ DETAILS = (
 
 
 def cmd_pbt(args: argparse.Namespace) -> int:
-    from ..tune.pbt import DEFAULTS, run_pbt
+    from ..tune.pbt.driver import DEFAULTS, run_pbt
 
     given = {k: getattr(args, k) for k in (*DEFAULTS, "method")}
     ray = {"address": args.address, "num_cpus": args.num_cpus, "output": output_mode(args), "loader": loader(args)}
@@ -34,7 +34,7 @@ def cmd_pbt(args: argparse.Namespace) -> int:
 
 def print_pbt(study: str) -> None:
     """The study's PBT stage on stdout (`fer-tune pbt` at its end, `fer-tune status`), when it has one."""
-    from ..tune.pbt_read import status_lines
+    from ..tune.pbt.read import status_lines
 
     for line in status_lines(study):
         print(line, flush=True)

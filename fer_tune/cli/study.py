@@ -15,8 +15,8 @@ def print_summary(sdir: str | Path) -> None:
     """The study's trials by state and its best trial, on stdout (from trials.csv, as the run left it)."""
     import csv
 
-    from ..tune.record import read_study
-    from ..tune.trials import summary_lines
+    from ..tune.study.outputs import summary_lines
+    from ..tune.study.record import read_study
 
     sdir = Path(sdir).resolve()
     if not (sdir / "trials.csv").is_file():
@@ -35,8 +35,8 @@ def _finish(rc: int, sdir: str | Path) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..tune.spaces import load_space
-    from ..tune.study import sweep
+    from ..tune.study.driver import sweep
+    from ..tune.study.spaces import load_space
 
     rc = sweep(
         args.space,
@@ -60,10 +60,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from ..tune.study import resume
+    from ..tune.study.driver import resume
 
     if (Path(args.study) / "final.json").is_file():  # a final stage directory (results/NAME/final)
-        from ..tune.final import run_final
+        from ..tune.final.driver import run_final
         from .final import finish_final
 
         rec = json.loads((Path(args.study) / "final.json").read_text())
@@ -94,7 +94,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from ..tune.study import extend
+    from ..tune.study.driver import extend
 
     rc = extend(
         args.study,
@@ -110,14 +110,14 @@ def cmd_extend(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..tune.lock import running_line
-    from ..tune.record import read_study
-    from ..tune.trials import objective_value, status_summary
+    from ..tune.runtime.lock import running_line
+    from ..tune.study.outputs import objective_value, status_summary
+    from ..tune.study.record import read_study
 
     record = read_study(args.study)
     s = status_summary(args.study, record)
     if args.json:
-        from ..tune.pbt_read import stage
+        from ..tune.pbt.read import stage
 
         pbt = stage(args.study)  # the PBT stage, when the study has one
         if pbt is not None:

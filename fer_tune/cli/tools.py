@@ -12,8 +12,8 @@ from .common import add_read_options, load_data, parser_with
 
 def cmd_space_check(args: argparse.Namespace) -> int:
     from ..data import is_synthetic
-    from ..tune.space_check import capacity, report, report_lines
-    from ..tune.spaces import load_space
+    from ..tune.study.space_check import capacity, report, report_lines
+    from ..tune.study.spaces import load_space
 
     spec = load_space(args.space)
     required = bool(spec.data.get("required"))
@@ -30,7 +30,7 @@ def cmd_space_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from ..tune.dashboard import serve
+    from ..tune.study.dashboard import serve
 
     return serve(args.study, args.port)
 

@@ -1,4 +1,4 @@
-"""The report's final-stage section, from results/NAME/final/ (written by fer_tune.tune.final):
+"""The report's final-stage section, from results/NAME/final/ (written by fer_tune.tune.final.driver):
 
 final.json (at launch), history.csv (every seed's train and fine-tune epochs, also while running), metrics.json
 (when the stage finished: per seed models last / best_val / finetuned, and mean +- std over seeds) and

@@ -10,8 +10,8 @@ from __future__ import annotations
 import warnings
 
 from ..cost import COST_METRICS
-from ..tune.spec import objectives
-from ..tune.trials import objective_value
+from ..tune.study.outputs import objective_value
+from ..tune.study.spec import objectives
 from .html import Page, esc, fmt, params_text, table
 
 UNITS = {"params": "params (M)", "mflops": "MFLOPs / crop", "latency_ms": "latency (ms / image)"}

@@ -1,4 +1,4 @@
-"""The report's PBT section, from results/NAME/pbt/ (fer_tune.tune.pbt): the population over time (each member's
+"""The report's PBT section, from results/NAME/pbt/ (fer_tune.tune.pbt.driver): the population over time (each member's
 metric per epoch, a dashed step where it took another's weights), the lr / weight_decay / dropout schedules the best
 members followed, every clone, and the best member's test result (and its replay by `fer-tune final --from-pbt`
 when it ran). The figures' data are computed first (population_traces, schedule_traces), then drawn."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..tune.lock import describe
-from ..tune.pbt_read import member_number, schedule_rows, stage
+from ..tune.pbt.read import member_number, schedule_rows, stage
+from ..tune.runtime.lock import describe
 from .html import Page, esc, fmt, table
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")

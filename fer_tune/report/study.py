@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 from ..common import FerTuneError, shipped
-from ..tune.lock import running_line
-from ..tune.record import load_optuna_study, read_study
-from ..tune.spec import objectives
-from ..tune.trials import status_summary, study_results
+from ..tune.runtime.lock import running_line
+from ..tune.study.outputs import status_summary, study_results
+from ..tune.study.record import load_optuna_study, read_study
+from ..tune.study.spec import objectives
 from . import final as report_final
 from .html import Page, duration, esc, fmt, number, params_text, table, write_page
 from .pareto import pareto_section

@@ -1,0 +1,338 @@
+"""The final stage: a study's best configuration retrained from scratch, fine-tuned as the paper does, evaluated
+with TenCrop on the test split; K seeds in parallel on Ray, resumable like a study.
+
+results/NAME/final/
+    final.json    what was launched: the trial, its config, the fine-tune settings, the seeds
+    tune/         Ray's experiment, one trial per seed; checkpoints: the latest, one every --eval-every epochs
+                  and the finished one (each holds progress.json, state.pt, best.pt = the best-val weights)
+    seed-S/       per seed: metrics.json, confusion_{last,best_val,finetuned}.csv, saliency.png/.npz,
+                  model.pt (state_dict + config), model.pt2 (torch.export program), model.onnx (checked
+                  with onnxruntime), model.json (the model card; fer_tune.export)
+    metrics.json  per seed and mean +- std over seeds (written when every seed has finished)
+    history.csv   every seed's train and fine-tune epochs (also while running or after an interruption)
+    model.pt, .pt2, .onnx, .json  the fine-tuned model of the seed with the best validation accuracy
+
+Each seed runs fer_tune.recipe.run_seed through its Ray adapter (fer_tune.tune.final.trial.seed_trial);
+fer_tune.tune.final.outputs collects what the seeds leave behind. This module is the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
+from ...recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
+from ..mlflow.final import catch_up_final, track_final
+from ..mlflow.tracking import check as check_tracking
+from ..pbt.read import REPLAY_DIR, replay_choice
+from ..runtime import preflight, signals, storage
+from ..runtime.checkpoints import pruner
+from ..runtime.lock import acquire, describe, holder
+from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output, tune_verbosity
+from ..runtime.stage import fit_stage, read_record, refuse_other_settings, stage_tuner
+from ..study.outputs import best_trial
+from ..study.record import read_study, reopen
+from .outputs import WINNER, collect, final_progress, write_history
+from .trial import SNAPSHOT_KEEP, seed_trial
+
+log = logging.getLogger(__name__)
+
+FINAL_FILE = "final.json"
+
+
+def _settings(out: Path, given: dict) -> dict | None:
+    """The recorded settings of an existing final stage; refuses when given options contradict them."""
+    rec = read_record(out / FINAL_FILE, "the final stage")
+    if rec is None:
+        return None
+
+    def recorded(k: str) -> str:
+        if rec["settings"].get(k) is not None:
+            return f"recorded: {rec['settings'][k]}"
+        if k == "trial":
+            return f"it retrains trial {rec['trial']['number']}, the study's best"
+        return "it was started without it"
+
+    refuse_other_settings(out, "a final stage", given, rec["settings"], recorded, "or pass --out DIR for a new one")
+    return rec
+
+
+def run_final(
+    study: str,
+    *,
+    trial: int | None,
+    out: str | None,
+    given: dict,
+    gpus: float | None,
+    cpus: float | None = None,
+    address: str | None,
+    output: str,
+    loader: Callable,
+    num_cpus: int | None = None,
+    force: bool = False,
+    mlflow: str | None = None,
+) -> int:
+    """`fer-tune final`: start, continue or report a study's final stage (holding the lock of its directory).
+    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys; ``mlflow``: the MLflow
+    tracking URI (fer_tune.tune.mlflow.tracking), default the one the stage recorded, else the study's."""
+    sdir = Path(study).resolve()
+    out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
+    if given.get("from_pbt") and trial is not None:
+        raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
+    for k, v in given.items():
+        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
+            raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    if given.get("baseline") not in (None, *BASELINES):
+        raise FerTuneError(f"--baseline {given['baseline']}: the baselines are {', '.join(BASELINES)}")
+    if gpus is not None and gpus < 0:
+        raise FerTuneError(f"--gpus-per-run must be >= 0, got {gpus}")
+    if cpus is not None and cpus <= 0:
+        raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")
+    record = read_study(sdir)
+    _check_out(out_p, sdir, record)
+    with acquire(out_p, what="the final stage", force=force, create=True):
+        return _final(
+            sdir,
+            out_p,
+            trial=trial,
+            given=given,
+            gpus=gpus,
+            cpus=cpus,
+            address=address,
+            output=output,
+            loader=loader,
+            num_cpus=num_cpus,
+            force=force,
+            mlflow=mlflow,
+        )
+
+
+def _check_out(out: Path, sdir: Path, record: dict) -> None:
+    """A final stage's directory: not the study's own, nor inside one of its Ray experiments; its name is a plain
+    name (it names the final stage's Ray experiment beside the study's in a shared Ray storage)."""
+    runs = {r["dir"] for r in record["runs"]}
+    inside = out.is_relative_to(sdir) and out != sdir and out.relative_to(sdir).parts[0] in runs
+    if out == sdir or sdir.is_relative_to(out) or inside:
+        raise FerTuneError(
+            f"--out {out}: a final stage needs a directory of its own, not the study directory or "
+            f"one of its Ray experiments ({', '.join(sorted(runs))}); the default is {sdir / 'final'}"
+        )
+    if not is_plain_name(out.name):
+        raise FerTuneError(
+            f"--out {out}: the directory's name {out.name!r} names the final stage's Ray experiment: {NAME_RULE}"
+        )
+    if record.get("ray_storage") and out.name in runs:
+        raise FerTuneError(
+            f"--out {out}: its name {out.name!r} is taken by the study's own Ray experiment in "
+            f"{record['ray_storage']}; choose another directory name"
+        )
+
+
+def _final(
+    sdir: Path,
+    out_p: Path,
+    *,
+    trial: int | None,
+    given: dict,
+    gpus: float | None,
+    cpus: float | None,
+    address: str | None,
+    output: str,
+    loader: Callable,
+    num_cpus: int | None,
+    force: bool,
+    mlflow: str | None = None,
+) -> int:
+    record, spec, data = reopen(sdir, force, loader)
+    # a trial the study does not have is refused as that, whatever the final stage in OUT holds
+    chosen = best_trial(sdir, record, spec, trial) if trial is not None else None
+    rec = _settings(out_p, {**given, "trial": trial})
+    running = holder(sdir) if rec is None and trial is None and not given.get("from_pbt") else None
+    if running:
+        raise FerTuneError(
+            f"{sdir}: the study is being run by {describe(running)}, so its best trial is not "
+            "settled yet: start the final stage when it has finished, or pick a trial with --trial N"
+        )
+    announce, complete = "", False
+    if rec is None:
+        settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
+        settings["trial"] = trial
+        best = replay_choice(sdir) if settings["from_pbt"] else chosen or best_trial(sdir, record, spec, None)
+        if settings["from_pbt"] and given.get("epochs") is None:  # the PBT stage's epochs, which its schedule spans
+            settings["epochs"] = best["epochs"]
+        settings["eval_every"] = min(settings["eval_every"], settings["epochs"])
+        config = {**best["config"], "epochs": settings["epochs"]}
+        seeds = [int(config["seed"]) + i for i in range(settings["seeds"])]
+        res = spec.resources
+        rec = {
+            "study": record["name"],
+            "study_dir": str(sdir),
+            "trial": {k: best[k] for k in ("number", "ray_trial_id", "metric", "value", "epoch", "params")},
+            "config": config,
+            "settings": settings,
+            "finetune": {
+                "epochs": settings["finetune_epochs"],
+                "lr": settings["finetune_lr"],
+                "scheduler": settings["finetune_scheduler"],
+                "on": settings["finetune_on"],
+            },
+            "seeds": seeds,
+            "eval_every": settings["eval_every"],
+            "protocol": data.protocol,
+            "protocol_note": data.protocol_note,
+            "resources": {"cpu": res["cpu"] if cpus is None else cpus, "gpu": res["gpu"] if gpus is None else gpus},
+            # Ray's experiment: beside the study's own (its --storage on a cluster), else in OUT
+            "ray_storage": storage.join(storage.study_storage(sdir, record), out_p.name)
+            if record.get("ray_storage")
+            else str(out_p),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "wall_seconds": 0.0,
+            "track_crops": TEST_CROPS,
+            "code": code_revision(),
+            "fer_tune": __version__,
+        }
+        if settings["from_pbt"]:  # the member's schedule (a longer run keeps its last values)
+            rec["schedule"] = {e: v for e, v in best["schedule"].items() if e <= settings["epochs"]}
+        if settings["baseline"]:
+            rec["baselines"] = {settings["baseline"]: baseline_config(config, settings["baseline"])}
+        from ...config import TrainConfig
+
+        TrainConfig.from_dict(
+            {
+                **config,
+                "epochs": settings["finetune_epochs"],
+                "lr": settings["finetune_lr"],
+                "scheduler": settings["finetune_scheduler"],
+            },
+            source="fine-tune settings",
+        )
+        announce = (
+            f"final stage of {record['name']}: trial {best['number']} ({spec.metric} {best['value']:.2f}"
+            + (", the Pareto front's best; another with --trial N" if spec.multi and trial is None else "")
+            + f") with {best['params']}; {settings['epochs']} epochs + {settings['finetune_epochs']} fine-tune "
+            f"epochs ({settings['finetune_scheduler']} from lr {settings['finetune_lr']:g} on "
+            f"{settings['finetune_on']}), seeds {seeds}"
+            + (
+                f"; beside it the {settings['baseline']} recipe with the same epochs, fine-tune and seeds"
+                if settings["baseline"]
+                else ""
+            )
+            + f"; results in {out_p}"
+        )
+        if settings["from_pbt"]:
+            announce += f"; the schedule of the PBT stage's best member {best['params']['pbt_member']}: " + ", ".join(
+                f"from epoch {e} {v}" for e, v in sorted(rec["schedule"].items())
+            )
+    elif any(v is not None and v != rec["resources"][k] for k, v in (("cpu", cpus), ("gpu", gpus))):
+        raise FerTuneError(
+            f"{out_p} already holds a final stage that runs with {rec['resources']['cpu']:g} CPU and "
+            f"{rec['resources']['gpu']:g} GPU per run; it keeps them. Run it again without "
+            "--cpus-per-run / --gpus-per-run, or pass --out DIR for a new one."
+        )
+    elif (out_p / "metrics.json").exists():
+        log.info("%s: the final stage is complete", out_p)
+        complete = True
+    else:
+        log.info("continuing the final stage in %s from its last checkpoints", out_p)
+    ref = check_tracking(mlflow, record["name"], rec.get("mlflow", record.get("mlflow")))
+    if complete:  # MLflow gets what it lacks of it
+        if ref != rec.get("mlflow"):
+            rec["mlflow"] = ref
+            write_json(out_p / FINAL_FILE, rec)
+        catch_up_final(out_p, rec)
+        return 0
+    rec["mlflow"] = ref
+    return _run_final(out_p, rec, data, address=address, output=output, num_cpus=num_cpus, announce=announce)
+
+
+_FINAL_FIX = (
+    "start the final stage with --cpus-per-run N and --gpus-per-run F that fit it (--gpus-per-run 0 on a "
+    "machine without a GPU), or run it on a Ray cluster with --address"
+)
+_CONTINUE_FIX = (
+    "the final stage was started with these resources per run: continue it on a Ray cluster that has "
+    "them (--address), or here with --num-cpus N to let Ray count more CPUs than it found; or start a "
+    "new one with --out DIR and --cpus-per-run / --gpus-per-run"
+)
+
+
+def _run_final(
+    out: Path, rec: dict, data: Any, *, address: str | None, output: str, num_cpus: int | None, announce: str = ""
+) -> int:
+    """Run (or continue) the final stage's Ray experiment; `announce`: a new stage's launch line (said and
+    final.json written once Ray has accepted the runs: a refused stage leaves nothing behind)."""
+    from ray import tune
+
+    new = bool(announce)
+
+    with ray_session(address, num_cpus=num_cpus, output=output):
+        preflight.check_run(
+            rec["ray_storage"], address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
+        )
+        if new:
+            log.info("%s", announce)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / FINAL_FILE, rec)
+        ray_log_to(out / "ray.log")
+        res = rec["resources"]
+        weight = res["gpu"] if res["gpu"] else res["cpu"]
+        threads = max(1, int(res["cpu"]))
+        base = {**rec["config"], "threads": rec["config"].get("threads") or threads}
+        arms = {name: {**c, "threads": c.get("threads") or threads} for name, c in rec.get("baselines", {}).items()}
+        arrays = {s: data.arrays(s) for s in ("train", "val", "test")}
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                seed_trial,
+                base=base,
+                finetune=rec["finetune"],
+                data=arrays,
+                eval_every=rec["eval_every"],
+                weight=weight,
+                arms=arms,
+                track_crops=rec.get("track_crops"),
+                provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
+                schedule=rec.get("schedule"),
+            ),
+            resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+        )
+
+        def new_tuner() -> Any:
+            return tune.Tuner(
+                trainable,
+                param_space={
+                    "seed": tune.grid_search(rec["seeds"]),
+                    **({"arm": tune.grid_search([WINNER, *arms])} if arms else {}),
+                },
+                tune_config=tune.TuneConfig(reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=rec["ray_storage"],
+                    verbose=tune_verbosity(output),
+                    # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
+                    callbacks=[pruner(latest=3, pinned=lambda m: m.get("keep", 0) >= SNAPSHOT_KEEP)],
+                    failure_config=tune.FailureConfig(max_failures=2),
+                ),
+            )
+
+        tuner, exp = stage_tuner(rec, trainable, new_tuner)
+        set_output(tuner, output, final_progress(rec))
+        tracking = track_final(tuner, out, rec)
+        grid = fit_stage(tuner, rec, out / FINAL_FILE)
+        rows = write_history(out, exp)
+        say_ray_log()
+        done = collect(out, rec, grid) if grid is not None else None
+        if tracking is not None:
+            tracking.finish(done, rows)
+        if done is None:
+            log.warning(
+                "\nfinal stage interrupted; continue it with:\n    fer-tune final %s%s",
+                rec["study_dir"],
+                f" --out {out}" if out != Path(rec["study_dir"]) / "final" else "",
+            )
+            return signals.exit_code()
+        return 0 if all(s["status"] == "complete" for s in done["seeds"]) else 1

@@ -1,0 +1,108 @@
+"""One seed of the final stage inside Ray Tune: the thin Ray wrapper of fer_tune.recipe.run_seed. Every save is a
+`tune.report` with a checkpoint (progress.json, state.pt, best.pt / last.pt, and the finished run's outputs);
+`tune.get_checkpoint` hands the last one back to continue, falling back to an older intact one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ...recipe import SeedState, run_seed
+from ..runtime.checkpoints import restore, write_meta
+from ..runtime.trial import memory_mb
+from .outputs import WINNER
+
+SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)
+
+
+def _keep(step: int | None, pinned: bool, done: bool) -> float:
+    """A checkpoint's `keep` (its order; pinned ones from SNAPSHOT_KEEP up are never pruned)."""
+    if done:
+        return 2 * SNAPSHOT_KEEP
+    if step is None:
+        return -1.0
+    return SNAPSHOT_KEEP + step if pinned else float(step)
+
+
+def progress_order(meta: dict) -> float:
+    """How far a final-stage checkpoint got (its `keep` without the snapshot mark; the finished run last)."""
+    keep = float(meta.get("keep", -1))
+    return keep - SNAPSHOT_KEEP if SNAPSHOT_KEEP <= keep < 2 * SNAPSHOT_KEEP else keep
+
+
+def _load_state(d: Path) -> SeedState:
+    from ...models import load_tensor_file
+
+    weights = {
+        k: load_tensor_file(d / f"{k}.pt", "checkpoint")["model"] for k in ("best", "last") if (d / f"{k}.pt").exists()
+    }
+    fit_state = load_tensor_file(d / "state.pt", "checkpoint") if (d / "state.pt").exists() else None
+    return SeedState.restore(json.loads((d / "progress.json").read_text()), weights, fit_state)
+
+
+def seed_trial(
+    config: dict,
+    *,
+    base: dict,
+    finetune: dict,
+    data: dict,
+    eval_every: int,
+    weight: float,
+    arms: dict | None = None,
+    track_crops: str | None = None,
+    provenance: dict | None = None,
+    schedule: dict | None = None,
+) -> None:
+    from ray import tune
+
+    from ...config import TrainConfig
+    from ...device import select_device
+    from ...train import save_checkpoint
+
+    seed, arm = int(config["seed"]), config.get("arm", WINNER)
+    cfg = TrainConfig.from_dict({**(base if arm == WINNER else (arms or {})[arm]), "seed": seed}, source="final config")
+    device = select_device()
+    ckpt = tune.get_checkpoint()
+    state = (restore(ckpt, _load_state, order=progress_order) if ckpt is not None else None) or SeedState(seed, arm)
+    resumed_at = state.epochs_done()
+
+    def save(st: SeedState, metrics: dict, *, step: int | None, pinned: bool, outputs: Path | None = None) -> None:
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        out.update(
+            seed=seed,
+            arm=arm,
+            phase=st.phase,
+            keep=_keep(step, pinned, outputs is not None),
+            device=str(device),
+            resumed_at=resumed_at,
+            **memory_mb(),
+        )
+        out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st.train_history + st.finetune_history)
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            (d / "progress.json").write_text(json.dumps(st.progress()))
+            if st.fit_state is not None and step is not None:
+                save_checkpoint(st.fit_state, d / "state.pt")
+            for k, sd in st.weights.items():
+                if sd is not None:
+                    save_checkpoint({"model": sd}, d / f"{k}.pt")
+            if outputs is not None:
+                shutil.copytree(outputs, d / "outputs")
+            write_meta(d, out)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_seed(
+        cfg,
+        finetune,
+        data,
+        state,
+        save=save,
+        device=device,
+        eval_every=eval_every,
+        track_crops=track_crops,
+        export=arm == WINNER,
+        provenance=provenance,
+        schedule=schedule if arm == WINNER else None,
+    )

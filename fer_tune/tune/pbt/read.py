@@ -1,0 +1,187 @@
+"""A PBT stage read back from files: its members' epochs, the clones and each member's schedule, from the Ray
+experiment's results (result.json, and each checkpoint's copy of its epoch's result) and the stage's records.
+
+No Ray runtime is needed: `fer-tune status` and the report read a stage that runs, was interrupted or finished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...common import FerTuneError
+from ..runtime import storage
+from ..runtime.checkpoints import checkpointed_results, result_rows
+from ..runtime.lock import describe, holder
+
+PBT_DIR, PBT_FILE = "pbt", "pbt.json"
+REPLAY_DIR = "final-pbt"  # `fer-tune final --from-pbt`'s default directory
+KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "lr", "weight_decay", "dropout", "epoch_seconds")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def member_number(trial_id: str) -> int:
+    """A member's number: its trial's index in the population (Tune's trial id ends in it)."""
+    return int(str(trial_id).rsplit("_", 1)[-1])
+
+
+def segments(rows: list[dict]) -> list[dict]:
+    """A member's results in the order reported, cut where it took another's weights: [{since, rows}]. An epoch
+    reported again in the same segment (a restart from an older checkpoint) replaces what followed it."""
+    out: list[dict] = []
+    for r in rows:
+        if out and out[-1]["since"] == r.get("since", ""):
+            seg = out[-1]["rows"]
+            while seg and seg[-1]["epoch"] >= r["epoch"]:
+                seg.pop()
+            seg.append(r)
+        else:
+            out.append({"since": r.get("since", ""), "rows": [r]})
+    return out
+
+
+def read_members(exp: str) -> list[dict]:
+    """The population of a stage's Ray experiment `exp`, by member number: [{member, trial_id, origin, segments,
+    last (its latest result), lineage (of its latest weights)}]."""
+    members = []
+    for name in storage.listdir(exp):
+        if not name.startswith("member_trial"):
+            continue
+        trial_dir = storage.join(exp, name)
+        rows = {}
+        for r in [
+            *result_rows(storage.read_text(storage.join(trial_dir, "result.json")) or ""),
+            *checkpointed_results(trial_dir),
+        ]:
+            if "epoch" in r and "reported_at" in r and r.get("trial_id"):
+                rows[r["reported_at"]] = r
+        if not rows:
+            continue
+        ordered = [rows[t] for t in sorted(rows)]
+        last = ordered[-1]
+        members.append(
+            {
+                "member": member_number(last["trial_id"]),
+                "trial_id": last["trial_id"],
+                "origin": int(last.get("origin", 0)),
+                "segments": segments(ordered),
+                "last": last,
+                "lineage": json.loads(last.get("lineage") or "{}"),
+            }
+        )
+    return sorted(members, key=lambda m: m["member"])
+
+
+def clones(members: list[dict]) -> list[dict]:
+    """Every clone the members reported, once, in the order of the epochs (member numbers in place of trial ids)."""
+    seen: dict[tuple, dict] = {}
+    for m in members:
+        for seg in m["segments"]:
+            for r in seg["rows"]:
+                for e in json.loads(r.get("lineage") or "{}").get("clones", []):
+                    key = (e["into"], e["from"], e["epoch"])
+                    if key not in seen:
+                        seen[key] = {**e, "into": member_number(e["into"]), "from": member_number(e["from"])}
+    return sorted(seen.values(), key=lambda e: (e["epoch"], e["into"]))
+
+
+def schedule_rows(lineage: dict, epochs: int) -> list[dict]:
+    """A member's schedule as segments {first, last, values}."""
+    segs = lineage.get("schedule", [])
+    return [
+        {"first": int(s[0]), "last": int(segs[i + 1][0]) - 1 if i + 1 < len(segs) else epochs, "values": s[1]}
+        for i, s in enumerate(segs)
+    ]
+
+
+def stage(sdir: str | Path) -> dict | None:
+    """The study's PBT stage, or None when it has none: its record, members, clones, metrics.json when finished,
+    the replay's metrics when `final --from-pbt` ran, and who runs it now."""
+    out = Path(sdir) / PBT_DIR
+    rec = read_json(out / PBT_FILE)
+    if rec is None:
+        return None
+    members = read_members(storage.join(rec["ray_storage"], "tune"))
+    metrics, replay = read_json(out / "metrics.json"), read_json(Path(sdir) / REPLAY_DIR / "metrics.json")
+    if not (metrics and replay and replay.get("trial", {}).get("ray_trial_id") == metrics["best"]["trial_id"]):
+        replay = None  # none, or the replay of an earlier stage's member
+    return {
+        "dir": out,
+        "record": rec,
+        "members": members,
+        "clones": clones(members),
+        "metrics": metrics,
+        "replay": replay,
+        "running": holder(out),
+    }
+
+
+def _values(values: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+def status_lines(sdir: str | Path) -> list[str]:
+    """The PBT stage in a few lines for `fer-tune status`; [] when the study has none."""
+    st = stage(sdir)
+    if st is None:
+        return []
+    rec, s = st["record"], st["record"]["settings"]
+    metric, done = rec["metric"], st["metrics"]
+    state = "complete" if done else "interrupted (fer-tune pbt continues it)"
+    if st["running"]:
+        state = f"being run by {describe(st['running'])}"
+    lines = [
+        "",
+        f"PBT stage ({st['dir']}, {s['method'].upper()}): {s['population']} members from the top {s['top_k']} trials, "
+        f"{s['epochs']} epochs, {', '.join(s['mutate'])} perturbed every {s['interval']}; {state}",
+        f"{'member':>6} {'from trial':>10} {'epoch':>5} {metric:>8}  values now",
+    ]
+    for m in st["members"]:
+        trial = rec["members"][m["origin"]]["trial"]["number"]
+        value = m["last"].get(metric)
+        shown = f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+        now = _values({k: m["last"][k] for k in s["mutate"] if k in m["last"]})
+        lines.append(f"{m['member']:>6} {trial:>10} {m['last']['epoch']:>5} {shown:>8}  {now}")
+    for e in st["clones"][-5:]:
+        late = " (the last epoch: none trained with them)" if e["epoch"] >= s["epochs"] else ""
+        lines.append(f"  epoch {e['epoch']}: member {e['into']} took member {e['from']}'s weights; {_changes(e)}{late}")
+    if len(st["clones"]) > 5:
+        lines.append(f"  ({len(st['clones'])} clones in all; lineage.json, the report)")
+    if done:
+        b = done["best"]
+        lines.append(
+            f"best: member {b['member']} ({metric} {b['value']:.2f} at epoch {b['epoch']}), test top-1 "
+            f"{done['test']['top1']:.2f} % (TenCrop); model {st['dir'] / 'model.pt'}"
+        )
+    return lines
+
+
+def _changes(event: dict) -> str:
+    return ", ".join(f"{k} {event['old'][k]:.4g} -> {v:.4g}" for k, v in event["new"].items()) or "no change"
+
+
+def replay_choice(sdir: Path) -> dict:
+    """What `fer-tune final --from-pbt` retrains: the PBT stage's best member as a trial (number: the study trial
+    its weights descend from), its config at the end and its schedule {epoch: values}."""
+    m = read_json(sdir / PBT_DIR / "metrics.json")
+    if m is None:
+        why = "has no PBT stage" if not (sdir / PBT_DIR / PBT_FILE).is_file() else "has an unfinished PBT stage"
+        raise FerTuneError(f"{sdir} {why}: --from-pbt replays its best member; run fer-tune pbt {sdir} first")
+    b = m["best"]
+    return {
+        "number": b["trial"]["number"],
+        "ray_trial_id": b["trial_id"],
+        "metric": m["metric"],
+        "value": b["value"],
+        "epoch": b["epoch"],
+        "params": {**b["trial"]["params"], "pbt_member": b["member"]},
+        "config": b["config"],
+        "schedule": {int(first): values for first, values in b["schedule"]},
+        "epochs": b["config"]["epochs"],
+    }

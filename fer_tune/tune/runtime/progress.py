@@ -1,0 +1,123 @@
+"""A run's progress in fer-tune's words: one line per trial event on stderr, in place of Tune's tables.
+
+    trial 3 started: optimizer=adam lr=0.0031 dropout=0.21  [1/8 done, 2 running]
+    trial 3 epoch 2/5: val_acc 41.20 (best so far 45.10, trial 1)
+    trial 3 pruned at epoch 2: val_acc 41.20  [4/8 done, 2 running, ETA ~3 min]
+    trial 5 completed: best val_acc 47.85 at epoch 5  [5/8 done, 2 running, ETA ~2 min]
+    trial 6 failed: RuntimeError: ...; Tune retries it (see its error.txt)
+
+The ETA is the time the trials finished in this run took on average, times the trials left, over the trials
+running at once: rough, and only once a trial has finished. Tune's own tables come back with --verbose.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("TERMINATED", "ERROR")
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class TrialProgress(Callback):
+    """Tune callback (in the driver) that logs each trial's start, epochs, end and errors.
+
+    `name(trial)`: how a trial is called ("trial 3", "seed 1"); `ended(result, epochs)`: the word for a trial that
+    finished after `epochs` epochs ("completed", "pruned at epoch 2", ...); `total`: trials of this run;
+    `epochs`: the epochs of a trial, per value of a result's `phase` key ("" for all; the final stage: train, then
+    fine-tune); `params`: show a trial's config when it starts; `best`: say which trial is the best so far."""
+
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        total: int,
+        epochs: dict[str, int],
+        name: Callable[[Any], str],
+        ended: Callable[[dict, int], str],
+        params: bool = True,
+        best: bool = True,
+    ):
+        self._metric, self._sign = metric, 1.0 if mode == "max" else -1.0
+        self._total, self._epochs = total, epochs
+        self._name, self._ended, self._params, self._show_best = name, ended, params, best
+        self._t0 = time.monotonic()
+        self._finished_here = 0
+
+    def _counts(self, trials: list, this: Any = None, now: str = "") -> str:
+        """`[done/total, running, ETA]`, with `this` trial counted as `now` (Tune updates its status after the
+        callback)."""
+        states = [now if t is this and now else t.status for t in trials]
+        done = sum(s in FINISHED for s in states)
+        running = sum(s == "RUNNING" for s in states)
+        total = max(self._total, len(trials))
+        text = f"{done}/{total} done, {running} running"
+        left = total - done
+        if self._finished_here and left > 0:
+            per_trial = (time.monotonic() - self._t0) / self._finished_here
+            text += f", ETA ~{max(1, round(per_trial * left / 60))} min"
+        return f"[{text}]"
+
+    def _best(self, trials: list, this: Any = None, result: dict | None = None) -> str:
+        """The best value any trial has reported (`result`: `this` trial's newest, not yet in its last_result)."""
+        key = "best_" + self._metric
+        latest = [(result if t is this and result else t.last_result, t) for t in trials]
+        scored = [(r.get(key, r.get(self._metric)), t) for r, t in latest if r]
+        scored = [(v, t) for v, t in scored if isinstance(v, (int, float))]
+        if not scored:
+            return ""
+        value, trial = max(scored, key=lambda vt: self._sign * vt[0])
+        return "the best so far" if trial is this else f"best so far {value:.2f}, {self._name(trial)}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        config = trial.config or {}
+        shown = ", ".join(f"{k}={_num(v)}" for k, v in config.items()) if self._params else ""
+        log.info(
+            "%s started%s  %s", self._name(trial), f": {shown}" if shown else "", self._counts(trials, trial, "RUNNING")
+        )
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" not in result or result.get("status") == "done":
+            return
+        phase = result.get("phase")
+        of = self._epochs.get(phase or "", self._epochs.get("", 0))
+        where = f"epoch {result['epoch']}/{of}" + (f" ({phase})" if phase and len(self._epochs) > 1 else "")
+        value = result.get(self._metric)
+        shown = f"{self._metric} {value:.2f}" if isinstance(value, (int, float)) else ""
+        best = self._best(trials, trial, result) if self._show_best else ""
+        log.info("%s %s: %s%s", self._name(trial), where, shown, f" ({best})" if best else "")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished_here += 1
+        result = trial.last_result or {}
+        log.info(
+            "%s %s  %s", self._name(trial), self._ended(result, int(result.get("epoch", 0) or 0)), self._counts(trials)
+        )
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("%s crashed; Tune starts it again from its last checkpoint", self._name(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        why = ""
+        error_file = getattr(trial, "error_file", None)
+        if error_file and Path(error_file).is_file():
+            lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
+            why = f": {lines[-1][:300]}" if lines else ""
+        log.warning(
+            "%s failed%s (details: %s)  %s",
+            self._name(trial),
+            why,
+            error_file or "its trial directory",
+            self._counts(trials),
+        )

@@ -1,0 +1,252 @@
+"""Ray's lifecycle and the trial adapter: the only module that starts or stops Ray.
+
+`ray_session()` starts a local Ray (or joins a cluster) for the commands inside it and stops it at the end if it
+started it; nested sessions reuse the running one (the demo runs its sweep and final stage in one). `study_trial`
+is the few lines that turn fer_tune.train.fit's per-epoch callback into `ray.tune.report(metrics,
+checkpoint=...)`; the final stage's adapter lives beside its driver (fer_tune.tune.final.driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...common import FerTuneError
+from . import internals, signals
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_S = "3"  # TUNE_GLOBAL_CHECKPOINT_S: a crash redoes at most a few seconds of bookkeeping
+
+# Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials at a time, and only 1 with a searcher like ours: the second
+# trial's worker would start only once the first one's had, and an autoscaler would see one waiting trial at a
+# time. fer-tune sets it (unless the user did) to --max-concurrent, else to the number of trials the cluster's
+# resources hold now.
+_USER_PENDING = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG", "")
+
+
+OUTPUTS = (
+    "quiet",
+    "progress",
+    "tables",
+)  # --quiet, the default (fer_tune.tune.runtime.progress), --verbose (Tune's own)
+
+
+def tune_env(output: str) -> None:
+    """Tune settings read from the environment; set before ray.tune is imported."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_S)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if output == "tables" else "0"
+    # Tune keeps every checkpoint's entry (fer_tune.tune.runtime.checkpoints deletes the files): without their metrics, so
+    # that the experiment state it saves every few seconds stays small
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+
+
+def set_pending_trials(max_concurrent: int | None, resources: dict) -> None:
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _USER_PENDING or str(max_concurrent or trials_that_fit(resources))
+
+
+def trials_that_fit(res: dict) -> int:
+    """How many trials of `res` the cluster's resources hold now (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get(key.upper(), 0) / res[key] + 1e-9) for key in ("cpu", "gpu") if res[key]]
+    return max(1, min(fits, default=1))
+
+
+class _RayLog(logging.Handler):
+    """Ray's own log records in the driver (its start-up notes, Tune's warnings, a trial's traceback): kept in
+    memory until the command names its log file (`ray_log_to`), then written there, and counted. Tune's Ctrl-C
+    notice is said in fer-tune's words. Records never given a file reach stderr at the end (a refused command)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.kept: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self.path: Path | None = None
+        self.warnings = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            log.warning("\nfer-tune: stopping the trials and saving the study's state (Ctrl-C again stops at once)")
+        self.warnings += record.levelno >= logging.WARNING
+        if self.file is not None:
+            self.file.emit(record)
+        else:
+            self.kept.append(record)
+
+    def to_file(self, path: Path) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file, self.path = logging.FileHandler(path, encoding="utf-8"), path
+        self.file.setFormatter(self.formatter)
+        for record in self.kept:
+            self.file.emit(record)
+        self.kept.clear()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        for record in self.kept:
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(self.format(record) + "\n")
+        self.kept.clear()
+        super().close()
+
+
+_RAY_LOG: list[_RayLog] = []  # the running session's
+
+
+def ray_log_to(path: Path) -> None:
+    """Ray's log records of this session go to `path` (appended) from now on, with those kept so far."""
+    if _RAY_LOG:
+        _RAY_LOG[-1].to_file(path)
+
+
+def say_ray_log() -> None:
+    """At the end of a run: how many warnings Ray logged and where, if it logged any."""
+    if _RAY_LOG and _RAY_LOG[-1].warnings and _RAY_LOG[-1].path is not None:
+        log.info("Ray logged %d warning(s) on the way: %s", _RAY_LOG[-1].warnings, _RAY_LOG[-1].path)
+
+
+@contextmanager
+def ray_session(address: str | None, *, num_cpus: int | None = None, output: str = "quiet") -> Iterator[bool]:
+    """Ray for the block: joined at `address`, else a local Ray (with `num_cpus`); yields True when this call
+    started it, and then shuts it down at the end. SIGTERM and SIGHUP act as Ctrl-C while it runs."""
+    import ray
+
+    tune_env(output)
+    if ray.is_initialized():
+        yield False
+        return
+    if num_cpus is not None and address:
+        raise FerTuneError("--num-cpus applies to a local Ray only; a cluster's CPUs are set where it starts")
+    # trial workers' logs (one "Checkpoint successfully created" line per epoch) stay in Ray's log files;
+    # Tune's own progress tables and trial error reports print in the driver
+    kw: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": True,
+        "logging_level": "WARNING",
+    }
+    if num_cpus is not None:
+        kw["num_cpus"] = num_cpus
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:]
+    ray_log = _RayLog()
+    ray_logger.handlers = [ray_log]  # Ray's own messages into the study's ray.log (see _RayLog)
+    _RAY_LOG.append(ray_log)
+    try:
+        try:
+            with _own_session_for_ray_daemons():
+                ray.init(address=address, **kw)
+        except ConnectionError as exc:
+            raise FerTuneError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+        signals.install()  # SIGTERM / SIGHUP as Ctrl-C, in place of Ray's handler
+        try:
+            yield True
+        finally:
+            ray.shutdown()
+            signals.restore()
+    finally:
+        ray_logger.handlers = saved
+        _RAY_LOG.remove(ray_log)
+        ray_log.close()
+
+
+@contextmanager
+def _own_session_for_ray_daemons() -> Iterator[None]:
+    """The local Ray's daemons (GCS, raylet and through it the trial workers) start in a session of their own, so
+    that a signal to the driver's whole process group (a closed terminal, a batch system's SIGTERM, `kill -TERM
+    -PGID`) reaches only the driver, which then stops the trials and saves the study before it stops them. They
+    still end with the driver (Ray ties them to it) and Ctrl-C reaches them as before (Ray masks it for them).
+    Where a Ray release has no such Popen class, nothing changes."""
+    where = internals.ray_console_popen()
+    if where is None:
+        yield
+        return
+    module, name = where
+    popen = getattr(module, name)
+
+    class SessionPopen(popen):
+        def __init__(self, *args: Any, **kw: Any):
+            kw.setdefault("start_new_session", True)
+            super().__init__(*args, **kw)
+
+    setattr(module, name, SessionPopen)
+    try:
+        yield
+    finally:
+        setattr(module, name, popen)
+
+
+def tune_verbosity(output: str) -> int:
+    """RunConfig.verbose: Tune's tables only for --verbose."""
+    return 1 if output == "tables" else 0
+
+
+def set_output(tuner: Any, output: str, progress: Any) -> None:
+    """Tune's verbosity and fer-tune's progress callback on a Tuner, new or restored (a restored one keeps the
+    RunConfig it was saved with: its verbosity, and a progress callback of an earlier run, which is replaced)."""
+    from .progress import TrialProgress
+
+    run_config = internals.tuner_run_config(tuner)
+    if run_config is None:  # Ray Client: the Tuner lives on the cluster
+        return
+    run_config.verbose = tune_verbosity(output)
+    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, TrialProgress)]
+    run_config.callbacks = callbacks + ([progress] if output == "progress" else [])
+
+
+def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:
+    """Tune's saved experiment in `exp_dir`, to continue its unfinished and errored trials. Tune pickles the
+    searcher, the scheduler and the trainable by name: a state another fer-tune release saved is refused in one
+    line (`saved_by`: that release, when known)."""
+    from ray import tune
+
+    from ... import __version__
+
+    try:
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except (ImportError, AttributeError) as exc:
+        by = f"fer-tune {saved_by}" if saved_by else "another fer-tune release"
+        raise FerTuneError(
+            f"{exp_dir}: Tune's saved state was written by {by} and cannot be read by fer-tune {__version__} "
+            f"({type(exc).__name__}: {exc}); continue it with the release that started it"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inside a trial
+# ---------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    """The versions a study's fingerprint holds (a change asks for --force on resume)."""
+    import optuna
+    import ray
+
+    return {"fer_tune": __version__, "torch": torch_version(), "ray": ray.__version__, "optuna": optuna.__version__}
+
+
+def torch_version() -> str:
+    """torch.__version__ (with its local part, e.g. 2.14.1+cu130) read from torch/version.py: the driver never
+    imports torch (the trials do; it would delay a study's start by seconds)."""
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FerTuneError("PyTorch is not installed in this Python environment (pip install torch)")
+    namespace: dict = {}
+    exec((Path(spec.submodule_search_locations[0]) / "version.py").read_text(), namespace)
+    return str(namespace["__version__"])

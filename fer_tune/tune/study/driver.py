@@ -1,0 +1,417 @@
+"""The study commands: sweep, resume and extend a study of Ray Tune trials driven by Optuna.
+
+results/NAME/       (on the driver)
+    study.json      what was launched: spec, data source, Optuna storage, Ray storage, runs, fingerprint
+    space.yaml      a copy of the space file as launched
+    optuna.db       the Optuna study (sqlite, unless --optuna-storage points elsewhere)
+    tune/           Ray's experiment directory of the sweep (trial dirs, checkpoints, experiment state)
+    extend-1/ ...   one Ray experiment per `fer-tune extend`
+    trials.csv      one row per trial, rewritten at the end of every run
+    ray.log         Ray's and Tune's own log messages (kept out of the terminal; see fer_tune.tune.runtime.session)
+    .lock           who runs the study now (sweep, resume and extend hold it; see fer_tune.tune.runtime.lock)
+
+With --storage URI|DIR (a cluster's shared storage) tune/ and extend-N/ live in URI/NAME/ instead; study.json
+records it as `ray_storage` and fer_tune.tune.runtime.storage reads them from there.
+
+Every trial runs fer_tune.train.fit through fer_tune.tune.study.trial.study_trial. Each command returns its exit
+code; progress goes to the `fer_tune` logger (stderr), the results to trials.csv (the CLI prints the summary).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ...common import FerTuneError
+from ..mlflow.study import catch_up_study, track_study
+from ..mlflow.tracking import check as check_tracking
+from ..runtime import preflight, signals
+from ..runtime import storage as st
+from ..runtime.lock import acquire
+from ..runtime.session import (
+    ray_log_to,
+    ray_session,
+    restore_tuner,
+    say_ray_log,
+    set_output,
+    set_pending_trials,
+    tune_verbosity,
+)
+from ..runtime.storage import experiment_dir, has_tune_state, study_storage
+from .outputs import experiment_trial_states, has_unfinished, study_progress, to_finish, write_trials_csv
+from .record import (
+    STUDY_FILE,
+    load_optuna_study,
+    new_record,
+    new_run,
+    new_session,
+    read_study,
+    reopen,
+    spec_with,
+    storage_ref,
+    study_dir,
+    write_study,
+)
+from .spaces import load_space
+from .spec import StudySpec
+from .trial import CRASH_ENV, study_trial
+
+log = logging.getLogger(__name__)
+Loader = Callable[[str, str], Any]  # (data source, protocol) -> FerData
+
+
+def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, output: str) -> int:
+    """One Ray experiment of the study (the sweep, an extend, or its restore) in the running Ray session."""
+    from ray import tune
+
+    from ..runtime.checkpoints import pruner
+    from .searcher import FinishedInStudy, NumpyTBXLoggerCallback, StudySearch, make_scheduler
+
+    ray_log_to(sdir / "ray.log")
+    res = spec.resources
+    weight = res["gpu"] if res["gpu"] else res["cpu"]  # device-seconds per second of training
+    base = spec.base_config()
+    base["threads"] = base["threads"] or max(1, int(res["cpu"]))
+    arrays = {s: data.arrays(s) for s in ("train", "val")}
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            study_trial,
+            base=base,
+            data=arrays,
+            weight=weight,
+            crash=os.environ.get(CRASH_ENV, ""),
+            renames=spec.renames(),
+        ),
+        resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+    )
+    exp_dir = experiment_dir(sdir, record, run)
+    max_conc = run.get("max_concurrent") or 0
+    set_pending_trials(max_conc, res)
+    if restore and has_tune_state(exp_dir):
+        tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
+    else:
+        search = StudySearch(
+            space=spec.define_by_run(),
+            metric=spec.metrics if spec.multi else spec.metric,
+            mode=spec.modes if spec.multi else spec.mode,
+            sampler=spec.make_sampler(run["seed"]),
+            storage_ref=record["storage"],
+            study_name=record["optuna_study"],
+            max_epochs=spec.max_epochs,
+            adopt=restore,  # a run whose driver died before Tune saved a state: it starts over
+        )
+        scheduler = make_scheduler(spec, [experiment_dir(sdir, record, r) for r in record["runs"]])
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                scheduler=scheduler,
+                num_samples=run["num_samples"],
+                max_concurrent_trials=max_conc or None,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=run["dir"],
+                storage_path=study_storage(sdir, record),
+                verbose=tune_verbosity(output),
+                # Tune deletes no checkpoint: fer_tune.tune.runtime.checkpoints keeps each trial's latest 3 and its best
+                failure_config=tune.FailureConfig(max_failures=2),
+                stop=FinishedInStudy(record),
+                callbacks=[NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
+            ),
+        )
+    set_output(tuner, output, study_progress(record, spec, run))
+    track_study(tuner, sdir, record, spec)
+    session = new_session(to_finish(experiment_trial_states(exp_dir), run["num_samples"]) if restore else None)
+    run.setdefault("sessions", []).append(session)
+    write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
+    t0 = time.time()
+    try:
+        grid, interrupted = tuner.fit(), False
+    except KeyboardInterrupt:
+        grid, interrupted = None, True
+    run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
+    states = experiment_trial_states(exp_dir)
+    interrupted = interrupted or (grid is not None and to_finish(states, run["num_samples"], errors=False) > 0)
+    session.update(
+        ended=time.strftime("%Y-%m-%d %H:%M:%S"),
+        wall_seconds=time.time() - t0,
+        outcome="interrupted" if interrupted else "finished",
+        trials_finished=sum(s in ("TERMINATED", "ERROR") for s in states.values()),
+    )
+    write_study(sdir, record)
+    write_trials_csv(sdir, record)
+    say_ray_log()
+    if interrupted:
+        log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
+        return signals.exit_code()
+    return 0
+
+
+def _run_in_session(
+    sdir: Path,
+    record: dict,
+    spec: StudySpec,
+    data: Any,
+    run: dict,
+    *,
+    restore: bool,
+    loc: str,
+    fix: str,
+    address: str | None,
+    output: str,
+    num_cpus: int | None,
+    before: Callable[[], None] | None = None,
+) -> int:
+    """Ray up, one trial checked to fit and the Ray storage `loc` to suit the cluster (else `fix` says which flags
+    help), `before()` (what a new run writes once Ray has accepted it), then the run."""
+    with ray_session(address, num_cpus=num_cpus, output=output):
+        preflight.check_run(loc, address, spec.resources, fix)
+        if before is not None:
+            before()
+        return _run(sdir, record, spec, data, run, restore=restore, output=output)
+
+
+def sweep(
+    space_path: str,
+    *,
+    data_arg: str | None,
+    name: str | None,
+    results: str,
+    storage: str | None,
+    address: str | None,
+    num_samples: int | None,
+    max_concurrent: int | None,
+    gpus: float | None,
+    cpus: float | None,
+    output: str,
+    loader: Loader,
+    num_cpus: int | None = None,
+    optuna_storage: str | None = None,
+    space_label: str | None = None,
+    mlflow: str | None = None,
+) -> int:
+    """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
+    gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR;
+    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's); `mlflow`:
+    the MLflow tracking URI or env:VAR (fer_tune.tune.mlflow.tracking; resume and extend take it over the recorded one)."""
+    spec = load_space(space_path)
+    overrides: dict[str, Any] = {}
+    if num_samples is not None:
+        overrides["num_samples"] = num_samples
+    if gpus is not None or cpus is not None:
+        overrides["resources"] = {
+            **spec.resources,
+            **({"gpu": gpus} if gpus is not None else {}),
+            **({"cpu": cpus} if cpus is not None else {}),
+        }
+    if overrides:
+        spec = spec_with(spec.text, overrides, f"{space_path} (with command-line overrides)", spec.name)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise FerTuneError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    sdir = study_dir(results, name, spec.name, space_path)
+    with acquire(sdir, what="the study", force=None, create=True):
+        if (sdir / STUDY_FILE).exists():
+            raise FerTuneError(
+                f"{sdir} already holds a study; continue it with `fer-tune resume {sdir}`, add "
+                f"trials with `fer-tune extend {sdir} --num-samples N`, or choose another --name"
+            )
+        return _sweep(
+            spec,
+            space_path,
+            sdir,
+            data_arg,
+            overrides,
+            storage,
+            max_concurrent,
+            loader,
+            optuna_storage,
+            address=address,
+            output=output,
+            num_cpus=num_cpus,
+            space_label=space_label,
+            mlflow=mlflow,
+        )
+
+
+def _sweep(
+    spec: StudySpec,
+    space_path: str,
+    sdir: Path,
+    data_arg: str | None,
+    overrides: dict,
+    storage: str | None,
+    max_concurrent: int | None,
+    loader: Loader,
+    optuna_storage: str | None,
+    *,
+    address: str | None,
+    output: str,
+    num_cpus: int | None,
+    space_label: str | None = None,
+    mlflow: str | None = None,
+) -> int:
+    from ...data import is_synthetic
+
+    ray_storage = st.join(st.normalize(storage), sdir.name) if storage else None
+    if ray_storage and st.exists(st.join(ray_storage, "tune")):
+        raise FerTuneError(
+            f"the Ray storage {ray_storage} already holds a study's experiments; choose another --name or --storage"
+        )
+    optuna_ref = storage_ref(optuna_storage, sdir)
+    source = data_arg or spec.data.get("path") or "synthetic"
+    if spec.data.get("required") and is_synthetic(source):
+        raise FerTuneError(
+            f"{space_path} is a study of real faces: pass --data PATH (FER2013's fer2013.csv or its "
+            "Kaggle image folders)" + (", not synthetic data" if data_arg else "")
+        )
+    protocol = spec.data.get("protocol", "paper")
+    mlflow_ref = check_tracking(mlflow, sdir.name)
+    data = loader(source, protocol)
+    record = new_record(
+        sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent, space_label
+    )
+    record["mlflow"] = mlflow_ref
+
+    def write() -> None:  # once Ray has accepted the trials: a refused study leaves nothing behind
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / "space.yaml").write_text(spec.text)
+        write_study(sdir, record)
+        log.info(
+            "study %s: %d trials of at most %d epochs, sampler %s, early stopping %s, %s CPU / %s GPU per "
+            "trial, data %s (%s); results in %s%s",
+            sdir.name,
+            spec.num_samples,
+            spec.max_epochs,
+            spec.sampler,
+            spec.early_stopping["type"],
+            spec.resources["cpu"],
+            spec.resources["gpu"],
+            source,
+            protocol,
+            sdir,
+            f", Ray storage {ray_storage}" if ray_storage else "",
+        )
+
+    return _run_in_session(
+        sdir,
+        record,
+        spec,
+        data,
+        record["runs"][0],
+        restore=False,
+        loc=ray_storage or str(sdir),
+        fix=preflight.SWEEP_FIX,
+        address=address,
+        output=output,
+        num_cpus=num_cpus,
+        before=write,
+    )
+
+
+def resume(
+    sdir: str,
+    *,
+    force: bool,
+    address: str | None,
+    output: str,
+    loader: Loader,
+    num_cpus: int | None = None,
+    mlflow: str | None = None,
+) -> int:
+    """Continue the study's last run where it stopped (0 with a note when it had finished)."""
+    sdir_p = Path(sdir).resolve()
+    read_study(sdir_p)  # a study directory, before a lock is made in it
+    with acquire(sdir_p, what="the study", force=force):
+        record, spec, data = reopen(sdir_p, force, loader)
+        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
+        run = record["runs"][-1]
+        exp = experiment_dir(sdir_p, record, run)
+        if not has_unfinished(exp, run["num_samples"], errors=True):
+            write_study(sdir_p, record)
+            write_trials_csv(sdir_p, record)
+            catch_up_study(sdir_p, record, spec)
+            log.info(
+                "%s: the study is complete; nothing to resume (add trials with fer-tune extend %s --num-samples N)",
+                sdir_p,
+                sdir_p,
+            )
+            return 0
+        over = "" if has_tune_state(exp) else " (Tune saved no state before it stopped: the run starts over)"
+        log.info("resuming study %s (%s) in %s%s", record["name"], run["dir"], sdir_p, over)
+        return _run_in_session(
+            sdir_p,
+            record,
+            spec,
+            data,
+            run,
+            restore=True,
+            loc=study_storage(sdir_p, record),
+            fix=preflight.RESUME_FIX,
+            address=address,
+            output=output,
+            num_cpus=num_cpus,
+        )
+
+
+def extend(
+    sdir: str,
+    *,
+    num_samples: int,
+    force: bool,
+    address: str | None,
+    output: str,
+    loader: Loader,
+    num_cpus: int | None = None,
+    mlflow: str | None = None,
+) -> int:
+    """A new run of `num_samples` trials in a finished study; the sampler sees every earlier trial."""
+    sdir_p = Path(sdir).resolve()
+    if num_samples < 1:
+        raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
+    read_study(sdir_p)
+    with acquire(sdir_p, what="the study", force=force):
+        record, spec, data = reopen(sdir_p, force, loader)
+        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
+        last = record["runs"][-1]
+        last_exp = experiment_dir(sdir_p, record, last)
+        if has_unfinished(last_exp, last["num_samples"]):
+            raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
+        if spec.sampler == "grid":
+            done = len(load_optuna_study(record).trials)
+            left = spec.grid_size() - done
+            if num_samples > left:
+                raise FerTuneError(
+                    f"the grid has {spec.grid_size()} points and {done} were tried; extend by at most {left}"
+                )
+        k = len(record["runs"])
+        run = new_run(f"extend-{k}", num_samples, spec.seed + 1000 * k, last.get("max_concurrent"))
+
+        def write() -> None:
+            record["runs"].append(run)
+            write_study(sdir_p, record)
+            log.info(
+                "extending study %s by %d trials (%s); the sampler sees all earlier trials",
+                record["name"],
+                num_samples,
+                run["dir"],
+            )
+
+        return _run_in_session(
+            sdir_p,
+            record,
+            spec,
+            data,
+            run,
+            restore=False,
+            loc=study_storage(sdir_p, record),
+            fix=preflight.RESUME_FIX,
+            address=address,
+            output=output,
+            num_cpus=num_cpus,
+            before=write,
+        )

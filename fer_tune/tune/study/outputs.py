@@ -1,0 +1,401 @@
+"""Reading a study back: Ray's per-trial results + the Optuna storage -> one row per trial (trials.csv).
+
+Only files and the Optuna storage are read; no Ray runtime is needed, so `fer-tune status` works while a study
+runs, after it crashed, or on a laptop that copied results/NAME from the cluster. Experiment directories are
+local paths or URIs (a study's Ray storage, e.g. s3://...): fer_tune.storage reads both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ...common import FerTuneError, write_atomic
+from ...cost import COST_METRICS
+from ..runtime.checkpoints import checkpointed_results, result_rows
+from ..runtime.lock import holder
+from ..runtime.storage import experiment_dir, join, listdir, read_text
+from .record import epoch_values, load_optuna_study
+from .spec import StudySpec, objectives
+
+RESULT_KEYS = (
+    "val_acc",
+    "val_loss",
+    "train_acc",
+    "train_loss",
+    "best_val_acc",
+    "epoch",
+    "training_iteration",
+    "epoch_seconds",
+    "device_seconds",
+    "node",
+    "node_id",
+    "device",
+    "precision",
+    "status",
+    "lr",
+    "trial_id",
+    "time_total_s",
+    "start_epoch",
+    "rss_mb",
+    "pss_mb",
+    "uss_mb",
+    "store_rss_mb",
+    "store_pss_mb",
+    "trial_start",
+    *COST_METRICS,
+)
+
+
+def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """One pass over every trial's result.json (JSON lines) under the dirs:
+
+    - {ray trial id: [per-epoch result, ...]}: a trial that restarted from a checkpoint reports some epochs
+      twice; the later report wins;
+    - {ray trial id: restarts}: how often it started again (crash retries, study resumes), seen as a new
+      start_epoch or a step back in epochs.
+    """
+    results: dict[str, dict[int, dict]] = {}
+    restarted: dict[str, int] = {}
+    for d in exp_dirs:
+        for trial_dir in listdir(d):
+            text = read_text(join(str(d), trial_dir, "result.json")) or ""  # none yet: only checkpoints
+            last = None
+            rows: dict[int, dict] = {}
+            tid = None
+            for row in result_rows(text):
+                tid = row.get("trial_id") or tid
+                if not tid or "epoch" not in row:
+                    continue
+                rows[int(row["epoch"])] = _kept(row)
+                key = (int(row.get("start_epoch", 0)), int(row["epoch"]))
+                if last is not None and (key[0] != last[0] or key[1] <= last[1]):
+                    restarted[tid] = restarted.get(tid, 0) + 1
+                last = key
+            tid = _add_checkpointed(join(str(d), trial_dir), tid, rows)
+            if tid and rows:
+                results.setdefault(tid, {}).update(rows)
+    return {tid: [rows[e] for e in sorted(rows)] for tid, rows in results.items()}, restarted
+
+
+def _kept(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k in RESULT_KEYS or k.startswith("val_recall_")}
+
+
+def _add_checkpointed(trial_dir: str, tid: str | None, rows: dict[int, dict]) -> str | None:
+    """Epochs whose result.json line a killed driver never wrote (Tune's driver writes it and copies it to the
+    storage every few seconds), from the copy each checkpoint holds (fer_tune.checkpoints)."""
+    for row in checkpointed_results(trial_dir, missing=lambda epoch: epoch not in rows):
+        if row.get("trial_id", tid):
+            tid = tid or row["trial_id"]
+            rows[int(row["epoch"])] = {**_kept(row), "trial_id": tid}
+    return tid
+
+
+def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
+    """{ray trial id: [per-epoch result, ...]} (see scan_results)."""
+    return scan_results(exp_dirs)[0]
+
+
+def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
+    """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
+    # newest session by the timestamp in the name (Tune re-syncs old files at the end, so mtimes lie)
+    files = [n for n in listdir(exp_dir) if n.startswith("experiment_state-") and n.endswith(".json")]
+    if not files:
+        return {}
+    try:
+        state = json.loads(read_text(join(str(exp_dir), max(files))) or "")
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for entry in state.get("trial_data", []):
+        raw = entry[0] if isinstance(entry, (list, tuple)) else entry
+        try:
+            t = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            continue
+        if isinstance(t, dict) and "trial_id" in t:
+            out[t["trial_id"]] = t.get("status", "")
+    return out
+
+
+def has_unfinished(exp_dir: str, num_samples: int, *, errors: bool = False) -> bool:
+    """True when Ray's experiment state of a run of `num_samples` trials leaves trials to finish (see to_finish):
+    a Ctrl-C, a killed driver; with errors=True, trials that errored out count too (resume retries them)."""
+    return to_finish(experiment_trial_states(exp_dir), num_samples, errors=errors) > 0
+
+
+def to_finish(states: dict[str, str], num_samples: int, *, errors: bool = True) -> int:
+    """How many trials of a run of `num_samples` are left to finish, by Tune's states {trial id: status}: those
+    not finished (errored ones too, unless errors=False) and those Tune's state does not name yet (the searcher
+    begins trials after Tune's last saved state: RUNNING in the Optuna study, a resume hands them to Tune's next
+    trials; a driver killed before Tune saved any state leaves no state at all)."""
+    done = ("TERMINATED",) if errors else ("TERMINATED", "ERROR")
+    return sum(s not in done for s in states.values()) + max(0, num_samples - len(states))
+
+
+def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """scan_results over every Ray experiment of the study (local or in its Ray storage)."""
+    return scan_results([experiment_dir(sdir, record, r) for r in record["runs"]])
+
+
+def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, live: bool | None = None) -> list[dict]:
+    """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns); `live`:
+    whether a command runs the study now (read from its lock when not given)."""
+    sdir = Path(sdir)
+    spec = record["spec"]
+    metric = spec["metric"]
+    runs = [experiment_dir(sdir, record, r) for r in record["runs"]]
+    results, restarted = scanned or scan_results(runs)
+    tune_states: dict[str, str] = {}
+    for r in runs:
+        tune_states.update(experiment_trial_states(r))
+    es = spec["early_stopping"]
+    rungs: list[int] = []
+    if es["type"] == "asha":
+        m = es["grace_period"]
+        while m < spec["max_epochs"]:
+            rungs.append(int(m))
+            m *= es["reduction_factor"]
+    study = load_optuna_study(record)
+    if live is None:
+        live = holder(sdir) is not None
+    names = list(spec["space"])
+    goals = objectives(spec)
+    front = {t.number for t in study.best_trials} if len(goals) > 1 else set()
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        tid = t.user_attrs.get("ray_trial_id", "")
+        res = results.get(tid, [])
+        if t.state.name in ("COMPLETE", "PRUNED") and epoch_values(t):
+            # the study's decision stands: epochs a restarted trial ran after it (before it was stopped) are not its
+            last = max(epoch_values(t))
+            res = [r for r in res if r["epoch"] <= last]
+        vals = [r[metric] for r in res if metric in r and r.get("status") != "diverged"]
+        pick = max if spec["mode"] == "max" else min
+        best = pick(vals) if vals else None
+        best_epoch = next((r["epoch"] for r in res if vals and r.get(metric) == best), "")
+        state = t.state.name
+        status = t.user_attrs.get("status", "")
+        if state == "RUNNING":  # running only while a command runs the study; else it was interrupted
+            status = tune_states.get(tid, "RUNNING").lower() if live else "interrupted"
+        row = {
+            "number": t.number,
+            "ray_trial_id": tid,
+            "state": state,
+            "status": status or state.lower(),
+            "epochs": res[-1]["epoch"] if res else 0,
+            f"best_{metric}": "" if best is None else round(best, 4),
+            "best_epoch": best_epoch,
+            f"last_{metric}": round(res[-1][metric], 4) if res and metric in res[-1] else "",
+            "wall_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in res), 2),
+            "device_seconds": round(res[-1].get("device_seconds", 0.0), 2) if res else 0.0,
+            "node": res[-1].get("node", "") if res else "",
+            "device": res[-1].get("device", "") if res else "",
+            "precision": res[-1].get("precision", "") if res else "",
+            **{m: round(res[-1][m], 4) if res and m in res[-1] else "" for m in COST_METRICS},
+            "nodes": len({r.get("node_id") for r in res}),
+            "peak_pss_mb": max((r.get("pss_mb", 0) for r in res), default=0),
+            "restarts": restarted.get(tid, 0),
+        }
+        if len(goals) > 1:  # the study's values (COMPLETE trials); `pareto`: on the Pareto front
+            for i, (m, _) in enumerate(goals[1:], 1):
+                if m not in COST_METRICS:
+                    row[f"{m}_at_best"] = round(t.values[i], 4) if t.values else ""
+            row["pareto"] = "yes" if t.number in front else ""
+        by_epoch = {r["epoch"]: r for r in res}
+        for m in rungs:
+            row[f"{metric}@{m}"] = round(by_epoch[m][metric], 4) if m in by_epoch and metric in by_epoch[m] else ""
+        for n in names:
+            row[f"param_{n}"] = t.params.get(n, "")
+        rows.append(row)
+    return rows
+
+
+def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
+    """trials.csv (see results/README.md for the columns); returns its rows."""
+    rows = trials_table(sdir, record)
+    buf = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_atomic(Path(sdir) / "trials.csv", buf.getvalue())
+    return rows
+
+
+def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None) -> dict:
+    """The study at a glance; `scanned`: study_results() when the caller has already read them."""
+    running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final"))) if info}
+    rows = trials_table(sdir, record, scanned, live="study" in running)
+    spec = record["spec"]
+    total = sum(r["num_samples"] for r in record["runs"])
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["status"]] = states.get(r["status"], 0) + 1
+    best = pick_best(rows, spec)
+    finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED", "FAIL"))
+    return {
+        "name": record["name"],
+        "directory": str(sdir),
+        "metric": spec["metric"],
+        "mode": spec["mode"],
+        "objectives": objectives(spec),
+        "running": running,
+        "num_samples": total,
+        "trials": len(rows),
+        "finished": finished,
+        "states": states,
+        "epochs_trained": sum(int(r["epochs"]) for r in rows),
+        "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
+        "best": best,
+        "rows": rows,
+    }
+
+
+def pick_best(rows: list[dict], spec: dict) -> dict | None:
+    """The trial the final stage takes by default: the best first metric among the trials that did not fail; in
+    a multi-objective study among the Pareto front's trials (completed ones: a trial stopped early has no values)."""
+    key = f"best_{spec['metric']}"
+    multi = len(objectives(spec)) > 1
+    scored = [r for r in rows if r[key] != "" and r["state"] != "FAIL" and (not multi or r.get("pareto") == "yes")]
+    return (max if spec["mode"] == "max" else min)(scored, key=lambda r: float(r[key])) if scored else None
+
+
+def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) -> dict:
+    """The study's best finished trial by its metric and mode (or trial `number`), with its full config."""
+    rows = trials_table(sdir, record)
+    key = f"best_{spec.metric}"
+    if number is not None:
+        row = next((r for r in rows if r["number"] == number), None)
+        if row is None:
+            raise FerTuneError(f"{sdir}: the study has no trial {number} (trials 0..{len(rows) - 1})")
+        if row[key] == "":
+            raise FerTuneError(f"{sdir}: trial {number} reported no {spec.metric} ({row['status']}); pick another")
+    else:
+        row = pick_best(rows, spec.to_dict())
+        if row is None:
+            what = "on the Pareto front (completed)" if spec.multi else f"with a {spec.metric}"
+            raise FerTuneError(
+                f"{sdir}: the study has no finished trial {what} yet ({len(rows)} trials); run or resume the sweep first"
+            )
+    import optuna
+
+    trial = next(t for t in load_optuna_study(record).get_trials(deepcopy=False) if t.number == row["number"])
+    constants = spec.define_by_run()(optuna.trial.FixedTrial(trial.params)) or {}
+    params = {**trial.params, **constants}
+    return {
+        "number": row["number"],
+        "ray_trial_id": row["ray_trial_id"],
+        "metric": spec.metric,
+        "value": float(row[key]),
+        "epoch": row["best_epoch"],
+        "params": params,
+        "config": spec.trial_config(params).to_dict(),
+    }
+
+
+def _short(value: Any) -> str:
+    """A trials.csv value as a person reads it: numbers to 4 significant digits."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if not float(number).is_integer() or "." in str(value) else str(value)
+
+
+def objective_value(row: dict, metric: str, first: str) -> Any:
+    """A trials.csv row's value of an objective: the first metric's best, a cost metric, or another at the best
+    epoch."""
+    if metric == first:
+        return row[f"best_{metric}"]
+    return row[metric] if metric in COST_METRICS else row.get(f"{metric}_at_best", "")
+
+
+def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
+    """A finished run in a few lines: trials by state, the best trial, where trials.csv is."""
+    sdir = Path(sdir)
+    metric, key = spec["metric"], "best_" + spec["metric"]
+    states: dict[str, int] = {}
+    for r in table:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    lines = [f"{sdir}: {len(table)} trials ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"]
+    best = pick_best(table, spec)
+    if best is not None:
+        params = ", ".join(
+            f"{k[len('param_') :]}={_short(v)}" for k, v in best.items() if k.startswith("param_") and v != ""
+        )
+        lines.append(
+            f"best: trial {best['number']} {metric} {float(best[key]):.2f} at epoch {best['best_epoch']} with {params}"
+        )
+    goals = objectives(spec)
+    if len(goals) > 1:
+        front = sorted((r for r in table if r.get("pareto") == "yes"), key=lambda r: float(r[key]), reverse=True)
+        lines.append(
+            f"Pareto front ({', '.join(f'{m} {mode}' for m, mode in goals)}; completed trials): "
+            + (
+                "; ".join(
+                    f"trial {r['number']} "
+                    + ", ".join(f"{m} {_short(objective_value(r, m, metric))}" for m, _ in goals)
+                    for r in front
+                )
+                or "none yet"
+            )
+        )
+        if best is not None:
+            lines.append(f"fer-tune final takes trial {best['number']}, the front's best {metric} (or pass --trial N)")
+    errored = states.get("FAIL", 0)
+    if errored:
+        lines.append(
+            f"{errored} trial(s) diverged or errored (see the status column); `fer-tune resume {sdir}` "
+            "retries errored ones"
+        )
+    lines.append(f"trials: {sdir / 'trials.csv'}")
+    return lines
+
+
+class _TrialNumbers:
+    """A Tune trial's Optuna number ("trial 3", as status and trials.csv number them), read from the study's
+    storage when a trial id is first seen."""
+
+    def __init__(self, record: dict):
+        self._record = {k: record[k] for k in ("optuna_study", "storage")}
+        self._numbers: dict[str, int] = {}
+
+    def __call__(self, trial: Any) -> str:
+        if trial.trial_id not in self._numbers:
+            for t in load_optuna_study(self._record).get_trials(deepcopy=False):
+                if t.user_attrs.get("ray_trial_id"):
+                    self._numbers[t.user_attrs["ray_trial_id"]] = t.number
+        number = self._numbers.get(trial.trial_id)
+        return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
+
+
+def study_progress(record: dict, spec: StudySpec, run: dict) -> Any:
+    """The run's progress lines (fer_tune.tune.runtime.progress), trials named by their Optuna numbers."""
+    from ..runtime.progress import TrialProgress
+
+    metric, max_epochs = spec.metric, spec.max_epochs
+
+    def ended(result: dict, epochs: int) -> str:
+        value = result.get(metric)
+        shown = f"{metric} {value:.2f}" if isinstance(value, (int, float)) else ""
+        if result.get("status") == "diverged":
+            return f"diverged at epoch {epochs} (loss NaN / inf)"
+        if epochs < max_epochs:
+            return f"pruned at epoch {epochs}: {shown}"
+        best, at = result.get("best_" + metric), result.get("best_epoch")
+        return f"completed: best {metric} {best:.2f} at epoch {at}" if isinstance(best, (int, float)) else "completed"
+
+    return TrialProgress(
+        metric=metric,
+        mode=spec.mode,
+        total=run["num_samples"],
+        epochs={"": max_epochs},
+        name=_TrialNumbers(record),
+        ended=ended,
+    )

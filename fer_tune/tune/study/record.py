@@ -1,0 +1,285 @@
+"""A study's record: study.json, the fingerprint that guards a resume, the storages it names.
+
+results/NAME/study.json holds what was launched: the spec, the data source, the Optuna storage (a reference:
+`sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, the MLflow tracking URI (`mlflow`: a
+reference too, see mlflow_ref), one entry per run (the sweep, each extend) and a fingerprint of the inputs (space,
+data, versions). A resume or extend refuses when the fingerprint changed, unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ...common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
+from ..runtime.session import versions
+from .spaces import find_space, parse_space
+from .spec import StudySpec
+
+STUDY_FILE = "study.json"
+
+
+def optuna_lib() -> Any:
+    """optuna, with its INFO log off (a line per trial; fer-tune reports trials itself): the one place it is set."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def resolve_storage(ref: str) -> Any:
+    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL.
+    A database server's storage rides out a dropped connection or a restart (fer_tune.tune.study.dbretry)."""
+    optuna = optuna_lib()
+    url = from_env(ref, "storage") if ref.startswith("env:") else ref
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    from .dbretry import CONNECT_SECONDS, connection_lost, retrying_storage
+
+    shown = ref if ref.startswith("env:") else url.split("://")[0] + "://..."
+    try:
+        return retrying_storage(lambda: optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}))
+    except ImportError:  # the database's driver (Optuna's message names none)
+        raise FerTuneError(
+            f"storage {shown}: the database driver of this URL is not installed (PostgreSQL: pip install -e "
+            "'.[postgres]', URLs postgresql+psycopg://...)"
+        ) from None
+    except Exception as exc:
+        if not connection_lost(exc):
+            raise
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise FerTuneError(
+            f"storage {shown}: the database cannot be reached for {CONNECT_SECONDS:.0f} s ({first}); check the "
+            "URL's host, port and credentials"
+        ) from None
+
+
+def load_optuna_study(record: dict) -> Any:
+    """The study's optuna.Study."""
+    return optuna_lib().load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
+
+
+def epoch_values(trial: Any) -> dict[int, float]:
+    """{epoch: the first objective's value} an Optuna trial (frozen) holds: its intermediate values, or in a
+    multi-objective study (where Optuna has none: its samplers read them as one objective's) its `objectives`
+    attribute {epoch: [every objective's value]}."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return {int(e): v[0] for e, v in trial.user_attrs.get("objectives", {}).items()}
+
+
+def storage_ref(arg: str | None, sdir: Path) -> str:
+    """The Optuna storage reference recorded in study.json (`storage`): --optuna-storage, else sqlite in sdir."""
+    if not arg:
+        return f"sqlite:///{sdir / 'optuna.db'}"
+    if arg.startswith("env:"):
+        return arg
+    if "://" not in arg:
+        raise FerTuneError(
+            f"--optuna-storage {arg}: give a SQLAlchemy URL (sqlite:////ABS/PATH/optuna.db, "
+            "postgresql://USER@HOST/DB) or env:VAR naming an environment variable that holds one; "
+            "--storage is where Ray keeps checkpoints and results"
+        )
+    if urlsplit(arg).password:
+        raise FerTuneError(
+            "--optuna-storage: the URL holds a password, which would be written to the study files; "
+            "put the URL in an environment variable and pass --optuna-storage env:VARNAME"
+        )
+    return arg
+
+
+def from_env(ref: str, what: str) -> str:
+    """The value of the environment variable an `env:VAR` reference names (`what`: the option, for the error)."""
+    value = os.environ.get(ref[4:], "")
+    if not value:
+        raise FerTuneError(f"{what} {ref}: the environment variable {ref[4:]} is not set on this machine")
+    return value
+
+
+MLFLOW_OFF = "off"
+MLFLOW_FORMS = (
+    "a directory or file:///PATH (an MLflow file store), http(s)://HOST:PORT (a tracking server), env:VAR naming "
+    "an environment variable that holds one, or off"
+)
+
+
+def mlflow_ref(arg: str) -> str | None:
+    """What study.json and final.json record for --mlflow ARG: None for `off`, env:VAR as given, an http(s) URL as
+    given (refused with a password in it), a path or file: URI as file:///ABSOLUTE/PATH."""
+    if arg == MLFLOW_OFF:
+        return None
+    if arg.startswith("env:"):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", arg[4:]):
+            raise FerTuneError(f"--mlflow {arg}: env:VAR names an environment variable (letters, digits and _)")
+        return arg
+    return _tracking_uri(arg, f"--mlflow {arg}", secret=False)
+
+
+def mlflow_uri(ref: str) -> str:
+    """The tracking URI of a recorded reference (env:VAR read from the environment, never shown)."""
+    if not ref.startswith("env:"):
+        return ref
+    return _tracking_uri(from_env(ref, "--mlflow"), f"--mlflow {ref} (the URI in {ref[4:]})", secret=True)
+
+
+def _tracking_uri(value: str, what: str, *, secret: bool) -> str:
+    """The tracking URI `value` names (a path: file:///ABSOLUTE/PATH); `secret`: it came from the environment, so
+    it may hold a password and is never shown."""
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise FerTuneError(f"{what}: the URL names no host; give {MLFLOW_FORMS}")
+        if parts.password and not secret:
+            raise FerTuneError(
+                "--mlflow: the URL holds a password, which would be written to the study files; put the URL in an "
+                "environment variable and pass --mlflow env:VARNAME"
+            )
+        return value.rstrip("/")
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+        path = unquote(parts.path)
+    elif not parts.scheme and value.strip():
+        path = value
+    else:
+        raise FerTuneError(f"{what}: give {MLFLOW_FORMS}")
+    return Path(path).expanduser().resolve().as_uri()
+
+
+def study_dir(results: str, name: str | None, default: str, space_path: str) -> Path:
+    """RESULTS/NAME for a new study, refused unless NAME is a plain name and the directory is inside RESULTS."""
+    given = "--name" if name else f"the study name of {space_path}"
+    name = name or default
+    if not is_plain_name(name):
+        raise FerTuneError(
+            f"{given} {name!r}: {NAME_RULE} (it becomes RESULTS/NAME, Ray's storage prefix and the "
+            "Optuna study's name)" + ("" if given == "--name" else "; pass --name NAME")
+        )
+    root = Path(results).expanduser().resolve()
+    sdir = (root / name).resolve()
+    if sdir.parent != root:
+        raise FerTuneError(
+            f"{root / name} leads to {sdir}, outside the results root {root} (a symbolic link?); "
+            "choose another --name or --results"
+        )
+    return sdir
+
+
+def read_study(sdir: str | Path) -> dict:
+    """study.json of a study directory (FerTuneError when it is not one)."""
+    sdir = Path(sdir)
+    f = sdir / STUDY_FILE
+    if not f.is_file():
+        hint = " (it does not exist)" if not sdir.exists() else f" ({sdir} has no {STUDY_FILE})"
+        raise FerTuneError(f"{sdir} is not a fer-tune study directory{hint}; start one with fer-tune sweep")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
+
+
+def write_study(sdir: Path, record: dict) -> None:
+    write_json(sdir / STUDY_FILE, record)
+
+
+def new_record(
+    sdir: Path,
+    spec: StudySpec,
+    space_path: str,
+    overrides: dict,
+    source: str,
+    protocol: str,
+    data: Any,
+    optuna_ref: str,
+    ray_storage: str | None,
+    max_concurrent: int | None,
+    space_label: str | None = None,
+) -> dict:
+    """The study.json of a new study (its first run: the sweep, in tune/); `space_label` names a space that is no
+    file of its own (the demo's) in place of the space file's path."""
+    return {
+        "name": sdir.name,
+        "space_file": space_label or str(find_space(space_path).resolve()),
+        "spec": spec.to_dict(),
+        "overrides": overrides,
+        "data": {"source": source, "protocol": protocol, **data.describe()},
+        "storage": optuna_ref,
+        "ray_storage": ray_storage,
+        "optuna_study": sdir.name,
+        "fingerprint": fingerprint(spec, data),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": [new_run("tune", spec.num_samples, spec.seed, max_concurrent)],
+    }
+
+
+def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | None) -> dict:
+    """One run of a study (the sweep or an extend): its Ray experiment and the code revision that started it."""
+    return {
+        "dir": directory,
+        "num_samples": num_samples,
+        "seed": seed,
+        "max_concurrent": max_concurrent,
+        "code": code_revision(),
+    }
+
+
+def new_session(continued: int | None) -> dict:
+    """One command's share of a run (runs[i].sessions): when, by which code; for a resume (`continued` not None)
+    the trials it took up unfinished (each continues from its last checkpoint, or starts over without one). The
+    run's driver adds how it ended (ended, wall_seconds, outcome, trials_finished); a killed one leaves no end."""
+    session = {"kind": "start" if continued is None else "resume", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if continued is not None:
+        session["trials_continued"] = continued
+    session["code"] = code_revision()
+    return session
+
+
+def fingerprint(spec: StudySpec, data: Any) -> dict:
+    return {
+        "space_sha256": spec.sha256,
+        "data_source": data.source,
+        "data_fingerprint": data.fingerprint,
+        "protocol": data.protocol,
+        "versions": versions(),
+    }
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def spec_with(text: str, overrides: dict, source: str, name: str) -> StudySpec:
+    """The spec of a space file's text with the command-line overrides a study was launched with."""
+    import yaml
+
+    return parse_space({**yaml.safe_load(text), **overrides}, source=source, text=text, default_name=name)
+
+
+def reopen(sdir: Path, force: bool, loader: Callable[[str, str], Any]) -> tuple[dict, StudySpec, Any]:
+    """(record, spec, data) of an existing study, refused when its inputs changed since it started (unless force)."""
+    record = read_study(sdir)
+    spec = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"])
+    data = loader(record["data"]["source"], record["data"]["protocol"])
+    changes = diff(record["fingerprint"], fingerprint(spec, data))
+    space_file = Path(record["space_file"])
+    if space_file.is_file() and space_file.read_text() != spec.text:
+        changes.append(f"space file {space_file} was edited since the study started (the study keeps its copy)")
+    if changes and not force:
+        raise FerTuneError(
+            f"{sdir}: the study's inputs changed since it started: "
+            + "; ".join(changes)
+            + ". Pass --force to continue anyway."
+        )
+    return record, spec, data
