@@ -112,13 +112,80 @@ def cli_args(*args, num_cpus: int | None = 2) -> list[str]:
     return [sys.executable, "-m", "fer_tune.cli", *args]
 
 
-def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2):
-    """Run a fer-tune command as a user does (a subprocess); its CompletedProcess with text stdout / stderr."""
+RAY_COMMANDS = (*LOCAL_RAY_COMMANDS, "pbt")
+_SESSION_RAY: list = []  # the test session's one local Ray for commands run in-process (started on first use)
+
+
+def session_ray() -> None:
+    """One local Ray (2 CPUs, private RAY_TMPDIR) for every command the tests run in-process, started once: each
+    command's own local Ray cost 9-14 s. fer-tune's commands join a running Ray (as the demo's sweep and final
+    stage share one). Shut down at the end of the session (pytest_sessionfinish)."""
+    import tempfile
+
+    if _SESSION_RAY:
+        return
+    from fer_tune.tune.runtime.session import ray_session
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    os.environ.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
+    ctx = ray_session(None, num_cpus=2, output="quiet")
+    ctx.__enter__()
+    _SESSION_RAY.append((ctx, ray_tmp))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    while _SESSION_RAY:
+        ctx, ray_tmp = _SESSION_RAY.pop()
+        ctx.__exit__(None, None, None)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_in_process(env: dict, args: list[str], cwd=None):
+    """`fer-tune ARGS` through fer_tune.cli.main in this process (the variables of `env` that differ from
+    os.environ set for the call, stdout and stderr captured): a CompletedProcess as from a subprocess."""
+    import contextlib
+    import io
+    import subprocess
+    import traceback
+
+    from fer_tune.cli import main
+
+    if args[0] in RAY_COMMANDS:
+        session_ray()
+    saved, here = dict(os.environ), os.getcwd()
+    os.environ.update({k: v for k, v in env.items() if k != "RAY_TMPDIR" and os.environ.get(k) != v})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(args)
+            except SystemExit as exc:  # argparse
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # as a subprocess would end: the traceback on stderr, exit 1
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["fer-tune", *args], rc, out.getvalue(), err.getvalue())
+
+
+def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2, process: bool = False):
+    """Run a fer-tune command; its CompletedProcess with text stdout / stderr. In this process by default, on the
+    session's one local Ray; as a user does (a subprocess with its own local Ray) with `process=True`, where the
+    process itself is under test (its local Ray's resources, signals, its exit), and for a cluster (--address,
+    num_cpus None)."""
     import subprocess
 
-    return subprocess.run(
-        cli_args(*args, num_cpus=num_cpus), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
+    argv = cli_args(*args, num_cpus=num_cpus)
+    if process or num_cpus is None or any(a.startswith("--address") for a in argv):
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return run_in_process(env, argv[3:], cwd=cwd)
 
 
 def kill_when_half_way(proc, sdir, within: float = 240.0) -> None:
