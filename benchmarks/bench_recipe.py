@@ -63,9 +63,9 @@ def _run_one(data, arm: str, changes: dict, seed: int, args, out: Path) -> None:
     splits = {s: data.arrays(s) for s in ("train", "val", "test")}
     best: dict = {}
 
-    def on_epoch(m: dict, st: dict | None) -> None:
-        if st is not None and m["is_best"]:
-            best["model"] = st["model"]
+    def on_epoch(m: dict, take) -> None:
+        if take is not None and m["is_best"]:
+            best["model"] = take()["model"]
         print(
             f"  {arm} seed {seed} epoch {m['epoch']}: train_acc {m.get('train_acc', 0):.2f} "
             f"val_acc {m.get('val_acc', 0):.2f} ({m.get('epoch_seconds', 0):.0f} s)",

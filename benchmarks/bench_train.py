@@ -170,9 +170,9 @@ def _fer_tune_arm(d, args, amp: str, seed: int) -> dict:
     t0 = time.perf_counter()
     best_state: dict = {}
 
-    def on_epoch(m, state):
+    def on_epoch(m, take):
         if m.get("is_best"):
-            best_state["model"] = state["model"]
+            best_state["model"] = take()["model"]
         print(
             f"  {label} epoch {m['epoch']}: train_acc {m['train_acc']:.2f} val_acc {m['val_acc']:.2f} "
             f"({m['epoch_seconds']:.0f} s)",

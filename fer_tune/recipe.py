@@ -161,6 +161,7 @@ def run_seed(
 ) -> dict | None:
     """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done.
     `schedule`: the training phase's changes per epoch (fer_tune.schedule: a PBT member's, replayed)."""
+    from .observers import TrackedTest
     from .train import fit
 
     if state.phase == "done":
@@ -176,9 +177,10 @@ def run_seed(
     # 1. train from scratch
     if state.phase == "train":
 
-        def on_train_epoch(m: dict, st: dict | None) -> bool | None:
-            if st is None:
+        def on_train_epoch(m: dict, take: Any) -> bool | None:
+            if take is None:
                 return diverged(m)
+            st = take()
             if m["is_best"]:
                 state.weights["best"] = st["model"]
             state.train_history, state.fit_state = st["history"], st
@@ -193,10 +195,8 @@ def run_seed(
             device=device,
             checkpoint=state.fit_state,
             on_epoch=on_train_epoch,
-            track=test,
-            track_every=eval_every,
-            track_crops=track_crops,
             schedule=schedule,
+            observers=[TrackedTest(*test, every=eval_every, crops=track_crops)],
         )
         if res.status == "diverged":
             return None
@@ -206,9 +206,10 @@ def run_seed(
         state.phase, state.fit_state = "finetune", None
 
     # 2. fine-tune from the best-val weights
-    def on_ft_epoch(m: dict, st: dict | None) -> bool | None:
-        if st is None:
+    def on_ft_epoch(m: dict, take: Any) -> bool | None:
+        if take is None:
             return diverged(m)
+        st = take()
         state.finetune_history, state.fit_state = st["history"], st
         save(state, m, step=cfg.epochs + m["epoch"], pinned=False)
         return None
@@ -220,9 +221,7 @@ def run_seed(
         checkpoint=state.fit_state,
         init_model=state.weights["best"],
         on_epoch=on_ft_epoch,
-        track=test,
-        track_every=eval_every,
-        track_crops=track_crops,
+        observers=[TrackedTest(*test, every=eval_every, crops=track_crops)],
     )
     if res.status == "diverged":
         return None

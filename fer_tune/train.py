@@ -1,8 +1,9 @@
 """fit(): the ONE epoch loop. `fer-tune train`, every Ray Tune trial and the final stage call it.
 
 It knows nothing about Ray. It takes a TrainConfig, the data (anything with ``.arrays(split)``), a device, an
-optional starting checkpoint and a callback ``on_epoch(metrics, checkpoint) -> bool | None`` called after every
-epoch (return False to stop). The data moves to the device once; batches are augmented there (fer_tune.augment).
+optional starting checkpoint, a callback ``on_epoch(metrics, take) -> bool | None`` called after every epoch
+(``take()`` builds that epoch's checkpoint, a CPU copy, only for a caller that keeps one; return False to stop)
+and observers of the loop (fer_tune.observers: the progress bar, the tracked test curve). The data moves to the device once; batches are augmented there (fer_tune.augment).
 A checkpoint is a plain dict (model, optimizer, scheduler, AMP scaler, RNG states, epoch, history, best) that
 ``save_checkpoint`` writes atomically and ``load_checkpoint`` reads with ``weights_only=True``; resuming from
 epoch k reproduces the uninterrupted run on CPU.
@@ -14,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,7 @@ class FitResult:
     message: str
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)
-    checkpoint: dict | None = None  # the last epoch's checkpoint
+    checkpoint: dict | None = None  # the last epoch's checkpoint (a diverged run's: the last one taken, if any)
     precision: str = "fp32"  # bf16 | fp16 | fp32: the autocast dtype the run trained with
     compiled: bool = False  # whether torch.compile ran the model (compile=on, or auto where it pays)
 
@@ -148,7 +149,7 @@ def predict_logits(
     return torch.cat(out) if out else torch.zeros(0, 7, device=images.device)
 
 
-def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A tensor on `device` without copying on CPU. Arrays from Ray's object store are read-only shared memory;
     the loop only ever reads them (batches are gathered copies), so torch's not-writable warning is moot."""
     with warnings.catch_warnings():
@@ -168,27 +169,124 @@ def _val_recall(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------
+class Observer:
+    """Watches fit()'s loop, as Lightning's Callback does a Trainer's: a progress bar, the tracked test curve, a
+    test's injected crash (fer_tune.observers). Every hook is a no-op here; on_validation_end may add metrics
+    (before they enter the history)."""
+
+    def on_fit_start(self, cfg: TrainConfig, device: torch.device, dtype: Any, start: int, steps: int) -> None: ...
+    def on_epoch_start(self, epoch: int) -> None: ...
+    def on_batch_end(self) -> None: ...
+    def on_validation_end(self, epoch: int, metrics: dict, model: torch.nn.Module) -> None: ...
+    def on_epoch_end(self, metrics: dict) -> None: ...
+    def on_fit_end(self) -> None: ...
+
+
+class _Run:
+    """What one run trains and steps, built from its config; `snapshot` and `restore` are each other's inverse
+    (the checkpoint format, CHECKPOINT_FORMAT)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, steps: int, n_train: int, use_scaler: bool, init: Any):
+        self.device, self.use_scaler, self.n_train = device, use_scaler, n_train
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.model = build_model(cfg, device)
+        self.optimizer = create_optimizer(cfg, param_groups(self.model, cfg.weight_decay, cfg.no_wd_1d), device)
+        self.scheduler = Scheduler(cfg, self.optimizer, steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        if init is not None:  # a fine-tune's starting weights
+            self.model.load_state_dict(init)
+        self.extra = Additions(cfg, self.model, n_train, device)
+
+    def snapshot(self, cfg: TrainConfig, prec: str, epoch: int, history: list, best: dict) -> dict:
+        """The checkpoint after `epoch`: a CPU copy of everything a resume needs."""
+        device = self.device
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "precision": prec,
+            "epoch": epoch,
+            "model": _cpu_state(self.extra.evaluated(self.model).state_dict()),
+            **{k: _cpu_state(v) for k, v in self.extra.state(self.model).items()},
+            "optimizer": _cpu_state(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_scaler else {},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "gen": self.gen.get_state(),
+                "gen_device": device.type,
+            },
+            "history": list(history),
+            "best": dict(best),
+        }
+
+    def restore(self, checkpoint: dict) -> tuple[list[dict], dict, int]:
+        """Back to a snapshot; (history, best, the epoch it was taken after)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.extra.resume(checkpoint, self.model)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if rng.get("gen_device") == self.device.type:
+            self.gen.set_state(rng["gen"])
+        return list(checkpoint.get("history", [])), dict(checkpoint.get("best", {})), int(checkpoint["epoch"])
+
+    def train_epoch(self, cfg, x_train, y_train, steps, epoch, dtype, observers) -> tuple[float, float, float]:
+        """One pass over the train split: (mean loss, accuracy %, seconds)."""
+        t0, device, model, extra, bs = time.perf_counter(), self.device, self.model, self.extra, cfg.batch_size
+        n_crops = augment.crops_per_image(cfg.train_crops)
+        model.train()
+        perm = torch.randperm(self.n_train, generator=self.gen, device=device)
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for b in range(steps):
+            idx = perm[b * bs : (b + 1) * bs]
+            x = augment.train_batch(x_train[idx], self.gen, cfg.train_crops, cfg.erase_p, extra.flips(idx, epoch))
+            x, y, y_b, lam = extra.mix(
+                x, y_train[idx].repeat_interleave(n_crops), n_crops, self.gen, (cfg.seed, epoch, b)
+            )
+            x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                logits = model(x)
+                loss = mixed_loss(logits.float(), y, y_b, lam, cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.after_batch()
+            extra.after_step(model)
+            loss_sum += loss.detach() * len(y)
+            correct += mixed_correct(logits, y, y_b, lam)
+            seen += len(y)
+            for o in observers:
+                o.on_batch_end()
+        return float(loss_sum) / seen, 100.0 * float(correct) / seen, time.perf_counter() - t0
+
+
+Take = Callable[[], dict]  # an epoch's checkpoint, built (a CPU copy) when first asked for
+
+
 def fit(
     cfg: TrainConfig,
     data: Arrays,
     *,
     device: torch.device | None = None,
     checkpoint: dict | None = None,
-    on_epoch: Callable[[dict, dict], bool | None] | None = None,
-    progress: bool = False,
-    fail_at_epoch: int | None = None,
+    on_epoch: Callable[[dict, Take | None], bool | None] | None = None,
     init_model: dict | None = None,
-    track: tuple[np.ndarray, np.ndarray] | None = None,
-    track_every: int = 0,
-    track_crops: str | None = None,
     schedule: dict | None = None,
+    observers: Sequence[Observer] = (),
 ) -> FitResult:
     """Train ``cfg.epochs`` epochs (continuing from ``checkpoint`` if given); see the module docstring.
 
-    ``init_model``: model weights to start from when not resuming (a fine-tune). ``track``: (images, labels) whose
-    accuracy is measured every ``track_every`` epochs and at the last epoch as ``test_acc`` (the final stage's
-    overfitting curve; never used for selection), with ``track_crops`` (default: the config's test crops).
-    ``schedule``: {epoch: {key: value}} changes of lr / weight_decay / dropout from that epoch on (fer_tune.schedule).
+    ``on_epoch(metrics, take)`` after every epoch: ``take()`` returns its checkpoint (None for an epoch that
+    diverged), to be called before on_epoch returns; return False to stop. ``init_model``: weights to start from
+    when not resuming (a fine-tune). ``schedule``: {epoch: {key: value}} changes of lr / weight_decay / dropout from
+    that epoch on (fer_tune.schedule). ``observers``: watchers of the loop (fer_tune.observers).
     """
     device = device or select_device()
     if cfg.threads:
@@ -199,90 +297,30 @@ def fit(
     prec = precision_name(dtype)
     prepare_device(device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    x_train, y_train = (_as_tensor(a, device) for a in data.arrays("train"))
-    x_val, y_val = (_as_tensor(a, device) for a in data.arrays("val"))
-    n_train = len(y_train)
-    n_crops = augment.crops_per_image(cfg.train_crops)
-    bs = cfg.batch_size
+    x_train, y_train = (as_tensor(a, device) for a in data.arrays("train"))
+    x_val, y_val = (as_tensor(a, device) for a in data.arrays("val"))
+    n_train, bs = len(y_train), cfg.batch_size
     # drop a last batch too small for BatchNorm in train mode
-    steps = n_train // bs + (1 if (n_train % bs) * n_crops >= 2 else 0)
+    steps = n_train // bs + (1 if (n_train % bs) * augment.crops_per_image(cfg.train_crops) >= 2 else 0)
     if steps == 0:
         raise FerTuneError(f"the train split has {n_train} images: too few for batch_size {bs}")
 
-    model = build_model(cfg, device)
-    optimizer = create_optimizer(cfg, param_groups(model, cfg.weight_decay, cfg.no_wd_1d), device)
-    scheduler = Scheduler(cfg, optimizer, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    history: list[dict] = []
-    best: dict = {}
-    start = 0
-    if init_model is not None and checkpoint is None:
-        model.load_state_dict(init_model)
-    extra = Additions(cfg, model, n_train, device)
-    cost = model_cost(model, device, cfg.test_crops, dtype)  # eager, before a compile sees a batch of one
-    compiled = compile_model(model, cfg.compile, device)  # after Additions: an EMA copies the eager model
-    x_track = y_track = None
-    if track is not None:
-        x_track, y_track = (_as_tensor(a, device) for a in track)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        extra.resume(checkpoint, model)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        rng = checkpoint["rng"]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        if rng.get("gen_device") == device.type:
-            gen.set_state(rng["gen"])
-        history = list(checkpoint.get("history", []))
-        best = dict(checkpoint.get("best", {}))
-        start = int(checkpoint["epoch"])
+    run = _Run(cfg, device, steps, n_train, use_scaler, init_model if checkpoint is None else None)
+    cost = model_cost(run.model, device, cfg.test_crops, dtype)  # eager, before a compile sees a batch of one
+    compiled = compile_model(run.model, cfg.compile, device)  # after Additions: an EMA copies the eager model
+    history, best, start = run.restore(checkpoint) if checkpoint is not None else ([], {}, 0)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=(cfg.epochs - start) * steps, unit="batch", dynamic_ncols=True, leave=True)
-    status, message, state = "completed", f"trained {cfg.epochs} epochs", checkpoint
+    for o in observers:
+        o.on_fit_start(cfg, device, dtype, start, steps)
+    status, message = "completed", f"trained {cfg.epochs} epochs"
+    taken: dict = {"epoch": start, "state": checkpoint}  # the latest epoch's checkpoint, once built
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
-            if fail_at_epoch is not None and epoch == fail_at_epoch:
-                raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
-            cfg = apply_schedule(schedule, epoch, start, cfg, model, optimizer)
-            t0 = time.perf_counter()
-            lr = scheduler.lr
-            model.train()
-            perm = torch.randperm(n_train, generator=gen, device=device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen = 0
-            for b in range(steps):
-                idx = perm[b * bs : (b + 1) * bs]
-                x = augment.train_batch(x_train[idx], gen, cfg.train_crops, cfg.erase_p, extra.flips(idx, epoch))
-                x, y, y_b, lam = extra.mix(
-                    x, y_train[idx].repeat_interleave(n_crops), n_crops, gen, (cfg.seed, epoch, b)
-                )
-                x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, dtype):
-                    logits = model(x)
-                    loss = mixed_loss(logits.float(), y, y_b, lam, cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.after_batch()
-                extra.after_step(model)
-                loss_sum += loss.detach() * len(y)
-                correct += mixed_correct(logits, y, y_b, lam)
-                seen += len(y)
-                if bar is not None:
-                    bar.update(1)
-            train_loss = float(loss_sum) / seen
+            for o in observers:
+                o.on_epoch_start(epoch)
+            cfg = apply_schedule(schedule, epoch, start, cfg, run.model, run.optimizer)
+            t0, lr = time.perf_counter(), run.scheduler.lr
+            train_loss, train_acc, train_time = run.train_epoch(cfg, x_train, y_train, steps, epoch, dtype, observers)
             if not math.isfinite(train_loss):
                 status = "diverged"
                 message = (
@@ -293,67 +331,56 @@ def fit(
                 if on_epoch is not None:
                     on_epoch(metrics, None)
                 break
-            train_time = time.perf_counter() - t0
-            evaluated = extra.evaluated(model)
+            evaluated = run.extra.evaluated(run.model)
             logits = predict_logits(evaluated, x_val, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype)
             val_loss = float(F.cross_entropy(logits, y_val))
             val_acc = 100.0 * float((logits.argmax(1) == y_val).float().mean())
-            scheduler.after_epoch(val_acc)
-            seconds = time.perf_counter() - t0
+            run.scheduler.after_epoch(val_acc)
             is_best = not best or val_acc > best["val_acc"]
             metrics = {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "train_acc": 100.0 * float(correct) / seen,
+                "train_acc": train_acc,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": lr,
-                "epoch_seconds": seconds,
+                "epoch_seconds": time.perf_counter() - t0,
                 "images_per_s": n_train / train_time,
             }
             if device.type == "cuda":  # this process's peak (a trial's, on a fractional GPU); no device sync
                 metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            if x_track is not None and (epoch == cfg.epochs or (track_every and epoch % track_every == 0)):
-                t_logits = predict_logits(
-                    evaluated, x_track, crops=track_crops or cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype
-                )
-                metrics["test_acc"] = 100.0 * float((t_logits.argmax(1) == y_track).float().mean())
+            for o in observers:
+                o.on_validation_end(epoch, metrics, evaluated)
             if is_best:
                 best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
-            metrics.update(
-                {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "is_best": is_best, "status": "running"}
-            )
+            metrics.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"], is_best=is_best, status="running")
             history.append({k: v for k, v in metrics.items() if k not in ("is_best", "status")})
-            metrics["precision"], metrics["compiled"] = prec, compiled
-            metrics.update(cost)
+            metrics.update(precision=prec, compiled=compiled, **cost)
             metrics.update(_val_recall(logits, y_val))  # for the study report's class-aware view, not history
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "config": cfg.to_dict(),
-                "precision": prec,
-                "epoch": epoch,
-                "model": _cpu_state(evaluated.state_dict()),
-                **{k: _cpu_state(v) for k, v in extra.state(model).items()},
-                "optimizer": _cpu_state(optimizer.state_dict()),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if use_scaler else {},
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "gen": gen.get_state(),
-                    "gen_device": device.type,
-                },
-                "history": list(history),
-                "best": dict(best),
-            }
-            if bar is not None:
-                bar.set_postfix(
-                    epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.2f}", best=f"{best['val_acc']:.2f}"
-                )
-            if on_epoch is not None and on_epoch(metrics, state) is False:
+            taken.update(epoch=epoch, state=None)
+            for o in observers:
+                o.on_epoch_end(metrics)
+            if on_epoch is not None and on_epoch(metrics, _taker(taken, run, cfg, prec, history, best)) is False:
                 status, message = "stopped", f"stopped by the caller after epoch {epoch}"
                 break
+        if status != "diverged" and taken["state"] is None:
+            taken["state"] = run.snapshot(cfg, prec, taken["epoch"], history, best)
     finally:
-        if bar is not None:
-            bar.close()
-    return FitResult(status, message, history, best, state, prec, compiled)
+        for o in observers:
+            o.on_fit_end()
+    return FitResult(status, message, history, best, taken["state"], prec, compiled)
+
+
+def _taker(taken: dict, run: _Run, cfg: TrainConfig, prec: str, history: list, best: dict) -> Take:
+    """take() for the epoch in `taken`: its snapshot, built on the first call and kept in `taken`; refused once
+    the loop has moved on (the weights are no longer that epoch's)."""
+    epoch = taken["epoch"]
+
+    def take() -> dict:
+        if taken["epoch"] != epoch:
+            raise RuntimeError(f"fit(): the checkpoint of epoch {epoch} is taken inside on_epoch, not after")
+        if taken["state"] is None:
+            taken["state"] = run.snapshot(cfg, prec, epoch, history, best)
+        return taken["state"]
+
+    return take

@@ -31,7 +31,7 @@ def small():
 
 def _states(cfg, data, **kw):
     states = {}
-    res = fit(cfg, data, device=CPU, on_epoch=lambda m, st: states.__setitem__(m["epoch"], st), **kw)
+    res = fit(cfg, data, device=CPU, on_epoch=lambda m, take: states.__setitem__(m["epoch"], take()), **kw)
     return res, states
 
 

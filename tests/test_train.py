@@ -87,7 +87,7 @@ def test_bad_checkpoint_files(tmp_path):
 def test_divergence_is_a_result_not_a_crash(small):
     seen = []
     cfg = TrainConfig(**TINY, epochs=3, optimizer="sgd", momentum=0.0, lr=1e6)
-    r = fit(cfg, small, device=CPU, on_epoch=lambda m, s: seen.append((m, s)))
+    r = fit(cfg, small, device=CPU, on_epoch=lambda m, take: seen.append((m, take)))
     assert r.status == "diverged" and "diverged at epoch 1" in r.message and "smaller lr" in r.message
     assert r.history == [] and r.checkpoint is None
     assert len(seen) == 1 and seen[0][0]["status"] == "diverged" and seen[0][1] is None
@@ -509,3 +509,28 @@ def test_the_batch_loop_never_waits_for_the_gpu():
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs(64) == syncs(192)
+
+
+def test_an_epochs_checkpoint_is_built_only_when_taken_and_only_then(small, monkeypatch):
+    """fit() copies the run's state to the CPU for an epoch whose caller takes its checkpoint, and once more for the
+    result at the end; a take() kept past its epoch is refused (the weights have moved on)."""
+    from fer_tune import train
+
+    built, real = [], train._Run.snapshot
+    monkeypatch.setattr(
+        train._Run,
+        "snapshot",
+        lambda self, cfg, prec, epoch, *a: built.append(epoch) or real(self, cfg, prec, epoch, *a),
+    )
+    takes = []
+
+    def on_epoch(m, take):
+        takes.append(take)
+        if m["epoch"] == 2:
+            assert take() is take() and take()["epoch"] == 2
+
+    r = fit(TrainConfig(**TINY, epochs=3), small, device=CPU, on_epoch=on_epoch)
+    assert built == [2, 3] and r.checkpoint["epoch"] == 3 and r.checkpoint is takes[2]()
+    with pytest.raises(RuntimeError, match="taken inside on_epoch"):
+        takes[0]()
+    assert fit(TrainConfig(**TINY, epochs=3), small, device=CPU, checkpoint=r.checkpoint).checkpoint is r.checkpoint

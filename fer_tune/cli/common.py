@@ -113,6 +113,20 @@ def loader(args: argparse.Namespace) -> Callable[[str, str], Any]:
     return lambda source, protocol: load_data(args, protocol, source)
 
 
+def run_options(args: argparse.Namespace) -> Any:
+    """How this command runs a stage (fer_tune.tune.runtime.stage.RunOptions), from its options."""
+    from ..tune.runtime.stage import RunOptions
+
+    return RunOptions(
+        loader=loader(args),
+        address=getattr(args, "address", None),
+        output=output_mode(args),
+        num_cpus=getattr(args, "num_cpus", None),
+        force=getattr(args, "force", False),
+        mlflow=getattr(args, "mlflow", None),
+    )
+
+
 def add_force_option(p: argparse.ArgumentParser) -> None:
     """--force of a stage after the study (final, pbt): run although its inputs changed or a lock says otherwise."""
     p.add_argument(

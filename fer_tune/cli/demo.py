@@ -70,6 +70,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
     from ..report import write_report
     from ..tune.final.driver import run_final
     from ..tune.runtime.session import ray_session
+    from ..tune.runtime.stage import RunOptions
     from ..tune.study.driver import resume, sweep
     from ..tune.study.record import STUDY_FILE
     from .final import print_final
@@ -78,6 +79,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
     b = BUDGETS["quick" if quick else "full"]
     sdir = Path(out).resolve()
     t0 = time.time()
+    opts = RunOptions(loader=loader, output=output)
     with ray_session(None, num_cpus=num_cpus, output=output):  # one local Ray for every step
         log.info(
             "[1/3] sweep: %d trials of at most %d epochs on %s synthetic faces (TPE + ASHA over optimizer, "
@@ -87,24 +89,22 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
             f"{b['images']:,}",
         )
         if (sdir / STUDY_FILE).exists():
-            rc = resume(str(sdir), force=False, address=None, output=output, loader=loader)
+            rc = resume(str(sdir), opts)
         else:
             with tempfile.TemporaryDirectory() as d:
                 space = Path(d) / "demo.yaml"
                 space.write_text(SPACE.format(**b))
                 rc = sweep(
                     str(space),
+                    opts,
                     data_arg=None,
                     name=sdir.name,
                     results=str(sdir.parent),
                     storage=None,
-                    address=None,
                     num_samples=None,
                     max_concurrent=None,
                     gpus=None,
                     cpus=None,
-                    output=output,
-                    loader=loader,
                     space_label="the demo's own space, built into fer-tune (fer_tune/cli/demo.py)",
                 )
         if rc != 0:
@@ -117,9 +117,7 @@ def run_demo(out: str, *, quick: bool, num_cpus: int | None, output: str, loader
             f["epochs"],
             f["finetune_epochs"],
         )
-        rc = run_final(
-            str(sdir), trial=None, out=None, given=dict(f), gpus=None, address=None, output=output, loader=loader
-        )
+        rc = run_final(str(sdir), opts, trial=None, out=None, given=dict(f), gpus=None)
         if rc != 0:
             return rc
         print_final(sdir / "final")

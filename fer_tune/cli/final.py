@@ -13,9 +13,8 @@ from .common import (
     add_mlflow_option,
     add_ray_options,
     add_read_options,
-    loader,
-    output_mode,
     parser_with,
+    run_options,
 )
 from .report import refresh_report
 
@@ -44,17 +43,12 @@ def cmd_final(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in FINAL_DEFAULTS}
     rc = run_final(
         args.study,
+        run_options(args),
         trial=args.trial,
         out=args.out,
         given=given,
         gpus=args.gpus_per_run,
         cpus=args.cpus_per_run,
-        address=args.address,
-        output=output_mode(args),
-        loader=loader(args),
-        num_cpus=args.num_cpus,
-        force=args.force,
-        mlflow=args.mlflow,
     )
     # the report shows STUDY/final (and STUDY/final-pbt in its PBT section)
     default = Path(args.study) / (REPLAY_DIR if args.from_pbt else "final")

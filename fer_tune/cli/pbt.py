@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_force_option, add_ray_options, add_read_options, loader, output_mode, parser_with
+from .common import add_force_option, add_ray_options, add_read_options, parser_with, run_options
 from .report import refresh_report
 
 DETAILS = (
@@ -24,8 +24,7 @@ def cmd_pbt(args: argparse.Namespace) -> int:
     from ..tune.pbt.driver import DEFAULTS, run_pbt
 
     given = {k: getattr(args, k) for k in (*DEFAULTS, "method")}
-    ray = {"address": args.address, "num_cpus": args.num_cpus, "output": output_mode(args), "loader": loader(args)}
-    rc = run_pbt(args.study, given=given, force=args.force, **ray)
+    rc = run_pbt(args.study, run_options(args), given=given)
     if rc in (0, 1):
         print_pbt(args.study)
     refresh_report(args.study)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_mlflow_option, add_ray_options, add_read_options, loader, output_mode, parser_with
+from .common import add_mlflow_option, add_ray_options, add_read_options, parser_with, run_options
 from .pbt import print_pbt
 from .report import refresh_report
 
@@ -40,20 +40,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rc = sweep(
         args.space,
+        run_options(args),
         data_arg=args.data,
         name=args.name,
         results=args.results,
         storage=args.storage,
-        address=args.address,
         num_samples=args.num_samples,
         max_concurrent=args.max_concurrent,
         gpus=args.gpus_per_trial,
         cpus=args.cpus_per_trial,
-        output=output_mode(args),
-        loader=loader(args),
-        num_cpus=args.num_cpus,
         optuna_storage=args.optuna_storage,
-        mlflow=args.mlflow,
     )
     sdir = Path(args.results) / (args.name or load_space(args.space).name)
     return _finish(rc, sdir)
@@ -67,45 +63,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
         from .final import finish_final
 
         rec = json.loads((Path(args.study) / "final.json").read_text())
-        rc = run_final(
-            rec["study_dir"],
-            trial=None,
-            out=args.study,
-            given={},
-            gpus=None,
-            address=args.address,
-            output=output_mode(args),
-            loader=loader(args),
-            num_cpus=args.num_cpus,
-            force=args.force,
-            mlflow=args.mlflow,
-        )
+        rc = run_final(rec["study_dir"], run_options(args), trial=None, out=args.study, given={}, gpus=None)
         return finish_final(rc, args.study, rec["study_dir"])
-    rc = resume(
-        args.study,
-        force=args.force,
-        address=args.address,
-        output=output_mode(args),
-        loader=loader(args),
-        num_cpus=args.num_cpus,
-        mlflow=args.mlflow,
-    )
+    rc = resume(args.study, run_options(args))
     return _finish(rc, args.study)
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
     from ..tune.study.driver import extend
 
-    rc = extend(
-        args.study,
-        num_samples=args.num_samples,
-        force=args.force,
-        address=args.address,
-        output=output_mode(args),
-        loader=loader(args),
-        num_cpus=args.num_cpus,
-        mlflow=args.mlflow,
-    )
+    rc = extend(args.study, run_options(args), num_samples=args.num_samples)
     return _finish(rc, args.study)
 
 

@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..device import precision, precision_name, select_device
     from ..evaluate import evaluate_model, format_report, saliency_sample
-    from ..train import fit, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from ..observers import ProgressBar
+    from ..train import Take, fit, load_checkpoint, model_from_checkpoint, save_checkpoint
 
     out = Path(args.out)
     last, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
@@ -129,15 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trained = {**data.describe(), "test_crops": cfg.test_crops}  # what evaluate / predict default to
 
-    def on_epoch(metrics: dict, state: dict | None) -> None:
-        if state is not None:
+    def on_epoch(metrics: dict, take: Take | None) -> None:
+        if take is not None:
+            state = take()
             save_checkpoint({**state, "data": trained}, last)
             if metrics["is_best"]:
                 save_checkpoint({**state, "rng": {}, "optimizer": {}, "scheduler": {}, "data": trained}, best_path)
             record["history"], record["best"] = state["history"], state["best"]
         write_json(metrics_path, record)
 
-    result = fit(cfg, data, device=device, checkpoint=checkpoint, on_epoch=on_epoch, progress=not args.quiet)
+    bar = [] if args.quiet else [ProgressBar()]
+    result = fit(cfg, data, device=device, checkpoint=checkpoint, on_epoch=on_epoch, observers=bar)
     if result.checkpoint is not None:
         record["history"], record["best"] = result.checkpoint["history"], result.checkpoint["best"]
     record["status"], record["message"] = result.status, result.message

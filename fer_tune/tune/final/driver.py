@@ -19,22 +19,18 @@ fer_tune.tune.final.outputs collects what the seeds leave behind. This module is
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
-from ...common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
+from ...common import NAME_RULE, FerTuneError, is_plain_name, write_json
 from ...recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
 from ..mlflow.final import catch_up_final, track_final
 from ..mlflow.tracking import check as check_tracking
 from ..pbt.read import REPLAY_DIR, replay_choice
-from ..runtime import preflight, signals, storage
+from ..runtime import preflight, stage
 from ..runtime.checkpoints import pruner
-from ..runtime.lock import acquire, describe, holder
-from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output, tune_verbosity
-from ..runtime.stage import fit_stage, read_record, refuse_other_settings, stage_tuner
+from ..runtime.lock import acquire
+from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import best_trial
 from ..study.record import read_study, reopen
 from .outputs import WINNER, collect, final_progress, write_history
@@ -47,7 +43,7 @@ FINAL_FILE = "final.json"
 
 def _settings(out: Path, given: dict) -> dict | None:
     """The recorded settings of an existing final stage; refuses when given options contradict them."""
-    rec = read_record(out / FINAL_FILE, "the final stage")
+    rec = stage.read_record(out / FINAL_FILE, "the final stage")
     if rec is None:
         return None
 
@@ -58,28 +54,25 @@ def _settings(out: Path, given: dict) -> dict | None:
             return f"it retrains trial {rec['trial']['number']}, the study's best"
         return "it was started without it"
 
-    refuse_other_settings(out, "a final stage", given, rec["settings"], recorded, "or pass --out DIR for a new one")
+    stage.refuse_other_settings(
+        out, "a final stage", given, rec["settings"], recorded, "or pass --out DIR for a new one"
+    )
     return rec
 
 
 def run_final(
     study: str,
+    opts: stage.RunOptions,
     *,
     trial: int | None,
     out: str | None,
     given: dict,
     gpus: float | None,
     cpus: float | None = None,
-    address: str | None,
-    output: str,
-    loader: Callable,
-    num_cpus: int | None = None,
-    force: bool = False,
-    mlflow: str | None = None,
 ) -> int:
     """`fer-tune final`: start, continue or report a study's final stage (holding the lock of its directory).
-    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys; ``mlflow``: the MLflow
-    tracking URI (fer_tune.tune.mlflow.tracking), default the one the stage recorded, else the study's."""
+    ``given``: the options the user passed (None = not given) among FINAL_DEFAULTS' keys; ``opts.mlflow``: the
+    MLflow tracking URI (fer_tune.tune.mlflow.tracking), default the one the stage recorded, else the study's."""
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
     if given.get("from_pbt") and trial is not None:
@@ -95,21 +88,8 @@ def run_final(
         raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")
     record = read_study(sdir)
     _check_out(out_p, sdir, record)
-    with acquire(out_p, what="the final stage", force=force, create=True):
-        return _final(
-            sdir,
-            out_p,
-            trial=trial,
-            given=given,
-            gpus=gpus,
-            cpus=cpus,
-            address=address,
-            output=output,
-            loader=loader,
-            num_cpus=num_cpus,
-            force=force,
-            mlflow=mlflow,
-        )
+    with acquire(out_p, what="the final stage", force=opts.force, create=True):
+        return _final(sdir, out_p, opts, trial=trial, given=given, gpus=gpus, cpus=cpus)
 
 
 def _check_out(out: Path, sdir: Path, record: dict) -> None:
@@ -136,27 +116,22 @@ def _check_out(out: Path, sdir: Path, record: dict) -> None:
 def _final(
     sdir: Path,
     out_p: Path,
+    opts: stage.RunOptions,
     *,
     trial: int | None,
     given: dict,
     gpus: float | None,
     cpus: float | None,
-    address: str | None,
-    output: str,
-    loader: Callable,
-    num_cpus: int | None,
-    force: bool,
-    mlflow: str | None = None,
 ) -> int:
-    record, spec, data = reopen(sdir, force, loader)
+    record, spec, data = reopen(sdir, opts.force, opts.loader)
     # a trial the study does not have is refused as that, whatever the final stage in OUT holds
     chosen = best_trial(sdir, record, spec, trial) if trial is not None else None
     rec = _settings(out_p, {**given, "trial": trial})
-    running = holder(sdir) if rec is None and trial is None and not given.get("from_pbt") else None
-    if running:
-        raise FerTuneError(
-            f"{sdir}: the study is being run by {describe(running)}, so its best trial is not "
-            "settled yet: start the final stage when it has finished, or pick a trial with --trial N"
+    if rec is None and trial is None and not given.get("from_pbt"):
+        stage.refuse_while_the_study_runs(
+            sdir,
+            "its best trial is not settled yet: start the final stage when it has finished, or pick a trial "
+            "with --trial N",
         )
     announce, complete = "", False
     if rec is None:
@@ -169,9 +144,9 @@ def _final(
         config = {**best["config"], "epochs": settings["epochs"]}
         seeds = [int(config["seed"]) + i for i in range(settings["seeds"])]
         res = spec.resources
+        resources = {"cpu": res["cpu"] if cpus is None else cpus, "gpu": res["gpu"] if gpus is None else gpus}
         rec = {
-            "study": record["name"],
-            "study_dir": str(sdir),
+            **stage.stage_record(sdir, record, data, resources, out_p.name, out_p),
             "trial": {k: best[k] for k in ("number", "ray_trial_id", "metric", "value", "epoch", "params")},
             "config": config,
             "settings": settings,
@@ -183,18 +158,7 @@ def _final(
             },
             "seeds": seeds,
             "eval_every": settings["eval_every"],
-            "protocol": data.protocol,
-            "protocol_note": data.protocol_note,
-            "resources": {"cpu": res["cpu"] if cpus is None else cpus, "gpu": res["gpu"] if gpus is None else gpus},
-            # Ray's experiment: beside the study's own (its --storage on a cluster), else in OUT
-            "ray_storage": storage.join(storage.study_storage(sdir, record), out_p.name)
-            if record.get("ray_storage")
-            else str(out_p),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "wall_seconds": 0.0,
             "track_crops": TEST_CROPS,
-            "code": code_revision(),
-            "fer_tune": __version__,
         }
         if settings["from_pbt"]:  # the member's schedule (a longer run keeps its last values)
             rec["schedule"] = {e: v for e, v in best["schedule"].items() if e <= settings["epochs"]}
@@ -239,7 +203,7 @@ def _final(
         complete = True
     else:
         log.info("continuing the final stage in %s from its last checkpoints", out_p)
-    ref = check_tracking(mlflow, record["name"], rec.get("mlflow", record.get("mlflow")))
+    ref = check_tracking(opts.mlflow, record["name"], rec.get("mlflow", record.get("mlflow")))
     if complete:  # MLflow gets what it lacks of it
         if ref != rec.get("mlflow"):
             rec["mlflow"] = ref
@@ -247,7 +211,7 @@ def _final(
         catch_up_final(out_p, rec)
         return 0
     rec["mlflow"] = ref
-    return _run_final(out_p, rec, data, address=address, output=output, num_cpus=num_cpus, announce=announce)
+    return _run_final(out_p, rec, data, opts, announce=announce)
 
 
 _FINAL_FIX = (
@@ -261,18 +225,17 @@ _CONTINUE_FIX = (
 )
 
 
-def _run_final(
-    out: Path, rec: dict, data: Any, *, address: str | None, output: str, num_cpus: int | None, announce: str = ""
-) -> int:
+def _run_final(out: Path, rec: dict, data: Any, opts: stage.RunOptions, *, announce: str = "") -> int:
     """Run (or continue) the final stage's Ray experiment; `announce`: a new stage's launch line (said and
     final.json written once Ray has accepted the runs: a refused stage leaves nothing behind)."""
     from ray import tune
 
     new = bool(announce)
 
-    with ray_session(address, num_cpus=num_cpus, output=output):
+    output = opts.output
+    with ray_session(opts.address, num_cpus=opts.num_cpus, output=output):
         preflight.check_run(
-            rec["ray_storage"], address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
+            rec["ray_storage"], opts.address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
         )
         if new:
             log.info("%s", announce)
@@ -280,59 +243,53 @@ def _run_final(
             write_json(out / FINAL_FILE, rec)
         ray_log_to(out / "ray.log")
         res = rec["resources"]
-        weight = res["gpu"] if res["gpu"] else res["cpu"]
-        threads = max(1, int(res["cpu"]))
-        base = {**rec["config"], "threads": rec["config"].get("threads") or threads}
-        arms = {name: {**c, "threads": c.get("threads") or threads} for name, c in rec.get("baselines", {}).items()}
-        arrays = {s: data.arrays(s) for s in ("train", "val", "test")}
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                seed_trial,
-                base=base,
-                finetune=rec["finetune"],
-                data=arrays,
-                eval_every=rec["eval_every"],
-                weight=weight,
-                arms=arms,
-                track_crops=rec.get("track_crops"),
-                provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
-                schedule=rec.get("schedule"),
-            ),
-            resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+        base = {**rec["config"], "threads": rec["config"].get("threads") or stage.threads(res)}
+        arms = {
+            k: {**c, "threads": c.get("threads") or stage.threads(res)} for k, c in rec.get("baselines", {}).items()
+        }
+        fn = stage.trainable(
+            seed_trial,
+            res,
+            base=base,
+            finetune=rec["finetune"],
+            data={s: data.arrays(s) for s in ("train", "val", "test")},
+            eval_every=rec["eval_every"],
+            weight=stage.weight(res),
+            arms=arms,
+            track_crops=rec.get("track_crops"),
+            provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
+            schedule=rec.get("schedule"),
         )
 
         def new_tuner() -> Any:
             return tune.Tuner(
-                trainable,
+                fn,
                 param_space={
                     "seed": tune.grid_search(rec["seeds"]),
                     **({"arm": tune.grid_search([WINNER, *arms])} if arms else {}),
                 },
                 tune_config=tune.TuneConfig(reuse_actors=False),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=rec["ray_storage"],
-                    verbose=tune_verbosity(output),
-                    # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
-                    callbacks=[pruner(latest=3, pinned=lambda m: m.get("keep", 0) >= SNAPSHOT_KEEP)],
-                    failure_config=tune.FailureConfig(max_failures=2),
+                # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
+                run_config=stage.run_config(
+                    "tune",
+                    rec["ray_storage"],
+                    output,
+                    [pruner(latest=3, pinned=lambda m: m.get("keep", 0) >= SNAPSHOT_KEEP)],
                 ),
             )
 
-        tuner, exp = stage_tuner(rec, trainable, new_tuner)
+        tuner, exp = stage.stage_tuner(rec, fn, new_tuner)
         set_output(tuner, output, final_progress(rec))
         tracking = track_final(tuner, out, rec)
-        grid = fit_stage(tuner, rec, out / FINAL_FILE)
+        grid = stage.fit_stage(tuner, rec, out / FINAL_FILE)
         rows = write_history(out, exp)
         say_ray_log()
         done = collect(out, rec, grid) if grid is not None else None
         if tracking is not None:
             tracking.finish(done, rows)
         if done is None:
-            log.warning(
-                "\nfinal stage interrupted; continue it with:\n    fer-tune final %s%s",
-                rec["study_dir"],
-                f" --out {out}" if out != Path(rec["study_dir"]) / "final" else "",
+            default = out == Path(rec["study_dir"]) / "final"
+            return stage.stopped(
+                "final stage", f"fer-tune final {rec['study_dir']}" + ("" if default else f" --out {out}")
             )
-            return signals.exit_code()
         return 0 if all(s["status"] == "complete" for s in done["seeds"]) else 1

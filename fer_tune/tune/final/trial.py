@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from ...recipe import SeedState, run_seed
-from ..runtime.checkpoints import restore, write_meta
-from ..runtime.trial import memory_mb
+from ..runtime.checkpoints import restore
+from ..runtime.trial import device_seconds, report, scalars, where
 from .outputs import WINNER
 
 SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)
@@ -66,22 +65,14 @@ def seed_trial(
     device = select_device()
     ckpt = tune.get_checkpoint()
     state = (restore(ckpt, _load_state, order=progress_order) if ckpt is not None else None) or SeedState(seed, arm)
-    resumed_at = state.epochs_done()
+    about = {**where(device), "resumed_at": state.epochs_done()}
 
     def save(st: SeedState, metrics: dict, *, step: int | None, pinned: bool, outputs: Path | None = None) -> None:
-        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        out.update(
-            seed=seed,
-            arm=arm,
-            phase=st.phase,
-            keep=_keep(step, pinned, outputs is not None),
-            device=str(device),
-            resumed_at=resumed_at,
-            **memory_mb(),
-        )
-        out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st.train_history + st.finetune_history)
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
+        out = scalars(metrics)
+        out.update(seed=seed, arm=arm, phase=st.phase, keep=_keep(step, pinned, outputs is not None), **about)
+        out["device_seconds"] = device_seconds(weight, st.train_history, st.finetune_history)
+
+        def write(d: Path) -> None:
             (d / "progress.json").write_text(json.dumps(st.progress()))
             if st.fit_state is not None and step is not None:
                 save_checkpoint(st.fit_state, d / "state.pt")
@@ -90,8 +81,8 @@ def seed_trial(
                     save_checkpoint({"model": sd}, d / f"{k}.pt")
             if outputs is not None:
                 shutil.copytree(outputs, d / "outputs")
-            write_meta(d, out)
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+
+        report(out, write)
 
     run_seed(
         cfg,

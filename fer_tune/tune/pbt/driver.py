@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import logging
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
-from ...common import FerTuneError, code_revision, write_json
+from ...common import FerTuneError, write_json
 from ...schedule import MUTABLE
-from ..runtime import preflight, signals, storage
+from ..runtime import preflight, signals, stage
 from ..runtime.checkpoints import pruner
-from ..runtime.lock import acquire, describe, holder
-from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output, tune_verbosity
-from ..runtime.stage import fit_stage, read_record, refuse_other_settings, stage_tuner
+from ..runtime.lock import acquire
+from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import experiment_trial_states, trials_table
 from ..study.record import read_study, reopen, spec_with
 from .outputs import evaluate_best, population_progress, write_population
@@ -177,21 +173,12 @@ def top_trials(sdir: Path, record: dict, spec: Any, k: int) -> list[dict]:
     return [best_trial(sdir, record, spec, int(r["number"])) for r in rows[:k]]
 
 
-def run_pbt(
-    study: str,
-    *,
-    given: dict,
-    address: str | None,
-    output: str,
-    loader: Callable,
-    num_cpus: int | None = None,
-    force: bool = False,
-) -> int:
+def run_pbt(study: str, opts: stage.RunOptions, *, given: dict) -> int:
     """`fer-tune pbt`: start, continue or report the study's PBT stage (holding its directory's lock)."""
     sdir = Path(study).resolve()
     record = read_study(sdir)
     out = sdir / PBT_DIR
-    rec = read_record(out / PBT_FILE, "the PBT stage")
+    rec = stage.read_record(out / PBT_FILE, "the PBT stage")
     settings = settings_of(given, record["spec"]["max_epochs"])  # options are checked before anything runs
     if rec is not None:
         recorded = rec["given"]
@@ -199,21 +186,20 @@ def run_pbt(
         def said(k: str) -> str:
             return f"recorded: {recorded[k]}" if k in recorded else "it was started without it"
 
-        refuse_other_settings(out, "a PBT stage", given, recorded, said, "or remove the directory to start another")
+        stage.refuse_other_settings(
+            out, "a PBT stage", given, recorded, said, "or remove the directory to start another"
+        )
     tops = None
     if rec is None:  # the study's top trials, before any data is loaded or a directory made
-        running = holder(sdir)
-        if running:
-            raise FerTuneError(
-                f"{sdir}: the study is being run by {describe(running)}, so its top trials are not settled "
-                "yet: start the PBT stage when it has finished"
-            )
+        stage.refuse_while_the_study_runs(
+            sdir, "its top trials are not settled yet: start the PBT stage when it has finished"
+        )
         spec = spec_with(
             (sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"]
         )
         tops = top_trials(sdir, record, spec, settings["top_k"])
-    with acquire(out, what="the PBT stage", force=force, create=True):
-        record, spec, data = reopen(sdir, force, loader)
+    with acquire(out, what="the PBT stage", force=opts.force, create=True):
+        record, spec, data = reopen(sdir, opts.force, opts.loader)
         if tops is not None:
             rec = new_record(sdir, record, spec, data, settings, given, tops)
         elif (out / "metrics.json").is_file():
@@ -221,15 +207,14 @@ def run_pbt(
             return 0
         else:
             log.info("continuing the PBT stage in %s from its last checkpoints", out)
-        return _run(out, rec, data, address=address, output=output, num_cpus=num_cpus)
+        return _run(out, rec, data, opts)
 
 
 def new_record(sdir: Path, record: dict, spec: Any, data: Any, s: dict, given: dict, tops: list[dict]) -> dict:
     bases = [{**t["config"], "epochs": s["epochs"], "scheduler": "constant"} for t in tops]
     ranges = mutations(record["spec"], bases, s["mutate"])
     return {
-        "study": record["name"],
-        "study_dir": str(sdir),
+        **stage.stage_record(sdir, record, data, dict(spec.resources), PBT_DIR, sdir / PBT_DIR),
         "given": {k: v for k, v in given.items() if v is not None},
         "settings": s,
         "metric": spec.metric,
@@ -240,16 +225,6 @@ def new_record(sdir: Path, record: dict, spec: Any, data: Any, s: dict, given: d
         "bases": bases,
         "mutations": ranges,
         "points": first_points(bases, s["population"], s["mutate"], ranges, spec.seed),
-        "protocol": data.protocol,
-        "protocol_note": data.protocol_note,
-        "resources": dict(spec.resources),
-        "ray_storage": storage.join(storage.study_storage(sdir, record), PBT_DIR)
-        if record.get("ray_storage")
-        else str(sdir / PBT_DIR),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "wall_seconds": 0.0,
-        "code": code_revision(),
-        "fer_tune": __version__,
         "seed": spec.seed,
     }
 
@@ -257,15 +232,16 @@ def new_record(sdir: Path, record: dict, spec: Any, data: Any, s: dict, given: d
 _FIX = "the PBT stage runs its members with the study's resources per trial: run it where they fit (--address)"
 
 
-def _run(out: Path, rec: dict, data: Any, *, address: str | None, output: str, num_cpus: int | None) -> int:
+def _run(out: Path, rec: dict, data: Any, opts: stage.RunOptions) -> int:
     """Run (or continue) the stage's Ray experiment, then evaluate and export the best member."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     new = not (out / PBT_FILE).is_file()
     s = rec["settings"]
-    with ray_session(address, num_cpus=num_cpus, output=output):
-        preflight.check_run(rec["ray_storage"], address, rec["resources"], _FIX)
+    output = opts.output
+    with ray_session(opts.address, num_cpus=opts.num_cpus, output=output):
+        preflight.check_run(rec["ray_storage"], opts.address, rec["resources"], _FIX)
         if new:
             tops = ", ".join(f"{m['trial']['number']}" for m in rec["members"])
             log.info(
@@ -283,22 +259,18 @@ def _run(out: Path, rec: dict, data: Any, *, address: str | None, output: str, n
             write_json(out / PBT_FILE, rec)
         ray_log_to(out / "ray.log")
         res = rec["resources"]
-        threads = max(1, int(res["cpu"]))
-        bases = [{**b, "threads": b.get("threads") or threads} for b in rec["bases"]]
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                member_trial,
-                bases=bases,
-                data={k: data.arrays(k) for k in ("train", "val")},
-                weight=res["gpu"] or res["cpu"],
-                mutate=s["mutate"],
-            ),
-            resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+        fn = stage.trainable(
+            member_trial,
+            res,
+            bases=[{**b, "threads": b.get("threads") or stage.threads(res)} for b in rec["bases"]],
+            data={k: data.arrays(k) for k in ("train", "val")},
+            weight=stage.weight(res),
+            mutate=s["mutate"],
         )
 
         def new_tuner() -> Any:
             return tune.Tuner(
-                trainable,
+                fn,
                 param_space=param_space(rec),
                 tune_config=tune.TuneConfig(
                     search_alg=BasicVariantGenerator(points_to_evaluate=rec["points"]),
@@ -306,24 +278,22 @@ def _run(out: Path, rec: dict, data: Any, *, address: str | None, output: str, n
                     num_samples=s["population"],
                     reuse_actors=True,
                 ),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=rec["ray_storage"],
-                    verbose=tune_verbosity(output),
-                    # a donor's checkpoint must outlive the interval until a member clones it
-                    callbacks=[pruner(latest=s["interval"] + 2, score=rec["metric"], mode=rec["mode"])],
-                    failure_config=tune.FailureConfig(max_failures=2),
+                # a donor's checkpoint must outlive the interval until a member clones it
+                run_config=stage.run_config(
+                    "tune",
+                    rec["ray_storage"],
+                    output,
+                    [pruner(latest=s["interval"] + 2, score=rec["metric"], mode=rec["mode"])],
                 ),
             )
 
-        tuner, exp = stage_tuner(rec, trainable, new_tuner)
+        tuner, exp = stage.stage_tuner(rec, fn, new_tuner)
         set_output(tuner, output, population_progress(rec))
         random.seed(rec["seed"])  # PBT's choices of donors and perturbations (their order still follows the results)
-        grid = fit_stage(tuner, rec, out / PBT_FILE)
+        grid = stage.fit_stage(tuner, rec, out / PBT_FILE)
         members = write_population(out, exp, rec)
         say_ray_log()
         states = experiment_trial_states(exp).values()
         if grid is None or signals.received() or any(st not in ("TERMINATED", "ERROR") for st in states):
-            log.warning("\nPBT stage interrupted; continue it with:\n    fer-tune pbt %s", rec["study_dir"])
-            return signals.exit_code()
+            return stage.stopped("PBT stage", f"fer-tune pbt {rec['study_dir']}")
         return evaluate_best(out, rec, grid, members, data)

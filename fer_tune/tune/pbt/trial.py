@@ -19,9 +19,9 @@ replays bit for bit from scratch on a CPU (`fer-tune final --from-pbt`).
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ORIGIN = "origin"  # the config key naming the top-K configuration a member's weights descend from
 
@@ -59,15 +59,14 @@ def continued(state: dict | None, lineage: dict | None, trial_id: str, values: d
 
 def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate: list) -> None:
     """A member: its top-K configuration (bases[origin]) with the mutated keys from the trial's config."""
-    import ray
     from ray import tune
 
     from ...config import TrainConfig
     from ...device import select_device
     from ...recipe import ArraySplits
     from ...train import fit, save_checkpoint
-    from ..runtime.checkpoints import restore, write_meta
-    from ..runtime.trial import memory_mb
+    from ..runtime.checkpoints import restore
+    from ..runtime.trial import device_seconds, report, scalars, where
 
     origin = int(config[ORIGIN])
     cfg = TrainConfig.from_dict({**bases[origin], **{k: config[k] for k in mutate}}, source="member config")
@@ -77,12 +76,11 @@ def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate
     state, lineage = (restore(ckpt, _load) if ckpt is not None else None) or (None, None)
     lineage, schedule, since = continued(state, lineage, trial_id, values, origin, cfg.epochs)
     lineage = {**lineage, "trial_id": trial_id, "since": since}
-    node = ray.util.get_node_ip_address()
     device = select_device()
-    start_epoch = int(state["epoch"]) if state else 0
+    about = {**where(device), "start_epoch": int(state["epoch"]) if state else 0}
 
-    def on_epoch(metrics: dict, st: dict | None) -> bool | None:
-        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    def on_epoch(metrics: dict, take: Any) -> bool | None:
+        out = scalars(metrics)
         out.update(
             lineage["schedule"][-1][1],  # the values in effect (a clone at the last epoch trained none of its own)
             origin=origin,
@@ -90,24 +88,23 @@ def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate
             since=since,
             lineage=json.dumps(lineage),
             reported_at=time.time(),
-            start_epoch=start_epoch,
-            node=node,
-            device=str(device),
-            **memory_mb(),
+            **about,
         )
-        if st is None:  # diverged: no checkpoint; the member ends
+        if take is None:  # diverged: no checkpoint; the member ends
             out.setdefault("val_acc", 0.0)
-            tune.report(out)
+            report(out, None)
             return False
-        out["device_seconds"] = weight * sum(h["epoch_seconds"] for h in st["history"])
-        with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(st, Path(d) / "state.pt")
-            (Path(d) / "lineage.json").write_text(json.dumps(lineage))
-            write_meta(Path(d), out)
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+        st = take()
+        out["device_seconds"] = device_seconds(weight, st["history"])
+
+        def write(d: Path) -> None:
+            save_checkpoint(st, d / "state.pt")
+            (d / "lineage.json").write_text(json.dumps(lineage))
+
+        report(out, write)
         return None
 
     if state is not None and state["epoch"] >= cfg.epochs:  # a clone of a finished member: its end is this one's
-        on_epoch({**state["history"][-1], "status": "running"}, state)
+        on_epoch({**state["history"][-1], "status": "running"}, lambda: state)
         return
     fit(cfg, data=ArraySplits(data), device=device, checkpoint=state, on_epoch=on_epoch, schedule=schedule)

@@ -1,14 +1,111 @@
-"""What the study's later stages (the final stage, the PBT stage) share: the record a stage's directory holds,
-and the refusal of options that contradict it."""
+"""The skeleton every stage's driver (the study's, the final stage's, the PBT stage's) is built on: how a command
+runs it (RunOptions), its trial function as Tune runs it with its resources (trainable), Tune's run settings and
+failure policy (run_config), the message and exit code of an interrupted stage (stopped), and, for the stages
+after the study, the record their directory holds (stage_record, read_record), the refusal of options that
+contradict it and of a start while the study still runs, and their Tune experiment, new or continued."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...common import FerTuneError
+from ... import __version__
+from ...common import FerTuneError, code_revision
+from . import signals
+from .lock import describe, holder
+
+log = logging.getLogger(__name__)
+
+FAILURES = 2  # a failed trial (a crash, a lost node) is retried this often from its last checkpoint
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs any stage: the Ray cluster to join (None: a local Ray with `num_cpus` CPUs), what it
+    prints (fer_tune.tune.runtime.session.OUTPUTS), `force` (run although the study's inputs changed or a lock was
+    recorded on another machine), the MLflow tracking URI (None: the recorded one) and `loader` ((data source,
+    protocol) -> FerData, with the command's read options)."""
+
+    loader: Callable[[str, str], Any]
+    address: str | None = None
+    output: str = "progress"
+    num_cpus: int | None = None
+    force: bool = False
+    mlflow: str | None = None
+
+
+def weight(resources: dict) -> float:
+    """Device-seconds per second of a trial's training: its GPUs, else its CPUs."""
+    return resources["gpu"] or resources["cpu"]
+
+
+def threads(resources: dict) -> int:
+    """torch's CPU threads in a trial that does not set them: one per CPU it holds."""
+    return max(1, int(resources["cpu"]))
+
+
+def trainable(fn: Callable, resources: dict, **params: Any) -> Any:
+    """`fn` as Tune runs it: `params` put in Ray's object store once (the dataset), `resources` per trial."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(fn, **params), resources={"cpu": resources["cpu"], "gpu": resources["gpu"]}
+    )
+
+
+def run_config(name: str, storage_path: str, output: str, callbacks: list, **more: Any) -> Any:
+    """Tune's RunConfig of a stage: its experiment `name` in `storage_path`, the verbosity `output` asks for, the
+    failure policy (FAILURES retries from the last checkpoint) and the stage's callbacks."""
+    from ray import tune
+
+    from .session import tune_verbosity
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        verbose=tune_verbosity(output),
+        failure_config=tune.FailureConfig(max_failures=FAILURES),
+        callbacks=callbacks,
+        **more,
+    )
+
+
+def stopped(what: str, command: str) -> int:
+    """A stage cut short (Ctrl-C, SIGTERM, SIGHUP): says how to continue it; the exit code of the signal."""
+    log.warning("\n%s interrupted; continue it with:\n    %s", what, command)
+    return signals.exit_code()
+
+
+def refuse_while_the_study_runs(sdir: Path, why: str) -> None:
+    """FerTuneError when a driver runs the study now (its trials are not settled): `why` finishes the sentence."""
+    running = holder(sdir)
+    if running:
+        raise FerTuneError(f"{sdir}: the study is being run by {describe(running)}, so {why}")
+
+
+def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: str, out: Path) -> dict:
+    """What every stage after the study records first: the study, the data's split protocol, the resources per
+    run, its Ray storage (beside the study's own experiments on a shared storage, else in `out`), when, and the
+    code that made it."""
+    from .storage import join, study_storage
+
+    return {
+        "study": record["name"],
+        "study_dir": str(sdir),
+        "protocol": data.protocol,
+        "protocol_note": data.protocol_note,
+        "resources": resources,
+        "ray_storage": join(study_storage(sdir, record), ray_dir) if record.get("ray_storage") else str(out),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds": 0.0,
+        "code": code_revision(),
+        "fer_tune": __version__,
+    }
 
 
 def read_record(path: Path, what: str) -> dict | None:

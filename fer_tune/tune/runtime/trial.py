@@ -1,8 +1,51 @@
-"""What every stage's trial function shares inside Ray Tune."""
+"""What every stage's trial function shares inside Ray Tune: the result it reports (scalars only, where it ran,
+its memory, the device-seconds it used) and the report itself, with a checkpoint directory the stage fills."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from .checkpoints import write_meta
+
+
+def scalars(metrics: dict) -> dict:
+    """The metrics Tune records (numbers, strings and flags; no lists or dicts)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+def device_seconds(weight: float, *histories: list[dict]) -> float:
+    """Device-seconds of the epochs in `histories`: their seconds times the devices a trial holds (its GPUs, else
+    its CPUs)."""
+    return weight * sum(h["epoch_seconds"] for history in histories for h in history)
+
+
+def where(device: Any) -> dict:
+    """Where the trial runs: its node and the device it trains on."""
+    import ray
+
+    return {
+        "node": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id()[:12],
+        "device": str(device),
+    }
+
+
+def report(result: dict, write: Callable[[Path], None] | None) -> None:
+    """tune.report(result) with this process's memory (memory_mb), and a checkpoint when `write` is given: it
+    fills a fresh directory, beside which the result goes (write_meta) before Tune takes it."""
+    from ray import tune
+
+    result.update(memory_mb())
+    if write is None:
+        tune.report(result)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        write(Path(d))
+        write_meta(Path(d), result)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def memory_mb() -> dict:

@@ -29,7 +29,7 @@ from typing import Any
 from ...common import FerTuneError
 from ..mlflow.study import catch_up_study, track_study
 from ..mlflow.tracking import check as check_tracking
-from ..runtime import preflight, signals
+from ..runtime import preflight
 from ..runtime import storage as st
 from ..runtime.lock import acquire
 from ..runtime.session import (
@@ -39,8 +39,8 @@ from ..runtime.session import (
     say_ray_log,
     set_output,
     set_pending_trials,
-    tune_verbosity,
 )
+from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
 from ..runtime.storage import experiment_dir, has_tune_state, study_storage
 from .outputs import experiment_trial_states, has_unfinished, study_progress, to_finish, write_trials_csv
 from .record import (
@@ -61,7 +61,6 @@ from .spec import StudySpec
 from .trial import CRASH_ENV, study_trial
 
 log = logging.getLogger(__name__)
-Loader = Callable[[str, str], Any]  # (data source, protocol) -> FerData
 
 
 def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, output: str) -> int:
@@ -73,26 +72,22 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
 
     ray_log_to(sdir / "ray.log")
     res = spec.resources
-    weight = res["gpu"] if res["gpu"] else res["cpu"]  # device-seconds per second of training
     base = spec.base_config()
-    base["threads"] = base["threads"] or max(1, int(res["cpu"]))
-    arrays = {s: data.arrays(s) for s in ("train", "val")}
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            study_trial,
-            base=base,
-            data=arrays,
-            weight=weight,
-            crash=os.environ.get(CRASH_ENV, ""),
-            renames=spec.renames(),
-        ),
-        resources={"cpu": res["cpu"], "gpu": res["gpu"]},
+    base["threads"] = base["threads"] or threads(res)
+    fn = trainable(
+        study_trial,
+        res,
+        base=base,
+        data={s: data.arrays(s) for s in ("train", "val")},
+        weight=weight(res),
+        crash=os.environ.get(CRASH_ENV, ""),
+        renames=spec.renames(),
     )
     exp_dir = experiment_dir(sdir, record, run)
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
     if restore and has_tune_state(exp_dir):
-        tuner = restore_tuner(exp_dir, trainable, record["fingerprint"]["versions"].get("fer_tune"))
+        tuner = restore_tuner(exp_dir, fn, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
             space=spec.define_by_run(),
@@ -106,7 +101,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
         )
         scheduler = make_scheduler(spec, [experiment_dir(sdir, record, r) for r in record["runs"]])
         tuner = tune.Tuner(
-            trainable,
+            fn,
             tune_config=tune.TuneConfig(
                 search_alg=search,
                 scheduler=scheduler,
@@ -114,14 +109,13 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
                 max_concurrent_trials=max_conc or None,
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(
-                name=run["dir"],
-                storage_path=study_storage(sdir, record),
-                verbose=tune_verbosity(output),
-                # Tune deletes no checkpoint: fer_tune.tune.runtime.checkpoints keeps each trial's latest 3 and its best
-                failure_config=tune.FailureConfig(max_failures=2),
+            # Tune deletes no checkpoint: fer_tune.tune.runtime.checkpoints keeps each trial's latest 3 and its best
+            run_config=run_config(
+                run["dir"],
+                study_storage(sdir, record),
+                output,
+                [NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
                 stop=FinishedInStudy(record),
-                callbacks=[NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
             ),
         )
     set_output(tuner, output, study_progress(record, spec, run))
@@ -146,10 +140,7 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
     write_study(sdir, record)
     write_trials_csv(sdir, record)
     say_ray_log()
-    if interrupted:
-        log.warning("\nstudy interrupted; continue it with:\n    fer-tune resume %s", sdir)
-        return signals.exit_code()
-    return 0
+    return stopped("study", f"fer-tune resume {sdir}") if interrupted else 0
 
 
 def _run_in_session(
@@ -162,43 +153,38 @@ def _run_in_session(
     restore: bool,
     loc: str,
     fix: str,
-    address: str | None,
-    output: str,
-    num_cpus: int | None,
+    opts: RunOptions,
     before: Callable[[], None] | None = None,
 ) -> int:
     """Ray up, one trial checked to fit and the Ray storage `loc` to suit the cluster (else `fix` says which flags
     help), `before()` (what a new run writes once Ray has accepted it), then the run."""
-    with ray_session(address, num_cpus=num_cpus, output=output):
-        preflight.check_run(loc, address, spec.resources, fix)
+    with ray_session(opts.address, num_cpus=opts.num_cpus, output=opts.output):
+        preflight.check_run(loc, opts.address, spec.resources, fix)
         if before is not None:
             before()
-        return _run(sdir, record, spec, data, run, restore=restore, output=output)
+        return _run(sdir, record, spec, data, run, restore=restore, output=opts.output)
 
 
 def sweep(
     space_path: str,
+    opts: RunOptions,
     *,
     data_arg: str | None,
     name: str | None,
     results: str,
     storage: str | None,
-    address: str | None,
     num_samples: int | None,
     max_concurrent: int | None,
     gpus: float | None,
     cpus: float | None,
-    output: str,
-    loader: Loader,
-    num_cpus: int | None = None,
     optuna_storage: str | None = None,
     space_label: str | None = None,
-    mlflow: str | None = None,
 ) -> int:
     """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
     gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR;
-    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's); `mlflow`:
-    the MLflow tracking URI or env:VAR (fer_tune.tune.mlflow.tracking; resume and extend take it over the recorded one)."""
+    `space_label`: what study.json names as the space file when the space is no lasting file (the demo's);
+    `opts.mlflow`: the MLflow tracking URI or env:VAR (fer_tune.tune.mlflow.tracking; resume and extend take it
+    over the recorded one)."""
     spec = load_space(space_path)
     overrides: dict[str, Any] = {}
     if num_samples is not None:
@@ -224,17 +210,13 @@ def sweep(
             spec,
             space_path,
             sdir,
-            data_arg,
-            overrides,
-            storage,
-            max_concurrent,
-            loader,
-            optuna_storage,
-            address=address,
-            output=output,
-            num_cpus=num_cpus,
+            opts,
+            data_arg=data_arg,
+            overrides=overrides,
+            storage=storage,
+            max_concurrent=max_concurrent,
+            optuna_storage=optuna_storage,
             space_label=space_label,
-            mlflow=mlflow,
         )
 
 
@@ -242,18 +224,14 @@ def _sweep(
     spec: StudySpec,
     space_path: str,
     sdir: Path,
+    opts: RunOptions,
+    *,
     data_arg: str | None,
     overrides: dict,
     storage: str | None,
     max_concurrent: int | None,
-    loader: Loader,
     optuna_storage: str | None,
-    *,
-    address: str | None,
-    output: str,
-    num_cpus: int | None,
-    space_label: str | None = None,
-    mlflow: str | None = None,
+    space_label: str | None,
 ) -> int:
     from ...data import is_synthetic
 
@@ -270,8 +248,8 @@ def _sweep(
             "Kaggle image folders)" + (", not synthetic data" if data_arg else "")
         )
     protocol = spec.data.get("protocol", "paper")
-    mlflow_ref = check_tracking(mlflow, sdir.name)
-    data = loader(source, protocol)
+    mlflow_ref = check_tracking(opts.mlflow, sdir.name)
+    data = opts.loader(source, protocol)
     record = new_record(
         sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent, space_label
     )
@@ -306,29 +284,18 @@ def _sweep(
         restore=False,
         loc=ray_storage or str(sdir),
         fix=preflight.SWEEP_FIX,
-        address=address,
-        output=output,
-        num_cpus=num_cpus,
+        opts=opts,
         before=write,
     )
 
 
-def resume(
-    sdir: str,
-    *,
-    force: bool,
-    address: str | None,
-    output: str,
-    loader: Loader,
-    num_cpus: int | None = None,
-    mlflow: str | None = None,
-) -> int:
+def resume(sdir: str, opts: RunOptions) -> int:
     """Continue the study's last run where it stopped (0 with a note when it had finished)."""
     sdir_p = Path(sdir).resolve()
     read_study(sdir_p)  # a study directory, before a lock is made in it
-    with acquire(sdir_p, what="the study", force=force):
-        record, spec, data = reopen(sdir_p, force, loader)
-        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
+    with acquire(sdir_p, what="the study", force=opts.force):
+        record, spec, data = reopen(sdir_p, opts.force, opts.loader)
+        record["mlflow"] = check_tracking(opts.mlflow, record["name"], record.get("mlflow"))
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
         if not has_unfinished(exp, run["num_samples"], errors=True):
@@ -352,31 +319,19 @@ def resume(
             restore=True,
             loc=study_storage(sdir_p, record),
             fix=preflight.RESUME_FIX,
-            address=address,
-            output=output,
-            num_cpus=num_cpus,
+            opts=opts,
         )
 
 
-def extend(
-    sdir: str,
-    *,
-    num_samples: int,
-    force: bool,
-    address: str | None,
-    output: str,
-    loader: Loader,
-    num_cpus: int | None = None,
-    mlflow: str | None = None,
-) -> int:
+def extend(sdir: str, opts: RunOptions, *, num_samples: int) -> int:
     """A new run of `num_samples` trials in a finished study; the sampler sees every earlier trial."""
     sdir_p = Path(sdir).resolve()
     if num_samples < 1:
         raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
     read_study(sdir_p)
-    with acquire(sdir_p, what="the study", force=force):
-        record, spec, data = reopen(sdir_p, force, loader)
-        record["mlflow"] = check_tracking(mlflow, record["name"], record.get("mlflow"))
+    with acquire(sdir_p, what="the study", force=opts.force):
+        record, spec, data = reopen(sdir_p, opts.force, opts.loader)
+        record["mlflow"] = check_tracking(opts.mlflow, record["name"], record.get("mlflow"))
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
         if has_unfinished(last_exp, last["num_samples"]):
@@ -410,8 +365,6 @@ def extend(
             restore=False,
             loc=study_storage(sdir_p, record),
             fix=preflight.RESUME_FIX,
-            address=address,
-            output=output,
-            num_cpus=num_cpus,
+            opts=opts,
             before=write,
         )
