@@ -256,9 +256,11 @@ def read_csv(sdir):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start Ray or train through the CLI are `slow`; the fast lane is `pytest -m "not slow"`."""
+    """Tests that start Ray, train through the CLI or read the real FER2013 are `slow`; the fast lane is
+    `pytest -m "not slow"`."""
     for item in items:
-        if item.get_closest_marker("slow") is None and any(
-            f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "cluster")
+        if item.get_closest_marker("slow") is None and (
+            item.get_closest_marker("realdata") is not None
+            or any(f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "cluster"))
         ):
             item.add_marker(pytest.mark.slow)

@@ -4,6 +4,7 @@ torch model and run without torch, JSON / CSV / annotated outputs, and bad input
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import pytest
 from conftest import REAL_DATA
 
 cv2 = pytest.importorskip("cv2")
+
+from conftest import run_in_process  # noqa: E402
 
 from fer_tune.common import EMOTIONS  # noqa: E402
 from fer_tune.faces import Detector, frame_crop, looks_like_a_crop  # noqa: E402
@@ -121,6 +124,7 @@ def tiny_model(tmp_path):
     return tmp_path / "model.pt"
 
 
+@pytest.mark.slow
 def test_onnx_export_is_checked_and_gives_the_torch_models_answers_without_torch(tmp_path, detectable):
     from fer_tune.export import export_onnx
     from fer_tune.predict import OnnxModel, TorchModel, load_model
@@ -161,10 +165,12 @@ def result_pixels(img, result) -> np.ndarray:
     return (Detector().crop(gray, tuple(f["box"])) if f["detected"] else whole(gray).pixels)[None]
 
 
-def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fer_tune.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+def run(*args, process=False):
+    """`fer-tune ARGS` in this process (conftest.run_in_process), or as a user runs it with `process=True`."""
+    if process:
+        argv = [sys.executable, "-m", "fer_tune.cli", *map(str, args)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    return run_in_process(dict(os.environ), [*map(str, args)])
 
 
 def test_predict_outputs_folders_globs_csv_and_annotations(tmp_path, detectable):
@@ -235,8 +241,8 @@ def test_predict_bad_inputs_are_one_line(tmp_path, detectable):
         ((model, good, "--annotate", tmp_path), ["holds images being classified"]),
         ((tmp_path / "model.pt2", good), ["is a torch.export program of the network alone"]),
     ]
-    for args, wanted in cases:
-        r = run("predict", *args)
+    for i, (args, wanted) in enumerate(cases):
+        r = run("predict", *args, process=i == 0)  # the first as a user's process: exit 2, one line, no traceback
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
         for w in wanted:
             assert w in r.stderr, (args, r.stderr)

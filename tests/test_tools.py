@@ -97,6 +97,7 @@ def _study_dir(tmp_path, storage_ref: str, url: str):
     return sdir
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study_in_a_real_browser(tmp_path):
     pytest.importorskip("optuna_dashboard")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
