@@ -217,3 +217,51 @@ def test_the_tested_minor_versions_are_the_ones_installed(name):
     low, high = re.search(rf'"{name}(?:\[tune\])?>=([\d.]+),<([\d.]+)"', text).groups()
     version = tuple(int(x) for x in importlib.import_module(name).__version__.split(".")[:2])
     assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
+
+
+LAYOUT_NAMES = {"result.json", "tuner.pkl", "experiment_state-", "checkpoint_"}  # fer_tune.tune.runtime.layout's
+
+
+def test_tunes_file_names_are_read_in_one_module():
+    """Tune's on-disk layout is named in fer_tune.tune.runtime.layout only (checked against Tune below)."""
+    mods, _, _ = graph()
+    for name, tree in mods.items():
+        if name == "fer_tune.tune.runtime.layout":
+            continue
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not strings & LAYOUT_NAMES, (name, strings & LAYOUT_NAMES)
+
+
+@pytest.mark.slow
+def test_tunes_on_disk_layout_relied_on_is_still_there(tmp_path):
+    """Fails loudly when a Ray release moves or renames what fer_tune.tune.runtime.layout reads: a real Tune run of
+    two trials, two reports each with a checkpoint, read back through the layout module."""
+    from conftest import session_ray
+
+    session_ray()
+    import tempfile
+
+    from ray import tune
+
+    from fer_tune.tune.runtime import layout
+
+    def trainable(config):
+        for epoch in (1, 2):
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "weights").write_text(str(epoch))
+                result = {"epoch": epoch, "trial_id": tune.get_context().get_trial_id()}
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_config = tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=0)
+    tune.Tuner(trainable, param_space={"a": tune.grid_search([1, 2])}, run_config=run_config).fit()
+    exp = tmp_path / "t"
+    assert layout.has_tune_state(exp) and (exp / layout.TUNER_FILE).stat().st_size > 0
+    states = layout.experiment_trial_states(exp)
+    assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
+    trials = [d for d in exp.iterdir() if d.is_dir()]
+    rows = {d: list(layout.trial_results(d)) for d in trials}
+    assert sorted(r[-1]["trial_id"] for r in rows.values()) == sorted(states)
+    assert all([r["epoch"] for r in rs] == [1, 2] for rs in rows.values())
+    for d in trials:
+        kept = sorted(c for c in d.iterdir() if c.name.startswith(layout.CHECKPOINT_PREFIX))
+        assert [(c / "weights").read_text() for c in kept] == ["1", "2"], d

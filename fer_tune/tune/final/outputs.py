@@ -14,7 +14,8 @@ from typing import Any
 from ...common import write_atomic, write_json
 from ...recipe import MODELS, aggregate, pm
 from ..runtime import storage
-from ..runtime.checkpoints import checkpointed_results, result_rows
+from ..runtime.checkpoints import checkpointed_results
+from ..runtime.layout import trial_results
 
 WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
 EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # fer_tune.export's files
@@ -116,7 +117,7 @@ def write_history(out: Path, exp: str) -> list[dict]:
             }
 
     for trial_dir in storage.listdir(exp):
-        for r in result_rows(storage.read_text(storage.join(exp, trial_dir, "result.json")) or ""):
+        for r in trial_results(storage.join(exp, trial_dir)):
             add(r, replace=True)
         # epochs a killed driver did not write to result.json: the copy in each checkpoint
         for r in checkpointed_results(storage.join(exp, trial_dir)):

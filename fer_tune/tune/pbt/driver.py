@@ -33,9 +33,10 @@ from ...common import FerTuneError, write_json
 from ...schedule import MUTABLE
 from ..runtime import preflight, signals, stage
 from ..runtime.checkpoints import pruner
+from ..runtime.layout import experiment_trial_states
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
-from ..study.outputs import experiment_trial_states, trials_table
+from ..study.outputs import trials_table
 from ..study.record import read_study, reopen, spec_with
 from .outputs import evaluate_best, population_progress, write_population
 from .read import PBT_DIR, PBT_FILE

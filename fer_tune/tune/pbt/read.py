@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ...common import FerTuneError
 from ..runtime import storage
-from ..runtime.checkpoints import checkpointed_results, result_rows
+from ..runtime.checkpoints import checkpointed_results
+from ..runtime.layout import trial_results
 from ..runtime.lock import describe, holder
 
 PBT_DIR, PBT_FILE = "pbt", "pbt.json"
@@ -56,7 +57,7 @@ def read_members(exp: str) -> list[dict]:
         trial_dir = storage.join(exp, name)
         rows = {}
         for r in [
-            *result_rows(storage.read_text(storage.join(trial_dir, "result.json")) or ""),
+            *trial_results(trial_dir),
             *checkpointed_results(trial_dir),
         ]:
             if "epoch" in r and "reported_at" in r and r.get("trial_id"):

@@ -26,11 +26,13 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PREFIX = "checkpoint_"
+from .layout import CHECKPOINT_PREFIX, result_rows
+from .storage import join, list_files, read_text
+
 log = logging.getLogger(__name__)
 META_RE = re.compile(r"result-(\d+)\.json")  # in a checkpoint: result-EPOCH.json, the epoch's result
 
@@ -45,22 +47,9 @@ def write_meta(directory: Path, metrics: dict) -> None:
     )
 
 
-def result_rows(text: str) -> Iterator[dict]:
-    """The results in the JSON lines of a result.json or result-EPOCH.json (a line cut by a kill is skipped)."""
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            yield row
-
-
 def checkpointed_results(trial_dir: str, missing: Callable[[int], bool] | None = None) -> list[dict]:
     """The results a trial's checkpoints hold (result-EPOCH.json, see write_meta) in a trial directory (a path or
     URI): one listing of the directory, and a read only for the epochs `missing(epoch)` asks for (default all)."""
-    from .storage import join, list_files, read_text
-
     rows = []
     for path in list_files(trial_dir):
         parts = path.split("/")
@@ -79,7 +68,8 @@ def _siblings(fs, path: str) -> list[str]:
     except OSError:
         return []
     return sorted(
-        (i.path for i in infos if i.base_name.startswith(PREFIX) and i.type == pafs.FileType.Directory), reverse=True
+        (i.path for i in infos if i.base_name.startswith(CHECKPOINT_PREFIX) and i.type == pafs.FileType.Directory),
+        reverse=True,
     )
 
 

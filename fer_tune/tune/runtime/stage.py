@@ -17,6 +17,7 @@ from typing import Any
 from ... import __version__
 from ...common import FerTuneError, code_revision
 from . import signals
+from .layout import has_tune_state
 from .lock import describe, holder
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def stage_tuner(rec: dict, trainable: Any, new: Callable[[], Any]) -> tuple[Any,
     from .session import restore_tuner
 
     exp = storage.join(rec["ray_storage"], "tune")
-    if storage.has_tune_state(exp):
+    if has_tune_state(exp):
         return restore_tuner(exp, trainable, rec.get("fer_tune")), exp
     return new(), exp
 

@@ -206,16 +206,6 @@ def delete(loc: str, *, tree: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # a study's experiment directories
 # ---------------------------------------------------------------------------------------------------------
-def has_tune_state(exp_dir: str | Path) -> bool:
-    """True when a Ray experiment (local path or URI) holds a state Tuner.restore can continue: its tuner.pkl
-    written whole and an experiment state saved. A driver killed in its first seconds leaves neither (or an empty
-    tuner.pkl): such a run starts over."""
-    names = listdir(exp_dir)
-    if "tuner.pkl" not in names or not any(n.startswith("experiment_state-") for n in names):
-        return False
-    return size(join(str(exp_dir), "tuner.pkl")) > 0
-
-
 def study_storage(sdir: str | Path, record: dict) -> str:
     """Where the study's Ray experiments live: its recorded Ray storage, else the study directory itself (so a
     results/NAME copied to a laptop still reads)."""

@@ -31,6 +31,7 @@ from ..mlflow.study import catch_up_study, track_study
 from ..mlflow.tracking import check as check_tracking
 from ..runtime import preflight
 from ..runtime import storage as st
+from ..runtime.layout import experiment_trial_states, has_tune_state
 from ..runtime.lock import acquire
 from ..runtime.session import (
     ray_log_to,
@@ -41,8 +42,8 @@ from ..runtime.session import (
     set_pending_trials,
 )
 from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
-from ..runtime.storage import experiment_dir, has_tune_state, study_storage
-from .outputs import experiment_trial_states, has_unfinished, study_progress, to_finish, write_trials_csv
+from ..runtime.storage import experiment_dir, study_storage
+from .outputs import has_unfinished, study_progress, to_finish, write_trials_csv
 from .record import (
     STUDY_FILE,
     load_optuna_study,

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ...common import FerTuneError, write_atomic
 from ...cost import COST_METRICS
-from ..runtime.checkpoints import checkpointed_results, result_rows
+from ..runtime.checkpoints import checkpointed_results
+from ..runtime.layout import experiment_trial_states, trial_results
 from ..runtime.lock import holder
-from ..runtime.storage import experiment_dir, join, listdir, read_text
+from ..runtime.storage import experiment_dir, join, listdir
 from .record import epoch_values, load_optuna_study
 from .spec import StudySpec, objectives
 
@@ -63,11 +63,10 @@ def scan_results(exp_dirs: Iterable[str | Path]) -> tuple[dict[str, list[dict]],
     restarted: dict[str, int] = {}
     for d in exp_dirs:
         for trial_dir in listdir(d):
-            text = read_text(join(str(d), trial_dir, "result.json")) or ""  # none yet: only checkpoints
             last = None
             rows: dict[int, dict] = {}
             tid = None
-            for row in result_rows(text):
+            for row in trial_results(join(str(d), trial_dir)):  # none yet: only checkpoints
                 tid = row.get("trial_id") or tid
                 if not tid or "epoch" not in row:
                     continue
@@ -99,28 +98,6 @@ def _add_checkpointed(trial_dir: str, tid: str | None, rows: dict[int, dict]) ->
 def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
     """{ray trial id: [per-epoch result, ...]} (see scan_results)."""
     return scan_results(exp_dirs)[0]
-
-
-def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
-    """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
-    # newest session by the timestamp in the name (Tune re-syncs old files at the end, so mtimes lie)
-    files = [n for n in listdir(exp_dir) if n.startswith("experiment_state-") and n.endswith(".json")]
-    if not files:
-        return {}
-    try:
-        state = json.loads(read_text(join(str(exp_dir), max(files))) or "")
-    except json.JSONDecodeError:
-        return {}
-    out = {}
-    for entry in state.get("trial_data", []):
-        raw = entry[0] if isinstance(entry, (list, tuple)) else entry
-        try:
-            t = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError:
-            continue
-        if isinstance(t, dict) and "trial_id" in t:
-            out[t["trial_id"]] = t.get("status", "")
-    return out
 
 
 def has_unfinished(exp_dir: str, num_samples: int, *, errors: bool = False) -> bool:
