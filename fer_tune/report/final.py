@@ -17,7 +17,7 @@ from ..common import EMOTIONS
 from ..recipe import MODELS
 from ..recipe import pm as plain_pm
 from .final_figures import MODEL_LABEL, accuracy_figure, confusion_figure, curves_figure, per_class_figure
-from .html import Page, esc, fmt, number, table
+from .html import Page, esc, fmt, key_table, number, table
 
 TEST_SPLIT = {"paper": "PublicTest", "standard": "PrivateTest"}  # the FER2013 split each protocol tests on
 
@@ -134,11 +134,7 @@ def final_section(page: Page, fin: dict) -> None:
         ("protocol", f"{info.get('protocol')}: {(m or {}).get('protocol_note', '')}"),
         ("created", info.get("created", "")),
     ]
-    parts.append(
-        '<table id="final-table">'
-        + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
-        + "</table>"
-    )
+    parts.append(key_table(items, id="final-table"))
     if runs:
         parts.append(page.figure(curves_figure(runs), "final-curves"))
         if ft.get("on") == "train+val":
@@ -163,9 +159,7 @@ def final_section(page: Page, fin: dict) -> None:
     ]
     parts.append(
         f"<h3>Test accuracy over {len(ok)} seed(s){' (mean ± std)' if len(ok) > 1 else ''}</h3>"
-        + table(["model", "top-1 %", "top-2 %", "macro F1 %", "top-1 per seed"], rows, {1, 2, 3}).replace(
-            "<table>", '<table id="final-accuracy">', 1
-        )
+        + table(["model", "top-1 %", "top-2 %", "macro F1 %", "top-1 per seed"], rows, {1, 2, 3}, id="final-accuracy")
     )
     if m.get("baseline"):
         parts.append(_baseline_table(m))
@@ -232,7 +226,8 @@ def _baseline_table(m: dict) -> str:
             ],
             rows,
             {1, 2, 3},
-        ).replace("<table>", '<table id="final-baseline">', 1)
+            id="final-baseline",
+        )
         + f'<p class="note">The {esc(b["name"])} recipe ({esc(recipe)}) was retrained on the same model, '
         "width, crops and data with the same epochs, fine-tune and seeds; the difference is the study's mean "
         "minus the recipe's"

@@ -50,9 +50,15 @@ def plotly_safe(obj: Any, key: str = "") -> Any:
 
 
 def table(
-    header: list[str], rows: list[list], numeric: set[int] = frozenset(), highlight: set[int] = frozenset()
+    header: list[str],
+    rows: list[list],
+    numeric: set[int] = frozenset(),
+    highlight: set[int] = frozenset(),
+    *,
+    id: str = "",
 ) -> str:
-    """An HTML table; `numeric`: right-aligned columns; `highlight`: rows marked as the best (class "best")."""
+    """An HTML table; `numeric`: right-aligned columns; `highlight`: rows marked as the best (class "best"); `id`:
+    the table's element id (the report's tests and links find it by that)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
         ('<tr class="best">' if k in highlight else "<tr>")
@@ -60,7 +66,16 @@ def table(
         + "</tr>"
         for k, r in enumerate(rows)
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{_id(id)}><tr>{head}</tr>{body}</table>"
+
+
+def key_table(items: list[tuple[str, Any]], *, id: str = "") -> str:
+    """A two-column table of (key, value) rows, keys as row headers."""
+    return f"<table{_id(id)}>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items) + "</table>"
+
+
+def _id(id: str) -> str:
+    return f' id="{esc(id)}"' if id else ""
 
 
 def fmt(v: Any, digits: int = 2) -> str:

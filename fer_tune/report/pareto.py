@@ -11,13 +11,16 @@ import warnings
 
 from ..cost import COST_METRICS
 from ..tune.study.outputs import objective_value
+from ..tune.study.record import StudyRecord
 from ..tune.study.spec import objectives
 from .html import Page, esc, fmt, params_text, table
 
 UNITS = {"params": "params (M)", "mflops": "MFLOPs / crop", "latency_ms": "latency (ms / image)"}
 
 
-def pareto_section(page: Page, record: dict, study, rows: list[dict], best: dict | None, final: dict | None) -> None:
+def pareto_section(
+    page: Page, record: StudyRecord, study, rows: list[dict], best: dict | None, final: dict | None
+) -> None:
     """The front (figure and table) of a multi-objective study; nothing for a single objective. `study`: the
     Optuna study (None when its storage cannot be read), `best`: the trial the final stage takes by default,
     `final`: the final stage as fer_tune.report.final.load_final reads it, if there is one."""
@@ -53,9 +56,7 @@ def pareto_section(page: Page, record: dict, study, rows: list[dict], best: dict
         [r["number"], *(fmt(_num(objective_value(r, m, first)), 4) for m, _ in goals), params_text(r)] for r in front
     ]
     marked = {k for k, r in enumerate(front) if str(r["number"]) == str(taken)}
-    parts.append(
-        table(header, table_rows, set(range(len(goals) + 1)), marked).replace("<table>", '<table id="pareto-table">', 1)
-    )
+    parts.append(table(header, table_rows, set(range(len(goals) + 1)), marked, id="pareto-table"))
     if retrained:
         what = (
             f"The final stage retrained trial {retrained['number']}"

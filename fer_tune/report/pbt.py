@@ -10,7 +10,7 @@ from typing import Any
 
 from ..tune.pbt.read import member_number, schedule_rows, stage
 from ..tune.runtime.lock import describe
-from .html import Page, esc, fmt, table
+from .html import Page, esc, fmt, key_table, table
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 WINNERS = 3  # schedules shown: the best members at the end
@@ -170,11 +170,7 @@ def pbt_section(page: Page, sdir: Path) -> None:
                 + f" over {len(replay.get('seeds', []))} seed(s)",
             )
         )
-    parts.append(
-        '<table id="pbt-table">'
-        + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
-        + "</table>"
-    )
+    parts.append(key_table(items, id="pbt-table"))
     if st["members"]:
         parts.append(page.figure(_population_figure(st), "pbt-population"))
         parts.append(page.figure(_schedule_figure(st), "pbt-schedules"))
@@ -186,10 +182,15 @@ def pbt_section(page: Page, sdir: Path) -> None:
     parts.append(
         "<h3>Clones</h3>"
         + (
-            table(["epoch", "member", "took the weights of", f"its {metric}", *s["mutate"]], rows, {0, 1, 2, 3})
+            table(
+                ["epoch", "member", "took the weights of", f"its {metric}", *s["mutate"]],
+                rows,
+                {0, 1, 2, 3},
+                id="pbt-clones",
+            )
             if rows
             else '<p class="note">No member has taken another\'s weights yet.</p>'
-        ).replace("<table>", '<table id="pbt-clones">', 1)
+        )
     )
 
 

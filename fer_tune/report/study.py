@@ -22,10 +22,10 @@ from pathlib import Path
 from ..common import FerTuneError, shipped
 from ..tune.runtime.lock import running_line
 from ..tune.study.outputs import status_summary, study_results
-from ..tune.study.record import load_optuna_study, read_study
+from ..tune.study.record import StudyRecord, load_optuna_study, read_study
 from ..tune.study.spec import objectives
 from . import final as report_final
-from .html import Page, duration, esc, fmt, number, params_text, table, write_page
+from .html import Page, duration, esc, fmt, key_table, number, params_text, table, write_page
 from .pareto import pareto_section
 from .pbt import pbt_section
 from .trials import class_section, comparisons_section, curves_section
@@ -104,7 +104,7 @@ def _data_line(data: dict) -> str:
     )
 
 
-def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
+def _summary_section(page: Page, sdir: Path, record: StudyRecord, s: dict) -> None:
     spec, data = record["spec"], record["data"]
     es = spec["early_stopping"]
     best = s["best"]
@@ -162,11 +162,7 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
         ("versions", ", ".join(f"{k} {v}" for k, v in record.get("fingerprint", {}).get("versions", {}).items())),
     ]
     parts = page.section("summary", "Summary")
-    parts.append(
-        '<table id="summary-table">'
-        + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
-        + "</table>"
-    )
+    parts.append(key_table(items, id="summary-table"))
     space = [
         [
             n,
@@ -190,8 +186,8 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
     ]
     parts.append(
         "<h3>Runs (the sweep and each extend; a resume continues its run)</h3>"
-        + table(["run", "trials", "sampler seed", "max concurrent", "wall time", "sessions"], runs, {1, 2}).replace(
-            "<table>", '<table id="runs-table">', 1
+        + table(
+            ["run", "trials", "sampler seed", "max concurrent", "wall time", "sessions"], runs, {1, 2}, id="runs-table"
         )
     )
     if restarted:
@@ -214,9 +210,7 @@ def _summary_section(page: Page, sdir: Path, record: dict, s: dict) -> None:
     parts.append(
         "<h3>Trials</h3>"
         + (f'<p class="note">The best trial ({best["number"]}) is highlighted.</p>' if best else "")
-        + table(cols + ["restarts", "params"], rows, {0, 2, 3, 4, 5, 6, 8}, best_rows).replace(
-            "<table>", '<table id="trials-table">', 1
-        )
+        + table(cols + ["restarts", "params"], rows, {0, 2, 3, 4, 5, 6, 8}, best_rows, id="trials-table")
     )
 
 
@@ -243,7 +237,7 @@ def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:
 FEW_FOR_IMPORTANCE = 20  # completed trials below which the report says the importances are only a hint
 
 
-def _study(record: dict) -> tuple:
+def _study(record: StudyRecord) -> tuple:
     """(the Optuna study, None) or (None, why it cannot be read here)."""
     try:
         return load_optuna_study(record), None
@@ -251,7 +245,7 @@ def _study(record: dict) -> tuple:
         return None, exc
 
 
-def _optuna_section(page: Page, record: dict, study, unread) -> None:
+def _optuna_section(page: Page, record: StudyRecord, study, unread) -> None:
     import optuna.visualization as vis
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
@@ -371,7 +365,8 @@ def _reference_section(page: Page, sdir: Path, own: list[dict], data: dict) -> N
             ["result", "top-1 %", "split", "protocol", "epochs", "source", "note"],
             [[r.get(c, "") for c in cols] for r in own + rows],
             {1},
-        ).replace("<table>", '<table id="reference-table">', 1)
+            id="reference-table",
+        )
     )
     parts.append(
         '<p class="note">Protocol paper: train = Training, val = PrivateTest, test = PublicTest (as '

@@ -32,8 +32,8 @@ from ..runtime.checkpoints import pruner
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import best_trial
-from ..study.record import read_study, reopen
-from .outputs import WINNER, collect, final_progress, write_history
+from ..study.record import StudyRecord, read_study, reopen
+from .outputs import WINNER, FinalRecord, collect, final_progress, write_history
 from .trial import SNAPSHOT_KEEP, seed_trial
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def run_final(
         return _final(sdir, out_p, opts, trial=trial, given=given, gpus=gpus, cpus=cpus)
 
 
-def _check_out(out: Path, sdir: Path, record: dict) -> None:
+def _check_out(out: Path, sdir: Path, record: StudyRecord) -> None:
     """A final stage's directory: not the study's own, nor inside one of its Ray experiments; its name is a plain
     name (it names the final stage's Ray experiment beside the study's in a shared Ray storage)."""
     runs = {r["dir"] for r in record["runs"]}
@@ -225,7 +225,7 @@ _CONTINUE_FIX = (
 )
 
 
-def _run_final(out: Path, rec: dict, data: Any, opts: stage.RunOptions, *, announce: str = "") -> int:
+def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *, announce: str = "") -> int:
     """Run (or continue) the final stage's Ray experiment; `announce`: a new stage's launch line (said and
     final.json written once Ray has accepted the runs: a refused stage leaves nothing behind)."""
     from ray import tune

@@ -16,13 +16,30 @@ from ...recipe import MODELS, aggregate, pm
 from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import trial_results
+from ..runtime.stage import StageRecord
+
+
+class FinalRecord(StageRecord, total=False):
+    """final.json: the stage record, the retrained trial and its config, the settings, the fine-tune, the seeds."""
+
+    trial: dict  # number, ray_trial_id, metric, value, epoch, params
+    config: dict  # the TrainConfig of the winner's runs
+    settings: dict  # FINAL_DEFAULTS' keys with the values used, and the trial
+    finetune: dict  # epochs, lr, scheduler, on
+    seeds: list[int]
+    eval_every: int
+    track_crops: str
+    schedule: dict  # a PBT member's replayed schedule (--from-pbt)
+    baselines: dict  # {name: TrainConfig dict} run beside the winner
+    mlflow: str | None
+
 
 WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
 EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # fer_tune.export's files
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 
 
-def collect(out: Path, rec: dict, grid: Any) -> dict | None:
+def collect(out: Path, rec: FinalRecord, grid: Any) -> dict | None:
     """Per-seed outputs from the finished checkpoints into seed-S/ (a baseline's into baseline-NAME/seed-S/), then
     metrics.json; None if a run is unfinished."""
     arms: dict[str, list[dict]] = {}
@@ -173,7 +190,7 @@ def _seed_ended(result: dict, epochs: int) -> str:
     return f"finished: test top-1 {test:.2f} % (fine-tuned, TenCrop)" if isinstance(test, (int, float)) else "finished"
 
 
-def final_progress(rec: dict) -> Any:
+def final_progress(rec: FinalRecord) -> Any:
     """The final stage's progress lines (fer_tune.tune.runtime.progress): per seed, its train and fine-tune epochs."""
     from ..runtime.progress import TrialProgress
 

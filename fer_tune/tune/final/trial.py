@@ -67,16 +67,18 @@ def seed_trial(
     state = (restore(ckpt, _load_state, order=progress_order) if ckpt is not None else None) or SeedState(seed, arm)
     about = {**where(device), "resumed_at": state.epochs_done()}
 
-    def save(st: SeedState, metrics: dict, *, step: int | None, pinned: bool, outputs: Path | None = None) -> None:
+    def save(
+        seed_state: SeedState, metrics: dict, *, step: int | None, pinned: bool, outputs: Path | None = None
+    ) -> None:
         out = scalars(metrics)
-        out.update(seed=seed, arm=arm, phase=st.phase, keep=_keep(step, pinned, outputs is not None), **about)
-        out["device_seconds"] = device_seconds(weight, st.train_history, st.finetune_history)
+        out.update(seed=seed, arm=arm, phase=seed_state.phase, keep=_keep(step, pinned, outputs is not None), **about)
+        out["device_seconds"] = device_seconds(weight, seed_state.train_history, seed_state.finetune_history)
 
         def write(d: Path) -> None:
-            (d / "progress.json").write_text(json.dumps(st.progress()))
-            if st.fit_state is not None and step is not None:
-                save_checkpoint(st.fit_state, d / "state.pt")
-            for k, sd in st.weights.items():
+            (d / "progress.json").write_text(json.dumps(seed_state.progress()))
+            if seed_state.fit_state is not None and step is not None:
+                save_checkpoint(seed_state.fit_state, d / "state.pt")
+            for k, sd in seed_state.weights.items():
                 if sd is not None:
                     save_checkpoint({"model": sd}, d / f"{k}.pt")
             if outputs is not None:

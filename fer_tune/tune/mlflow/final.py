@@ -24,7 +24,7 @@ from typing import Any
 
 from ... import __version__
 from ...recipe import MODELS
-from ..final.outputs import HISTORY_KEYS, WINNER, write_history
+from ..final.outputs import HISTORY_KEYS, WINNER, FinalRecord, write_history
 from ..runtime import storage
 from .tracking import Mlflow, Run, Tracking, attach, long_requests, numeric
 
@@ -79,7 +79,7 @@ def test_points(m: dict) -> list[tuple[str, float, int]]:
 class FinalTracking(Tracking):
     """Tune callback (in the driver) for the final stage's run; finish() at the end of the command."""
 
-    def __init__(self, out: Path, rec: dict):
+    def __init__(self, out: Path, rec: FinalRecord):
         super().__init__(out, rec)
         self._out, self._rec = out, rec
         self.ml = Mlflow(rec["mlflow"], rec["study"])
@@ -174,18 +174,18 @@ class FinalTracking(Tracking):
         return True
 
 
-def final_tracking(out: Path, rec: dict) -> FinalTracking | None:
+def final_tracking(out: Path, rec: FinalRecord) -> FinalTracking | None:
     return FinalTracking(out, rec) if rec.get("mlflow") else None
 
 
-def track_final(tuner: Any, out: Path, rec: dict) -> FinalTracking | None:
+def track_final(tuner: Any, out: Path, rec: FinalRecord) -> FinalTracking | None:
     """The final stage's Tuner tracks the stage in MLflow when final.json says so; the callback, for finish()."""
     tracking = final_tracking(out, rec)
     attach(tuner, tracking)
     return tracking
 
 
-def catch_up_final(out: Path, rec: dict) -> None:
+def catch_up_final(out: Path, rec: FinalRecord) -> None:
     """A complete final stage's run brought up to it (nothing to send when MLflow holds it all)."""
     import csv
     import json

@@ -19,7 +19,7 @@ from typing import Any
 from ... import __version__
 from ...cost import COST_METRICS
 from ..study.outputs import study_results
-from ..study.record import resolve_storage
+from ..study.record import StudyRecord, resolve_storage
 from ..study.spec import StudySpec
 from .tracking import TERMINAL, Mlflow, Run, Tracking, attach, numeric
 
@@ -71,7 +71,7 @@ class StudyTracking(Tracking):
     """Tune callback (in the driver): the study's trials as MLflow runs, live, and caught up with the study's files
     and its Optuna storage when the run starts, when MLflow is back after an outage and when the run ends."""
 
-    def __init__(self, sdir: Path, record: dict, spec: StudySpec):
+    def __init__(self, sdir: Path, record: StudyRecord, spec: StudySpec):
         super().__init__(sdir, record, spec)
         self._sdir, self._spec = sdir, spec
         self._record = {k: record.get(k) for k in ("name", "created", "optuna_study", "storage", "ray_storage", "runs")}
@@ -259,16 +259,16 @@ class StudyTracking(Tracking):
         return self.ml.set_status(run, status, end_ms=ms(t.datetime_complete), tags={"outcome": outcome})
 
 
-def study_tracking(sdir: Path, record: dict, spec: StudySpec) -> StudyTracking | None:
+def study_tracking(sdir: Path, record: StudyRecord, spec: StudySpec) -> StudyTracking | None:
     return StudyTracking(sdir, record, spec) if record.get("mlflow") else None
 
 
-def track_study(tuner: Any, sdir: Path, record: dict, spec: StudySpec) -> None:
+def track_study(tuner: Any, sdir: Path, record: StudyRecord, spec: StudySpec) -> None:
     """The Tuner of one of the study's runs tracks its trials in MLflow when the study says so (study.json)."""
     attach(tuner, study_tracking(sdir, record, spec))
 
 
-def catch_up_study(sdir: Path, record: dict, spec: StudySpec) -> None:
+def catch_up_study(sdir: Path, record: StudyRecord, spec: StudySpec) -> None:
     """A complete study's runs brought up to it (nothing to do when MLflow holds them all)."""
     tracking = study_tracking(sdir, record, spec)
     if tracking is not None:

@@ -37,9 +37,9 @@ from ..runtime.layout import experiment_trial_states
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import trials_table
-from ..study.record import read_study, reopen, spec_with
+from ..study.record import StudyRecord, read_study, reopen, spec_with
 from .outputs import evaluate_best, population_progress, write_population
-from .read import PBT_DIR, PBT_FILE
+from .read import PBT_DIR, PBT_FILE, PbtRecord
 from .trial import ORIGIN, member_trial
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,14 @@ def _domains(ranges: dict) -> dict:
     return {k: (tune.loguniform if logs else tune.uniform)(lo, hi) for k, (lo, hi, logs) in ranges.items()}
 
 
-def param_space(rec: dict) -> dict:
+def param_space(rec: PbtRecord) -> dict:
     """What the members' configs hold (every member's first config is one of rec["points"])."""
     from ray import tune
 
     return {ORIGIN: tune.randint(0, len(rec["bases"])), **_domains(rec["mutations"])}
 
 
-def make_scheduler(rec: dict) -> Any:
+def make_scheduler(rec: PbtRecord) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
@@ -159,7 +159,7 @@ def make_scheduler(rec: dict) -> Any:
     return PopulationBasedTraining(**common, hyperparam_mutations=_domains(ranges), custom_explore_fn=clip)
 
 
-def top_trials(sdir: Path, record: dict, spec: Any, k: int) -> list[dict]:
+def top_trials(sdir: Path, record: StudyRecord, spec: Any, k: int) -> list[dict]:
     """The study's K best finished trials by its metric and mode, each with its full config (trials.best_trial)."""
     from ..study.outputs import best_trial
 
@@ -211,7 +211,7 @@ def run_pbt(study: str, opts: stage.RunOptions, *, given: dict) -> int:
         return _run(out, rec, data, opts)
 
 
-def new_record(sdir: Path, record: dict, spec: Any, data: Any, s: dict, given: dict, tops: list[dict]) -> dict:
+def new_record(sdir: Path, record: StudyRecord, spec: Any, data: Any, s: dict, given: dict, tops: list[dict]) -> dict:
     bases = [{**t["config"], "epochs": s["epochs"], "scheduler": "constant"} for t in tops]
     ranges = mutations(record["spec"], bases, s["mutate"])
     return {
@@ -233,7 +233,7 @@ def new_record(sdir: Path, record: dict, spec: Any, data: Any, s: dict, given: d
 _FIX = "the PBT stage runs its members with the study's resources per trial: run it where they fit (--address)"
 
 
-def _run(out: Path, rec: dict, data: Any, opts: stage.RunOptions) -> int:
+def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
     """Run (or continue) the stage's Ray experiment, then evaluate and export the best member."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -295,6 +295,6 @@ def _run(out: Path, rec: dict, data: Any, opts: stage.RunOptions) -> int:
         members = write_population(out, exp, rec)
         say_ray_log()
         states = experiment_trial_states(exp).values()
-        if grid is None or signals.received() or any(st not in ("TERMINATED", "ERROR") for st in states):
+        if grid is None or signals.received() or any(s not in ("TERMINATED", "ERROR") for s in states):
             return stage.stopped("PBT stage", f"fer-tune pbt {rec['study_dir']}")
         return evaluate_best(out, rec, grid, members, data)

@@ -16,12 +16,12 @@ from typing import Any
 from ...common import write_atomic, write_json
 from ..final.outputs import EXPORTS
 from ..runtime.progress import TrialProgress
-from .read import KEYS, clones, member_number, read_members, schedule_rows
+from .read import KEYS, PbtRecord, clones, member_number, read_members, schedule_rows
 
 log = logging.getLogger(__name__)
 
 
-def write_population(out: Path, exp: str, rec: dict) -> list[dict]:
+def write_population(out: Path, exp: str, rec: PbtRecord) -> list[dict]:
     """population.csv (every member's every epoch, per segment) and lineage.json; returns the members."""
     members = read_members(exp)
     buf = io.StringIO(newline="")
@@ -56,7 +56,7 @@ def write_population(out: Path, exp: str, rec: dict) -> list[dict]:
     return members
 
 
-def origin_trial(rec: dict, row: dict) -> int:
+def origin_trial(rec: PbtRecord, row: dict) -> int:
     """The study trial a result's weights descend from."""
     return rec["members"][int(row.get("origin", 0))]["trial"]["number"]
 
@@ -69,16 +69,18 @@ def _evaluate(checkpoint: Any, data: dict, provenance: dict) -> dict[str, bytes]
     from ...train import load_checkpoint
 
     with checkpoint.as_directory() as d:
-        st = load_checkpoint(Path(d) / "state.pt")
-    cfg = TrainConfig.from_dict({**st["config"], "weights": ""}, source="member config")
-    state = SeedState(seed=cfg.seed, arm="pbt", train_history=st["history"], best=dict(st["best"]))
+        fit_state = load_checkpoint(Path(d) / "state.pt")
+    cfg = TrainConfig.from_dict({**fit_state["config"], "weights": ""}, source="member config")
+    state = SeedState(seed=cfg.seed, arm="pbt", train_history=fit_state["history"], best=dict(fit_state["best"]))
     with tempfile.TemporaryDirectory() as tmp:
         best = Path(tmp) / "best"
-        evaluate_and_export(cfg, cfg, {"last": st["model"]}, data, select_device(), best, state, provenance=provenance)
+        evaluate_and_export(
+            cfg, cfg, {"last": fit_state["model"]}, data, select_device(), best, state, provenance=provenance
+        )
         return {p.name: p.read_bytes() for p in best.iterdir() if p.is_file()}
 
 
-def evaluate_best(out: Path, rec: dict, grid: Any, members: list[dict], data: Any) -> int:
+def evaluate_best(out: Path, rec: PbtRecord, grid: Any, members: list[dict], data: Any) -> int:
     """The best member at the last epoch, evaluated and exported in best/ (model files copied beside), and
     metrics.json; 1 when no member reached the last epoch."""
     import ray
@@ -163,7 +165,7 @@ def evaluate_best(out: Path, rec: dict, grid: Any, members: list[dict], data: An
 class _PopulationProgress(TrialProgress):
     """The trials' lines, named as members, with a line for every clone."""
 
-    def __init__(self, rec: dict):
+    def __init__(self, rec: PbtRecord):
         epochs = rec["settings"]["epochs"]
         metric = rec["metric"]
 
@@ -196,5 +198,5 @@ class _PopulationProgress(TrialProgress):
         super().on_trial_result(iteration, trials, trial, result, **info)
 
 
-def population_progress(rec: dict) -> Any:
+def population_progress(rec: PbtRecord) -> Any:
     return _PopulationProgress(rec)

@@ -14,8 +14,26 @@ from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import trial_results
 from ..runtime.lock import describe, holder
+from ..runtime.stage import StageRecord
 
 PBT_DIR, PBT_FILE = "pbt", "pbt.json"
+
+
+class PbtRecord(StageRecord, total=False):
+    """pbt.json: the stage record, the options given and the settings, the study's metric, the members' starting
+    trials, their configurations, the ranges perturbed, the population's first points, the seed."""
+
+    given: dict
+    settings: dict  # top_k, population, epochs, interval, mutate, method
+    metric: str
+    mode: str
+    members: list[dict]
+    bases: list[dict]
+    mutations: dict
+    points: list[dict]
+    seed: int
+
+
 REPLAY_DIR = "final-pbt"  # `fer-tune final --from-pbt`'s default directory
 KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "lr", "weight_decay", "dropout", "epoch_seconds")
 
@@ -129,36 +147,36 @@ def _values(values: dict) -> str:
 
 def status_lines(sdir: str | Path) -> list[str]:
     """The PBT stage in a few lines for `fer-tune status`; [] when the study has none."""
-    st = stage(sdir)
-    if st is None:
+    found = stage(sdir)
+    if found is None:
         return []
-    rec, s = st["record"], st["record"]["settings"]
-    metric, done = rec["metric"], st["metrics"]
+    rec, s = found["record"], found["record"]["settings"]
+    metric, done = rec["metric"], found["metrics"]
     state = "complete" if done else "interrupted (fer-tune pbt continues it)"
-    if st["running"]:
-        state = f"being run by {describe(st['running'])}"
+    if found["running"]:
+        state = f"being run by {describe(found['running'])}"
     lines = [
         "",
-        f"PBT stage ({st['dir']}, {s['method'].upper()}): {s['population']} members from the top {s['top_k']} trials, "
+        f"PBT stage ({found['dir']}, {s['method'].upper()}): {s['population']} members from the top {s['top_k']} trials, "
         f"{s['epochs']} epochs, {', '.join(s['mutate'])} perturbed every {s['interval']}; {state}",
         f"{'member':>6} {'from trial':>10} {'epoch':>5} {metric:>8}  values now",
     ]
-    for m in st["members"]:
+    for m in found["members"]:
         trial = rec["members"][m["origin"]]["trial"]["number"]
         value = m["last"].get(metric)
         shown = f"{value:.2f}" if isinstance(value, (int, float)) else "-"
         now = _values({k: m["last"][k] for k in s["mutate"] if k in m["last"]})
         lines.append(f"{m['member']:>6} {trial:>10} {m['last']['epoch']:>5} {shown:>8}  {now}")
-    for e in st["clones"][-5:]:
+    for e in found["clones"][-5:]:
         late = " (the last epoch: none trained with them)" if e["epoch"] >= s["epochs"] else ""
         lines.append(f"  epoch {e['epoch']}: member {e['into']} took member {e['from']}'s weights; {_changes(e)}{late}")
-    if len(st["clones"]) > 5:
-        lines.append(f"  ({len(st['clones'])} clones in all; lineage.json, the report)")
+    if len(found["clones"]) > 5:
+        lines.append(f"  ({len(found['clones'])} clones in all; lineage.json, the report)")
     if done:
         b = done["best"]
         lines.append(
             f"best: member {b['member']} ({metric} {b['value']:.2f} at epoch {b['epoch']}), test top-1 "
-            f"{done['test']['top1']:.2f} % (TenCrop); model {st['dir'] / 'model.pt'}"
+            f"{done['test']['top1']:.2f} % (TenCrop); model {found['dir'] / 'model.pt'}"
         )
     return lines
 

@@ -94,11 +94,11 @@ def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate
             out.setdefault("val_acc", 0.0)
             report(out, None)
             return False
-        st = take()
-        out["device_seconds"] = device_seconds(weight, st["history"])
+        snapshot = take()
+        out["device_seconds"] = device_seconds(weight, snapshot["history"])
 
         def write(d: Path) -> None:
-            save_checkpoint(st, d / "state.pt")
+            save_checkpoint(snapshot, d / "state.pt")
             (d / "lineage.json").write_text(json.dumps(lineage))
 
         report(out, write)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ...common import FerTuneError
 from ...data import identify
-from . import storage as st
+from . import storage as fs
 from .session import ray_session
 from .session import versions as driver_versions
 
@@ -67,18 +67,18 @@ def _gather(refs: list, timeout: float) -> list:
 # "does every other node see this file?" (the study engine's shared-storage test)
 # ---------------------------------------------------------------------------------------------------------
 def _sees(path: str, text: str) -> bool:
-    return st.read_text(path) == text
+    return fs.read_text(path) == text
 
 
 def nodes_missing_file(directory: str, node_ids: list[str], timeout: float = 60.0) -> int:
     """Write a probe file in `directory` here and count the nodes that answer they do not see it."""
     token = uuid.uuid4().hex
-    probe = st.join(directory, f"{PROBE_PREFIX}{token[:12]}")
-    st.write_text(probe, token)
+    probe = fs.join(directory, f"{PROBE_PREFIX}{token[:12]}")
+    fs.write_text(probe, token)
     try:
         answers = _gather([_pinned(_sees, n).remote(probe, token) for n in node_ids], timeout)
     finally:
-        st.delete(probe)
+        fs.delete(probe)
     return sum(1 for a in answers if a is False)
 
 
@@ -89,14 +89,14 @@ def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
     sees a probe file written there."""
     import ray
 
-    if st.is_uri(loc):
+    if fs.is_uri(loc):
         return
     nodes = alive_nodes()
     need_cpu, need_gpu = float(resources.get("cpu", 1)), float(resources.get("gpu", 0))
     grows = bool(address) and not any(
         n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu for n in nodes
     )
-    if (len(nodes) <= 1 and not grows) or st.filesystem_type(loc) in st.NETWORK_FS:
+    if (len(nodes) <= 1 and not grows) or fs.filesystem_type(loc) in fs.NETWORK_FS:
         return
     here = ray.get_runtime_context().get_node_id()
     others = [n["NodeID"] for n in nodes if n["NodeID"] != here]
@@ -104,7 +104,7 @@ def check_study_storage(loc: str, address: str | None, resources: dict) -> None:
     while not probe_dir.is_dir() and probe_dir != probe_dir.parent:  # nothing is created before the check
         probe_dir = probe_dir.parent
     unseen = nodes_missing_file(str(probe_dir), others) if others else None
-    problem = st.node_local_problem(loc, len(nodes), grows=grows, unseen=unseen)
+    problem = fs.node_local_problem(loc, len(nodes), grows=grows, unseen=unseen)
     if problem:
         raise FerTuneError(problem)
 
@@ -206,16 +206,16 @@ def _storage_probe(pdir: str, marker: str | None, token: str, node_id: str) -> d
     res: dict = {"sees_driver_file": None, "write": None, "error": ""}
     try:
         if marker is not None:
-            res["sees_driver_file"] = st.read_text(marker) == token
-        probe = st.join(pdir, f"node-{node_id[:12]}")
-        st.write_text(probe, node_id)
-        back = st.read_text(probe)
-        st.delete(probe)
-        res["write"] = back == node_id and not st.exists(probe)
+            res["sees_driver_file"] = fs.read_text(marker) == token
+        probe = fs.join(pdir, f"node-{node_id[:12]}")
+        fs.write_text(probe, node_id)
+        back = fs.read_text(probe)
+        fs.delete(probe)
+        res["write"] = back == node_id and not fs.exists(probe)
         if not res["write"]:
             res["error"] = "the probe file read back differently or could not be deleted"
-        if res["sees_driver_file"] is False and not st.is_uri(pdir):
-            st.delete(pdir, tree=True)  # that directory was created on this node's own disk
+        if res["sees_driver_file"] is False and not fs.is_uri(pdir):
+            fs.delete(pdir, tree=True)  # that directory was created on this node's own disk
     except Exception as exc:
         res["write"] = False
         res["error"] = f"{type(exc).__name__}: {exc}"
@@ -297,17 +297,17 @@ def run(
     *, address: str | None, storage: str | None, data: str | None, num_cpus: int | None = None, timeout: float = 180.0
 ) -> dict:
     """Check every alive node; returns the report (fer_tune.cli.cluster prints it)."""
-    loc = st.normalize(storage or "results")
+    loc = fs.normalize(storage or "results")
     if data and not data.startswith("synthetic"):
         data = os.path.abspath(os.path.expanduser(data))
     with ray_session(address, num_cpus=num_cpus):
         nodes = alive_nodes()
         driver = driver_versions()
         token = uuid.uuid4().hex
-        pdir = st.join(loc, f"{PROBE_PREFIX}{token[:12]}")
-        marker, driver_error = st.join(pdir, "driver"), ""
+        pdir = fs.join(loc, f"{PROBE_PREFIX}{token[:12]}")
+        marker, driver_error = fs.join(pdir, "driver"), ""
         try:
-            st.write_text(marker, token)
+            fs.write_text(marker, token)
         except Exception as exc:
             marker, driver_error = None, f"{type(exc).__name__}: {exc}"
         try:
@@ -316,7 +316,7 @@ def run(
             )
         finally:
             try:
-                st.delete(pdir, tree=True)
+                fs.delete(pdir, tree=True)
             except Exception:
                 pass
         rows, failures, warnings = [], [], []
@@ -344,7 +344,7 @@ def run(
         if driver_error:
             failures.insert(0, f"driver: storage: cannot write to {loc} ({driver_error})")
             checks.add("storage")
-        problem = st.node_local_problem(loc, len(nodes), grows=bool(address) and len(nodes) == 1)
+        problem = fs.node_local_problem(loc, len(nodes), grows=bool(address) and len(nodes) == 1)
         if problem and len(nodes) == 1:  # an autoscaling cluster: the nodes it adds later cannot be checked now
             warnings.append(
                 "storage: only one node is alive; nodes the autoscaler adds later will not see "

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ... import __version__
 from ...common import FerTuneError, code_revision
@@ -21,6 +21,22 @@ from .layout import has_tune_state
 from .lock import describe, holder
 
 log = logging.getLogger(__name__)
+
+
+class StageRecord(TypedDict, total=False):
+    """What every stage after the study records first (stage_record): final.json and pbt.json begin with it."""
+
+    study: str
+    study_dir: str
+    protocol: str
+    protocol_note: str
+    resources: dict  # {"cpu": float, "gpu": float} per run
+    ray_storage: str
+    created: str
+    wall_seconds: float
+    code: str
+    fer_tune: str
+
 
 FAILURES = 2  # a failed trial (a crash, a lost node) is retried this often from its last checkpoint
 
@@ -89,7 +105,7 @@ def refuse_while_the_study_runs(sdir: Path, why: str) -> None:
         raise FerTuneError(f"{sdir}: the study is being run by {describe(running)}, so {why}")
 
 
-def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: str, out: Path) -> dict:
+def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: str, out: Path) -> StageRecord:
     """What every stage after the study records first: the study, the data's split protocol, the resources per
     run, its Ray storage (beside the study's own experiments on a shared storage, else in `out`), when, and the
     code that made it."""
@@ -109,7 +125,7 @@ def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: 
     }
 
 
-def read_record(path: Path, what: str) -> dict | None:
+def read_record(path: Path, what: str) -> Any:
     """The stage's record (final.json, pbt.json), None when there is none; a damaged one is refused."""
     if not path.is_file():
         return None
@@ -134,7 +150,7 @@ def refuse_other_settings(
         )
 
 
-def stage_tuner(rec: dict, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
+def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
     """(the Tuner, its experiment directory) of a stage's Ray experiment in rec["ray_storage"]/tune: Tune's saved
     state continued when it holds one, else `new()` (also when a driver died before Tune saved a state)."""
     from . import storage
@@ -146,7 +162,7 @@ def stage_tuner(rec: dict, trainable: Any, new: Callable[[], Any]) -> tuple[Any,
     return new(), exp
 
 
-def fit_stage(tuner: Any, rec: dict, path: Path) -> Any:
+def fit_stage(tuner: Any, rec: StageRecord, path: Path) -> Any:
     """tuner.fit(): its ResultGrid, None when a second Ctrl-C cut it short; the stage's wall time added to its
     record, written to `path` either way."""
     import time

@@ -30,7 +30,7 @@ from ...common import FerTuneError
 from ..mlflow.study import catch_up_study, track_study
 from ..mlflow.tracking import check as check_tracking
 from ..runtime import preflight
-from ..runtime import storage as st
+from ..runtime import storage as fs
 from ..runtime.layout import experiment_trial_states, has_tune_state
 from ..runtime.lock import acquire
 from ..runtime.session import (
@@ -46,6 +46,8 @@ from ..runtime.storage import experiment_dir, study_storage
 from .outputs import has_unfinished, study_progress, to_finish, write_trials_csv
 from .record import (
     STUDY_FILE,
+    RunRecord,
+    StudyRecord,
     load_optuna_study,
     new_record,
     new_run,
@@ -64,7 +66,9 @@ from .trial import CRASH_ENV, study_trial
 log = logging.getLogger(__name__)
 
 
-def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, restore: bool, output: str) -> int:
+def _run(
+    sdir: Path, record: StudyRecord, spec: StudySpec, data: Any, run: RunRecord, *, restore: bool, output: str
+) -> int:
     """One Ray experiment of the study (the sweep, an extend, or its restore) in the running Ray session."""
     from ray import tune
 
@@ -146,10 +150,10 @@ def _run(sdir: Path, record: dict, spec: StudySpec, data: Any, run: dict, *, res
 
 def _run_in_session(
     sdir: Path,
-    record: dict,
+    record: StudyRecord,
     spec: StudySpec,
     data: Any,
-    run: dict,
+    run: RunRecord,
     *,
     restore: bool,
     loc: str,
@@ -236,8 +240,8 @@ def _sweep(
 ) -> int:
     from ...data import is_synthetic
 
-    ray_storage = st.join(st.normalize(storage), sdir.name) if storage else None
-    if ray_storage and st.exists(st.join(ray_storage, "tune")):
+    ray_storage = fs.join(fs.normalize(storage), sdir.name) if storage else None
+    if ray_storage and fs.exists(fs.join(ray_storage, "tune")):
         raise FerTuneError(
             f"the Ray storage {ray_storage} already holds a study's experiments; choose another --name or --storage"
         )

@@ -19,7 +19,7 @@ from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import experiment_trial_states, trial_results
 from ..runtime.lock import holder
 from ..runtime.storage import experiment_dir, join, listdir
-from .record import epoch_values, load_optuna_study
+from .record import RunRecord, StudyRecord, epoch_values, load_optuna_study
 from .spec import StudySpec, objectives
 
 RESULT_KEYS = (
@@ -115,12 +115,14 @@ def to_finish(states: dict[str, str], num_samples: int, *, errors: bool = True) 
     return sum(s not in done for s in states.values()) + max(0, num_samples - len(states))
 
 
-def study_results(sdir: str | Path, record: dict) -> tuple[dict[str, list[dict]], dict[str, int]]:
+def study_results(sdir: str | Path, record: StudyRecord) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """scan_results over every Ray experiment of the study (local or in its Ray storage)."""
     return scan_results([experiment_dir(sdir, record, r) for r in record["runs"]])
 
 
-def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, live: bool | None = None) -> list[dict]:
+def trials_table(
+    sdir: str | Path, record: StudyRecord, scanned: tuple | None = None, live: bool | None = None
+) -> list[dict]:
     """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns); `live`:
     whether a command runs the study now (read from its lock when not given)."""
     sdir = Path(sdir)
@@ -193,7 +195,7 @@ def trials_table(sdir: str | Path, record: dict, scanned: tuple | None = None, l
     return rows
 
 
-def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
+def write_trials_csv(sdir: str | Path, record: StudyRecord) -> list[dict]:
     """trials.csv (see results/README.md for the columns); returns its rows."""
     rows = trials_table(sdir, record)
     buf = io.StringIO(newline="")
@@ -205,7 +207,7 @@ def write_trials_csv(sdir: str | Path, record: dict) -> list[dict]:
     return rows
 
 
-def status_summary(sdir: str | Path, record: dict, scanned: tuple | None = None) -> dict:
+def status_summary(sdir: str | Path, record: StudyRecord, scanned: tuple | None = None) -> dict:
     """The study at a glance; `scanned`: study_results() when the caller has already read them."""
     running = {what: info for what, info in (("study", holder(sdir)), ("final", holder(Path(sdir) / "final"))) if info}
     rows = trials_table(sdir, record, scanned, live="study" in running)
@@ -243,7 +245,7 @@ def pick_best(rows: list[dict], spec: dict) -> dict | None:
     return (max if spec["mode"] == "max" else min)(scored, key=lambda r: float(r[key])) if scored else None
 
 
-def best_trial(sdir: Path, record: dict, spec: StudySpec, number: int | None) -> dict:
+def best_trial(sdir: Path, record: StudyRecord, spec: StudySpec, number: int | None) -> dict:
     """The study's best finished trial by its metric and mode (or trial `number`), with its full config."""
     rows = trials_table(sdir, record)
     key = f"best_{spec.metric}"
@@ -339,7 +341,7 @@ class _TrialNumbers:
     """A Tune trial's Optuna number ("trial 3", as status and trials.csv number them), read from the study's
     storage when a trial id is first seen."""
 
-    def __init__(self, record: dict):
+    def __init__(self, record: StudyRecord):
         self._record = {k: record[k] for k in ("optuna_study", "storage")}
         self._numbers: dict[str, int] = {}
 
@@ -352,7 +354,7 @@ class _TrialNumbers:
         return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
 
 
-def study_progress(record: dict, spec: StudySpec, run: dict) -> Any:
+def study_progress(record: StudyRecord, spec: StudySpec, run: RunRecord) -> Any:
     """The run's progress lines (fer_tune.tune.runtime.progress), trials named by their Optuna numbers."""
     from ..runtime.progress import TrialProgress
 

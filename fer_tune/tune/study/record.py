@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import unquote, urlsplit
 
 from ...common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
@@ -23,6 +23,48 @@ from .spaces import find_space, parse_space
 from .spec import StudySpec
 
 STUDY_FILE = "study.json"
+
+
+class SessionRecord(TypedDict, total=False):
+    """One command's share of a run (new_session); the driver adds how it ended (a killed one leaves no end)."""
+
+    kind: str  # start | resume
+    started: str
+    trials_continued: int
+    code: str
+    ended: str
+    wall_seconds: float
+    outcome: str  # finished | interrupted
+    trials_finished: int
+
+
+class RunRecord(TypedDict, total=False):
+    """One Ray experiment of a study: the sweep ("tune") or an extend ("extend-K") (new_run)."""
+
+    dir: str
+    num_samples: int
+    seed: int
+    max_concurrent: int | None
+    code: str
+    wall_seconds: float
+    sessions: list[SessionRecord]
+
+
+class StudyRecord(TypedDict, total=False):
+    """study.json (new_record): what was launched, and every run and session since."""
+
+    name: str
+    space_file: str
+    spec: dict
+    overrides: dict
+    data: dict
+    storage: str  # the Optuna storage: a reference (sqlite path, URL, env:VAR)
+    ray_storage: str | None  # None: the study directory
+    optuna_study: str
+    fingerprint: dict
+    created: str
+    runs: list[RunRecord]
+    mlflow: str | None
 
 
 def optuna_lib() -> Any:
@@ -60,7 +102,7 @@ def resolve_storage(ref: str) -> Any:
         ) from None
 
 
-def load_optuna_study(record: dict) -> Any:
+def load_optuna_study(record: StudyRecord) -> Any:
     """The study's optuna.Study."""
     return optuna_lib().load_study(study_name=record["optuna_study"], storage=resolve_storage(record["storage"]))
 
@@ -169,7 +211,7 @@ def study_dir(results: str, name: str | None, default: str, space_path: str) -> 
     return sdir
 
 
-def read_study(sdir: str | Path) -> dict:
+def read_study(sdir: str | Path) -> StudyRecord:
     """study.json of a study directory (FerTuneError when it is not one)."""
     sdir = Path(sdir)
     f = sdir / STUDY_FILE
@@ -182,7 +224,7 @@ def read_study(sdir: str | Path) -> dict:
         raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
 
 
-def write_study(sdir: Path, record: dict) -> None:
+def write_study(sdir: Path, record: StudyRecord) -> None:
     write_json(sdir / STUDY_FILE, record)
 
 
@@ -198,7 +240,7 @@ def new_record(
     ray_storage: str | None,
     max_concurrent: int | None,
     space_label: str | None = None,
-) -> dict:
+) -> StudyRecord:
     """The study.json of a new study (its first run: the sweep, in tune/); `space_label` names a space that is no
     file of its own (the demo's) in place of the space file's path."""
     return {
@@ -216,7 +258,7 @@ def new_record(
     }
 
 
-def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | None) -> dict:
+def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | None) -> RunRecord:
     """One run of a study (the sweep or an extend): its Ray experiment and the code revision that started it."""
     return {
         "dir": directory,
@@ -227,11 +269,14 @@ def new_run(directory: str, num_samples: int, seed: int, max_concurrent: int | N
     }
 
 
-def new_session(continued: int | None) -> dict:
+def new_session(continued: int | None) -> SessionRecord:
     """One command's share of a run (runs[i].sessions): when, by which code; for a resume (`continued` not None)
     the trials it took up unfinished (each continues from its last checkpoint, or starts over without one). The
     run's driver adds how it ended (ended, wall_seconds, outcome, trials_finished); a killed one leaves no end."""
-    session = {"kind": "start" if continued is None else "resume", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    session: SessionRecord = {
+        "kind": "start" if continued is None else "resume",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     if continued is not None:
         session["trials_continued"] = continued
     session["code"] = code_revision()

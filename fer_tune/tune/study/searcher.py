@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ..runtime import internals as ri
 from .outputs import read_results
-from .record import epoch_values, load_optuna_study, optuna_lib, resolve_storage
+from .record import StudyRecord, epoch_values, load_optuna_study, optuna_lib, resolve_storage
 from .spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class FinishedInStudy(Stopper):
     the first result after each start, in the driver (which always reaches the Optuna storage); errored trials are
     retried as before."""
 
-    def __init__(self, record: dict):
+    def __init__(self, record: StudyRecord):
         self._record = {k: record[k] for k in ("optuna_study", "storage")}
         self._done: set[str] | None = None
 

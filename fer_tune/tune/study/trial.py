@@ -61,9 +61,9 @@ def study_trial(
             out["device_seconds"] = 0.0
             report(out, None)
             return False
-        st = take()
-        out["device_seconds"] = device_seconds(weight, st["history"])
-        report(out, lambda d: save_checkpoint(st, d / "state.pt"))
+        snapshot = take()
+        out["device_seconds"] = device_seconds(weight, snapshot["history"])
+        report(out, lambda d: save_checkpoint(snapshot, d / "state.pt"))
         return None
 
     crash = [FailAt(fail_at)] if fail_at is not None else []
