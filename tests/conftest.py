@@ -151,7 +151,10 @@ def run_in_process(env: dict, args: list[str], cwd=None):
     import traceback
 
     from fer_tune.cli import main
+    from fer_tune.tune.runtime.progress import PAUSE_ENV
 
+    if env.get(PAUSE_ENV):  # it would pause this process: a driver that pauses is killed, so it runs as one of its own
+        raise RuntimeError(f"{PAUSE_ENV} is set: run the command with fer_tune(..., process=True) or Popen")
     if args[0] in RAY_COMMANDS:
         session_ray()
     saved, here = dict(os.environ), os.getcwd()
@@ -188,24 +191,28 @@ def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2, proces
     return run_in_process(env, argv[3:], cwd=cwd)
 
 
-def kill_when_half_way(proc, sdir, within: float = 240.0) -> None:
-    """SIGKILL a sweep's driver once one of its trials has reported 2 epochs (and a second for Tune's experiment
-    snapshot to learn about that checkpoint), like a machine going away; then the local Ray of its session (it
-    must have been started with start_new_session=True)."""
+def pausing(env: dict, marker: Path, results: int = 3) -> dict:
+    """`env` for a driver that pauses (fer_tune.tune.runtime.progress.PauseAfter) once it has handled `results`
+    trial results (with 2 trials at once, one of them has reported 2 epochs) and Tune has saved its state after
+    them, and then writes `marker`: a known point to kill it at (kill_at_pause)."""
+    from fer_tune.tune.runtime.progress import PAUSE_ENV
+
+    return {**env, PAUSE_ENV: f"{results}:{marker}"}
+
+
+def kill_at_pause(proc, marker: Path, within: float = 240.0) -> None:
+    """SIGKILL a driver started with pausing(...) once it has paused, like a machine going away; then the local
+    Ray of its session (it must have been started with start_new_session=True)."""
     import os
     import signal
     import time
 
     try:
         deadline = time.time() + within
-        while time.time() < deadline:
-            if any(len(f.read_text().splitlines()) >= 2 for f in Path(sdir).glob("tune/*/result.json")):
-                time.sleep(1.0)
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"no trial reported 2 epochs within {within:.0f} s")
+        while not Path(marker).exists():
+            assert proc.poll() is None, "the command ended before it paused"
+            assert time.time() < deadline, f"the command did not pause within {within:.0f} s"
+            time.sleep(0.2)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import cli_args, fer_tune, sweep_small
+from conftest import cli_args, fer_tune, kill_at_pause, pausing, sweep_small
 
 from fer_tune.common import EMOTIONS
 
@@ -177,14 +177,9 @@ def wait_for_results(out, proc, lines):
 
 def test_final_resume_after_kill(env, study, tmp_path):
     out = tmp_path / "final"
-    proc = start_final(env, study, out)
-    try:
-        wait_for_results(out, proc, 3)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, as a crash would
-        proc.wait()
+    proc = start_final(pausing(env, tmp_path / "paused"), study, out)
+    kill_at_pause(proc, tmp_path / "paused")  # the driver and its Ray, as a crash would
     assert not (out / "metrics.json").exists()
-    time.sleep(1)
     r = fer_tune(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]

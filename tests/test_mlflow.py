@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, cli_args, fer_tune, kill_when_half_way, read_csv, write_space
+from conftest import SPACE, cli_args, fer_tune, kill_at_pause, pausing, read_csv, write_space
 
 from fer_tune.common import FerTuneError
 
@@ -244,19 +244,18 @@ def test_a_file_store_a_killed_driver_resumed_and_the_final_stage(tmp_path, env)
     space = write_space(
         tmp_path,
         num_samples=4,
-        data={"path": "synthetic:2000"},
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
     )
     results = tmp_path / "results"
     sdir = results / "t"
     proc = subprocess.Popen(
         cli_args("sweep", space, "--results", results, "--quiet", "--mlflow", store),
-        env=env,
+        env=pausing(env, tmp_path / "paused"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    kill_when_half_way(proc, sdir, within=180)
+    kill_at_pause(proc, tmp_path / "paused", within=180)
     client = client_of(store.as_uri())
     assert any(r.info.status == "RUNNING" for v in study_runs(client).values() for r in v)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SPACE, fer_tune, kill_when_half_way, read_csv, study_trials, write_space
+from conftest import SPACE, fer_tune, kill_at_pause, pausing, read_csv, study_trials, write_space
 
 from fer_tune.common import FerTuneError
 from fer_tune.config import TrainConfig
@@ -74,7 +74,6 @@ def test_a_study_of_accuracy_against_flops_survives_a_kill_and_an_extend(tmp_pat
         mode=["max", "min"],
         num_samples=6,
         max_epochs=4,
-        data={"path": "synthetic:2000"},
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
         space={
             "width": {"type": "categorical", "choices": [0.0625, 0.125, 0.25]},
@@ -85,9 +84,13 @@ def test_a_study_of_accuracy_against_flops_survives_a_kill_and_an_extend(tmp_pat
     sdir = results / "t"
     cmd = [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--quiet"]
     proc = subprocess.Popen(
-        [*cmd, "--num-cpus", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [*cmd, "--num-cpus", "2"],
+        env=pausing(env, tmp_path / "paused"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    kill_when_half_way(proc, sdir, within=180)
+    kill_at_pause(proc, tmp_path / "paused", within=180)
     r = fer_tune(env, "resume", sdir, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     r = fer_tune(env, "extend", sdir, "--num-samples", 2, "--quiet")

@@ -48,8 +48,12 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
     work = tmp_path / "elsewhere"
     work.mkdir()
 
+    clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing but the venv decides what is imported
+
     def run(*args, timeout=600):
-        return subprocess.run([str(python), *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(python), *args], cwd=work, env=clean, capture_output=True, text=True, timeout=timeout
+        )
 
     r = run("-c", "import fer_tune, sys; print(fer_tune.__file__)")
     assert r.returncode == 0 and str(tmp_path / "venv") in r.stdout, r.stdout + r.stderr  # the wheel, not the checkout

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import cli_args, fer_tune, kill_when_half_way
+from conftest import cli_args, fer_tune, kill_at_pause, pausing
 
 from fer_tune import data as fdata
 from fer_tune.common import FerTuneError
@@ -240,8 +240,9 @@ def test_pb2_continues_after_its_driver_is_killed(env, study, tmp_path):
         "pb2",
         "--quiet",
     )
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    kill_when_half_way(proc, sdir / "pbt")  # a member's second epoch: the driver and its Ray, as a crash would
+    paused = pausing(env, tmp_path / "paused")  # a member's second epoch
+    proc = subprocess.Popen(args, env=paused, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    kill_at_pause(proc, tmp_path / "paused")  # the driver and its Ray, as a crash would
     assert not (sdir / "pbt" / "metrics.json").exists()
     r = fer_tune(env, "status", sdir)
     assert r.returncode == 0 and "interrupted (fer-tune pbt continues it)" in r.stdout

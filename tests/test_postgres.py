@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import cli_args, fer_tune, kill_when_half_way, read_csv, write_space
+from conftest import cli_args, fer_tune, kill_at_pause, pausing, read_csv, write_space
 from pgserver import PgServer, pg_bin
 
 ENV_VAR = "FER_TUNE_TEST_PG_URL"
@@ -132,14 +132,14 @@ def test_sigkill_mid_study_then_resume_loses_nothing(pg, tmp_path, env):
         tmp_path,
         name="k",
         max_epochs=4,
-        data={"path": "synthetic:3000"},
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
     )
     results = tmp_path / "results"
+    paused = pausing(env, tmp_path / "paused")
     proc = start_sweep(
-        space, results, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        space, results, paused, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    kill_when_half_way(proc, results / "k")
+    kill_at_pause(proc, tmp_path / "paused")
     before = trials_of(url, "k")
     assert before and not all(t.state.is_finished() for t in before) or len(before) < 6
     r = fer_tune(env, "resume", results / "k", "--quiet")
@@ -153,17 +153,25 @@ def test_sigkill_mid_study_then_resume_loses_nothing(pg, tmp_path, env):
 def test_the_server_restarts_mid_study_and_the_study_finishes(pg, tmp_path, env):
     url = pg.create_db("restarted")
     env = {**env, ENV_VAR: url}
-    space = write_space(tmp_path, name="s", data={"path": "synthetic:2000"})
+    space = write_space(tmp_path, name="s")
     results = tmp_path / "results"
     proc = start_sweep(space, results, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not any((results / "s").glob("tune/*/result.json")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.3)
-    pg.halt()  # every connection drops; down for 5 s
-    time.sleep(5)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    pg.halt()  # every connection drops; back once the driver has met the closed door (not after a guessed time)
+    while not any("the Optuna database went away" in line for line in lines):
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
     pg.start()
-    out, err = proc.communicate(timeout=600)
+    out = proc.stdout.read()
+    proc.wait(timeout=600)
+    reader.join(timeout=60)
+    err = "".join(lines)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     # the driver's storage calls waited for the server instead of failing the study, and said so
     assert "the Optuna database went away" in err and "the Optuna database is back" in err, err[-3000:]

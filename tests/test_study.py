@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, fer_tune, kill_when_half_way, read_csv, study_trials, write_space
+from conftest import SPACE, fer_tune, kill_at_pause, pausing, read_csv, study_trials, write_space
 
 
 def test_sweep_with_a_crash_then_extend(tmp_path, env):
@@ -106,13 +106,12 @@ def test_the_study_driver_never_imports_torch(tmp_path):
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, env):
-    # slower trials (about 2 s an epoch) so that the kill lands in the middle of one
+    # the kill lands at a known point (the driver pauses after 3 results and Tune's next saved state): a trial is
+    # half-way, however fast the trials are
     space = write_space(
         tmp_path,
         num_samples=6,
         max_epochs=4,
-        data={"path": "synthetic:3000"},
-        fixed={**SPACE["fixed"], "width": 0.125},
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
     )
     results = tmp_path / "results"
@@ -130,12 +129,12 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
             "--num-cpus",
             "2",
         ],
-        env=env,
+        env=pausing(env, tmp_path / "paused"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    kill_when_half_way(proc, sdir, within=180)  # a trial half-way: 2 of its 4 epochs reported
+    kill_at_pause(proc, tmp_path / "paused", within=180)  # a trial half-way: 2 of its 4 epochs reported
     before = {t.number: t.state.name for t in study_trials(sdir)}
     assert before and len(before) < 6 or any(s == "RUNNING" for s in before.values())
 
@@ -387,7 +386,8 @@ def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_r
 
 
 def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
-    """SIGKILL of the driver's process group at random moments, three times (once during a resume): the last resume
+    """SIGKILL of the driver's process group at seeded points (after 1 to 4 of its epochs and Tune's next saved
+    state), three times (twice during a resume): the last resume
     ends with exactly num_samples finished trials, no duplicate parameters, no RUNNING leftovers, and every finished
     trial's per-epoch history complete."""
     import random
@@ -398,7 +398,6 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
         tmp_path,
         num_samples=n,
         max_epochs=epochs,
-        data={"path": "synthetic:2000"},
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
     )
     results = tmp_path / "results"
@@ -417,24 +416,25 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
     ]
     resume = [sys.executable, "-m", "fer_tune.cli", "resume", str(sdir), "--quiet", "--num-cpus", "2"]
     kills = []
-    for cmd in (sweep, resume, resume):
+    for k, cmd in enumerate((sweep, resume, resume)):
+        marker = tmp_path / f"paused-{k}"
         proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            cmd,
+            env=pausing(env, marker, results=rng.randint(1, 4)),  # after 1 to 4 of this command's epochs
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         try:
-            done = sum(len(f.read_text().splitlines()) for f in sdir.glob("tune/*/result.json"))
             deadline = time.time() + 180
-            while time.time() < deadline and proc.poll() is None:  # until this command has trained an epoch
-                now = sum(len(f.read_text().splitlines()) for f in sdir.glob("tune/*/result.json"))
-                if now > done:
-                    break
+            while time.time() < deadline and proc.poll() is None and not marker.exists():
                 time.sleep(0.2)
-            time.sleep(rng.uniform(0, 4))
             ended = proc.poll() is not None
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # it ended on its own between the check and the kill
-                ended = True
+            except ProcessLookupError:  # it ended, and its Ray with it
+                pass
             out = proc.communicate()[0]
         finally:
             if proc.poll() is None:

@@ -61,6 +61,12 @@ def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
     return out
 
 
+def state_saved_at(exp_dir: str | Path) -> float | None:
+    """When Tune last saved the experiment state of a local experiment directory (None: not yet)."""
+    times = [p.stat().st_mtime for p in Path(exp_dir).glob(STATE_PREFIX + "*.json")]
+    return max(times, default=None)
+
+
 def has_tune_state(exp_dir: str | Path) -> bool:
     """True when a Ray experiment (local path or URI) holds a state Tuner.restore can continue: its tuner.pkl
     written whole and an experiment state saved. A driver killed in its first seconds leaves neither (or an empty

@@ -20,6 +20,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .layout import state_saved_at
+
 log = logging.getLogger(__name__)
 
 FINISHED = ("TERMINATED", "ERROR")
@@ -121,3 +123,26 @@ class TrialProgress(Callback):
             error_file or "its trial directory",
             self._counts(trials),
         )
+
+
+PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER": see PauseAfter
+
+
+class PauseAfter(Callback):
+    """A test hook (PAUSE_ENV "N:MARKER"): once this driver has handled N trial results and Tune has saved its
+    experiment state after that, the driver writes MARKER and stops handling anything, so that a test kills it at
+    a point it knows instead of after a guessed sleep."""
+
+    def __init__(self, spec: str, exp_dir: str):
+        n, _, self.marker = spec.partition(":")
+        self.n, self.exp_dir, self.seen, self.at = int(n), exp_dir, 0, None
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            self.at = time.time()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.at is not None and (state_saved_at(self.exp_dir) or 0.0) > self.at:
+            Path(self.marker).write_text(str(self.seen))
+            time.sleep(600)  # until killed

@@ -192,17 +192,19 @@ def tune_verbosity(output: str) -> int:
     return 1 if output == "tables" else 0
 
 
-def set_output(tuner: Any, output: str, progress: Any) -> None:
-    """Tune's verbosity and fer-tune's progress callback on a Tuner, new or restored (a restored one keeps the
-    RunConfig it was saved with: its verbosity, and a progress callback of an earlier run, which is replaced)."""
-    from .progress import TrialProgress
+def set_output(tuner: Any, output: str, progress: Any, exp_dir: str) -> None:
+    """Tune's verbosity and fer-tune's progress callback on a Tuner of the experiment in `exp_dir`, new or restored
+    (a restored one keeps the RunConfig it was saved with: its verbosity, and the progress callback of an earlier
+    run, which is replaced); and the test hook PAUSE_ENV where it is set."""
+    from .progress import PAUSE_ENV, PauseAfter, TrialProgress
 
     run_config = internals.tuner_run_config(tuner)
     if run_config is None:  # Ray Client: the Tuner lives on the cluster
         return
     run_config.verbose = tune_verbosity(output)
-    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, TrialProgress)]
-    run_config.callbacks = callbacks + ([progress] if output == "progress" else [])
+    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, (TrialProgress, PauseAfter))]
+    pause = [PauseAfter(os.environ[PAUSE_ENV], exp_dir)] if os.environ.get(PAUSE_ENV) else []
+    run_config.callbacks = callbacks + ([progress] if output == "progress" else []) + pause
 
 
 def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:

@@ -123,7 +123,7 @@ def _run(
                 stop=FinishedInStudy(record),
             ),
         )
-    set_output(tuner, output, study_progress(record, spec, run))
+    set_output(tuner, output, study_progress(record, spec, run), exp_dir)
     track_study(tuner, sdir, record, spec)
     session = new_session(to_finish(experiment_trial_states(exp_dir), run["num_samples"]) if restore else None)
     run.setdefault("sessions", []).append(session)
