@@ -76,7 +76,7 @@ def test_a_study_of_accuracy_against_flops_survives_a_kill_and_an_extend(tmp_pat
         max_epochs=4,
         early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
         space={
-            "width": {"type": "categorical", "choices": [0.0625, 0.125, 0.25]},
+            "width": {"type": "categorical", "choices": [0.0625, 0.125]},
             "lr": {"type": "float", "low": 3e-3, "high": 5e-2, "log": True},
         },
     )
