@@ -14,6 +14,7 @@ from typing import Any
 
 # FER2013 challenge label order.
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # a model exported for use (fer_tune.export)
 NUM_CLASSES = len(EMOTIONS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # the model zoo's names (fer_tune.models builds them); here so that validating a config needs no torch import

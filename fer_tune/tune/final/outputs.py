@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ...common import write_atomic, write_json
+from ...common import EXPORTS, write_atomic, write_json
 from ...recipe import MODELS, aggregate, pm
 from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
@@ -35,7 +35,6 @@ class FinalRecord(StageRecord, total=False):
 
 
 WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
-EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # fer_tune.export's files
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 
 

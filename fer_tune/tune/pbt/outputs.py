@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...common import write_atomic, write_json
-from ..final.outputs import EXPORTS
+from ...common import EXPORTS, write_atomic, write_json
 from ..runtime.progress import TrialProgress
 from .read import KEYS, PbtRecord, clones, member_number, read_members, schedule_rows
 

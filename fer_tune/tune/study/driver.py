@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,15 +157,14 @@ def _run_in_session(
     run: RunRecord,
     *,
     restore: bool,
-    loc: str,
-    fix: str,
     opts: RunOptions,
+    fix: str = preflight.RESUME_FIX,
     before: Callable[[], None] | None = None,
 ) -> int:
-    """Ray up, one trial checked to fit and the Ray storage `loc` to suit the cluster (else `fix` says which flags
-    help), `before()` (what a new run writes once Ray has accepted it), then the run."""
+    """Ray up, one trial checked to fit and the study's Ray storage to suit the cluster (else `fix` says which
+    flags help), `before()` (what a new run writes once Ray has accepted it), then the run."""
     with ray_session(opts.address, num_cpus=opts.num_cpus, output=opts.output):
-        preflight.check_run(loc, opts.address, spec.resources, fix)
+        preflight.check_run(study_storage(sdir, record), opts.address, spec.resources, fix)
         if before is not None:
             before()
         return _run(sdir, record, spec, data, run, restore=restore, output=opts.output)
@@ -280,27 +280,27 @@ def _sweep(
             f", Ray storage {ray_storage}" if ray_storage else "",
         )
 
+    run = record["runs"][0]
     return _run_in_session(
-        sdir,
-        record,
-        spec,
-        data,
-        record["runs"][0],
-        restore=False,
-        loc=ray_storage or str(sdir),
-        fix=preflight.SWEEP_FIX,
-        opts=opts,
-        before=write,
+        sdir, record, spec, data, run, restore=False, opts=opts, fix=preflight.SWEEP_FIX, before=write
     )
+
+
+@contextmanager
+def _reopened(sdir: Path, opts: RunOptions) -> Iterator[tuple[StudyRecord, StudySpec, Any]]:
+    """A study to continue (resume, extend), held by this driver: its record (with the MLflow tracking URI to use
+    now), its spec and its data, checked against its fingerprint."""
+    read_study(sdir)  # a study directory, before a lock is made in it
+    with acquire(sdir, what="the study", force=opts.force):
+        record, spec, data = reopen(sdir, opts.force, opts.loader)
+        record["mlflow"] = check_tracking(opts.mlflow, record["name"], record.get("mlflow"))
+        yield record, spec, data
 
 
 def resume(sdir: str, opts: RunOptions) -> int:
     """Continue the study's last run where it stopped (0 with a note when it had finished)."""
     sdir_p = Path(sdir).resolve()
-    read_study(sdir_p)  # a study directory, before a lock is made in it
-    with acquire(sdir_p, what="the study", force=opts.force):
-        record, spec, data = reopen(sdir_p, opts.force, opts.loader)
-        record["mlflow"] = check_tracking(opts.mlflow, record["name"], record.get("mlflow"))
+    with _reopened(sdir_p, opts) as (record, spec, data):
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
         if not has_unfinished(exp, run["num_samples"], errors=True):
@@ -315,17 +315,7 @@ def resume(sdir: str, opts: RunOptions) -> int:
             return 0
         over = "" if has_tune_state(exp) else " (Tune saved no state before it stopped: the run starts over)"
         log.info("resuming study %s (%s) in %s%s", record["name"], run["dir"], sdir_p, over)
-        return _run_in_session(
-            sdir_p,
-            record,
-            spec,
-            data,
-            run,
-            restore=True,
-            loc=study_storage(sdir_p, record),
-            fix=preflight.RESUME_FIX,
-            opts=opts,
-        )
+        return _run_in_session(sdir_p, record, spec, data, run, restore=True, opts=opts)
 
 
 def extend(sdir: str, opts: RunOptions, *, num_samples: int) -> int:
@@ -333,10 +323,7 @@ def extend(sdir: str, opts: RunOptions, *, num_samples: int) -> int:
     sdir_p = Path(sdir).resolve()
     if num_samples < 1:
         raise FerTuneError(f"--num-samples must be >= 1, got {num_samples}")
-    read_study(sdir_p)
-    with acquire(sdir_p, what="the study", force=opts.force):
-        record, spec, data = reopen(sdir_p, opts.force, opts.loader)
-        record["mlflow"] = check_tracking(opts.mlflow, record["name"], record.get("mlflow"))
+    with _reopened(sdir_p, opts) as (record, spec, data):
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
         if has_unfinished(last_exp, last["num_samples"]):
@@ -361,15 +348,4 @@ def extend(sdir: str, opts: RunOptions, *, num_samples: int) -> int:
                 run["dir"],
             )
 
-        return _run_in_session(
-            sdir_p,
-            record,
-            spec,
-            data,
-            run,
-            restore=False,
-            loc=study_storage(sdir_p, record),
-            fix=preflight.RESUME_FIX,
-            opts=opts,
-            before=write,
-        )
+        return _run_in_session(sdir_p, record, spec, data, run, restore=False, opts=opts, before=write)
