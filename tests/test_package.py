@@ -28,8 +28,15 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
     (wheel,) = dist.glob("fer_tune-*.whl")
     venv.EnvBuilder(with_pip=False).create(tmp_path / "venv")
     python = tmp_path / "venv" / "bin" / "python"
-    # the running interpreter's packages as plain path entries: their .pth files (this checkout's editable install
-    # among them) are not run, so fer_tune comes from the wheel
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # then the running interpreter's packages as plain path entries (pip saw none of them: it installed the wheel, not
+    # "already satisfied" by this checkout's editable install), whose .pth files are not run: fer_tune is the wheel's
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
@@ -38,13 +45,6 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
     ).stdout.strip()
     borrowed = [*site.getsitepackages(), site.getusersitepackages()]
     (Path(purelib) / "borrowed.pth").write_text("\n".join(p for p in borrowed if Path(p).is_dir()) + "\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
 

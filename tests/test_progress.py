@@ -69,11 +69,13 @@ def test_the_final_stage_names_seeds_and_phases(caplog):
     assert lines == ["seed 0 started  [0/1 done, 1 running]", "seed 0 epoch 1/2 (finetune): val_acc 50.00"]
 
 
-def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restore(tmp_path):
-    """set_output on a Tuner (a restored one keeps the RunConfig it was saved with)."""
+def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restore(tmp_path, monkeypatch):
+    """set_output on a Tuner (a restored one keeps the RunConfig it was saved with); the test hook that pauses a
+    driver is attached only while its variable is set."""
     from ray import tune
 
     from fer_tune.tune.runtime.internals import tuner_run_config
+    from fer_tune.tune.runtime.progress import PAUSE_ENV, PauseAfter
     from fer_tune.tune.runtime.session import set_output
 
     old = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
@@ -81,10 +83,12 @@ def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restor
     tuner = tune.Tuner(
         lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3, callbacks=[old])
     )
-    set_output(tuner, "progress", new)
+    set_output(tuner, "progress", new, str(tmp_path / "t"))
     rc = tuner_run_config(tuner)
     assert rc.verbose == 0 and rc.callbacks == [new]
-    set_output(tuner, "quiet", new)
-    assert rc.verbose == 0 and rc.callbacks == []
-    set_output(tuner, "tables", new)
+    monkeypatch.setenv(PAUSE_ENV, f"3:{tmp_path / 'paused'}")
+    set_output(tuner, "quiet", new, str(tmp_path / "t"))
+    assert rc.verbose == 0 and [type(c) for c in rc.callbacks] == [PauseAfter] and rc.callbacks[0].n == 3
+    monkeypatch.delenv(PAUSE_ENV)
+    set_output(tuner, "tables", new, str(tmp_path / "t"))
     assert rc.verbose == 1 and rc.callbacks == []
