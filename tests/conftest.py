@@ -197,7 +197,9 @@ def pausing(env: dict, marker: Path, results: int = 3) -> dict:
     them, and then writes `marker`: a known point to kill it at (kill_at_pause)."""
     from fer_tune.tune.runtime.progress import PAUSE_ENV
 
-    return {**env, PAUSE_ENV: f"{results}:{marker}"}
+    # Tune saves its state at every step (not every 3 s): the pause comes right after the N-th result, before
+    # fast trials have run on
+    return {**env, PAUSE_ENV: f"{results}:{marker}", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
 def kill_at_pause(proc, marker: Path, within: float = 240.0) -> None:

@@ -386,7 +386,7 @@ def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_r
 
 
 def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
-    """SIGKILL of the driver's process group at seeded points (after 1 to 4 of its epochs and Tune's next saved
+    """SIGKILL of the driver's process group at seeded points (after 1 to 3 of its epochs and Tune's next saved
     state), three times (twice during a resume): the last resume
     ends with exactly num_samples finished trials, no duplicate parameters, no RUNNING leftovers, and every finished
     trial's per-epoch history complete."""
@@ -420,7 +420,7 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
         marker = tmp_path / f"paused-{k}"
         proc = subprocess.Popen(
             cmd,
-            env=pausing(env, marker, results=rng.randint(1, 4)),  # after 1 to 4 of this command's epochs
+            env=pausing(env, marker, results=rng.randint(1, 3)),  # after 1 to 3 of this command's epochs
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
