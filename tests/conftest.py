@@ -17,6 +17,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _fer_tune_logging():
+    """fer-tune's lines on stderr as a command prints them, whichever test runs first in a process (tests of the
+    library read what it logged, as a command's user would see it)."""
+    from fer_tune.cli import _configure_logging
+
+    _configure_logging()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     import torch
 

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 from ...recipe import SeedState, run_seed
-from ..runtime.checkpoints import restore
-from ..runtime.trial import device_seconds, report, scalars, where
+from ..runtime.checkpoints import restore, scalars
+from ..runtime.trial import device_seconds, report, where
 from .outputs import WINNER
 
 SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)

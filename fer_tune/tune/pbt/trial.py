@@ -65,8 +65,8 @@ def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate
     from ...device import select_device
     from ...recipe import ArraySplits
     from ...train import fit, save_checkpoint
-    from ..runtime.checkpoints import restore
-    from ..runtime.trial import device_seconds, report, scalars, where
+    from ..runtime.checkpoints import restore, scalars
+    from ..runtime.trial import device_seconds, report, where
 
     origin = int(config[ORIGIN])
     cfg = TrainConfig.from_dict({**bases[origin], **{k: config[k] for k in mutate}}, source="member config")

@@ -37,14 +37,17 @@ log = logging.getLogger(__name__)
 META_RE = re.compile(r"result-(\d+)\.json")  # in a checkpoint: result-EPOCH.json, the epoch's result
 
 
+def scalars(metrics: dict) -> dict:
+    """The metrics Tune records (numbers, strings and flags; no lists or dicts)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
 def write_meta(directory: Path, metrics: dict) -> None:
     """result-EPOCH.json in a checkpoint being written: the report it goes with. The trial writes its checkpoint to
     the Ray storage before the report reaches the driver, so this copy of the epoch's result survives a driver
     killed before Tune's own result.json (written by the driver, copied to the storage every few seconds) got it;
     the epoch in the name lets a reader find it in one listing of the trial's directory."""
-    (directory / f"result-{int(metrics.get('epoch', 0))}.json").write_text(
-        json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
-    )
+    (directory / f"result-{int(metrics.get('epoch', 0))}.json").write_text(json.dumps(scalars(metrics)))
 
 
 def checkpointed_results(trial_dir: str, missing: Callable[[int], bool] | None = None) -> list[dict]:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from ... import __version__
-from ...common import FerTuneError, code_revision
-from . import signals
+from ...common import FerTuneError, code_revision, write_json
+from . import signals, storage
 from .layout import has_tune_state
 from .lock import describe, holder
+from .session import restore_tuner, tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def run_config(name: str, storage_path: str, output: str, callbacks: list, **mor
     failure policy (FAILURES retries from the last checkpoint) and the stage's callbacks."""
     from ray import tune
 
-    from .session import tune_verbosity
-
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
@@ -109,15 +108,15 @@ def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: 
     """What every stage after the study records first: the study, the data's split protocol, the resources per
     run, its Ray storage (beside the study's own experiments on a shared storage, else in `out`), when, and the
     code that made it."""
-    from .storage import join, study_storage
-
     return {
         "study": record["name"],
         "study_dir": str(sdir),
         "protocol": data.protocol,
         "protocol_note": data.protocol_note,
         "resources": resources,
-        "ray_storage": join(study_storage(sdir, record), ray_dir) if record.get("ray_storage") else str(out),
+        "ray_storage": storage.join(storage.study_storage(sdir, record), ray_dir)
+        if record.get("ray_storage")
+        else str(out),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds": 0.0,
         "code": code_revision(),
@@ -153,9 +152,6 @@ def refuse_other_settings(
 def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
     """(the Tuner, its experiment directory) of a stage's Ray experiment in rec["ray_storage"]/tune: Tune's saved
     state continued when it holds one, else `new()` (also when a driver died before Tune saved a state)."""
-    from . import storage
-    from .session import restore_tuner
-
     exp = storage.join(rec["ray_storage"], "tune")
     if has_tune_state(exp):
         return restore_tuner(exp, trainable, rec.get("fer_tune")), exp
@@ -165,9 +161,6 @@ def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any]) -> tup
 def fit_stage(tuner: Any, rec: StageRecord, path: Path) -> Any:
     """tuner.fit(): its ResultGrid, None when a second Ctrl-C cut it short; the stage's wall time added to its
     record, written to `path` either way."""
-    import time
-
-    from ...common import write_json
 
     t0 = time.time()
     try:

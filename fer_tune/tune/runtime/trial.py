@@ -11,11 +11,6 @@ from typing import Any
 from .checkpoints import write_meta
 
 
-def scalars(metrics: dict) -> dict:
-    """The metrics Tune records (numbers, strings and flags; no lists or dicts)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-
-
 def device_seconds(weight: float, *histories: list[dict]) -> float:
     """Device-seconds of the epochs in `histories`: their seconds times the devices a trial holds (its GPUs, else
     its CPUs)."""

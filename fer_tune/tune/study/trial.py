@@ -6,7 +6,8 @@ import os
 import time
 from typing import Any
 
-from ..runtime.trial import device_seconds, report, scalars, where
+from ..runtime.checkpoints import scalars
+from ..runtime.trial import device_seconds, report, where
 
 CRASH_ENV = "FER_TUNE_CRASH_ONCE"  # test hook "MARKER_FILE:EPOCH": the first trial to get there crashes once
 
