@@ -245,10 +245,16 @@ def sweep_small(env, root: Path, **changes) -> Path:
     return root / "results" / "t"
 
 
-@pytest.fixture(scope="module")
-def small_study(module_env, tmp_path_factory):
-    """The small study, 3 trials of at most 2 epochs, for a module's tests of the stages after it."""
-    return sweep_small(module_env, tmp_path_factory.mktemp("study"), num_samples=3, max_epochs=2)
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """The small study, 3 trials of at most 2 epochs, swept once for every module's tests of the stages after it
+    (the final stage's, the PBT stage's): each writes its own stage directory in it, and no test changes the
+    study itself."""
+    import shutil
+
+    e, ray_tmp = ray_env(tmp_path_factory.mktemp("cache"))
+    yield sweep_small(e, tmp_path_factory.mktemp("study"), num_samples=3, max_epochs=2)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def write_space(tmp_path, **changes):
@@ -279,6 +285,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is None and (
             item.get_closest_marker("realdata") is not None
-            or any(f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "cluster"))
+            or any(f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "small_study", "cluster"))
         ):
             item.add_marker(pytest.mark.slow)

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import cli_args, fer_tune, kill_at_pause, pausing, sweep_small
+from conftest import cli_args, fer_tune, kill_at_pause, pausing
 
 from fer_tune.common import EMOTIONS
 
@@ -24,8 +24,8 @@ def env(module_env):
 
 
 @pytest.fixture(scope="module")
-def study(env, tmp_path_factory):
-    return sweep_small(env, tmp_path_factory.mktemp("study"), num_samples=3, max_epochs=2)
+def study(small_study):
+    return small_study
 
 
 def faces(tmp_path, n=3):
