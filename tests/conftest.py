@@ -285,6 +285,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is None and (
             item.get_closest_marker("realdata") is not None
-            or any(f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "small_study", "cluster"))
+            or any(
+                f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "small_study", "cluster")
+            )
         ):
             item.add_marker(pytest.mark.slow)

@@ -303,38 +303,24 @@ def test_a_cluster_waits_for_a_node_and_says_so_once(monkeypatch, caplog):
         preflight.check_trials_fit({"cpu": 4, "gpu": 1}, None, "fix", what="run")
 
 
-def wait_for_epochs(sdir, proc, n, timeout=180):
-    """Until some trial has reported n epochs (the sweep must still run)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(len(f.read_text().splitlines()) >= n for f in sdir.glob("*/*/result.json")):
-            return
-        assert proc.poll() is None, "the command ended before it could be stopped"
-        time.sleep(0.3)
-    pytest.fail(f"no trial reached {n} epochs within {timeout} s")
-
-
 def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_runs_a_study(tmp_path, env):
-    space = write_space(
-        tmp_path,
-        num_samples=4,
-        max_epochs=4,
-        data={"path": "synthetic:3000"},
-        fixed={**SPACE["fixed"], "width": 0.125},
-        early_stopping={"type": "none"},
-    )
+    space = write_space(tmp_path, num_samples=4, max_epochs=4, early_stopping={"type": "none"})
     results = tmp_path / "results"
     sdir = results / "t"
+    marker = tmp_path / "paused"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--num-cpus", "2"],
-        env=env,
+        env=pausing(env, marker, results=1),  # the sweep waits after its first epoch until the signal comes
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        wait_for_epochs(sdir, proc, 1)
+        deadline = time.time() + 180
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before it paused"
+            time.sleep(0.2)
         # a second driver of the same study is refused at once, naming the one that runs it
         t0 = time.time()
         r = fer_tune(env, "resume", sdir, "--quiet")

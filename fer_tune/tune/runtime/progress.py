@@ -20,6 +20,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from . import signals
 from .layout import state_saved_at
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER": see PauseAfter
 class PauseAfter(Callback):
     """A test hook (PAUSE_ENV "N:MARKER"): once this driver has handled N trial results and Tune has saved its
     experiment state after that, the driver writes MARKER and stops handling anything, so that a test kills it at
-    a point it knows instead of after a guessed sleep."""
+    a point it knows instead of after a guessed sleep. A SIGTERM or SIGHUP ends the pause: the driver then stops
+    as the signal asks."""
 
     def __init__(self, spec: str, exp_dir: str):
         n, _, self.marker = spec.partition(":")
@@ -144,5 +146,8 @@ class PauseAfter(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.at is not None and (state_saved_at(self.exp_dir) or 0.0) > self.at:
+            self.at = None  # once
             Path(self.marker).write_text(str(self.seen))
-            time.sleep(600)  # until killed
+            deadline = time.time() + 600
+            while time.time() < deadline and not signals.received():  # until killed, or stopped by a signal
+                time.sleep(0.1)
