@@ -28,8 +28,10 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
     (wheel,) = dist.glob("fer_tune-*.whl")
     venv.EnvBuilder(with_pip=False).create(tmp_path / "venv")
     python = tmp_path / "venv" / "bin" / "python"
-    r = subprocess.run(
+    clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing but the venv decides what is imported
+    r = subprocess.run(  # (with PYTHONPATH set, pip finds fer-tune "already installed" and installs nothing)
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        env=clean,
         capture_output=True,
         text=True,
         timeout=300,
@@ -47,8 +49,6 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_reports_with_the_reference_ta
     (Path(purelib) / "borrowed.pth").write_text("\n".join(p for p in borrowed if Path(p).is_dir()) + "\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-
-    clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing but the venv decides what is imported
 
     def run(*args, timeout=600):
         return subprocess.run(
