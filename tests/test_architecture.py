@@ -201,6 +201,11 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_pat
     assert [m for m, _ in rungs] == [8, 4, 2, 1] and all(isinstance(r, dict) for _, r in rungs)
     assert ri.asha_reading(asha) == ("m", "epoch", 1.0)
     assert ri.ray_console_popen() is not None, "ray._private.services.ConsolePopen is gone"
+    import inspect
+
+    module, name = ri.storage_upload()
+    params = list(inspect.signature(getattr(module, name)).parameters)
+    assert params == ["local_path", "fs", "fs_path", "exclude"], f"{module.__name__}.{name} takes {params}"
     from ray import tune
 
     tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3))

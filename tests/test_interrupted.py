@@ -1,5 +1,6 @@
-"""Studies whose driver was killed at the two moments Tune's saved state says least: before Tune saved any state,
-and after the searcher suggested trials that Tune's last saved state does not name yet."""
+"""Studies whose driver was killed at the moments Tune's saved state says least: before Tune saved any state, after
+the searcher suggested trials that Tune's last saved state does not name yet, and while Tune was writing its state
+(a full disk cuts it off the same way)."""
 
 import glob
 import json
@@ -11,8 +12,10 @@ import sqlite3
 import subprocess
 import time
 
-from conftest import cli_args, fer_tune, study_trials, write_space
+import pytest
+from conftest import cli_args, fer_tune, kill_at_pause, pausing, study_trials, write_space
 
+from fer_tune.tune.runtime import layout
 from fer_tune.tune.study.outputs import to_finish
 
 
@@ -127,3 +130,122 @@ def test_trials_suggested_after_tunes_last_state_are_taken_up_by_the_resume(tmp_
     session = json.loads((sdir / "study.json").read_text())["runs"][0]["sessions"][-1]
     assert session["trials_continued"] == 2 and session["outcome"] == "finished"
     assert session["trials_finished"] == n
+
+
+def _session(exp, stamp, trials, state_bytes=None):
+    """Tune's files of one saved driver session (experiment state and searcher state) in `exp`."""
+    state = {"trial_data": [[json.dumps({"trial_id": t, "status": s}), ""] for t, s in trials.items()]}
+    (exp / f"experiment_state-{stamp}.json").write_bytes(
+        json.dumps(state).encode() if state_bytes is None else state_bytes
+    )
+    (exp / f"searcher-state-{stamp}.pkl").write_bytes(pickle.dumps({"trials": sorted(trials)}))
+
+
+def test_a_state_cut_off_mid_write_is_set_aside_and_the_one_before_it_is_read(tmp_path, caplog):
+    exp = tmp_path / "tune"
+    exp.mkdir()
+    (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"tuner": 1}))
+    _session(exp, "2026-12-01_10-00-00", {"a": "TERMINATED", "b": "RUNNING"})
+    whole = (exp / "experiment_state-2026-12-02_10-00-00.json", b"")  # a kill between Tune's truncate and write
+    _session(exp, "2026-12-02_10-00-00", {"a": "TERMINATED", "b": "TERMINATED", "c": "RUNNING"}, state_bytes=whole[1])
+    # status reads the newest whole state without touching anything
+    assert layout.experiment_trial_states(exp) == {"a": "TERMINATED", "b": "RUNNING"}
+    assert whole[0].exists()
+    assert layout.restorable(exp)
+    assert sorted(p.name for p in exp.glob("*.damaged")) == [
+        "experiment_state-2026-12-02_10-00-00.json.damaged",
+        "searcher-state-2026-12-02_10-00-00.pkl.damaged",
+    ]
+    assert "continuing from the state saved before it" in caplog.text
+    # a searcher state cut off too (its pickle lacks its end): that session goes as well, and none is left
+    older = exp / "searcher-state-2026-12-01_10-00-00.pkl"
+    older.write_bytes(older.read_bytes()[:-3])
+    assert layout.settle_state(exp) == ["experiment_state-2026-12-01_10-00-00.json", older.name]
+    assert not layout.has_tune_state(exp) and layout.experiment_trial_states(exp) == {}
+    (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"tuner": 1})[:-1])
+    _session(exp, "2026-12-03_10-00-00", {"a": "RUNNING"})
+    assert not layout.has_tune_state(exp)  # tuner.pkl cut off
+
+
+def test_a_stage_with_no_whole_state_starts_over_in_an_empty_directory(tmp_path, caplog):
+    from fer_tune.tune.runtime.stage import stage_tuner
+
+    exp = tmp_path / "tune"
+    (exp / "member_trial_0001").mkdir(parents=True)
+    (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"tuner": 1}))
+    _session(exp, "2026-12-01_10-00-00", {"a": "RUNNING"}, state_bytes=b'{"trial_data": [["{\\"tri')
+    tuner, where = stage_tuner({"ray_storage": str(tmp_path)}, None, lambda: "new tuner")
+    assert (tuner, where) == ("new tuner", str(exp)) and not exp.exists()
+    (aside,) = tmp_path.glob("tune.unreadable-*")
+    assert (aside / "member_trial_0001").is_dir() and "the stage starts over" in caplog.text
+
+
+def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):
+    """Tune copies its staged state into the storage in place: a kill or a full disk mid-copy left a cut-off file.
+    The driver's copy (installed by every Ray session) goes through a temporary file renamed over the target."""
+    import errno
+
+    import pyarrow.fs
+
+    from fer_tune.tune.runtime import internals
+    from fer_tune.tune.runtime.session import tune_env
+
+    module, name = internals.storage_upload()
+    monkeypatch.setattr(module, name, getattr(module, name))
+    tune_env("quiet")
+    upload = getattr(module, name)
+    assert upload.whole_files
+    staged, storage = tmp_path / "staged", tmp_path / "storage"
+    for root, text in ((staged, "new"), (storage, "old")):
+        (root / "trial").mkdir(parents=True)
+        (root / "experiment_state-x.json").write_text(text * 1000)
+        (root / "trial" / "result.json").write_text(text)
+
+    real = layout.shutil.copyfile
+
+    def disk_full(src, dst):
+        real(src, dst)
+        with open(dst, "r+b") as fh:
+            fh.truncate(100)  # a part written, then no space left
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layout.shutil, "copyfile", disk_full)
+    with pytest.raises(OSError):
+        upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
+    assert (storage / "experiment_state-x.json").read_text() == "old" * 1000
+    assert sorted(p.name for p in storage.rglob("*")) == ["experiment_state-x.json", "result.json", "trial"]
+    monkeypatch.setattr(layout.shutil, "copyfile", real)
+    upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
+    assert (storage / "experiment_state-x.json").read_text() == "new" * 1000
+    assert (storage / "trial" / "result.json").read_text() == "new"
+
+
+def test_a_resume_whose_saved_state_was_cut_off_continues_from_the_state_before_it(tmp_path, env):
+    """A sweep killed (state 1 whole), its resume killed while Tune wrote state 2: the next resume sets state 2
+    aside, continues from state 1, and the study ends with every trial finished once."""
+    n = 4
+    space = write_space(tmp_path, num_samples=n, max_epochs=2)
+    results = tmp_path / "results"
+    sdir = results / "t"
+    for args, after in ((("sweep", space, "--results", results), 3), (("resume", sdir), 2)):
+        marker = tmp_path / f"paused-{args[0]}"
+        proc = subprocess.Popen(
+            cli_args(*args, "--quiet"),
+            env=pausing(env, marker, after),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        kill_at_pause(proc, marker)
+        time.sleep(1)
+    states = sorted((sdir / "tune").glob("experiment_state-*.json"))
+    assert len(states) == 2, states
+    states[-1].write_bytes(states[-1].read_bytes()[: states[-1].stat().st_size // 2])  # Tune's copy, cut off
+
+    r = fer_tune(env, "status", sdir)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cut off mid-write" in r.stderr and "continuing from the state saved before it" in r.stderr, r.stderr
+    _all_finished_once(sdir, n)
+    assert (sdir / "tune" / (states[-1].name + layout.DAMAGED)).is_file()

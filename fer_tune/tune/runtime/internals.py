@@ -18,6 +18,8 @@ SEARCH_UNPICKLED = (SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE)
 SEARCH_ATTRS = (*SEARCH_UNPICKLED, "_completed_trials", "_sampler", "_study_name", "_space")
 # Tuner (ray.tune): its local TunerInternal, whose RunConfig a restored Tuner cannot be given
 TUNER_ATTRS = ("_local_tuner",)
+# ray.train._internal.storage: the function Tune's background syncer copies the driver's state to the storage with
+STORAGE_UPLOAD = ("ray.train._internal.storage", "_upload_to_fs_path")
 # ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
 ASHA_ATTRS = ("_brackets", "_metric", "_metric_op", "_time_attr")
 BRACKET_ATTRS = ("_rungs",)
@@ -71,6 +73,15 @@ def tuner_run_config(tuner: Any) -> Any:
     """The RunConfig a ray.tune.Tuner runs with (a restored one: the saved one), None under Ray Client."""
     local = getattr(tuner, "_local_tuner", None)
     return None if local is None else local.get_run_config()
+
+
+def storage_upload() -> tuple[Any, str]:
+    """(module, attribute name) of the function Tune copies a staged directory to its storage with (looked up by
+    name at each copy, so the driver can wrap it: fer_tune.tune.runtime.layout.whole_state_uploads)."""
+    import importlib
+
+    module, name = STORAGE_UPLOAD
+    return importlib.import_module(module), name
 
 
 def ray_console_popen() -> tuple[Any, str] | None:

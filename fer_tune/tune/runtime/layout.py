@@ -4,21 +4,37 @@ fails there first:
 
     EXPERIMENT/tuner.pkl                      the Tuner (searcher, scheduler, callbacks), pickled at the start
     EXPERIMENT/experiment_state-STAMP.json    every trial's status, saved every few seconds by the driver
+    EXPERIMENT/search*-STAMP.*, ...           the searcher's (and callbacks') state, saved with it (STAMP: the
+                                              driver session that saved them; a resume starts a new one)
     EXPERIMENT/TRIAL/result.json              one JSON line per tune.report, written by the driver
     EXPERIMENT/TRIAL/checkpoint_NNNNNN/       one directory per reported checkpoint
 
-Paths are local paths or pyarrow URIs (fer_tune.tune.runtime.storage)."""
+Paths are local paths or pyarrow URIs (fer_tune.tune.runtime.storage).
+
+Tune copies its state into a local storage in place, so a driver killed mid-copy (or a full disk) could leave it
+cut off; `whole_state_uploads` has the driver replace each file whole instead, and `settle_state` sets aside a
+session whose files are damaged anyway, before a resume reads them."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pickletools
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from .storage import join, listdir, read_text, size
+from . import internals
+from .storage import is_uri, join, listdir, read_text, size
+
+log = logging.getLogger(__name__)
 
 TUNER_FILE = "tuner.pkl"
 STATE_PREFIX = "experiment_state-"
+DAMAGED = ".damaged"  # the suffix of a state file set aside (Tune reads only names that end in .json or .pkl)
 RESULT_FILE = "result.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -39,18 +55,29 @@ def trial_results(trial_dir: str | Path) -> Iterator[dict]:
     return result_rows(read_text(join(str(trial_dir), RESULT_FILE)) or "")
 
 
-def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
-    """{ray trial id: Tune status} from the newest experiment_state-*.json of one Ray experiment."""
-    # newest session by the timestamp in the name (Tune re-syncs old files at the end, so mtimes lie)
-    files = [n for n in listdir(exp_dir) if n.startswith(STATE_PREFIX) and n.endswith(".json")]
-    if not files:
-        return {}
+def _state_names(exp_dir: str | Path) -> list[str]:
+    """The experiment_state-*.json files of one Ray experiment, newest session first (by the stamp in the name:
+    Tune re-syncs old files at the end, so mtimes lie)."""
+    return sorted((n for n in listdir(exp_dir) if n.startswith(STATE_PREFIX) and n.endswith(".json")), reverse=True)
+
+
+def _parsed(text: str | None) -> dict | None:
     try:
-        state = json.loads(read_text(join(str(exp_dir), max(files))) or "")
+        state = json.loads(text or "")
     except json.JSONDecodeError:
-        return {}
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
+    """{ray trial id: Tune status} from the newest whole experiment_state-*.json of one Ray experiment."""
+    state = None
+    for name in _state_names(exp_dir):
+        state = _parsed(read_text(join(str(exp_dir), name)))
+        if state is not None:
+            break
     out = {}
-    for entry in state.get("trial_data", []):
+    for entry in (state or {}).get("trial_data", []):
         raw = entry[0] if isinstance(entry, (list, tuple)) else entry
         try:
             t = json.loads(raw) if isinstance(raw, str) else raw
@@ -71,7 +98,112 @@ def has_tune_state(exp_dir: str | Path) -> bool:
     """True when a Ray experiment (local path or URI) holds a state Tuner.restore can continue: its tuner.pkl
     written whole and an experiment state saved. A driver killed in its first seconds leaves neither (or an empty
     tuner.pkl): such a run starts over."""
-    names = listdir(exp_dir)
-    if TUNER_FILE not in names or not any(n.startswith(STATE_PREFIX) for n in names):
+    if TUNER_FILE not in listdir(exp_dir) or not _state_names(exp_dir):
         return False
-    return size(join(str(exp_dir), TUNER_FILE)) > 0
+    if is_uri(exp_dir):
+        return size(join(str(exp_dir), TUNER_FILE)) > 0
+    return _whole(Path(exp_dir) / TUNER_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the driver's saved state, written whole and read only when whole
+# ---------------------------------------------------------------------------------------------------------
+def _whole(path: Path) -> bool:
+    """A saved state file read whole: experiment_state as JSON, the searcher's and callbacks' pickles (some named
+    .json) to their STOP opcode (walked, never loaded)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if path.name.startswith(STATE_PREFIX):
+        return _parsed(data.decode(errors="replace")) is not None
+    try:
+        return bool(data) and [op.name for op, _, _ in pickletools.genops(data)][-1] == "STOP"
+    except Exception:  # a cut-off or garbled pickle: pickletools raises ValueError and friends
+        return False
+
+
+def settle_state(exp_dir: str | Path) -> list[str]:
+    """Before a resume reads a local experiment: each saved session, newest first, with a file that is not whole
+    (a kill or a full disk mid-write) has its files renamed NAME.damaged, so that Tune restores the newest whole
+    session, or none (then the run starts over). The names set aside; a URI's objects are written whole already."""
+    if is_uri(exp_dir) or not Path(exp_dir).is_dir():
+        return []
+    exp = Path(exp_dir)
+    aside: list[str] = []
+    for name in _state_names(exp):
+        stamp = name[len(STATE_PREFIX) : -len(".json")]
+        files = sorted(
+            p for p in exp.iterdir() if p.is_file() and f"-{stamp}." in p.name and not p.name.endswith(DAMAGED)
+        )
+        if all(_whole(p) for p in files):
+            break
+        for p in files:
+            p.rename(p.with_name(p.name + DAMAGED))
+            aside.append(p.name)
+    return aside
+
+
+def restorable(exp_dir: str | Path) -> bool:
+    """has_tune_state, once the damaged sessions are set aside (settle_state), with a warning naming them."""
+    aside = settle_state(exp_dir)
+    ok = has_tune_state(exp_dir)
+    if aside:
+        log.warning(
+            "%s: Tune's saved state was cut off mid-write (a kill or a full disk); set aside %s as %s, %s",
+            exp_dir,
+            ", ".join(aside),
+            f"*{DAMAGED}",
+            "continuing from the state saved before it" if ok else "no whole state is left: the run starts over",
+        )
+    return ok
+
+
+def set_aside(exp_dir: str | Path) -> str | None:
+    """A local experiment that no resume can continue (no whole state left) renamed EXP.unreadable-TIME, so that
+    a new run of the stage starts in an empty directory; the new name (None: nothing there, or a URI)."""
+    exp = Path(str(exp_dir))
+    if is_uri(exp_dir) or not exp.is_dir():
+        return None
+    target = exp.with_name(f"{exp.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    exp.rename(target)
+    return str(target)
+
+
+def whole_state_uploads() -> None:
+    """In the driver: each file of the state Tune copies from Ray's staging directory to a local storage is
+    written beside its target and renamed over it, so a kill or a full disk mid-copy leaves the last whole state in
+    place (Tune's own copy writes in place). Other storages go through Tune's copy unchanged; idempotent."""
+    module, name = internals.storage_upload()
+    upload = getattr(module, name)
+    if getattr(upload, "whole_files", False):
+        return
+
+    def whole(local_path: str, fs: Any, fs_path: str, exclude: list | None = None) -> None:
+        import pyarrow.fs as pafs
+
+        if not (isinstance(fs, pafs.LocalFileSystem) and os.path.isdir(local_path) and not exclude):
+            upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+            return
+        for root, _, files in os.walk(local_path):
+            target = os.path.normpath(os.path.join(fs_path, os.path.relpath(root, local_path)))
+            os.makedirs(target, exist_ok=True)
+            for f in files:
+                replace_whole(os.path.join(root, f), os.path.join(target, f))
+
+    whole.whole_files = True  # type: ignore[attr-defined]
+    setattr(module, name, whole)
+
+
+def replace_whole(src: str, dst: str) -> None:
+    """Copy src over dst through a temporary file beside it: dst is the old file or the new one, never a part."""
+    part = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(src, part)
+        os.replace(part, dst)
+    except BaseException:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+        raise

@@ -17,7 +17,7 @@ from typing import Any, TypedDict
 from ... import __version__
 from ...common import FerTuneError, code_revision, write_json
 from . import signals, storage
-from .layout import has_tune_state
+from .layout import restorable, set_aside
 from .lock import describe, holder
 from .session import restore_tuner, tune_verbosity
 
@@ -151,10 +151,14 @@ def refuse_other_settings(
 
 def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
     """(the Tuner, its experiment directory) of a stage's Ray experiment in rec["ray_storage"]/tune: Tune's saved
-    state continued when it holds one, else `new()` (also when a driver died before Tune saved a state)."""
+    state continued when it holds a whole one, else `new()` (also when a driver died before Tune saved a state), in
+    an empty directory: what a run without a state left there is set aside."""
     exp = storage.join(rec["ray_storage"], "tune")
-    if has_tune_state(exp):
+    if restorable(exp):
         return restore_tuner(exp, trainable, rec.get("fer_tune")), exp
+    moved = set_aside(exp)
+    if moved:
+        log.warning("%s holds no state to continue from; set aside as %s, the stage starts over", exp, moved)
     return new(), exp
 
 

@@ -32,7 +32,7 @@ from ..mlflow.study import catch_up_study, track_study
 from ..mlflow.tracking import check as check_tracking
 from ..runtime import preflight
 from ..runtime import storage as fs
-from ..runtime.layout import experiment_trial_states, has_tune_state
+from ..runtime.layout import experiment_trial_states, has_tune_state, restorable
 from ..runtime.lock import acquire
 from ..runtime.session import (
     ray_log_to,
@@ -92,7 +92,7 @@ def _run(
     exp_dir = experiment_dir(sdir, record, run)
     max_conc = run.get("max_concurrent") or 0
     set_pending_trials(max_conc, res)
-    if restore and has_tune_state(exp_dir):
+    if restore and restorable(exp_dir):
         tuner = restore_tuner(exp_dir, fn, record["fingerprint"]["versions"].get("fer_tune"))
     else:
         search = StudySearch(
