@@ -34,8 +34,8 @@ COMMANDS = readme_commands()
 
 def test_readme_shows_the_two_setup_commands():
     assert "pip install -e . && fer-tune demo" in README
-    assert "pip install -e '.[test]' && python -m pytest -q" in README
-    assert "pip install -e '.[test]' && python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    assert "pip install -e '.[test]' && python -m pytest -q -n 2 --dist loadfile" in README
+    assert "pip install -e '.[test]' && python -m pytest -q -n 2 --dist loadfile" in (ROOT / ".ci" / "run").read_text()
     assert len(COMMANDS) >= 15
 
 
