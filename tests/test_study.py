@@ -373,7 +373,8 @@ def test_sigterm_to_the_process_group_stops_a_sweep_like_ctrl_c_and_one_driver_r
 
 def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
     """SIGKILL of the driver's process group at seeded points (after 1 to 3 of its epochs and Tune's next saved
-    state), three times (twice during a resume): the last resume
+    state), three times (twice during a resume), the last one as if it came while Tune wrote its state (the file
+    cut off, as a kill mid-copy or a full disk leaves it): the last resume continues from the state before it and
     ends with exactly num_samples finished trials, no duplicate parameters, no RUNNING leftovers, and every finished
     trial's per-epoch history complete."""
     import random
@@ -430,8 +431,12 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
         assert "Traceback" not in out, out
         time.sleep(1)  # Ray's daemons end with their driver
     assert kills.count("killed") >= 2, kills  # the kills landed while the study ran
+    states = sorted((sdir / "tune").glob("experiment_state-*.json"))
+    assert len(states) >= 2 and kills[-1] == "killed", (states, kills)
+    states[-1].write_bytes(states[-1].read_bytes()[: states[-1].stat().st_size // 2])
     r = fer_tune(env, "resume", sdir, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "continuing from the state saved before it" in r.stderr, r.stderr
     assert "Error handling checkpoint" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
     trials = study_trials(sdir)
     assert len(trials) == n and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [

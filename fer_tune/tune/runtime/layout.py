@@ -17,6 +17,7 @@ session whose files are damaged anyway, before a resume reads them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ def whole_state_uploads() -> None:
     if getattr(upload, "whole_files", False):
         return
 
+    @functools.wraps(upload)  # Ray's name: Tune's pickles that hold it name Ray's function, as before
     def whole(local_path: str, fs: Any, fs_path: str, exclude: list | None = None) -> None:
         import pyarrow.fs as pafs
 
