@@ -345,3 +345,37 @@ def test_final_refuses_a_run_too_big_for_the_local_ray(env, study, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has 2 CPU and 0 GPU" in r.stderr
     assert "--gpus-per-run F" in r.stderr and not (tmp_path / "big").exists()
+
+
+def test_a_study_and_its_final_stage_moved_elsewhere_are_read_and_continued_where_they_are(env, study, tmp_path):
+    """`ray rsync-down` to a laptop, or `mv`: the study directory (with its final stage) works where it is now.
+    Its study.json is written as an earlier release wrote it (its database by absolute path, the original's, which
+    still exists): the copy reads and writes its own database."""
+    a = tmp_path / "A" / "t"
+    shutil.copytree(study, a, ignore=shutil.ignore_patterns("final*", "pbt", ".lock", "report.html"))
+    rec = json.loads((a / "study.json").read_text())
+    assert rec["storage"] == "sqlite:///optuna.db"  # recorded relative to the study directory
+    (a / "study.json").write_text(json.dumps({**rec, "storage": f"sqlite:///{study / 'optuna.db'}"}))
+    r = fer_tune(env, "final", a, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((a / "final" / "final.json").read_text())
+    assert final["study_dir"] == str(a)
+    original = os.path.getmtime(study / "optuna.db")
+    b = tmp_path / "B"
+    (tmp_path / "A").rename(b)
+    moved = b / "t"
+
+    r = fer_tune(env, "status", moved)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = fer_tune(env, "report", moved)
+    assert r.returncode == 0 and (moved / "report.html").is_file(), r.stderr
+    r = fer_tune(env, "resume", moved / "final", "--quiet")  # a finished stage, found where it is now
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = fer_tune(env, "extend", moved, "--num-samples", "1", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((moved / "study.json").read_text())["storage"] == "sqlite:///optuna.db"
+    import optuna
+
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{moved / 'optuna.db'}").trials
+    assert len(trials) == sum(run["num_samples"] for run in rec["runs"]) + 1
+    assert os.path.getmtime(study / "optuna.db") == original  # the original study was never written

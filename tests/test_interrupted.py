@@ -219,3 +219,16 @@ def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):
     upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
     assert (storage / "experiment_state-x.json").read_text() == "new" * 1000
     assert (storage / "trial" / "result.json").read_text() == "new"
+
+
+def test_an_experiment_moved_since_tune_saved_it_is_told_apart(tmp_path):
+    """Tune's tuner.pkl names the storage the run started in (it re-roots the trials it restores, not those its
+    restored searcher creates later): a resume of a moved study whose run has trials yet to begin is refused."""
+    exp = tmp_path / "A" / "t" / "tune"
+    exp.mkdir(parents=True)
+    (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"storage_path": str(tmp_path / "A" / "t"), "name": "tune"}))
+    _session(exp, "2026-12-01_10-00-00", {"a": "RUNNING"})
+    assert not layout.moved(exp)
+    (tmp_path / "A").rename(tmp_path / "B")
+    assert layout.moved(tmp_path / "B" / "t" / "tune")
+    assert not layout.moved(tmp_path / "nothing")

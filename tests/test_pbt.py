@@ -122,7 +122,7 @@ def study(small_study):
 
 
 def copy_study(study, dest):
-    """The study without its PBT stage and final stages (its Optuna storage is shared, read only)."""
+    """The study without its PBT stage and final stages (a copy: it reads and writes its own optuna.db)."""
     shutil.copytree(study, dest, ignore=shutil.ignore_patterns("pbt", "final*", ".lock"))
     return dest
 

@@ -60,9 +60,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if (Path(args.study) / "final.json").is_file():  # a final stage directory (results/NAME/final)
         from ..tune.final.driver import run_final
+        from ..tune.runtime.stage import read_record
         from .final import finish_final
 
-        rec = json.loads((Path(args.study) / "final.json").read_text())
+        rec = read_record(Path(args.study) / "final.json", "the final stage")
         rc = run_final(rec["study_dir"], run_options(args), trial=None, out=args.study, given={}, gpus=None)
         return finish_final(rc, args.study, rec["study_dir"])
     rc = resume(args.study, run_options(args))

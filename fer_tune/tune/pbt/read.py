@@ -14,7 +14,7 @@ from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import trial_results
 from ..runtime.lock import describe, holder
-from ..runtime.stage import StageRecord
+from ..runtime.stage import StageRecord, located
 
 PBT_DIR, PBT_FILE = "pbt", "pbt.json"
 
@@ -126,6 +126,7 @@ def stage(sdir: str | Path) -> dict | None:
     rec = read_json(out / PBT_FILE)
     if rec is None:
         return None
+    rec = located(rec, out)
     members = read_members(storage.join(rec["ray_storage"], "tune"))
     metrics, replay = read_json(out / "metrics.json"), read_json(Path(sdir) / REPLAY_DIR / "metrics.json")
     if not (metrics and replay and replay.get("trial", {}).get("ray_trial_id") == metrics["best"]["trial_id"]):

@@ -145,6 +145,16 @@ def settle_state(exp_dir: str | Path) -> list[str]:
     return aside
 
 
+def moved(exp_dir: str | Path) -> bool:
+    """True when a local experiment was moved or copied since Tune saved it: its tuner.pkl (which also stands for
+    the searcher's saved state) names the storage where it ran, not the one it is in now. Tune re-roots the trials
+    it restores, not the trials its restored searcher creates after that (they would write to the old place)."""
+    if is_uri(exp_dir) or not has_tune_state(exp_dir):
+        return False
+    here = str(Path(exp_dir).resolve().parent).encode()
+    return here not in (Path(exp_dir) / TUNER_FILE).read_bytes()
+
+
 def restorable(exp_dir: str | Path) -> bool:
     """has_tune_state, once the damaged sessions are set aside (settle_state), with a warning naming them."""
     aside = settle_state(exp_dir)

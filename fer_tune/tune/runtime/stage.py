@@ -125,13 +125,30 @@ def stage_record(sdir: Path, record: dict, data: Any, resources: dict, ray_dir: 
 
 
 def read_record(path: Path, what: str) -> Any:
-    """The stage's record (final.json, pbt.json), None when there is none; a damaged one is refused."""
+    """The stage's record (final.json, pbt.json), None when there is none; a damaged one is refused. Its paths
+    are where the stage is now: a stage directory moved or copied with its experiment (`tune/` beside the record)
+    runs from there, and one inside a study directory belongs to that study."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        rec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FerTuneError(f"{path} is damaged ({exc}); remove {path.parent} to start {what} again") from None
+    return located(rec, path.parent)
+
+
+def located(rec: Any, out: Path) -> Any:
+    """A stage's record with its paths where the stage directory `out` is now (see read_record)."""
+    out = out.resolve()
+    ray_storage = rec.get("ray_storage")
+    if ray_storage and not storage.is_uri(ray_storage) and Path(ray_storage) != out and (out / "tune").is_dir():
+        if Path(ray_storage).name == out.name:
+            rec["ray_storage"] = str(out)
+    study = rec.get("study_dir")
+    if study and Path(study) != out.parent and Path(study).name == out.parent.name:
+        if (out.parent / "study.json").is_file():
+            rec["study_dir"] = str(out.parent)
+    return rec
 
 
 def refuse_other_settings(

@@ -1,7 +1,8 @@
 """A study's record: study.json, the fingerprint that guards a resume, the storages it names.
 
 results/NAME/study.json holds what was launched: the spec, the data source, the Optuna storage (a reference:
-`sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, the MLflow tracking URI (`mlflow`: a
+`sqlite:///optuna.db` for the study's own database, relative to the study directory so that the directory can be
+moved or copied, another `sqlite:///...`, a URL without a password, or `env:VAR`), Ray's storage, the MLflow tracking URI (`mlflow`: a
 reference too, see mlflow_ref), one entry per run (the sweep, each extend) and a fingerprint of the inputs (space,
 data, versions). A resume or extend refuses when the fingerprint changed, unless --force.
 """
@@ -23,6 +24,9 @@ from .spaces import find_space, parse_space
 from .spec import StudySpec
 
 STUDY_FILE = "study.json"
+OWN_DB = "optuna.db"  # the study's own Optuna database, in its directory (recorded as sqlite:///optuna.db)
+_OWN_REF = f"sqlite:///{OWN_DB}"
+_HERE: list[Path] = []  # the study directory this process works on now (set by read_study and new_record)
 
 
 class SessionRecord(TypedDict, total=False):
@@ -75,10 +79,30 @@ def optuna_lib() -> Any:
     return optuna
 
 
+def located(ref: str) -> str:
+    """The Optuna storage reference `ref` for the study directory this process works on: its own database recorded
+    relative to it, or where the study was made (an absolute path in study.json of earlier releases, and in Tune's
+    pickled searcher), is the optuna.db in the directory where the study is now (moved, or copied: a copy then
+    writes its own database, never the original's)."""
+    if not _HERE or not ref.startswith("sqlite:///"):
+        return ref
+    here = _HERE[-1]
+    path = Path(ref[len("sqlite:///") :])
+    if ref == _OWN_REF or (path.name == OWN_DB and path.parent.name == here.name and path.parent != here):
+        return f"sqlite:///{here / OWN_DB}"
+    return ref
+
+
+def _working_on(sdir: Path) -> None:
+    _HERE[:] = [Path(sdir).resolve()]
+
+
 def resolve_storage(ref: str) -> Any:
-    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL.
-    A database server's storage rides out a dropped connection or a restart (fer_tune.tune.study.dbretry)."""
+    """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL;
+    the study's own database where the study is now (located). A database server's storage rides out a dropped
+    connection or a restart (fer_tune.tune.study.dbretry)."""
     optuna = optuna_lib()
+    ref = located(ref)
     url = from_env(ref, "storage") if ref.startswith("env:") else ref
     if url.startswith("sqlite"):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
@@ -117,9 +141,10 @@ def epoch_values(trial: Any) -> dict[int, float]:
 
 
 def storage_ref(arg: str | None, sdir: Path) -> str:
-    """The Optuna storage reference recorded in study.json (`storage`): --optuna-storage, else sqlite in sdir."""
+    """The Optuna storage reference of a new study (`storage`): --optuna-storage, else the study's own sqlite
+    database (in memory where it is; study.json records it relative to the study directory)."""
     if not arg:
-        return f"sqlite:///{sdir / 'optuna.db'}"
+        return f"sqlite:///{sdir / OWN_DB}"
     if arg.startswith("env:"):
         return arg
     if "://" not in arg:
@@ -219,13 +244,19 @@ def read_study(sdir: str | Path) -> StudyRecord:
         hint = " (it does not exist)" if not sdir.exists() else f" ({sdir} has no {STUDY_FILE})"
         raise FerTuneError(f"{sdir} is not a fer-tune study directory{hint}; start one with fer-tune sweep")
     try:
-        return json.loads(f.read_text())
+        record = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
+    _working_on(sdir)
+    if isinstance(record.get("storage"), str):
+        record["storage"] = located(record["storage"])
+    return record
 
 
 def write_study(sdir: Path, record: StudyRecord) -> None:
-    write_json(sdir / STUDY_FILE, record)
+    """study.json, its own database's path relative to it."""
+    own = record.get("storage") == f"sqlite:///{Path(sdir).resolve() / OWN_DB}"
+    write_json(sdir / STUDY_FILE, {**record, "storage": _OWN_REF} if own else record)
 
 
 def new_record(
@@ -243,6 +274,7 @@ def new_record(
 ) -> StudyRecord:
     """The study.json of a new study (its first run: the sweep, in tune/); `space_label` names a space that is no
     file of its own (the demo's) in place of the space file's path."""
+    _working_on(sdir)
     return {
         "name": sdir.name,
         "space_file": space_label or str(find_space(space_path).resolve()),
