@@ -167,17 +167,21 @@ def test_a_state_cut_off_mid_write_is_set_aside_and_the_one_before_it_is_read(tm
     assert not layout.has_tune_state(exp)  # tuner.pkl cut off
 
 
-def test_a_stage_with_no_whole_state_starts_over_in_an_empty_directory(tmp_path, caplog):
+def test_a_stage_with_no_whole_state_starts_over_in_an_empty_directory(tmp_path, caplog, monkeypatch):
     from fer_tune.tune.runtime.stage import stage_tuner
+
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "1")  # what a study run before it in this process set
 
     exp = tmp_path / "tune"
     (exp / "member_trial_0001").mkdir(parents=True)
     (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"tuner": 1}))
     _session(exp, "2026-12-01_10-00-00", {"a": "RUNNING"}, state_bytes=b'{"trial_data": [["{\\"tri')
-    tuner, where = stage_tuner({"ray_storage": str(tmp_path)}, None, lambda: "new tuner")
+    rec = {"ray_storage": str(tmp_path), "resources": {"cpu": 1, "gpu": 0}}
+    tuner, where = stage_tuner(rec, None, lambda: "new tuner", 3)
     assert (tuner, where) == ("new tuner", str(exp)) and not exp.exists()
     (aside,) = tmp_path.glob("tune.unreadable-*")
     assert (aside / "member_trial_0001").is_dir() and "the stage starts over" in caplog.text
+    assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "3"  # every member made at the start
 
 
 def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):

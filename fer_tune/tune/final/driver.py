@@ -278,7 +278,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
                 ),
             )
 
-        tuner, exp = stage.stage_tuner(rec, fn, new_tuner)
+        tuner, exp = stage.stage_tuner(rec, fn, new_tuner, len(rec["seeds"]) * (1 + len(arms)))
         set_output(tuner, output, final_progress(rec), exp)
         tracking = track_final(tuner, out, rec)
         grid = stage.fit_stage(tuner, rec, out / FINAL_FILE)

@@ -288,7 +288,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
                 ),
             )
 
-        tuner, exp = stage.stage_tuner(rec, fn, new_tuner)
+        tuner, exp = stage.stage_tuner(rec, fn, new_tuner, s["population"])
         set_output(tuner, output, population_progress(rec), exp)
         random.seed(rec["seed"])  # PBT's choices of donors and perturbations (their order still follows the results)
         grid = stage.fit_stage(tuner, rec, out / PBT_FILE)

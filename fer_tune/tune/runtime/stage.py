@@ -19,7 +19,7 @@ from ...common import FerTuneError, code_revision, write_json
 from . import signals, storage
 from .layout import restorable, set_aside
 from .lock import describe, holder
-from .session import restore_tuner, tune_verbosity
+from .session import restore_tuner, set_pending_trials, tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,12 @@ def refuse_other_settings(
         )
 
 
-def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any]) -> tuple[Any, str]:
+def stage_tuner(rec: StageRecord, trainable: Any, new: Callable[[], Any], trials: int) -> tuple[Any, str]:
     """(the Tuner, its experiment directory) of a stage's Ray experiment in rec["ray_storage"]/tune: Tune's saved
     state continued when it holds a whole one, else `new()` (also when a driver died before Tune saved a state), in
-    an empty directory: what a run without a state left there is set aside."""
+    an empty directory: what a run without a state left there is set aside. Its `trials` are all made at the start
+    (a study run before it in this process may have set fewer pending trials)."""
+    set_pending_trials(trials, rec["resources"])
     exp = storage.join(rec["ray_storage"], "tune")
     if restorable(exp):
         return restore_tuner(exp, trainable, rec.get("fer_tune")), exp
