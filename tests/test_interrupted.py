@@ -236,3 +236,39 @@ def test_an_experiment_moved_since_tune_saved_it_is_told_apart(tmp_path):
     (tmp_path / "A").rename(tmp_path / "B")
     assert layout.moved(tmp_path / "B" / "t" / "tune")
     assert not layout.moved(tmp_path / "nothing")
+
+
+def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_path, monkeypatch, capsys):
+    """What a sweep on a full scratch disk met (a trial's checkpoint, then optuna.db, then ray.log): 2,371 lines of
+    tracebacks. Now one line, exit 130 like an interrupted study; `fer-tune resume` continues it later."""
+    import errno
+    import sqlite3 as sql
+
+    import fer_tune.cli
+    from fer_tune.cli import disk_full, main
+    from fer_tune.cli import study as study_cli
+    from fer_tune.tune.runtime.session import _LogFile
+
+    def full_disk(args):
+        try:
+            raise sql.OperationalError("database or disk is full")
+        except sql.OperationalError as exc:
+            raise RuntimeError("An exception is raised during the commit.") from exc
+
+    monkeypatch.setattr(study_cli, "cmd_status", full_disk)
+    assert main(["status", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on device" in err and "fer-tune resume" in err, err
+    nospace = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.json"))
+    assert str(tmp_path / "x.json") in disk_full(nospace) and "MiB free" in disk_full(nospace)
+    assert disk_full(ValueError("other")) is None and fer_tune.cli.disk_full(OSError(errno.EACCES, "no")) is None
+
+    if not os.path.exists("/dev/full"):
+        return
+    ray_log = _LogFile("/dev/full")  # every write: ENOSPC
+    import logging
+
+    for i in range(3):
+        ray_log.handle(logging.LogRecord("ray", logging.WARNING, __file__, 1, f"message {i}", None, None))
+    ray_log.close()
+    assert ray_log.broken and "Logging error" not in capsys.readouterr().err

@@ -184,6 +184,37 @@ def _configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def disk_full(exc: BaseException) -> str | None:
+    """What to say when `exc` (or an error it led to) is a full disk: the file and the filesystem's free space
+    where known, and what to do; None for any other error."""
+    import errno
+    import shutil
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        if "database or disk is full" in str(cause):  # sqlite's words (optuna.db on the full disk)
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return None
+    name = getattr(cause, "filename", None)
+    where = ""
+    if name:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(name))).free
+            where = f" writing {name} ({free / 2**20:.1f} MiB free on its filesystem)"
+        except OSError:
+            where = f" writing {name}"
+    return (
+        f"no space left on device{where}: the command stopped; free some space (or a quota) on the results' or "
+        "the Ray storage's filesystem, then continue it: fer-tune resume STUDY (or the same final/pbt command)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -209,3 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("fer-tune: interrupted", file=sys.stderr)
         return exit_code()
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None or args.debug:
+            raise
+        print(f"fer-tune: error: {full}", file=sys.stderr)
+        return 130

@@ -63,6 +63,31 @@ def trials_that_fit(res: dict) -> int:
     return max(1, min(fits, default=1))
 
 
+class _LogFile(logging.FileHandler):
+    """ray.log: where it cannot be written (a full disk) it says so once and stops, instead of a traceback per
+    record and one more at the end."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+        elif not self.broken:
+            self.broken = True
+            log.warning("fer-tune: cannot write %s (%s); Ray's messages are no longer kept", self.baseFilename, exc)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            self.stream = None  # type: ignore[assignment]
+
+
 class _RayLog(logging.Handler):
     """Ray's own log records in the driver (its start-up notes, Tune's warnings, a trial's traceback): kept in
     memory until the command names its log file (`ray_log_to`), then written there, and counted. Tune's Ctrl-C
@@ -88,7 +113,7 @@ class _RayLog(logging.Handler):
     def to_file(self, path: Path) -> None:
         if self.file is not None:
             self.file.close()
-        self.file, self.path = logging.FileHandler(path, encoding="utf-8"), path
+        self.file, self.path = _LogFile(path, encoding="utf-8"), path
         self.file.setFormatter(self.formatter)
         for record in self.kept:
             self.file.emit(record)
