@@ -220,8 +220,15 @@ def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):
     assert (storage / "experiment_state-x.json").read_text() == "old" * 1000
     assert sorted(p.name for p in storage.rglob("*")) == ["experiment_state-x.json", "result.json", "trial"]
     monkeypatch.setattr(layout.shutil, "copyfile", real)
+    # Tune rewrites its staged state in place: a copy that reads it half-written is not put in place
+    (staged / "experiment_state-x.json").write_text('{"trial_data": [["{')
+    (storage / "experiment_state-x.json").write_text('{"trial_data": []}')
     upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
-    assert (storage / "experiment_state-x.json").read_text() == "new" * 1000
+    assert (storage / "experiment_state-x.json").read_text() == '{"trial_data": []}'
+    assert not list(storage.glob(".*.part"))
+    (staged / "experiment_state-x.json").write_text('{"trial_data": ["new"]}')
+    upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
+    assert (storage / "experiment_state-x.json").read_text() == '{"trial_data": ["new"]}'
     assert (storage / "trial" / "result.json").read_text() == "new"
 
 

@@ -124,6 +124,13 @@ def _whole(path: Path) -> bool:
         return False
 
 
+def _whole_json(path: Path) -> bool:
+    try:
+        return _parsed(path.read_bytes().decode(errors="replace")) is not None
+    except OSError:
+        return False
+
+
 def settle_state(exp_dir: str | Path) -> list[str]:
     """Before a resume reads a local experiment: each saved session, newest first, with a file that is not whole
     (a kill or a full disk mid-write) has its files renamed NAME.damaged, so that Tune restores the newest whole
@@ -135,7 +142,9 @@ def settle_state(exp_dir: str | Path) -> list[str]:
     for name in _state_names(exp):
         stamp = name[len(STATE_PREFIX) : -len(".json")]
         files = sorted(
-            p for p in exp.iterdir() if p.is_file() and f"-{stamp}." in p.name and not p.name.endswith(DAMAGED)
+            p
+            for p in exp.iterdir()
+            if p.is_file() and f"-{stamp}." in p.name and not p.name.endswith(DAMAGED) and not p.name.startswith(".")
         )
         if all(_whole(p) for p in files):
             break
@@ -201,17 +210,24 @@ def whole_state_uploads() -> None:
             target = os.path.normpath(os.path.join(fs_path, os.path.relpath(root, local_path)))
             os.makedirs(target, exist_ok=True)
             for f in files:
-                replace_whole(os.path.join(root, f), os.path.join(target, f))
+                # Tune rewrites the staged experiment state in place, maybe while this copy reads it: a torn read
+                # is not put in place (the next copy brings the newer state)
+                check = _whole_json if f.startswith(STATE_PREFIX) else None
+                replace_whole(os.path.join(root, f), os.path.join(target, f), check)
 
     whole.whole_files = True  # type: ignore[attr-defined]
     setattr(module, name, whole)
 
 
-def replace_whole(src: str, dst: str) -> None:
-    """Copy src over dst through a temporary file beside it: dst is the old file or the new one, never a part."""
+def replace_whole(src: str, dst: str, check: Any = None) -> None:
+    """Copy src over dst through a temporary file beside it: dst is the old file or the new one, never a part;
+    `check(path)` False: the copy is dropped and dst kept."""
     part = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.part")
     try:
         shutil.copyfile(src, part)
+        if check is not None and not check(Path(part)):
+            os.unlink(part)
+            return
         os.replace(part, dst)
     except BaseException:
         try:
