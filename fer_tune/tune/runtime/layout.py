@@ -112,12 +112,12 @@ def has_tune_state(exp_dir: str | Path) -> bool:
 def _whole(path: Path) -> bool:
     """A saved state file read whole: experiment_state as JSON, the searcher's and callbacks' pickles (some named
     .json) to their STOP opcode (walked, never loaded)."""
+    if path.name.startswith(STATE_PREFIX):
+        return _whole_json(path)
     try:
         data = path.read_bytes()
     except OSError:
         return False
-    if path.name.startswith(STATE_PREFIX):
-        return _parsed(data.decode(errors="replace")) is not None
     try:
         return bool(data) and [op.name for op, _, _ in pickletools.genops(data)][-1] == "STOP"
     except Exception:  # a cut-off or garbled pickle: pickletools raises ValueError and friends
