@@ -200,6 +200,12 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_pat
     rungs = ri.bracket_rungs(ri.asha_brackets(asha)[0])
     assert [m for m, _ in rungs] == [8, 4, 2, 1] and all(isinstance(r, dict) for _, r in rungs)
     assert ri.asha_reading(asha) == ("m", "epoch", 1.0)
+    grid = optuna.samplers.GridSampler({"a": [1, 2], "b": ["x", "y"]}, seed=0)
+    assert all(hasattr(grid, a) for a in ri.GRID_ATTRS)
+    gstudy = optuna.create_study(sampler=grid)
+    gstudy.optimize(lambda t: t.suggest_int("a", 1, 2) + len(t.suggest_categorical("b", ["x", "y"])), n_trials=2)
+    for t in gstudy.trials:  # as the sampler itself recorded them
+        assert ri.grid_point(grid, t.params) == {k: t.system_attrs[k] for k in ("grid_id", "search_space")}
     assert ri.ray_console_popen() is not None, "ray._private.services.ConsolePopen is gone"
     import inspect
 
@@ -224,7 +230,7 @@ def test_the_tested_minor_versions_are_the_ones_installed(name):
     assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
 
 
-LAYOUT_NAMES = {"result.json", "tuner.pkl", "experiment_state-", "checkpoint_"}  # fer_tune.tune.runtime.layout's
+LAYOUT_NAMES = {"result.json", "tuner.pkl", "experiment_state-", "searcher-state-", "checkpoint_"}  # fer_tune.tune.runtime.layout's
 
 
 def test_tunes_file_names_are_read_in_one_module():
@@ -263,6 +269,9 @@ def test_tunes_on_disk_layout_relied_on_is_still_there(tmp_path):
     assert layout.has_tune_state(exp) and (exp / layout.TUNER_FILE).stat().st_size > 0
     states = layout.experiment_trial_states(exp)
     assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
+    made = layout.experiment_trials(exp)  # in the order Tune made them, as a repair of the study numbers them
+    assert [t["config"] for t in made] == [{"a": 1}, {"a": 2}], made
+    assert all((exp / t["logdir"]).is_dir() and t["start_time"] for t in made), made
     trials = [d for d in exp.iterdir() if d.is_dir()]
     rows = {d: list(layout.trial_results(d)) for d in trials}
     assert sorted(r[-1]["trial_id"] for r in rows.values()) == sorted(states)

@@ -215,6 +215,30 @@ def disk_full(exc: BaseException) -> str | None:
     )
 
 
+def damaged_database(exc: BaseException) -> str | None:
+    """What to say when `exc` (or an error it led to) is sqlite finding the study's Optuna database damaged while a
+    command read or wrote it; None for any other error."""
+    import sqlite3
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlite3.DatabaseError) and any(
+            words in str(cause) for words in ("malformed", "not a database")
+        ):
+            from ..tune.study.record import working_on
+
+            sdir = working_on()
+            study = f"fer-tune repair {sdir}" if sdir else "fer-tune repair STUDY"
+            return (
+                f"the study's Optuna database is damaged ({cause}); rebuild it from the trials' own results with: "
+                f"{study}"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fer-tune: interrupted", file=sys.stderr)
         return exit_code()
     except Exception as exc:
-        full = disk_full(exc)
-        if full is None or args.debug:
+        full, damaged = disk_full(exc), damaged_database(exc)
+        if (full is None and damaged is None) or args.debug:
             raise
-        print(f"fer-tune: error: {full}", file=sys.stderr)
-        return 130
+        print(f"fer-tune: error: {full or damaged}", file=sys.stderr)
+        return 130 if full else 2

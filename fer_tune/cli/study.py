@@ -131,6 +131,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from ..tune.study.outputs import has_unfinished
+    from ..tune.study.repair import repair
+
+    sdir = Path(args.study).resolve()
+    done = repair(sdir, force=args.force)
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(done["states"].items())) or "none"
+    print(f"rebuilt {sdir / 'optuna.db'} from the trials' own results: {done['trials']} trials ({states})")
+    if done["skipped"]:
+        print(
+            f"left out {len(done['skipped'])} trial(s) whose parameters the study's space cannot express: "
+            + ", ".join(done["skipped"][:10])
+        )
+    if done["aside"]:
+        print(f"the {'damaged' if done['problem'] else 'previous'} database is kept as {done['aside']}")
+    if done["renumbered"]:
+        print(f"Tune's saved searcher states ({done['renumbered']}) now name the trials by their rebuilt numbers")
+    from ..tune.runtime.storage import experiment_dir
+    from ..tune.study.record import read_study
+
+    record = read_study(sdir)
+    run = record["runs"][-1]
+    if has_unfinished(experiment_dir(sdir, record, run), run["num_samples"], errors=True):
+        print(f"next: fer-tune resume {sdir}")
+    else:
+        print(f"next: fer-tune status {sdir}, or fer-tune extend {sdir} --num-samples N")
+    return 0
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -251,3 +280,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json", action="store_true", help="print everything as JSON (the rows of trials.csv, who runs the study now)"
     )
     p.set_defaults(func=cmd_status)
+
+    p = parser_with(
+        sub,
+        "repair",
+        "rebuild a study's damaged or lost optuna.db from its trials' own results",
+        """
+        fer-tune repair results/joint
+        fer-tune repair results/joint --force     # rebuild a database that reads whole
+    """,
+        details="Each trial's parameters, per-epoch values and state are read from Tune's files in the study (its "
+        "saved state, each trial's params.json and result.json) and written, in the order the study made them, "
+        "to a new optuna.db; the damaged one is kept as optuna.db.damaged-TIME. resume and extend then go on "
+        "with the sampler's full history. Only a study's own sqlite database can be rebuilt (not one on a "
+        "database server). A grid study's trials keep the grid points they visited; CMA-ES, NSGA-II and QMC "
+        "samplers, which keep state of their own in Optuna's trials, start theirs afresh from the rebuilt "
+        "history.",
+    )
+    p.add_argument("study", help="the study directory (results/NAME)")
+    p.add_argument("--force", action="store_true", help="rebuild the database even though it reads whole")
+    p.set_defaults(func=cmd_repair)

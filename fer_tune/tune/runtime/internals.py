@@ -23,6 +23,9 @@ STORAGE_UPLOAD = ("ray.train._internal.storage", "_upload_to_fs_path")
 # ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
 ASHA_ATTRS = ("_brackets", "_metric", "_metric_op", "_time_attr")
 BRACKET_ATTRS = ("_rungs",)
+# GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
+# a trial visited grid point `grid_id` of `search_space` (its system attributes)
+GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")
 
 
 def search_study(search: Any) -> Any:
@@ -67,6 +70,15 @@ def bracket_rungs(bracket: Any) -> list[tuple[Any, dict]]:
 def asha_reading(scheduler: Any) -> tuple[str, str, float]:
     """(metric, time attribute, sign) of an ASHAScheduler: a rung records sign * metric at time >= milestone."""
     return scheduler._metric, scheduler._time_attr, scheduler._metric_op
+
+
+def grid_point(sampler: Any, params: dict) -> dict:
+    """The system attributes by which a GridSampler knows a trial with `params` visited its grid point ({} when
+    they are no point of its grid)."""
+    point = tuple(params.get(n) for n in sampler._param_names)
+    if point not in sampler._all_grids:
+        return {}
+    return {"grid_id": sampler._all_grids.index(point), "search_space": sampler._search_space}
 
 
 def tuner_run_config(tuner: Any) -> Any:

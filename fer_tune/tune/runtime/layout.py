@@ -4,9 +4,11 @@ fails there first:
 
     EXPERIMENT/tuner.pkl                      the Tuner (searcher, scheduler, callbacks), pickled at the start
     EXPERIMENT/experiment_state-STAMP.json    every trial's status, saved every few seconds by the driver
-    EXPERIMENT/search*-STAMP.*, ...           the searcher's (and callbacks') state, saved with it (STAMP: the
-                                              driver session that saved them; a resume starts a new one)
+    EXPERIMENT/search*-STAMP.*, ...           the searcher's state (searcher-state-STAMP.pkl) and the callbacks',
+                                              saved with it (STAMP: the driver session that saved them; a
+                                              resume starts a new one)
     EXPERIMENT/TRIAL/result.json              one JSON line per tune.report, written by the driver
+    EXPERIMENT/TRIAL/params.json              the trial's config
     EXPERIMENT/TRIAL/checkpoint_NNNNNN/       one directory per reported checkpoint
 
 Paths are local paths or pyarrow URIs (fer_tune.tune.runtime.storage).
@@ -35,8 +37,10 @@ log = logging.getLogger(__name__)
 
 TUNER_FILE = "tuner.pkl"
 STATE_PREFIX = "experiment_state-"
+SEARCHER_PREFIX = "searcher-state-"
 DAMAGED = ".damaged"  # the suffix of a state file set aside (Tune reads only names that end in .json or .pkl)
 RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
@@ -70,23 +74,63 @@ def _parsed(text: str | None) -> dict | None:
     return state if isinstance(state, dict) else None
 
 
-def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
-    """{ray trial id: Tune status} from the newest whole experiment_state-*.json of one Ray experiment."""
+def experiment_trials(exp_dir: str | Path, *, unsaved: bool = False) -> list[dict]:
+    """The trials of the newest whole experiment_state-*.json of one Ray experiment, in the order Tune made them:
+    {"trial_id", "status", "config", "logdir" (the trial directory's name), "start_time" (None: not started)};
+    `unsaved`: also the trials that began after that state was saved (a killed driver), from their directories,
+    with status "". Tune names trial directories TRAINABLE_TRIALID_N_PARAMS_TIME, N counting the trials it made."""
     state = None
     for name in _state_names(exp_dir):
         state = _parsed(read_text(join(str(exp_dir), name)))
         if state is not None:
             break
-    out = {}
+    out = []
     for entry in (state or {}).get("trial_data", []):
-        raw = entry[0] if isinstance(entry, (list, tuple)) else entry
-        try:
-            t = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError:
-            continue
+        raw, runtime = (entry[0], entry[1]) if isinstance(entry, (list, tuple)) and len(entry) > 1 else (entry, None)
+        t, meta = _json_value(raw), _json_value(runtime)
         if isinstance(t, dict) and "trial_id" in t:
-            out[t["trial_id"]] = t.get("status", "")
-    return out
+            out.append(
+                {
+                    "trial_id": t["trial_id"],
+                    "status": t.get("status", ""),
+                    "config": t.get("config") if isinstance(t.get("config"), dict) else {},
+                    "logdir": t.get("relative_logdir") or "",
+                    "start_time": meta.get("start_time") if isinstance(meta, dict) else None,
+                }
+            )
+    if unsaved:
+        known = {t["trial_id"] for t in out}
+        for name in listdir(exp_dir):
+            rows = list(trial_results(join(str(exp_dir), name)))
+            tid = rows[-1].get("trial_id") if rows else None
+            config = _json_value(read_text(join(str(exp_dir), name, PARAMS_FILE)))
+            if tid and tid not in known and isinstance(config, dict):
+                out.append({"trial_id": tid, "status": "", "config": config, "logdir": name, "start_time": None})
+                known.add(tid)
+
+    def made(t: dict) -> int:
+        tag = t["logdir"].partition(f"_{t['trial_id']}_")[2].partition("_")[0]
+        return int(tag) if tag.isdigit() else len(out)
+
+    return sorted(out, key=made)
+
+
+def searcher_states(exp_dir: str | Path) -> list[Path]:
+    """The searcher's saved states (searcher-state-STAMP.pkl) of a local Ray experiment, one per driver session."""
+    exp = Path(str(exp_dir))
+    return [] if is_uri(exp_dir) or not exp.is_dir() else sorted(exp.glob(SEARCHER_PREFIX + "*.pkl"))
+
+
+def _json_value(raw: Any) -> Any:
+    try:
+        return json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        return None
+
+
+def experiment_trial_states(exp_dir: str | Path) -> dict[str, str]:
+    """{ray trial id: Tune status} from the newest whole experiment_state-*.json of one Ray experiment."""
+    return {t["trial_id"]: t["status"] for t in experiment_trials(exp_dir)}
 
 
 def state_saved_at(exp_dir: str | Path) -> float | None:

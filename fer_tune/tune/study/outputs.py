@@ -47,6 +47,7 @@ RESULT_KEYS = (
     "store_rss_mb",
     "store_pss_mb",
     "trial_start",
+    "timestamp",
     *COST_METRICS,
 )
 

@@ -97,6 +97,11 @@ def _working_on(sdir: Path) -> None:
     _HERE[:] = [Path(sdir).resolve()]
 
 
+def working_on() -> Path | None:
+    """The study directory this process works on (None: none yet)."""
+    return _HERE[-1] if _HERE else None
+
+
 def resolve_storage(ref: str) -> Any:
     """'sqlite:///...', 'env:VAR' (the URL read from the environment, e.g. with a password) or any SQLAlchemy URL;
     the study's own database where the study is now (located). A database server's storage rides out a dropped
@@ -236,8 +241,9 @@ def study_dir(results: str, name: str | None, default: str, space_path: str) -> 
     return sdir
 
 
-def read_study(sdir: str | Path) -> StudyRecord:
-    """study.json of a study directory (FerTuneError when it is not one)."""
+def read_study(sdir: str | Path, *, check: bool = True) -> StudyRecord:
+    """study.json of a study directory (FerTuneError when it is not one); `check`: its own Optuna database is
+    checked too (check_database)."""
     sdir = Path(sdir)
     f = sdir / STUDY_FILE
     if not f.is_file():
@@ -250,7 +256,56 @@ def read_study(sdir: str | Path) -> StudyRecord:
     _working_on(sdir)
     if isinstance(record.get("storage"), str):
         record["storage"] = located(record["storage"])
+    if check:
+        check_database(sdir, record)
     return record
+
+
+def own_database(sdir: str | Path, record: StudyRecord) -> Path | None:
+    """The study's own Optuna database (optuna.db in its directory), None when it keeps its trials elsewhere."""
+    db = Path(sdir).resolve() / OWN_DB
+    return db if record.get("storage") == f"sqlite:///{db}" else None
+
+
+def check_database(sdir: str | Path, record: StudyRecord) -> None:
+    """One clear error when the study's own optuna.db is damaged (a full disk or a kill mid-write, a network
+    filesystem) or lost while trials ran, naming the command that rebuilds it (fer-tune repair)."""
+    db = own_database(sdir, record)
+    if db is None:
+        return
+    fix = f"rebuild it from the trials' own results with: fer-tune repair {sdir}"
+    if not db.exists():
+        from ..runtime.layout import experiment_trials
+        from ..runtime.storage import experiment_dir
+
+        ran = sum(len(experiment_trials(experiment_dir(sdir, record, r), unsaved=True)) for r in record["runs"])
+        if ran:
+            raise FerTuneError(f"{db}, the study's Optuna database, is missing while {ran} trial(s) ran; {fix}")
+        return
+    problem = database_damage(db)
+    if problem:
+        raise FerTuneError(f"{db}, the study's Optuna database, is damaged ({problem}); {fix}")
+
+
+def database_damage(db: Path) -> str | None:
+    """What is wrong with an Optuna sqlite database, read only (None: it is whole and holds Optuna's tables)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        rows = con.execute("PRAGMA quick_check").fetchall()
+        con.execute("SELECT count(*) FROM trials").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return None if "locked" in str(exc) else str(exc)
+    finally:
+        con.close()
+    if rows == [("ok",)]:
+        return None
+    found = [line for r in rows for line in str(r[0]).splitlines() if line and not line.startswith("***")]
+    return "; ".join(found[:2]) + (f"; and {len(found) - 2} more" if len(found) > 2 else "")
 
 
 def write_study(sdir: Path, record: StudyRecord) -> None:

@@ -1,0 +1,147 @@
+"""A study whose own Optuna database is damaged or lost: every command says so in one line, and `fer-tune repair`
+rebuilds it from the trials' own results, so that the study goes on with the sampler's full history."""
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from conftest import fer_tune, kill_at_pause, pausing, study_trials, write_space
+
+from fer_tune.cli import damaged_database
+from fer_tune.common import FerTuneError
+from fer_tune.tune.study.record import check_database, database_damage
+
+
+def _same(t):
+    """What a trial is to the sampler and to fer-tune's readers."""
+    return (
+        t.number,
+        t.state.name,
+        t.params,
+        t.distributions,
+        t.values,
+        t.intermediate_values,
+        t.user_attrs,
+        t._trial_id,
+    )
+
+
+def _truncate(db, share):
+    with open(db, "r+b") as fh:
+        fh.truncate(int(db.stat().st_size * share))
+
+
+def _optuna_db(path, trials=3):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+    study = optuna.create_study(study_name="t", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=trials)
+    storage.engine.dispose()
+    return path
+
+
+def test_what_is_wrong_with_a_database_is_said_in_one_line(tmp_path):
+    good = _optuna_db(tmp_path / "good.db", trials=40)
+    assert database_damage(good) is None
+    cut = tmp_path / "cut.db"
+    for share in (0.9, 0.4, 0.0):
+        shutil.copy(good, cut)
+        _truncate(cut, share)
+        problem = database_damage(cut)
+        assert problem and "\n" not in problem, (share, problem)
+    shutil.copy(good, cut)
+    with open(cut, "r+b") as fh:  # a page overwritten with garbage
+        fh.seek(4096)
+        fh.write(bytes(range(256)) * 16)
+    assert database_damage(cut) and "\n" not in database_damage(cut)
+    # the record of a study whose own database is missing: refused once trials ran, fine before any did
+    sdir = tmp_path / "s"
+    (sdir / "tune").mkdir(parents=True)
+    record = {"storage": f"sqlite:///{sdir / 'optuna.db'}", "ray_storage": None, "runs": [{"dir": "tune"}]}
+    check_database(sdir, record)
+    (sdir / "tune" / "trial_1").mkdir()
+    (sdir / "tune" / "trial_1" / "params.json").write_text('{"x": 0.5}')
+    (sdir / "tune" / "trial_1" / "result.json").write_text('{"trial_id": "a1", "epoch": 1}\n')
+    with pytest.raises(FerTuneError, match=r"is missing while 1 trial\(s\) ran; .*fer-tune repair"):
+        check_database(sdir, record)
+    # damage found mid-command (sqlite's own error, wrapped by SQLAlchemy) is one line too
+    wrapped = RuntimeError("while telling a trial")
+    wrapped.__cause__ = sqlite3.DatabaseError("database disk image is malformed")
+    assert "fer-tune repair" in damaged_database(wrapped) and "\n" not in damaged_database(wrapped)
+    assert damaged_database(sqlite3.OperationalError("database is locked")) is None
+
+
+def test_a_lost_database_is_rebuilt_as_it_was_and_the_study_extends_on_it(tmp_path, env, small_study):
+    sdir = tmp_path / "t"
+    shutil.copytree(small_study, sdir)
+    truth = [_same(t) for t in study_trials(sdir)]
+    (sdir / "optuna.db").unlink()
+    for command in (("status", sdir), ("report", sdir), ("extend", sdir, "--num-samples", "1")):
+        r = fer_tune(env, *command)
+        assert r.returncode == 2, (command, r.stderr[-2000:])
+        assert "optuna.db, the study's Optuna database, is missing while 3 trial(s) ran" in r.stderr, r.stderr
+        assert f"fer-tune repair {sdir}" in r.stderr and "Traceback" not in r.stderr
+    assert not (sdir / "optuna.db").exists()  # no command made an empty one in its place
+
+    r = fer_tune(env, "repair", sdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 trials" in r.stdout and f"next: fer-tune status {sdir}" in r.stdout, r.stdout
+    assert [_same(t) for t in study_trials(sdir)] == truth
+    r = fer_tune(env, "repair", sdir)
+    assert r.returncode == 2 and "is whole" in r.stderr and "--force" in r.stderr
+
+    r = fer_tune(env, "extend", sdir, "--num-samples", "1", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_trials(sdir)
+    assert [_same(t) for t in trials[:3]] == truth and len(trials) == 4
+    assert trials[3].state.is_finished() and trials[3].params not in [t[2] for t in truth]
+
+
+def test_a_damaged_database_of_a_killed_sweep_is_rebuilt_and_the_study_resumes(tmp_path, env):
+    space = write_space(tmp_path, num_samples=5, max_epochs=3)
+    results = tmp_path / "results"
+    sdir = results / "t"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fer_tune.cli", "sweep", str(space), "--results", str(results), "--quiet"]
+        + ["--num-cpus", "2"],
+        env=pausing(env, tmp_path / "paused"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    kill_at_pause(proc, tmp_path / "paused", within=180)
+    truth = study_trials(sdir)
+    assert any(t.state.name == "RUNNING" for t in truth)
+    db = sdir / "optuna.db"
+    _truncate(db, 0.4)
+    for command in ("status", "resume"):
+        r = fer_tune(env, command, sdir, "--quiet" if command == "resume" else "--json")
+        assert r.returncode == 2 and "is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    r = fer_tune(env, "repair", sdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"next: fer-tune resume {sdir}" in r.stdout and "damaged database is kept as" in r.stdout, r.stdout
+    assert len(list(sdir.glob("optuna.db.damaged-*"))) == 1
+    rebuilt = {t.user_attrs["ray_trial_id"]: t for t in study_trials(sdir)}
+    for t in truth:  # every trial Tune had begun, as the study held it (finished ones with their values)
+        tid = t.user_attrs.get("ray_trial_id")
+        if tid in rebuilt and t.state.is_finished():
+            assert _same(rebuilt[tid]) == _same(t)
+        elif tid in rebuilt:
+            assert (rebuilt[tid].number, rebuilt[tid].params) == (t.number, t.params)
+    assert len(rebuilt) >= sum(t.state.is_finished() for t in truth)
+
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_trials(sdir)
+    assert len(trials) == 5 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5
+    for t in trials:  # the trials finished before the damage kept their values
+        before = rebuilt.get(t.user_attrs["ray_trial_id"])
+        if before is not None and before.state.is_finished():
+            assert _same(t) == _same(before)
