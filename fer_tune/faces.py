@@ -8,10 +8,15 @@ than the box the cascade draws around the same face: FRAME maps a detected box o
 An image that is already a face crop (FER2013's own, a cropped avatar) has no background for the cascade to tell a
 face from; the image is padded with its own border and enlarged before detection, and an image small and square
 enough to be a crop (CROP_SIDE, CROP_ASPECT) is taken whole when no box is found that fills most of it (CROP_BOX).
+A large photo is searched on a copy at most DETECT_MAX_SIDE long (faces under MIN_FACE of its shorter side are not
+searched anyway), and its faces are cut from the full-resolution image.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,8 @@ MIN_NEIGHBORS = 5
 MIN_FACE = 0.1  # the smallest face searched, as a fraction of the image's shorter side (and >= 24 px)
 DETECT_SIDE = 160  # small images are enlarged to this shorter side before detection
 PAD = 0.25  # and padded with their own border by this fraction of each side
+DETECT_MAX_SIDE = 1600  # large images are searched on a copy made this long on its longer side
+MAX_PIXELS = 100_000_000  # larger images are not read (--max-pixels): 100 megapixels, 400 MB as RGB
 FRAME = (0.0, 0.0, 1.03)  # FER2013's crop from a detected box: centre shift (x, y) in box widths, scale (measured)
 CROP_SIDE = 160  # an image at most this large ...
 CROP_ASPECT = 1.35  # ... and at most this elongated is a face crop: it is used whole unless a box is found that
@@ -40,19 +47,60 @@ class Face:
     detected: bool  # False: the whole image, taken as a face crop
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """The image at `path` as uint8 grayscale (H, W), turned upright by its EXIF orientation (phone photos)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+class Unreadable(FerTuneError):
+    """An image that cannot be classified: `reason` says why (missing, not an image, too large, truncated)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@contextmanager
+def pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Within: PIL's own decompression-bomb check at `limit` pixels (None: none), its warning raised as an error."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_gray(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image at `path` as uint8 grayscale (H, W), turned upright by its EXIF orientation (phone photos); its size
+    is checked from its header before it is decoded. Unreadable when it cannot be read, has more than `max_pixels`
+    pixels or does not decode whole (a file cut short)."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.uint8)
+        with pil_pixel_limit(None):  # the size is checked below, from the header, with its numbers in the message
+            im = Image.open(path)
     except FileNotFoundError:
-        raise FerTuneError(f"{path}: no such file") from None
+        raise Unreadable(path, "no such file") from None
     except IsADirectoryError:
-        raise FerTuneError(f"{path}: is a directory") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FerTuneError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+        raise Unreadable(path, "is a directory") from None
+    except Exception as exc:  # PIL's UnidentifiedImageError, or what a format's header parser raises
+        raise Unreadable(path, f"not a readable image ({exc.__class__.__name__})") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise Unreadable(path, f"{w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} (--max-pixels)")
+        try:
+            with pil_pixel_limit(max_pixels):  # PIL's check of what it decodes (frames, tiles), at the same limit
+                im.load()
+                return np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.uint8)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise Unreadable(path, f"decodes to more than {max_pixels:,} pixels (--max-pixels)") from None
+        except Exception as exc:  # whatever the format's decoder raises for data cut short or damaged
+            raise Unreadable(path, f"truncated or damaged image ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
 
 
 def _cv2():
@@ -87,15 +135,17 @@ class Detector:
             raise FerTuneError(f"OpenCV's {cascade} cannot be loaded from {cv2.data.haarcascades}")
 
     def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """Face boxes (x, y, w, h) in `gray`'s pixels, largest first."""
+        """Face boxes (x, y, w, h) in `gray`'s pixels, largest first (a large image is searched on a smaller copy)."""
         cv2 = self.cv2
         h, w = gray.shape
-        scale = max(1.0, DETECT_SIDE / min(h, w))
+        scale = min(max(1.0, DETECT_SIDE / min(h, w)), DETECT_MAX_SIDE / max(h, w))
         pad = int(round(PAD * max(h, w) * scale)) if scale > 1 else 0
         img = gray
         if scale > 1:
             img = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_CUBIC)
             img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        elif scale < 1:
+            img = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         side = max(24, int(MIN_FACE * min(h, w) * scale))
         found = self.cascade.detectMultiScale(
             cv2.equalizeHist(img), scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side)

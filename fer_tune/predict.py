@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from .common import EMOTIONS, FerTuneError, write_atomic
+from .faces import MAX_PIXELS, Unreadable, pil_pixel_limit
 
 USAGE = "fer-tune predict MODEL IMAGE..."
-CHUNK = 32  # images read, detected and classified together
+CHUNK = 32  # images whose faces are classified together
 ANNOTATED_SIDE = 240  # the shorter side an annotated image has at least
 ONNX_INPUT, ONNX_OUTPUT = "faces", "logits"  # model.onnx's tensors (fer_tune.export writes it)
 ONNX_META_KEY = "fer_tune"  # the model's record in model.onnx's metadata_props (JSON)
@@ -104,50 +105,39 @@ def load_model(path: str | Path) -> TorchModel | OnnxModel:
     return TorchModel(load_checkpoint(file, USAGE))
 
 
-def check_images(paths: list[str]) -> None:
-    """Every image can be opened (its header read), else one error naming the first few that cannot."""
-    from PIL import Image, UnidentifiedImageError
-
-    bad = []
-    for p in paths:
-        try:
-            with Image.open(p):
-                pass
-        except FileNotFoundError:
-            bad.append(f"{p}: no such file")
-        except IsADirectoryError:
-            bad.append(f"{p}: is a directory")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            bad.append(f"{p}: not a readable image ({exc.__class__.__name__})")
-    if bad:
-        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise FerTuneError(f"{len(bad)} of {len(paths)} image(s) cannot be read: " + "; ".join(bad[:5]) + more)
-
-
 def predict(
     model: TorchModel | OnnxModel,
     paths: list[str],
     *,
     detect: bool = True,
+    max_pixels: int = MAX_PIXELS,
     on_image: Callable[[str, dict], None] | None = None,
+    on_skip: Callable[[Unreadable], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Per image: {"image", "faces": [{"box": [x, y, w, h], "detected", "label", "probabilities"}]}; `detect`
-    False takes each image whole (images that are face crops). on_image(path, result) after each image
-    (annotation); progress(n) after each chunk of n images."""
+    """Per image classified: {"image", "faces": [{"box": [x, y, w, h], "detected", "label", "probabilities"}]};
+    `detect` False takes each image whole (images that are face crops). An image that cannot be read, has more
+    than `max_pixels` pixels or is truncated is skipped: on_skip(why); none classified is an error naming them.
+    on_image(path, result) after each image (annotation); progress(n) after each chunk of n images."""
     from .faces import Detector, read_gray, whole
 
-    check_images(paths)
     detector = Detector() if detect else None
-    results = []
+    results, skipped = [], []
     for start in range(0, len(paths), CHUNK):
-        chunk = paths[start : start + CHUNK]
-        grays = [read_gray(p) for p in chunk]
-        found = [detector.faces(g) if detector else [whole(g)] for g in grays]
-        flat = [f for faces in found for f in faces]
+        chunk, found = paths[start : start + CHUNK], []  # found: (path, faces) of the images read
+        for p in chunk:
+            try:
+                gray = read_gray(p, max_pixels)  # one full-resolution image held at a time
+            except Unreadable as why:
+                skipped.append(why)
+                if on_skip is not None:
+                    on_skip(why)
+                continue
+            found.append((p, detector.faces(gray) if detector else [whole(gray)]))
+        flat = [f for _, faces in found for f in faces]
         probs = model.probabilities(np.stack([f.pixels for f in flat])) if flat else np.zeros((0, len(EMOTIONS)))
         k = 0
-        for p, faces in zip(chunk, found):
+        for p, faces in found:
             rows = []
             for f in faces:
                 pr = probs[k]
@@ -165,6 +155,10 @@ def predict(
                 on_image(p, results[-1])
         if progress is not None:
             progress(len(chunk))
+    if skipped and not results:
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        named = "; ".join(str(why) for why in skipped[:5])
+        raise FerTuneError(f"no image can be classified ({len(skipped)} skipped): {named}{more}")
     return results
 
 
@@ -221,7 +215,7 @@ def annotate(image: str, result: dict, out_dir: Path, taken: set[str]) -> Path:
         k += 1
         name = f"{src.stem}-{k}{suffix}"
     taken.add(name)
-    with Image.open(src) as im:
+    with pil_pixel_limit(None), Image.open(src) as im:  # (its size was checked when it was read)
         canvas = ImageOps.exif_transpose(im).convert("RGB")
     zoom = max(1.0, ANNOTATED_SIDE / min(canvas.size))  # small images enlarged so that the labels fit
     if zoom > 1:

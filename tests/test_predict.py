@@ -1,12 +1,15 @@
 """predict on photos: faces found where they were put (real FER2013 faces when the dataset is here, fer-tune's
 synthetic faces otherwise), none in a scene without one, face crops taken whole, model.onnx checked against the
-torch model and run without torch, JSON / CSV / annotated outputs, and bad inputs in one line."""
+torch model and run without torch, JSON / CSV / annotated outputs, large photos searched on a smaller copy, bad
+photos skipped and named (exit 3), and bad inputs in one line."""
 
 import csv
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ cv2 = pytest.importorskip("cv2")
 from conftest import run_in_process  # noqa: E402
 
 from fer_tune.common import EMOTIONS  # noqa: E402
-from fer_tune.faces import Detector, frame_crop, looks_like_a_crop  # noqa: E402
+from fer_tune.faces import DETECT_MAX_SIDE, Detector, frame_crop, looks_like_a_crop  # noqa: E402
 
 
 def face_pool(n: int = 60) -> list[np.ndarray]:
@@ -108,6 +111,51 @@ def test_a_face_crop_is_taken_whole_and_a_small_box_in_it_is_not_the_face(detect
     # a box at the edge of an image is framed with the image's own border, never out of bounds
     edge = frame_crop(np.full((60, 60), 200, np.uint8), (40, 40, 30, 30), (0.0, 0.0, 1.5))
     assert edge.shape == (48, 48) and (edge == 200).all()
+
+
+class RecordingCascade:
+    """The cascade, recording the size of each image it searches; `boxes` in place of its answer when given."""
+
+    def __init__(self, cascade, boxes=None):
+        self.cascade, self.boxes, self.searched = cascade, boxes, []
+
+    def detectMultiScale(self, img, **kw):
+        self.searched.append(img.shape)
+        return self.cascade.detectMultiScale(img, **kw) if self.boxes is None else np.array(self.boxes)
+
+
+def test_a_large_photo_is_searched_on_a_smaller_copy_and_its_faces_cut_from_the_full_image(detectable):
+    det = Detector()
+    det.cascade = RecordingCascade(det.cascade)
+    photo = np.full((2000, 3000), 120, np.uint8)
+    placed = paste(photo, detectable[0], 1700, 800, 600)
+    faces = det.faces(photo)
+    assert det.cascade.searched == [(1067, DETECT_MAX_SIDE)]
+    assert len(faces) == 1 and iou(faces[0].box, placed) >= 0.5, [f.box for f in faces]  # in the photo's pixels
+    assert np.array_equal(faces[0].pixels, det.crop(photo, faces[0].box))  # cut from the full-resolution photo
+    # a box found on the copy comes back scaled to the photo (3000 / 1600 = 1.875)
+    det.cascade = RecordingCascade(det.cascade.cascade, boxes=[[100, 50, 200, 200]])
+    assert det.detect(photo) == [(188, 94, 375, 375)]
+    small = np.full((480, 640), 120, np.uint8)  # a photo no longer than DETECT_MAX_SIDE is searched as it is
+    det.detect(small)
+    assert det.cascade.searched == [(1067, DETECT_MAX_SIDE), (480, 640)]
+
+
+def png_header(path, width: int, height: int) -> None:
+    """A PNG that says it is width x height and holds no pixels: PIL opens it (the header), decoding fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def truncated_jpeg(path) -> None:
+    """A JPEG cut in half: its header reads, its pixels do not decode."""
+    noise = (np.random.default_rng(0).random((300, 400)) * 255).astype(np.uint8)
+    data = cv2.imencode(".jpg", noise)[1].tobytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
 def tiny_model(tmp_path):
@@ -259,3 +307,66 @@ def test_predict_bad_inputs_are_one_line(tmp_path, detectable):
     onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
     r = run("predict", tmp_path / "other.onnx", good)
     assert r.returncode == 2 and "not one fer-tune exported" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_predict_skips_bad_photos_names_each_and_exits_3(tmp_path, detectable):
+    from PIL import Image
+
+    model = tiny_model(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    group = np.full((360, 560), 110, np.uint8)
+    paste(group, detectable[0], 20, 30, 140)
+    cv2.imwrite(str(photos / "group.png"), group)
+    cv2.imwrite(str(photos / "crop.png"), detectable[1])
+    truncated_jpeg(photos / "truncated.jpg")
+    (photos / "notes.jpg").write_text("not an image")
+    cv2.imwrite(str(photos / "big.png"), np.full((500, 600), 90, np.uint8))  # 300,000 pixels
+    missing = tmp_path / "missing.png"
+    bad = {
+        "truncated.jpg": "truncated or damaged image (image file is truncated",
+        "notes.jpg": "not a readable image (UnidentifiedImageError)",
+        "big.png": "600x500 = 300,000 pixels, more than the limit of 250,000 (--max-pixels)",
+        "missing.png": "no such file",
+    }
+    limit = Image.MAX_IMAGE_PIXELS
+    r = run("predict", model, photos, missing, "--max-pixels", 250_000, "--json")
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert [json.loads(line)["image"].rsplit("/", 1)[-1] for line in r.stdout.splitlines()] == ["crop.png", "group.png"]
+    for name, why in bad.items():
+        assert r.stderr.count(name) == 1 and f"skipped {tmp_path}/" in r.stderr and f"{name}: {why}" in r.stderr
+    assert "4 of 6 image(s) skipped, 2 classified" in r.stderr and r.stderr.count("\n") == 5
+    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's own limit is left as it was
+
+    # CSV and annotations of the others; the text output
+    r = run(
+        "predict", model, photos, "--max-pixels", 250_000, "--csv", tmp_path / "f.csv", "--annotate", tmp_path / "a"
+    )
+    assert r.returncode == 3 and r.stdout == "", r.stderr
+    with open(tmp_path / "f.csv") as fh:
+        assert [row["image"].rsplit("/", 1)[-1] for row in csv.DictReader(fh)] == ["crop.png", "group.png"]
+    assert sorted(f.name for f in (tmp_path / "a").iterdir()) == ["crop.png", "group.png"]
+    r = run("predict", model, photos / "group.png", photos / "truncated.jpg")
+    assert r.returncode == 3 and r.stdout.startswith(f"{photos / 'group.png'}: face at x="), r.stderr
+
+    # a header that claims 20000x20000 (PIL's own check would raise): the default limit, checked before decoding
+    png_header(photos / "huge.png", 20000, 20000)
+    r = run("predict", model, photos / "group.png", photos / "huge.png")
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert "huge.png: 20000x20000 = 400,000,000 pixels, more than the limit of 100,000,000 (--max-pixels)" in r.stderr
+
+
+def test_predict_with_every_image_skipped_is_one_error_line(tmp_path):
+    model = tiny_model(tmp_path)
+    truncated_jpeg(tmp_path / "truncated.jpg")
+    (tmp_path / "notes.png").write_text("not an image")
+    png_header(tmp_path / "huge.png", 20000, 20000)
+    png_header(tmp_path / "header-only.png", 9500, 9500)  # above PIL's own limit (a warning), below fer-tune's
+    images = [tmp_path / name for name in ("truncated.jpg", "notes.png", "huge.png", "header-only.png")]
+    r = run("predict", model, *images, process=True)  # as a user's process: PIL's warnings would show
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("fer-tune: error: no image can be classified (4 skipped): ") and r.stdout == ""
+    for name in ("truncated.jpg: truncated", "notes.png: not a readable", "huge.png: 20000x20000", "header-only.png"):
+        assert r.stderr.count(name) == 1, r.stderr
+    r = run("predict", model, tmp_path / "notes.png", "--max-pixels", 0)
+    assert r.returncode == 2 and "--max-pixels must be >= 1" in r.stderr

@@ -8,13 +8,18 @@ import sys
 from pathlib import Path
 
 from ..common import FerTuneError
+from ..faces import DETECT_MAX_SIDE, MAX_PIXELS
 from .common import log, parser_with
+
+SOME_SKIPPED = 3  # the exit status when some images were skipped and the others classified
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..faces import image_paths
     from ..predict import annotate, load_model, predict, text_lines, write_csv
 
+    if args.max_pixels < 1:
+        raise FerTuneError(f"--max-pixels must be >= 1 (got {args.max_pixels})")
     paths = image_paths(args.images)
     out_dir = Path(args.annotate) if args.annotate else None
     if out_dir is not None:
@@ -37,13 +42,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), unit="image", file=sys.stderr, leave=False)
+    skipped = []  # named once the others are classified (when none is, the error names them)
     try:
         results = predict(
-            model, paths, detect=not args.no_detect, on_image=on_image, progress=bar.update if bar else None
+            model,
+            paths,
+            detect=not args.no_detect,
+            max_pixels=args.max_pixels,
+            on_image=on_image,
+            on_skip=skipped.append,
+            progress=bar.update if bar else None,
         )
     finally:
         if bar is not None:
             bar.close()
+    for why in skipped:
+        log.warning("skipped %s", why)
     if args.csv:
         rows = write_csv(results, args.csv)
         log.info("%d face(s) of %d image(s) in %s", rows, len(results), args.csv)
@@ -53,6 +67,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("\n".join(text_lines(results)))
     if out_dir is not None:
         log.info("annotated images in %s", out_dir)
+    if skipped:
+        log.warning("%d of %d image(s) skipped, %d classified", len(skipped), len(paths), len(results))
+        return SOME_SKIPPED
     return 0
 
 
@@ -66,11 +83,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune predict results/joint/final/model.onnx photos/ --csv faces.csv --annotate annotated/
         fer-tune predict results/joint/final 'shots/*.jpg' --json
         fer-tune predict results/joint/final crops/ --no-detect     # images that are already face crops
+        fer-tune predict results/joint/final photos/ --max-pixels 200000000   # photos up to 200 megapixels
     """,
         details="Faces are found with OpenCV's frontal-face Haar cascade and framed as FER2013's faces; an image "
         "with no face found that is small and square enough to be a face crop (at most 160 px) is classified "
         "whole. Each face is made grayscale 48x48 and classified with the test crops of the model's score "
-        "(TenCrop for a final stage's model).",
+        f"(TenCrop for a final stage's model). An image longer than {DETECT_MAX_SIDE} px is searched for faces on "
+        "a copy that long; its faces are cut from the full image and their boxes are in its pixels. An image "
+        "that cannot be read (missing, not an image), is truncated or has more pixels than --max-pixels (checked "
+        "from its header before it is decoded) is skipped and named on stderr. Exit status: 0 when every image "
+        f"was classified, {SOME_SKIPPED} when some were skipped and the others classified, 2 when none could be "
+        "(or on any other error).",
     )
     p.add_argument(
         "model",
@@ -87,5 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotate", metavar="DIR", default=None, help="write each image with its faces' boxes and labels")
     p.add_argument(
         "--no-detect", action="store_true", help="classify each image whole (images that are already face crops)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"skip images with more than N pixels (width x height; default {MAX_PIXELS:,}, e.g. 12000x8000 fits)",
     )
     p.set_defaults(func=cmd_predict)
