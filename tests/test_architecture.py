@@ -230,7 +230,13 @@ def test_the_tested_minor_versions_are_the_ones_installed(name):
     assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
 
 
-LAYOUT_NAMES = {"result.json", "tuner.pkl", "experiment_state-", "searcher-state-", "checkpoint_"}  # fer_tune.tune.runtime.layout's
+LAYOUT_NAMES = {
+    "result.json",
+    "tuner.pkl",
+    "experiment_state-",
+    "searcher-state-",
+    "checkpoint_",
+}  # fer_tune.tune.runtime.layout's
 
 
 def test_tunes_file_names_are_read_in_one_module():
