@@ -119,3 +119,78 @@ def test_a_tune_state_another_release_wrote_is_refused_in_one_line(tmp_path):
     (tmp_path / "tuner.pkl").write_bytes(b"cfer_tune.study\n_searcher_class\n.")  # a 0.2 study's searcher
     with pytest.raises(FerTuneError, match=r"written by fer-tune 0\.2\.0 and cannot be read by fer-tune .*release"):
         restore_tuner(str(tmp_path), lambda config: None, "0.2.0")
+
+
+def _finished_trial(exp, tid, values, cb=None, *, status="completed"):
+    """A trial's directory with a checkpoint per epoch (`values`: its val_acc by epoch), fed to `cb` as Tune would:
+    each epoch's checkpoint and result, then its completion."""
+    trial_dir = exp / f"study_trial_{tid}_1_x=1"
+    fs = pafs.LocalFileSystem()
+    for i, v in enumerate(values):
+        d = trial_dir / f"checkpoint_{i:06d}"
+        d.mkdir(parents=True)
+        (d / "state.pt").write_text("weights")
+        row = {"epoch": i + 1, "val_acc": v, "trial_id": tid, "status": status if i == len(values) - 1 else "running"}
+        write_meta(d, row)
+        with open(trial_dir / "result.json", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if cb is not None:
+            trial = SimpleNamespace(trial_id=tid, last_result=row)
+            cb.on_checkpoint(0, [], trial, SimpleNamespace(filesystem=fs, path=str(d)))
+            cb.on_trial_result(0, [], trial, row)
+    if cb is not None:
+        cb.on_trial_complete(0, [], SimpleNamespace(trial_id=tid, last_result=row))
+    return trial_dir
+
+
+def _weights(trial_dir):
+    return [p.name for p in sorted(trial_dir.glob("checkpoint_*")) if (p / "state.pt").exists()]
+
+
+def test_finished_trials_keep_only_what_can_matter_again(tmp_path):
+    from fer_tune.tune.study.footprint import FinishedCheckpoints
+
+    exp = tmp_path / "tune"
+    cb = FinishedCheckpoints(keep=2, metric="val_acc", mode="max", max_epochs=3, history_dirs=[], grace_s=0)
+    a = _finished_trial(exp, "a", [20, 40, 30], cb)  # completed, best epoch 2
+    p = _finished_trial(exp, "p", [10], cb, status="pruned")  # stopped early by ASHA
+    d = _finished_trial(exp, "d", [35, 36, float("nan")], cb, status="diverged")
+    b = _finished_trial(exp, "b", [50, 45, 44], cb)  # completed, best epoch 1
+    assert _weights(a) == ["checkpoint_000001"] and _weights(b) == ["checkpoint_000000"]
+    assert _weights(p) == [] and _weights(d) == []
+    c = _finished_trial(exp, "c", [41, 42, 60], cb)  # a better one pushes `a` out of the top 2
+    assert _weights(c) == ["checkpoint_000002"] and _weights(b) == ["checkpoint_000000"] and _weights(a) == []
+    for trial_dir in (a, p, d, b, c):  # emptied checkpoints keep their directory and the epoch's result
+        assert all(list(ck.glob("result-*.json")) for ck in trial_dir.glob("checkpoint_*"))
+    assert cb.emptied == 2 + 1 + 3 + 2 + 2 + 1
+
+    # within the grace period nothing goes (Tune's saved state may not say the trial finished yet); at the end of
+    # the run everything due goes
+    cb = FinishedCheckpoints(keep=1, metric="val_acc", mode="max", max_epochs=3, history_dirs=[], grace_s=60)
+    e = _finished_trial(tmp_path / "tune2", "e", [1, 2, 3], cb)
+    f = _finished_trial(tmp_path / "tune2", "f", [5], cb, status="pruned")
+    assert len(_weights(e)) == 3 and len(_weights(f)) == 1
+    cb.on_experiment_end([])
+    assert _weights(e) == ["checkpoint_000002"] and _weights(f) == []
+
+
+def test_a_resumed_study_reads_the_trials_earlier_drivers_finished(tmp_path):
+    from fer_tune.tune.study.footprint import FinishedCheckpoints
+
+    exp = tmp_path / "tune"
+    old = {"g": _finished_trial(exp, "g", [30, 31, 32]), "h": _finished_trial(exp, "h", [70], status="pruned")}
+    old["r"] = _finished_trial(exp, "r", [10, 11])  # running when its driver stopped: a resume continues it
+    old["x"] = _finished_trial(exp, "x", [12])  # errored: a resume retries it from its last checkpoint
+    status = {"g": "TERMINATED", "h": "TERMINATED", "r": "RUNNING", "x": "ERROR"}
+    state = {
+        "trial_data": [
+            [json.dumps({"trial_id": t, "status": s, "relative_logdir": old[t].name, "config": {}}), "{}"]
+            for t, s in status.items()
+        ]
+    }
+    (exp / "experiment_state-2026-12-06_10-00-00.json").write_text(json.dumps(state))
+    cb = FinishedCheckpoints(keep=1, metric="val_acc", mode="max", max_epochs=3, history_dirs=[str(exp)], grace_s=60)
+    i = _finished_trial(exp, "i", [40, 50, 45], cb)  # better than g: g's best goes too
+    cb.on_experiment_end([])
+    assert _weights(old["g"]) == [] and _weights(old["h"]) == [] and _weights(i) == ["checkpoint_000001"]
+    assert len(_weights(old["r"])) == 2 and len(_weights(old["x"])) == 1

@@ -279,3 +279,24 @@ def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_p
         ray_log.handle(logging.LogRecord("ray", logging.WARNING, __file__, 1, f"message {i}", None, None))
     ray_log.close()
     assert ray_log.broken and "Logging error" not in capsys.readouterr().err
+
+
+def test_tunes_snapshot_period_grows_with_the_time_a_snapshot_takes(monkeypatch):
+    """At least every 3 s while a snapshot is cheap; at most 5 % of the driver's time once the state is big."""
+    from fer_tune.tune.runtime import internals as ri
+    from fer_tune.tune.runtime.session import bounded_snapshots, tune_env
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    tune_env("quiet")
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "auto"
+    bounded_snapshots()  # idempotent
+    manager = ri.snapshot_manager()
+    snap = manager(storage=None, checkpoint_period="auto")
+    period = lambda: getattr(snap, ri.SNAPSHOT_ATTRS[1])  # noqa: E731
+    assert period() == 3.0
+    for took, expected in ((0.01, 3.0), (0.5, 9.5), (2.0, 38.0)):
+        getattr(snap, ri.SNAPSHOT_UPDATE)(took)
+        assert period() == pytest.approx(expected)
+    fixed = manager(storage=None, checkpoint_period="0")  # a period the user (or a test) set stands
+    getattr(fixed, ri.SNAPSHOT_UPDATE)(2.0)
+    assert getattr(fixed, ri.SNAPSHOT_ATTRS[1]) == 0.0

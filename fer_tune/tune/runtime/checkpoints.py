@@ -62,12 +62,12 @@ def checkpointed_results(trial_dir: str, missing: Callable[[int], bool] | None =
     return rows
 
 
-def _siblings(fs, path: str) -> list[str]:
+def checkpoint_dirs(fs, directory: str) -> list[str]:
+    """The checkpoint directories in a trial's directory, newest first."""
     import pyarrow.fs as pafs
 
-    parent = path.rstrip("/").rsplit("/", 1)[0]
     try:
-        infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(directory.rstrip("/"), allow_not_found=True))
     except OSError:
         return []
     return sorted(
@@ -76,7 +76,12 @@ def _siblings(fs, path: str) -> list[str]:
     )
 
 
-def _read_meta(fs, path: str) -> dict:
+def siblings(fs, path: str) -> list[str]:
+    """The checkpoint directories beside the checkpoint at `path` (itself too), newest first."""
+    return checkpoint_dirs(fs, path.rstrip("/").rsplit("/", 1)[0])
+
+
+def read_meta(fs, path: str) -> dict:
     """The result a checkpoint directory holds ({} when it has none or it cannot be read)."""
     import pyarrow.fs as pafs
 
@@ -102,8 +107,8 @@ def restore(checkpoint: Any, load: Callable[[Path], Any], order: Callable[[dict]
     order = order or (lambda meta: float(meta.get("epoch", -1)))
 
     def fallbacks():  # listed and ranked only when the handed checkpoint cannot be restored
-        others = [p for p in _siblings(fs, checkpoint.path) if p != checkpoint.path]
-        rank = {p: (order(_read_meta(fs, p)), p) for p in others}
+        others = [p for p in siblings(fs, checkpoint.path) if p != checkpoint.path]
+        rank = {p: (order(read_meta(fs, p)), p) for p in others}
         yield from sorted(others, key=lambda p: rank[p], reverse=True)
 
     for path in itertools.chain([checkpoint.path], fallbacks()):
@@ -123,17 +128,21 @@ def restore(checkpoint: Any, load: Callable[[Path], Any], order: Callable[[dict]
 GRACE_S = 60.0  # a checkpoint is deleted only this long after a newer one came: by then a saved state names that
 
 
-def _empty(fs, path: str) -> None:
+def empty(fs, path: str) -> int:
     """Delete a checkpoint's contents but its result-EPOCH.json: the directory stays (so Tune, restoring a trial
     from it, finds it and the trial falls back to its newest intact checkpoint) and so does the epoch's result
-    (a few hundred bytes)."""
+    (a few hundred bytes). How many entries went (0: it was emptied already)."""
     import pyarrow.fs as pafs
 
+    n = 0
     for info in fs.get_file_info(pafs.FileSelector(path.rstrip("/"))):
         if info.type == pafs.FileType.Directory:
             fs.delete_dir(info.path)
+            n += 1
         elif not META_RE.fullmatch(info.base_name):
             fs.delete_file(info.path)
+            n += 1
+    return n
 
 
 def pruner(
@@ -171,7 +180,7 @@ def pruner(
             fs, path = checkpoint.filesystem, checkpoint.path
             kept = self._kept.get(trial.trial_id)
             if kept is None:  # first sight in this driver: the trial's checkpoints from before a restart
-                kept = [self._entry(p, _read_meta(fs, p)) for p in sorted(_siblings(fs, path)) if p != path]
+                kept = [self._entry(p, read_meta(fs, p)) for p in sorted(siblings(fs, path)) if p != path]
                 self._kept[trial.trial_id] = kept
             kept[:] = [e for e in kept if e["path"] != path]  # a restored trial writes its index again
             kept.append(self._entry(path, trial.last_result or {}))
@@ -183,7 +192,7 @@ def pruner(
                 if e["pinned"] or e is best or now - newer["t"] < grace_s:
                     continue
                 try:
-                    _empty(fs, e["path"])
+                    empty(fs, e["path"])
                 except FileNotFoundError:
                     pass
                 except OSError as exc:  # storage hiccup: try again with the next checkpoint
@@ -192,3 +201,7 @@ def pruner(
                 kept.remove(e)
 
     return Pruner()
+
+
+# the names under which Tune states saved by earlier releases pickled these functions (a study's tuner.pkl)
+_siblings, _read_meta, _empty = siblings, read_meta, empty

@@ -23,6 +23,11 @@ STORAGE_UPLOAD = ("ray.train._internal.storage", "_upload_to_fs_path")
 # ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
 ASHA_ATTRS = ("_brackets", "_metric", "_metric_op", "_time_attr")
 BRACKET_ATTRS = ("_rungs",)
+# Tune's snapshots of its experiment state: the manager that takes them every `_checkpoint_period` seconds, and in
+# the "auto" mode (`_auto_checkpoint_enabled`) sets that period from the time each snapshot took
+SNAPSHOT_MANAGER = ("ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
+SNAPSHOT_ATTRS = ("_auto_checkpoint_enabled", "_checkpoint_period")
+SNAPSHOT_UPDATE = "_update_auto_checkpoint_time"
 # GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
 # a trial visited grid point `grid_id` of `search_space` (its system attributes)
 GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")
@@ -79,6 +84,14 @@ def grid_point(sampler: Any, params: dict) -> dict:
     if point not in sampler._all_grids:
         return {}
     return {"grid_id": sampler._all_grids.index(point), "search_space": sampler._search_space}
+
+
+def snapshot_manager() -> Any:
+    """The class whose instance times Tune's snapshots of its experiment state (see SNAPSHOT_MANAGER)."""
+    import importlib
+
+    module, name = SNAPSHOT_MANAGER
+    return getattr(importlib.import_module(module), name)
 
 
 def tuner_run_config(tuner: Any) -> Any:

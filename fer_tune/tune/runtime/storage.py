@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from ...common import FerTuneError
@@ -90,6 +91,15 @@ def _fs(loc: str):
         return pafs.FileSystem.from_uri(loc)
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise FerTuneError(f"storage {loc}: {exc}") from None
+
+
+def filesystem(loc: str | Path) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) of a local path or URI."""
+    import pyarrow.fs as pafs
+
+    if is_uri(loc):
+        return _fs(str(loc))
+    return pafs.LocalFileSystem(), str(Path(loc).resolve())
 
 
 @contextmanager

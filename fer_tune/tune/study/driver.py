@@ -74,6 +74,7 @@ def _run(
     from ray import tune
 
     from ..runtime.checkpoints import pruner
+    from .footprint import FinishedCheckpoints
     from .searcher import FinishedInStudy, NumpyTBXLoggerCallback, StudySearch, make_scheduler
 
     ray_log_to(sdir / "ray.log")
@@ -105,7 +106,21 @@ def _run(
             max_epochs=spec.max_epochs,
             adopt=restore,  # a run whose driver died before Tune saved a state: it starts over
         )
-        scheduler = make_scheduler(spec, [experiment_dir(sdir, record, r) for r in record["runs"]])
+        history = [experiment_dir(sdir, record, r) for r in record["runs"]]
+        scheduler = make_scheduler(spec, history)
+        callbacks = [NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)]
+        keep = record["spec"].get("keep_checkpoints", "all")  # a study of an earlier release keeps all
+        if keep != "all":
+            callbacks.append(
+                FinishedCheckpoints(
+                    keep=keep,
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    max_epochs=spec.max_epochs,
+                    history_dirs=history,
+                    multi=spec.multi,
+                )
+            )
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(
@@ -115,13 +130,10 @@ def _run(
                 max_concurrent_trials=max_conc or None,
                 reuse_actors=True,
             ),
-            # Tune deletes no checkpoint: fer_tune.tune.runtime.checkpoints keeps each trial's latest 3 and its best
+            # Tune deletes no checkpoint: fer_tune.tune.runtime.checkpoints keeps each running trial's latest 3 and
+            # its best, fer_tune.tune.study.footprint those of finished trials that matter
             run_config=run_config(
-                run["dir"],
-                study_storage(sdir, record),
-                output,
-                [NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)],
-                stop=FinishedInStudy(record),
+                run["dir"], study_storage(sdir, record), output, callbacks, stop=FinishedInStudy(record)
             ),
         )
     set_output(tuner, output, study_progress(record, spec, run), exp_dir)

@@ -13,6 +13,8 @@ shown with `# default`)::
     num_samples: 10                   # default; grid: default (and at most) the grid size
     max_epochs: 10                    # default; every trial's TrainConfig.epochs
     early_stopping: {type: asha, grace_period: 1, reduction_factor: 2}   # default; asha | median | none
+    keep_checkpoints: 4               # default; once trials finish, the best checkpoint of the K best completed
+                                      # trials is kept and the others emptied; all: every trial keeps its own
     resources: {cpu: 1, gpu: 0}       # default; per trial; gpu may be a fraction (0.25 = four trials per GPU)
     data: {path: synthetic:1500, protocol: paper}   # default: --data, else synthetic, protocol paper
                                       # data: {required: true}: the study needs --data with real images
@@ -49,7 +51,7 @@ from typing import Any
 
 from ...common import NAME_RULE, FerTuneError, is_plain_name
 from ...config import TrainConfig, coerce
-from .spec import Param, StudySpec, parse_objectives
+from .spec import KEEP_DEFAULT, Param, StudySpec, parse_objectives
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2")
 STOPPERS = ("asha", "median", "none")
@@ -64,6 +66,7 @@ TOP_KEYS = (
     "num_samples",
     "max_epochs",
     "early_stopping",
+    "keep_checkpoints",
     "resources",
     "data",
     "fixed",
@@ -147,6 +150,10 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
     spec.data = _parse_data(get("data", dict, {}), err)
     spec.resources = _parse_resources(get("resources", dict, {}), err)
     spec.early_stopping = _parse_stopping(get("early_stopping", dict, {"type": "asha"}), spec.max_epochs, err)
+    keep = raw.get("keep_checkpoints", KEEP_DEFAULT)
+    if keep != "all" and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise err(f"keep_checkpoints must be an integer >= 0 or all, got {keep!r}")
+    spec.keep_checkpoints = keep
 
     if spec.sampler == "grid":
         bad = [p.name for p in spec.space.values() if p.type in ("float", "int")]

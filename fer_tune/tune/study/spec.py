@@ -44,6 +44,9 @@ class Param:
         return out
 
 
+KEEP_DEFAULT = 4  # keep_checkpoints: once trials finish, the K best completed ones keep their best (footprint.py)
+
+
 @dataclass
 class StudySpec:
     name: str
@@ -56,6 +59,7 @@ class StudySpec:
     num_samples: int = 10
     max_epochs: int = 10
     early_stopping: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    keep_checkpoints: int | str = KEEP_DEFAULT  # the K best completed trials keep their best checkpoint, or "all"
     resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     data: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
@@ -169,6 +173,7 @@ class StudySpec:
             "num_samples": self.num_samples,
             "max_epochs": self.max_epochs,
             "early_stopping": self.early_stopping,
+            "keep_checkpoints": self.keep_checkpoints,
             "resources": self.resources,
             "data": self.data,
             "fixed": self.fixed,

@@ -1,0 +1,192 @@
+"""A study's bookkeeping as it grows: many tiny trials, the driver's CPU, the trial rate, the disk per trial.
+
+    python benchmarks/bench_scale.py --arm before --trials 1000 --out /tmp/scale   # the earlier settings
+    python benchmarks/bench_scale.py --arm after --trials 1000 --out /tmp/scale    # fer-tune's defaults
+    python benchmarks/bench_scale.py --combine --out /tmp/scale                    # one table of every arm run
+
+Each arm runs `fer-tune sweep` (a subprocess, its own local Ray on this machine's cores) on a study of tiny trials:
+width 0.0625 on synthetic:400, 2 epochs, ASHA (grace 1), TPE over lr, dropout and the optimizer, 1 CPU per trial.
+The arms differ only in what this benchmark measures:
+
+- before: Tune's state snapshotted every 3 s whatever its size (TUNE_GLOBAL_CHECKPOINT_S=3) and every trial's
+  checkpoints kept (`keep_checkpoints: all`): how fer-tune ran studies until now;
+- after: fer-tune's defaults (a snapshot period of max(3 s, 19 x the time a snapshot takes); the checkpoints of
+  finished trials that cannot matter again emptied, the best of the 4 best completed trials kept).
+
+While the sweep runs, the driver process's CPU time is sampled every 2 s (its own, not Ray's daemons' or the
+trials'); at the end: wall time, trials/s overall and per tenth of the study (from Optuna's completion times), the
+driver's CPU share, the size of Tune's experiment state, the study directory's bytes and bytes per finished trial.
+Each arm writes OUT/ARM-N.json; --combine prints them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def space(trials: int, arm: str) -> dict:
+    return {
+        "name": "scale",
+        "sampler": "tpe",
+        "seed": 0,
+        "num_samples": trials,
+        "max_epochs": 2,
+        "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "keep_checkpoints": "all" if arm == "before" else 4,
+        "resources": {"cpu": 1, "gpu": 0},
+        "data": {"path": "synthetic:400", "protocol": "paper"},
+        "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
+        "space": {
+            "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
+            "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+            "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        },
+    }
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The process's own CPU time (user + system), from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"scale-{args.arm}-", dir=args.workdir))
+    (work / "scale.yaml").write_text(yaml.safe_dump(space(args.trials, args.arm), sort_keys=False))
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+    }
+    env.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
+    if args.arm == "before":
+        env["TUNE_GLOBAL_CHECKPOINT_S"] = "3"
+    cmd = [sys.executable, "-m", "fer_tune.cli", "sweep", str(work / "scale.yaml"), "--results", str(work)]
+    cmd += ["--quiet", "--num-cpus", str(args.num_cpus)]
+    t0 = time.time()
+    log = open(work / "sweep.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    samples = []  # (seconds since launch, driver CPU seconds)
+    while proc.poll() is None:
+        cpu = cpu_seconds(proc.pid)
+        if cpu is not None:
+            samples.append((time.time() - t0, cpu))
+        time.sleep(2)
+    wall = time.time() - t0
+    log.close()
+    if proc.returncode:
+        sys.exit(f"sweep failed ({proc.returncode}); see {work / 'sweep.log'}")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sdir = work / "scale"
+    trials = optuna.load_study(study_name="scale", storage=f"sqlite:///{sdir / 'optuna.db'}").trials
+    done = sorted(t.datetime_complete.timestamp() for t in trials if t.datetime_complete)
+    tenths = []
+    n = len(done)
+    for i in range(10):  # trials/s over each tenth of the study, by completion order
+        a, b = done[i * n // 10], done[min(n - 1, (i + 1) * n // 10 - 1)]
+        k = (i + 1) * n // 10 - i * n // 10
+        tenths.append(round(k / max(b - a, 1e-9), 2))
+    states = sorted((sdir / "tune").glob("experiment_state-*.json"))
+    cpu = samples[-1][1] if samples else 0.0
+    result = {
+        "arm": args.arm,
+        "trials": n,
+        "states": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")},
+        "wall_s": round(wall, 1),
+        "trials_per_s": round(n / (done[-1] - done[0]), 2) if n > 1 else None,
+        "trials_per_s_by_tenth": tenths,
+        "driver_cpu_s": round(cpu, 1),
+        "driver_cpu_share": round(cpu / wall, 3),
+        "driver_cpu_last_tenth": _last_share(samples),
+        "experiment_state_bytes": states[-1].stat().st_size if states else 0,
+        "study_bytes": du(sdir),
+        "bytes_per_trial": du(sdir) // max(n, 1),
+        "checkpoint_bytes": sum(du(p) for p in (sdir / "tune").glob("*/checkpoint_*")),
+        "host_cpus": os.cpu_count(),
+        "code": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    k = 1
+    while (out / f"{args.arm}-{args.trials}-{k}.json").exists():
+        k += 1
+    (out / f"{args.arm}-{args.trials}-{k}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _last_share(samples: list[tuple[float, float]]) -> float | None:
+    """The driver's CPU share over the last tenth of the run."""
+    if len(samples) < 10:
+        return None
+    a = samples[-max(2, len(samples) // 10)]
+    b = samples[-1]
+    return round((b[1] - a[1]) / max(b[0] - a[0], 1e-9), 3)
+
+
+def combine(args) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*.json"))]
+    keys = [
+        ("arm", "arm"),
+        ("trials", "trials"),
+        ("wall_s", "wall s"),
+        ("trials_per_s", "trials/s"),
+        ("driver_cpu_share", "driver CPU share"),
+        ("driver_cpu_last_tenth", "driver CPU, last tenth"),
+        ("experiment_state_bytes", "Tune state bytes"),
+        ("bytes_per_trial", "bytes / trial"),
+        ("checkpoint_bytes", "checkpoint bytes"),
+    ]
+    print("| " + " | ".join(h for _, h in keys) + " | trials/s by tenth |")
+    print("|" + "---|" * (len(keys) + 1))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k)) for k, _ in keys) + f" | {r['trials_per_s_by_tenth']} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", choices=("before", "after"))
+    p.add_argument("--trials", type=int, default=1000)
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--out", default="/tmp/bench_scale")
+    p.add_argument("--workdir", default=None, help="where the study is written (default: the system's temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the study directory")
+    p.add_argument("--combine", action="store_true")
+    args = p.parse_args()
+    if args.combine:
+        combine(args)
+    elif args.arm:
+        run(args)
+    else:
+        p.error("give --arm before|after, or --combine")
+
+
+if __name__ == "__main__":
+    main()
