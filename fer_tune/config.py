@@ -215,3 +215,31 @@ def coerce(key: str, value: Any, *, source: str = "config") -> Any:
         what = {"int": "an int", "float": "a float", "str": "a str", "bool": "true or false"}.get(str(kind), str(kind))
         raise FerTuneError(f"{source}: {key} must be {what}, got {value!r}") from None
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a checkpoint's size, without building the model (the study's driver never imports torch)
+# ---------------------------------------------------------------------------------------------------------
+# torchvision's models at their one size, 1-channel input and the 7-way head (tests check them against torch)
+TORCHVISION_PARAMS = {"vgg16": 134_288_071, "resnet50": 23_516_103, "efficientnet_b3": 10_706_271}
+MOMENTS = {"sgd": 1, "sgd_nesterov": 1, "asgd": 1, "adam": 2, "amsgrad": 3, "adamw": 2, "adadelta": 2, "adagrad": 1}
+
+
+def model_parameters(model: str, width: float, num_classes: int = 7) -> int:
+    """The parameter count of a model of the zoo (fer_tune.models), computed from its layout."""
+    if model != "vgg_variant":
+        return TORCHVISION_PARAMS[model]
+    c1, c2, c3, c4 = (max(1, int(round(n * width))) for n in (64, 128, 256, 512))
+    hidden = max(1, int(round(4096 * width)))
+    n, cin = 0, 1
+    for c in (c1, c2, c3, c4):  # two 3x3 convs and two BatchNorms (weight and bias) per stage
+        n += (cin * 9 + 1) * c + (c * 9 + 1) * c + 4 * c
+        cin = c
+    return n + (c4 * 4 + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * num_classes
+
+
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About the size of one training checkpoint of `cfg`: fp32 weights, the optimizer's per-parameter state and
+    the EMA copy of the weights (ema > 0)."""
+    params = model_parameters(cfg.model, cfg.width)
+    return params * 4 * (1 + MOMENTS.get(cfg.optimizer, 2) + (cfg.ema > 0)) + 2**20

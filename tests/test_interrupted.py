@@ -300,3 +300,47 @@ def test_tunes_snapshot_period_grows_with_the_time_a_snapshot_takes(monkeypatch)
     fixed = manager(storage=None, checkpoint_period="0")  # a period the user (or a test) set stands
     getattr(fixed, ri.SNAPSHOT_UPDATE)(2.0)
     assert getattr(fixed, ri.SNAPSHOT_ATTRS[1]) == 0.0
+
+
+def test_free_space_below_what_the_checkpoints_need_is_said_up_front(tmp_path, caplog):
+    from fer_tune.tune.runtime.preflight import check_free_space
+
+    free = shutil.disk_usage(tmp_path).free
+    with caplog.at_level("WARNING", logger="fer_tune"):
+        check_free_space([str(tmp_path), str(tmp_path / "not" / "yet"), "s3://bucket/x"], free // 2, "a few")
+        assert not caplog.records
+        check_free_space([str(tmp_path / "study"), str(tmp_path / "tune")], free * 2, "40 checkpoints of 9 MiB")
+    (line,) = [r.getMessage() for r in caplog.records]  # one filesystem, one warning
+    assert "free, and the checkpoints will need about" in line and "40 checkpoints of 9 MiB" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_resumes_once_space_is_freed(tmp_path, env):
+    """A results filesystem of 12 MiB: the sweep is warned up front, stops in one line when the disk is full
+    (exit 130, no traceback), and `fer-tune resume` finishes the study once the filesystem is made larger."""
+    disk = tmp_path / "scratch"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], check=True)
+    try:
+        space = write_space(tmp_path, num_samples=6, max_epochs=4)
+        r = subprocess.run(
+            cli_args("sweep", space, "--results", disk, "--quiet"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 130, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "free, and the checkpoints will need about" in r.stderr, r.stderr[-3000:]
+        assert "fer-tune: error: no space left on device" in r.stderr and "fer-tune resume" in r.stderr
+        assert len(r.stderr.strip().splitlines()) <= 6, r.stderr
+        subprocess.run(["mount", "-o", "remount,size=600m", str(disk)], check=True)
+        r = subprocess.run(
+            cli_args("resume", disk / "t", "--quiet"), env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        _all_finished_once(disk / "t", 6)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

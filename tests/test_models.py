@@ -98,3 +98,15 @@ def test_bad_weights_files(tmp_path):
     torch.save({"fc.weight": torch.zeros(7, 3)}, tmp_path / "wrong.pt")
     with pytest.raises(FerTuneError, match="does not fit"):
         create_model("efficientnet_b3", weights=str(tmp_path / "wrong.pt"))
+
+
+def test_the_parameter_count_a_driver_reckons_without_torch_is_the_models():
+    """fer_tune.config.model_parameters (the free-space estimate before a study) against the built models."""
+    from fer_tune.config import TORCHVISION_PARAMS, model_parameters
+    from fer_tune.models import count_params, create_model
+
+    for width in (1.0, 0.5, 0.3, 0.0625):
+        assert model_parameters("vgg_variant", width) == count_params(create_model("vgg_variant", width=width))
+    for name, n in TORCHVISION_PARAMS.items():
+        with torch.device("meta"):
+            assert count_params(create_model(name)) == n, name

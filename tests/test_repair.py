@@ -11,7 +11,7 @@ from conftest import fer_tune, kill_at_pause, pausing, study_trials, write_space
 
 from fer_tune.cli import damaged_database
 from fer_tune.common import FerTuneError
-from fer_tune.tune.study.record import check_database, database_damage
+from fer_tune.tune.study.database import check_database, database_damage
 
 
 def _same(t):

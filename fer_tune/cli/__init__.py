@@ -209,6 +209,15 @@ def disk_full(exc: BaseException) -> str | None:
             where = f" writing {name} ({free / 2**20:.1f} MiB free on its filesystem)"
         except OSError:
             where = f" writing {name}"
+    else:  # sqlite's and some libraries' errors name no file: the filesystem of the study being written
+        from ..tune.study.record import working_on
+
+        sdir = working_on()
+        try:
+            if sdir is not None:
+                where = f" (the study {sdir}: {shutil.disk_usage(sdir).free / 2**20:.1f} MiB free on its filesystem)"
+        except OSError:
+            pass
     return (
         f"no space left on device{where}: the command stopped; free some space (or a quota) on the results' or "
         "the Ray storage's filesystem, then continue it: fer-tune resume STUDY (or the same final/pbt command)"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ...common import NAME_RULE, FerTuneError, is_plain_name, write_json
+from ...config import TrainConfig, checkpoint_bytes
 from ...recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
 from ..mlflow.final import catch_up_final, track_final
 from ..mlflow.tracking import check as check_tracking
@@ -236,6 +237,15 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
     with ray_session(opts.address, num_cpus=opts.num_cpus, output=output):
         preflight.check_run(
             rec["ray_storage"], opts.address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
+        )
+        runs = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})))
+        kept = 3 + rec["config"]["epochs"] // max(1, rec["eval_every"]) + 2  # latest, snapshots, fine-tune start, end
+        per = checkpoint_bytes(TrainConfig.from_dict(rec["config"]))
+        preflight.check_free_space(
+            [str(out), rec["ray_storage"]],
+            runs * kept * per,
+            f"{runs} run(s) x {kept} checkpoints of {per / 2**20:.0f} MiB: the latest 3, the evaluation snapshots, "
+            "the fine-tune's start and end",
         )
         if new:
             log.info("%s", announce)

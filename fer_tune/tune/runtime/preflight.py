@@ -189,6 +189,41 @@ def check_run(loc: str, address: str | None, resources: dict, fix: str, what: st
     check_trials_fit(resources, address, fix, what)
 
 
+def check_free_space(places: list[str | None], need: int, detail: str) -> None:
+    """One warning per local filesystem among `places` (the study directory, the Ray storage; URIs are skipped)
+    with less free space than `need` bytes: what the run's checkpoints will take (`detail` says how it was
+    reckoned). A full disk stops a command cleanly and `resume` continues it, but a warning up front is cheaper."""
+    import shutil
+
+    seen: set[int] = set()
+    for place in places:
+        if place is None or fs.is_uri(place):
+            continue
+        path = Path(place).resolve()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            dev, free = path.stat().st_dev, shutil.disk_usage(path).free
+        except OSError:
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        if free < need:
+            log.warning(
+                "fer-tune: %s has %s free, and the checkpoints will need about %s (%s); a full disk stops the "
+                "run (continue it once space is freed)",
+                place,
+                _size(free),
+                _size(need),
+                detail,
+            )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the per-node report
 # ---------------------------------------------------------------------------------------------------------

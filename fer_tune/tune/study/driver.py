@@ -41,6 +41,7 @@ from ..runtime.session import (
     say_ray_log,
     set_output,
     set_pending_trials,
+    trials_that_fit,
 )
 from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
 from ..runtime.storage import experiment_dir, study_storage
@@ -177,6 +178,11 @@ def _run_in_session(
     flags help), `before()` (what a new run writes once Ray has accepted it), then the run."""
     with ray_session(opts.address, num_cpus=opts.num_cpus, output=opts.output):
         preflight.check_run(study_storage(sdir, record), opts.address, spec.resources, fix)
+        from .footprint import checkpoint_need
+
+        at_once = min(run.get("max_concurrent") or spec.num_samples, trials_that_fit(spec.resources))
+        need, detail = checkpoint_need(spec, record["spec"].get("keep_checkpoints", "all"), at_once)
+        preflight.check_free_space([str(sdir), study_storage(sdir, record)], need, detail)
         if before is not None:
             before()
         return _run(sdir, record, spec, data, run, restore=restore, output=opts.output)

@@ -26,9 +26,12 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ...config import checkpoint_bytes
 from ..runtime.checkpoints import GRACE_S, checkpoint_dirs, empty, read_meta
 from ..runtime.layout import experiment_trials, trial_results
 from ..runtime.storage import filesystem, join
+from .space_check import sample_configs
+from .spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +142,14 @@ class FinishedCheckpoints(Callback):
                         self._better(t["trial_id"], row[self.metric])
                 self._where.setdefault(t["trial_id"], filesystem(trial_dir))
                 self._finish(t["trial_id"], rows[-1] if rows else {}, at=float("-inf"))
+
+
+def checkpoint_need(spec: StudySpec, keep: int | str, at_once: int) -> tuple[int, str]:
+    """(bytes, how they were reckoned) the study's checkpoints take at most: 4 per running trial (the pruner's 3
+    latest and the best), 1 per kept completed trial, or 4 per trial when all are kept; a checkpoint as large as
+    the largest of the space's sampled configurations'."""
+    per = max(checkpoint_bytes(c) for c in sample_configs(spec, 16))
+    at_once = max(1, min(at_once, spec.num_samples))
+    count = 4 * spec.num_samples if keep == "all" else 4 * at_once + min(int(keep), spec.num_samples)
+    kept = "every trial's 4 kept" if keep == "all" else f"4 per trial for {at_once} at once and {keep} kept"
+    return count * per, f"{count} checkpoints of up to {per / 2**20:.0f} MiB: {kept}"

@@ -25,8 +25,9 @@ from ..runtime import internals as ri
 from ..runtime.layout import experiment_trials, searcher_states
 from ..runtime.lock import acquire
 from ..runtime.storage import experiment_dir
+from .database import database_damage, own_database
 from .outputs import study_results, write_trials_csv
-from .record import OWN_DB, StudyRecord, database_damage, optuna_lib, own_database, read_study, spec_with
+from .record import OWN_DB, StudyRecord, optuna_lib, read_study, spec_with
 from .spec import StudySpec
 
 log = logging.getLogger(__name__)
