@@ -11,10 +11,12 @@ A small study is swept once (4 trials x 2 epochs on synthetic:1000, width 0.0625
 - chaos: the same command, killed K times, each kill at a moment drawn from U(0.5, 6 s) after its newest epoch
   result appeared, and started again after each kill (the same command: a stage continues where it stopped);
 
-and prints, per run: whether the chaos run's metrics.json equals the reference's (every per-epoch value, every
-test score: bit for bit; the training loop resumes exactly on CPU), how many epochs were trained more than once
-(redone after a kill: at most the epochs since a run's last checkpoint, one here), lost or stuck runs (a stage that
-did not complete), and the wall time. Each run's files stay under OUT/run-N/.
+and prints, per run: for the final stage, whether the chaos run's metrics.json equals the reference's (every
+per-epoch value, every test score: bit for bit; the training loop resumes exactly on CPU); for PBT, whether every
+member reached the last epoch (PBT's exploit decisions depend on the order in which members report, so two
+uninterrupted runs differ as well: `--kills 0` shows it); how many epochs were reported more than once, beside the
+reference's count (PBT's clones redo epochs by design), lost or stuck runs (a stage that did not complete), and the
+wall time. Each run's files stay under OUT/run-N/.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def comparable(metrics: dict) -> dict:
     drop = {"wall_seconds", "seconds", "epoch_seconds", "device_seconds", "finished", "started", "latency_ms", "node"}
     drop |= {"images_per_s", "rss_mb", "pss_mb", "uss_mb", "trial_start", "time_total_s", "latency", "when"}
     drop |= {"directory", "out", "path", "node_id", "store_rss_mb", "store_pss_mb", "timestamp", "time_this_iter_s"}
+    drop |= {"device_hours"}
 
     def clean(x):
         if isinstance(x, dict):
@@ -155,6 +158,9 @@ def differences(a, b, path="") -> list[str]:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+SAME = {"final": "metrics.json identical", "pbt": "every member to its last epoch"}
 
 
 def main() -> None:
@@ -195,25 +201,30 @@ def main() -> None:
         chaos_dir = stage_dir(args.stage, chaos_study, run / "chaos" / "final")
         lost = got["rc"] != 0 or not (chaos_dir / "metrics.json").is_file()
         diff = ["no metrics.json"] if lost or ref_rc else []
-        if not diff:
+        if not diff and args.stage == "final":
             a = comparable(json.loads((ref_dir / "metrics.json").read_text()))
             b = comparable(json.loads((chaos_dir / "metrics.json").read_text()))
             diff = differences(a, b)
-        redone = redone_epochs(chaos_dir)
+        elif not diff:  # PBT's exploit decisions depend on the order results arrive: every member to its end
+            m = json.loads((chaos_dir / "metrics.json").read_text())
+            epochs = int(STAGE_ARGS["pbt"][STAGE_ARGS["pbt"].index("--epochs") + 1])
+            diff = [f"member {x['member']} ended at epoch {x['epoch']}" for x in m["members"] if x["epoch"] != epochs]
+            diff += [] if m["status"] == "complete" else [f"status {m['status']}"]
+        redone, ref_redone = redone_epochs(chaos_dir), redone_epochs(ref_dir)  # PBT's clones redo epochs by design
         totals["runs"] += 1
         totals["equal"] += not diff
         totals["redone"] += redone
         totals["lost"] += lost
         print(
             f"run {k}: {got['kills']} kills, {got['starts']} starts, rc {got['rc']}; reference {ref_wall:.0f} s, "
-            f"chaos {got['wall_s']:.0f} s; metrics.json {'identical' if not diff else 'DIFFERS'}; "
-            f"epochs trained twice {redone}; lost/stuck {int(lost)}"
+            f"chaos {got['wall_s']:.0f} s; {SAME[args.stage] if not diff else 'DIFFERS'}; "
+            f"epochs trained twice {redone} (reference {ref_redone}); lost/stuck {int(lost)}"
         )
         for d in diff[:8]:
             print(f"    {d}")
     print(
-        f"total: {totals['equal']}/{totals['runs']} runs identical to the uninterrupted one, {totals['redone']} "
-        f"epochs trained twice, {totals['lost']} lost or stuck"
+        f"total: {totals['equal']}/{totals['runs']} runs with {SAME[args.stage]}, {totals['redone']} epochs trained "
+        f"twice, {totals['lost']} lost or stuck"
     )
     (root / "summary.json").write_text(json.dumps(totals))
 

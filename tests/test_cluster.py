@@ -165,6 +165,7 @@ def test_preflight_passes_on_every_node(cluster, env, tmp_path):
     rep = json.loads(r.stdout)
     assert rep["ok"] and not rep["failures"] and len(rep["nodes"]) == 3 and rep["gpus"] == 2
     for row in rep["nodes"]:
+        assert row["storage"].pop("free") > 0  # the mount's free space, seen from the node
         assert row["versions"] == rep["driver"] and row["storage"] == {
             "sees_driver_file": True,
             "write": True,
@@ -335,3 +336,20 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         assert any(int(row["restarts"]) >= 1 for row in rows)
     finally:
         server.stop()
+
+
+def test_preflight_warns_of_a_storage_too_small_for_the_checkpoints():
+    from fer_tune.tune.runtime.preflight import _judge
+
+    driver = {"fer_tune": "1", "torch": "2", "ray": "3", "optuna": "4"}
+    row = {
+        "versions": dict(driver),
+        "storage": {"sees_driver_file": True, "write": True, "error": "", "free": 2**30},
+        "torch_gpus": 2,
+        "nvidia_driver": True,
+        "data_error": "",
+    }
+    fails, warns = _judge(row, driver, 2.0)
+    assert not fails and len(warns) == 1 and "1.0 GiB free, less than the 1.8 GiB" in warns[0], warns
+    row["storage"]["free"] = 100 * 2**30
+    assert _judge(row, driver, 2.0) == ([], [])

@@ -33,6 +33,11 @@ def _mark(fails: list[str], check: str) -> str:
     return "FAIL" if any(f.startswith(check + ":") for f in fails) else "ok"
 
 
+def _free(n: int | None) -> str:
+    """A node's free space in the storage (a local path or mount; '-' for a URI's)."""
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
 def _print_table(r: dict) -> None:
     d = r["driver"]
     print(
@@ -40,23 +45,27 @@ def _print_table(r: dict) -> None:
         + (f"; data {r['data']}" if r["data"] else "")
     )
     print(f"driver: fer_tune {d['fer_tune']}, torch {d['torch']}, ray {d['ray']}, optuna {d['optuna']}")
-    head = f"{'node':<28}{'ip':<16}{'versions':<10}{'storage':<9}{'GPUs ray/torch':<16}{'data':<6}result"
+    head = f"{'node':<28}{'ip':<16}{'versions':<10}{'storage':<9}{'free':<10}{'GPUs ray/torch':<16}{'data':<6}result"
     print(head)
     print("-" * len(head))
     for row in r["nodes"]:
         name = (row.get("hostname") or "?")[:18] + (" (head)" if row.get("head") else "")
         fails = row["failures"]
         if row.get("error"):
-            cells = ["-", "-", "-", "-"]
+            cells = ["-", "-", "-", "-", "-"]
         else:
             cells = [
                 _mark(fails, "versions"),
                 _mark(fails, "storage"),
+                _free(row["storage"].get("free")),
                 f"{row['ray_gpus']:g}/{row['torch_gpus']}" + (" !" if _mark(fails, "gpu") != "ok" else ""),
                 _mark(fails, "data") if r["data"] else "-",
             ]
         result = "FAIL" if fails else ("ok (warnings)" if row["warnings"] else "ok")
-        print(f"{name:<28}{row.get('ip', ''):<16}{cells[0]:<10}{cells[1]:<9}{cells[2]:<16}{cells[3]:<6}{result}")
+        print(
+            f"{name:<28}{row.get('ip', ''):<16}{cells[0]:<10}{cells[1]:<9}{cells[2]:<10}{cells[3]:<16}{cells[4]:<6}"
+            f"{result}"
+        )
     for w in r["warnings"]:
         print(f"warning: {w}")
     for f in r["failures"]:

@@ -249,6 +249,10 @@ def _storage_probe(pdir: str, marker: str | None, token: str, node_id: str) -> d
         res["write"] = back == node_id and not fs.exists(probe)
         if not res["write"]:
             res["error"] = "the probe file read back differently or could not be deleted"
+        if not fs.is_uri(pdir):
+            import shutil
+
+            res["free"] = shutil.disk_usage(pdir).free
         if res["sees_driver_file"] is False and not fs.is_uri(pdir):
             fs.delete(pdir, tree=True)  # that directory was created on this node's own disk
     except Exception as exc:
@@ -291,6 +295,13 @@ def _node_report(pdir: str, marker: str | None, token: str, data: str | None) ->
     }
 
 
+def _slot_need() -> int:
+    """The checkpoints one running trial of the paper's network keeps (4) in bytes: what a trial slot needs."""
+    from ...config import TrainConfig, checkpoint_bytes
+
+    return 4 * checkpoint_bytes(TrainConfig())
+
+
 def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[str]]:
     """(failures, warnings) of one node's report, each 'check: what'."""
     fails, warns = [], []
@@ -308,6 +319,12 @@ def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[st
         fails.append(f"storage: cannot write, read back and delete a file there ({s['error']})")
     if s["sees_driver_file"] is False:
         fails.append("storage: does not see the file the driver wrote there (not shared storage)")
+    need = _slot_need() * max(1, int(ray_gpus))
+    if s.get("free") is not None and s["free"] < need:
+        warns.append(
+            f"storage: {_size(s['free'])} free, less than the {_size(need)} the checkpoints of the paper's network "
+            f"take for {max(1, int(ray_gpus))} trial(s) at once (4 each: the latest 3 and the best)"
+        )
     g, driver_present = row["torch_gpus"], row["nvidia_driver"]
     if ray_gpus and g < ray_gpus:
         msg = f"Ray offers {ray_gpus:g} GPU(s) but torch sees {g}"
