@@ -194,3 +194,21 @@ def test_a_resumed_study_reads_the_trials_earlier_drivers_finished(tmp_path):
     cb.on_experiment_end([])
     assert _weights(old["g"]) == [] and _weights(old["h"]) == [] and _weights(i) == ["checkpoint_000001"]
     assert len(_weights(old["r"])) == 2 and len(_weights(old["x"])) == 1
+
+
+def test_a_completed_trial_stopped_at_its_first_result_after_a_restart_keeps_its_best(tmp_path):
+    """It finished after Tune's last saved state; the resume restored it from an older checkpoint and stopped it
+    at its first result (the study holds it as completed): still a completed trial, with its best epoch."""
+    from fer_tune.tune.study.footprint import FinishedCheckpoints
+
+    exp = tmp_path / "tune"
+    done = _finished_trial(exp, "k", [30, 60, 50])  # epochs 1-3 under the killed driver
+    cb = FinishedCheckpoints(keep=1, metric="val_acc", mode="max", max_epochs=3, history_dirs=[], grace_s=0)
+    fs = pafs.LocalFileSystem()
+    row = {"epoch": 2, "val_acc": 55, "trial_id": "k", "status": "running"}  # again from epoch 1's checkpoint
+    trial = SimpleNamespace(trial_id="k", last_result=row)
+    cb.on_checkpoint(0, [], trial, SimpleNamespace(filesystem=fs, path=str(done / "checkpoint_000001")))
+    cb.on_trial_result(0, [], trial, row)
+    cb.on_trial_complete(0, [], trial)
+    other = _finished_trial(exp, "m", [40, 41, 42], cb)  # worse than k's 60: k stays the one kept
+    assert _weights(done) == ["checkpoint_000001"] and _weights(other) == []

@@ -87,7 +87,17 @@ class FinishedCheckpoints(Callback):
 
     def _finish(self, tid: str, last: dict, *, at: float) -> None:
         """A trial finished `at`: completed (its best kept while among the top `keep`) or not (all its go)."""
-        completed = last.get("status") != "diverged" and int(last.get("epoch", 0) or 0) >= self.max_epochs
+        epochs = int(last.get("epoch", 0) or 0)
+        if last.get("status") != "diverged" and epochs < self.max_epochs and tid in self._where:
+            # a trial that had completed before a restart is stopped at its first result since (FinishedInStudy):
+            # its checkpoints' results say how far it went and how well
+            fs, trial_dir = self._where[tid]
+            for path in checkpoint_dirs(fs, trial_dir):
+                meta = read_meta(fs, path)
+                epochs = max(epochs, int(meta.get("epoch", 0) or 0))
+                if isinstance(meta.get(self.metric), (int, float)) and meta.get("status") != "diverged":
+                    self._better(tid, meta[self.metric])
+        completed = last.get("status") != "diverged" and epochs >= self.max_epochs
         score = self._best.get(tid) if completed else None
         if score is None:
             self._due.append((at, tid, False))
