@@ -5,18 +5,20 @@ clear error naming `fer-tune repair` (fer_tune.tune.study.repair), instead of a 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ...common import FerTuneError
-from .record import OWN_DB, StudyRecord
+
+OWN_DB = "optuna.db"  # the study's own Optuna database, in its directory (recorded as sqlite:///optuna.db)
 
 
-def own_database(sdir: str | Path, record: StudyRecord) -> Path | None:
+def own_database(sdir: str | Path, record: Any) -> Path | None:
     """The study's own Optuna database (optuna.db in its directory), None when it keeps its trials elsewhere."""
     db = Path(sdir).resolve() / OWN_DB
     return db if record.get("storage") == f"sqlite:///{db}" else None
 
 
-def check_database(sdir: str | Path, record: StudyRecord) -> None:
+def check_database(sdir: str | Path, record: Any) -> None:
     """One clear error when the study's own optuna.db is damaged (a full disk or a kill mid-write, a network
     filesystem) or lost while trials ran, naming the command that rebuilds it (fer-tune repair)."""
     db = own_database(sdir, record)

@@ -20,11 +20,11 @@ from urllib.parse import unquote, urlsplit
 
 from ...common import NAME_RULE, FerTuneError, code_revision, is_plain_name, write_json
 from ..runtime.session import versions
+from .database import OWN_DB, check_database
 from .spaces import find_space, parse_space
 from .spec import StudySpec
 
 STUDY_FILE = "study.json"
-OWN_DB = "optuna.db"  # the study's own Optuna database, in its directory (recorded as sqlite:///optuna.db)
 _OWN_REF = f"sqlite:///{OWN_DB}"
 _HERE: list[Path] = []  # the study directory this process works on now (set by read_study and new_record)
 
@@ -257,8 +257,6 @@ def read_study(sdir: str | Path, *, check: bool = True) -> StudyRecord:
     if isinstance(record.get("storage"), str):
         record["storage"] = located(record["storage"])
     if check:
-        from .database import check_database
-
         check_database(sdir, record)
     return record
 
