@@ -100,6 +100,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     for what, info in s["running"].items():
         print(running_line(what, info))
+    from ..tune.slurm.job import study_job_line
+
+    if job := study_job_line(record):  # a study run by `fer-tune slurm`: its job's state in SLURM's queue
+        print(job)
     params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
     # every column as wide as its widest value
     widths = [max([len(p) - 6, *(len(_fmt(r[p])) for r in s["rows"])]) for p in params]

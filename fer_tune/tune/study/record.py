@@ -40,6 +40,7 @@ class SessionRecord(TypedDict, total=False):
     wall_seconds: float
     outcome: str  # finished | interrupted
     trials_finished: int
+    slurm: dict  # the SLURM job (job_id, nodes, restarts), when the command ran in one
 
 
 class RunRecord(TypedDict, total=False):
@@ -320,7 +321,24 @@ def new_session(continued: int | None) -> SessionRecord:
     if continued is not None:
         session["trials_continued"] = continued
     session["code"] = code_revision()
+    job = slurm_job()
+    if job:
+        session["slurm"] = job
     return session
+
+
+def slurm_job() -> dict | None:
+    """The SLURM job this command runs in (job id, its nodes, how often it was requeued), from the environment
+    SLURM gives a batch job; None outside one."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    return {
+        "job_id": env["SLURM_JOB_ID"],
+        "nodes": env.get("SLURM_JOB_NODELIST", ""),
+        "restarts": int(env.get("SLURM_RESTART_COUNT") or 0),
+        **({"partition": env["SLURM_JOB_PARTITION"]} if env.get("SLURM_JOB_PARTITION") else {}),
+    }
 
 
 def fingerprint(spec: StudySpec, data: Any) -> dict:

@@ -1,0 +1,298 @@
+"""`fer-tune slurm`: a study or its final stage as a SLURM batch job (fer_tune/tune/slurm/)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..common import FerTuneError
+from ..recipe import BASELINES
+from .common import add_output_options, add_read_options, parser_with
+
+# the options handed to the driver: (flag, dest, takes a value); which commands take them
+SWEEP_OPTIONS = (
+    ("--data", "data", True),
+    ("--storage", "storage", True),
+    ("--optuna-storage", "optuna_storage", True),
+    ("--num-samples", "num_samples", True),
+    ("--max-concurrent", "max_concurrent", True),
+    ("--gpus-per-trial", "gpus_per_trial", True),
+    ("--cpus-per-trial", "cpus_per_trial", True),
+)
+FINAL_OPTIONS = (
+    ("--trial", "trial", True),
+    ("--epochs", "epochs", True),
+    ("--finetune-epochs", "finetune_epochs", True),
+    ("--finetune-lr", "finetune_lr", True),
+    ("--finetune-scheduler", "finetune_scheduler", True),
+    ("--finetune-on", "finetune_on", True),
+    ("--seeds", "seeds", True),
+    ("--eval-every", "eval_every", True),
+    ("--gpus-per-run", "gpus_per_run", True),
+    ("--cpus-per-run", "cpus_per_run", True),
+    ("--baseline", "baseline", True),
+    ("--from-pbt", "from_pbt", False),
+    ("--out", "out", True),
+)
+COMMON_OPTIONS = (
+    ("--mlflow", "mlflow", True),
+    ("--cache-dir", "cache_dir", True),
+    ("--resize", "resize", False),
+    ("--skip-bad-rows", "skip_bad_rows", False),
+    ("--quiet", "quiet", False),
+    ("--verbose", "verbose", False),
+)
+
+
+def _given(args: argparse.Namespace, table: tuple) -> list[str]:
+    """The options of `table` given on the command line, as driver arguments (paths made absolute)."""
+    out: list[str] = []
+    for flag, dest, value in table:
+        v = getattr(args, dest, None)
+        if v is None or v is False:
+            continue
+        if not value:
+            out.append(flag)
+            continue
+        v = str(v)
+        if dest in ("data", "storage", "cache_dir", "out") and "://" not in v and not v.startswith("synthetic"):
+            v = str(Path(v).expanduser().absolute())
+        out += [flag, v]
+    return out
+
+
+def _refuse(args: argparse.Namespace, table: tuple, why: str) -> None:
+    given = [flag for flag, dest, _ in table if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise FerTuneError(f"{' '.join(given)}: {why}")
+
+
+def _default_cpus(resources: dict, gpus_per_node: int) -> int:
+    """CPUs for one node: the trials its GPUs hold (4 trials without GPUs) times a trial's CPUs, and 1 for the
+    driver."""
+    per_trial = float(resources.get("cpu", 1) or 1)
+    gpu = float(resources.get("gpu", 0) or 0)
+    trials = int(gpus_per_node / gpu + 1e-9) if gpu and gpus_per_node else 4
+    return max(2, math.ceil(trials * per_trial) + 1)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from ..tune.slurm import job as slurm
+    from ..tune.slurm.script import SCRIPT, render
+    from ..tune.study.record import STUDY_FILE, read_study, study_dir
+    from ..tune.study.spaces import load_space
+
+    target = Path(args.target)
+    existing = target.is_dir() and (target / STUDY_FILE).is_file()
+    common = _given(args, COMMON_OPTIONS)
+    force = ["--force"] if args.force else []
+    storage = data = None
+    if args.final:
+        if not existing:
+            raise FerTuneError(f"--final: {args.target} is not a study directory (results/NAME with {STUDY_FILE})")
+        _refuse(args, SWEEP_OPTIONS + (("--name", "name", True),), "sweep options do not apply to the final stage")
+        sdir = target.resolve()
+        record = read_study(sdir)
+        resources = dict(record["spec"].get("resources", {}))
+        if args.gpus_per_run is not None:
+            resources["gpu"] = args.gpus_per_run
+        out = Path(args.out).expanduser().absolute() if args.out else sdir / "final"
+        first = again = ["final", str(sdir), *_given(args, FINAL_OPTIONS), *force, *common]
+        what, name = f"the final stage of study {sdir.name}", f"{sdir.name}-final"
+        storage = record.get("ray_storage")
+    else:
+        _refuse(args, FINAL_OPTIONS, "final-stage options need --final")
+        if existing:
+            sweep_given = SWEEP_OPTIONS + (("--name", "name", True),)
+            _refuse(args, sweep_given, f"{args.target} already holds a study, which keeps the settings it started with")
+            sdir = out = target.resolve()
+            record = read_study(sdir)
+            resources = dict(record["spec"].get("resources", {}))
+            first = again = ["resume", str(sdir), *force, *common]
+            storage = record.get("ray_storage")
+        else:
+            spec = load_space(args.target)  # a space file or a shipped space's name
+            sdir = out = study_dir(args.results, args.name, spec.name, args.target)
+            if (sdir / STUDY_FILE).is_file():
+                raise FerTuneError(
+                    f"{sdir} already holds a study; `fer-tune slurm {sdir}` writes the job that resumes it, "
+                    "or choose another --name"
+                )
+            resources = dict(spec.resources)
+            if args.gpus_per_trial is not None:
+                resources["gpu"] = args.gpus_per_trial
+            if args.cpus_per_trial is not None:
+                resources["cpu"] = args.cpus_per_trial
+            space = str(Path(args.target).absolute()) if Path(args.target).is_file() else args.target
+            first = ["sweep", space, "--name", sdir.name, "--results", str(sdir.parent)]
+            first += _given(args, SWEEP_OPTIONS) + common
+            again = ["resume", str(sdir), *common]
+            storage = first[first.index("--storage") + 1] if "--storage" in first else None
+            data = args.data or spec.data.get("path")
+        what, name = f"the study {sdir.name}", sdir.name
+    gpus = args.gpus_per_node
+    if gpus is None:
+        gpus = math.ceil(float(resources.get("gpu", 0) or 0))
+    job = slurm.Job(
+        nodes=args.nodes,
+        gpus_per_node=gpus,
+        cpus_per_node=args.cpus_per_node or _default_cpus(resources, gpus),
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        setup=args.setup,
+        sbatch_options=args.sbatch_option or [],
+        grace=args.grace,
+        max_requeues=args.max_requeues,
+    )
+    job.check()
+    slurm.check_shared("the study directory", str(out), job.nodes)
+    if storage:
+        slurm.check_shared("the Ray storage", storage, job.nodes)
+    slurm.check_partition(job, default_cpus=args.cpus_per_node is None)
+    if job.gpus_per_node == 0 and float(resources.get("gpu", 0) or 0) > 0:
+        raise FerTuneError(
+            f"each trial asks for {resources['gpu']:g} GPU but --gpus-per-node is 0: give the job GPUs, or "
+            + ("--gpus-per-run 0" if args.final else "--gpus-per-trial 0 for a CPU study")
+        )
+    text = render(
+        job,
+        what=what,
+        study=sdir,
+        log_dir=out,
+        first=first,
+        again=again,
+        name=name,
+        storage=storage,
+        data=data,
+        command=shlex.join(["fer-tune", *sys.argv[1:]]) if sys.argv[1:2] == ["slurm"] else "",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / SCRIPT
+    tmp = script.with_name(script.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, script)
+    what_job = (
+        f"{job.nodes} node(s) x {job.cpus_per_node} CPUs"
+        + (f", {job.gpus_per_node} GPU(s) each" if job.gpus_per_node else "")
+        + f", --time {job.time}; at the time limit the study is saved and the job requeued, at most "
+        f"{job.max_requeues} times"
+    )
+    print(f"wrote {script} ({what_job})")
+    if not args.submit:
+        print(f"submit it with: sbatch {script}")
+        return 0
+    job_id = slurm.submit(script)
+    print(f"submitted job {job_id}")
+    print(f"follow it:  squeue -j {job_id}   tail -f {out / f'slurm-{job_id}.log'}   fer-tune status {sdir}")
+    print(f"afterwards: sacct -j {job_id} --format=JobID,State,Elapsed,NodeList   (scancel {job_id} stops it)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = parser_with(
+        sub,
+        "slurm",
+        "run a study (or its final stage) as a SLURM batch job that requeues itself at its time limit",
+        """
+        fer-tune slurm joint --data ~/data/fer2013.csv --gpus-per-trial 0.25 --nodes 2 --gpus-per-node 4 \\
+            --time 1-00:00:00 --partition gpu --setup 'source ~/fer-tune/.venv/bin/activate' --submit
+        fer-tune slurm results/joint --submit            # the job that resumes an existing study
+        fer-tune slurm results/joint --final --seeds 3 --gpus-per-run 1 --gpus-per-node 3 --time 12:00:00
+        fer-tune slurm smoke --cpus-per-node 8 --time 30   # only write results/smoke/slurm.sbatch, to read or edit
+    """,
+        details="Writes RESULTS/NAME/slurm.sbatch (the final stage: RESULTS/NAME/final/slurm.sbatch), a commented "
+        "batch script meant to be read and edited, and with --submit gives it to sbatch. The job starts Ray on its "
+        "nodes, checks that every node sees the study directory and the Ray storage, and runs the driver on the "
+        "first node: sweep the first time, resume once the study exists. GRACE seconds before the time limit it "
+        "stops the study (saved, as on SIGTERM) and requeues itself until the study is finished.",
+    )
+    p.add_argument(
+        "target",
+        metavar="SPACE|results/NAME",
+        help="a search space (file or shipped name) for a new study, or an existing study directory",
+    )
+    p.add_argument("--final", action="store_true", help="the study's final stage (fer-tune final) instead")
+    j = p.add_argument_group("the job")
+    j.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    j.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node (default: 1 when a trial asks for a GPU, else 0)"
+    )
+    j.add_argument(
+        "--cpus-per-node",
+        type=int,
+        default=None,
+        help="CPUs per node (default: a trial's CPUs times the trials a node's GPUs hold, or 4 trials without "
+        "GPUs, plus 1 for the driver)",
+    )
+    j.add_argument(
+        "--time",
+        default="1-00:00:00",
+        metavar="D-HH:MM:SS",
+        help="time limit of each allocation (default 1-00:00:00); the job requeues itself at the limit",
+    )
+    j.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    j.add_argument("--account", default=None, help="SLURM account")
+    j.add_argument("--qos", default=None, help="SLURM quality of service")
+    j.add_argument(
+        "--setup",
+        default=None,
+        metavar="COMMANDS",
+        help="shell commands that prepare the nodes' environment, e.g. 'module load cuda; source "
+        ".venv/bin/activate' (default: the Python running this command, by absolute path)",
+    )
+    j.add_argument(
+        "--sbatch-option",
+        action="append",
+        metavar="OPTION",
+        help="one more #SBATCH line, e.g. --sbatch-option=--constraint=a100 (repeatable)",
+    )
+    j.add_argument(
+        "--grace",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="stop and save the study this long before the time limit (default 300)",
+    )
+    j.add_argument("--max-requeues", type=int, default=20, help="requeue the job at most this many times (default 20)")
+    j.add_argument("--submit", action="store_true", help="submit the script with sbatch and say how to follow it")
+    s = p.add_argument_group("the study (as fer-tune sweep; a new study only)")
+    s.add_argument("--data", default=None, metavar="PATH", help="dataset (default: the space's, else synthetic)")
+    s.add_argument("--name", default=None, help="study name (default: the space's)")
+    s.add_argument("--results", default="results", help="results root (default: results)")
+    s.add_argument("--storage", default=None, metavar="URI|DIR", help="Ray storage every node reaches")
+    s.add_argument("--optuna-storage", default=None, metavar="URL", help="Optuna database URL or env:VAR")
+    s.add_argument("--num-samples", type=int, default=None, help="number of trials")
+    s.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+    s.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial")
+    s.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
+    f = p.add_argument_group("the final stage (as fer-tune final; with --final)")
+    f.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
+    f.add_argument("--epochs", type=int, default=None, help="training epochs")
+    f.add_argument("--finetune-epochs", type=int, default=None, help="fine-tune epochs")
+    f.add_argument("--finetune-lr", type=float, default=None, help="fine-tune starting lr")
+    f.add_argument("--finetune-scheduler", choices=("cosine", "cosine_wr"), default=None, help="fine-tune schedule")
+    f.add_argument("--finetune-on", choices=("train+val", "train"), default=None, help="fine-tune data")
+    f.add_argument("--seeds", type=int, default=None, help="independent runs, in parallel")
+    f.add_argument("--eval-every", type=int, default=None, help="test accuracy every N epochs")
+    f.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed")
+    f.add_argument("--cpus-per-run", type=float, default=None, help="CPUs per seed")
+    f.add_argument("--baseline", choices=BASELINES, default=None, help="also retrain the paper's recipe")
+    f.add_argument("--from-pbt", action="store_true", default=None, help="the PBT stage's best member")
+    f.add_argument("--out", default=None, help="the final stage's directory (default: STUDY/final)")
+    c = p.add_argument_group("both")
+    c.add_argument("--mlflow", default=None, metavar="URI", help="MLflow tracking (as the driver takes it)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="the driver's --force: run although the study's inputs changed or its lock names another machine",
+    )
+    add_read_options(c)
+    add_output_options(c)
+    p.set_defaults(func=cmd_slurm)

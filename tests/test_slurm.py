@@ -1,0 +1,383 @@
+"""`fer-tune slurm`: the batch script it writes and its refusals (no SLURM needed), and jobs on a real 2-node SLURM
+cluster on this host (tests/slurmcluster.py): a study across both nodes with Ray's token never written down, and
+a study stopped before its time limit (USR1, the script requeues it) and by `scontrol requeue` (SIGTERM to every
+process) that resumes and ends with exactly its trials. The cluster tests are skipped where SLURM is not installed
+or the tests do not run as root, unless FER_TUNE_REQUIRE_SLURM is set (CI)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, SPACE, fer_tune, read_csv, study_trials
+
+TINY = {**SPACE, "num_samples": 4, "max_epochs": 2, "early_stopping": {"type": "none"}}
+
+
+def slurm_cli(env, *args, cwd=None):
+    """`fer-tune slurm ...` in this process (it starts no Ray)."""
+    return fer_tune(env, "slurm", *args, cwd=cwd)
+
+
+def one_line_error(r, *words):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fer-tune: error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A directory for a study of a multi-node job: not under /tmp, which a cluster's nodes do not share (the
+    command refuses it)."""
+    base = Path.home() / ".cache"
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="fer-tune-slurm-", dir=base))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def no_slurm(tmp_path):
+    """An environment where SLURM's clients answer nothing (no cluster configured)."""
+    return {**os.environ, "SLURM_CONF": str(tmp_path / "no-slurm.conf")}
+
+
+def fake_tool(tmp_path, name: str, script: str) -> str:
+    """A PATH with a fake SLURM client `name` (a shell script) first."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / name).write_text("#!/bin/sh\n" + script)
+    (bindir / name).chmod(0o755)
+    return f"{bindir}:{os.environ['PATH']}"
+
+
+def sbatch_lines(text: str) -> list[str]:
+    return [line[len("#SBATCH ") :] for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the script (no SLURM needed)
+# ---------------------------------------------------------------------------------------------------------
+def test_script_of_a_new_study(shared, no_slurm):
+    space = shared / "t.yaml"
+    space.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    r = slurm_cli(
+        no_slurm,
+        space,
+        "--results",
+        shared / "results",
+        "--num-samples",
+        "5",
+        "--data",
+        "synthetic:1000",
+        "--nodes",
+        "2",
+        "--cpus-per-node",
+        "3",
+        "--time",
+        "0-02:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj1",
+        "--qos",
+        "normal",
+        "--setup",
+        "module load cuda; source .venv/bin/activate",
+        "--sbatch-option=--constraint=a100",
+        "--grace",
+        "120",
+        "--max-requeues",
+        "3",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    script = shared / "results" / "t" / "slurm.sbatch"
+    assert f"wrote {script}" in r.stdout and f"sbatch {script}" in r.stdout
+    assert os.access(script, os.X_OK)
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid bash
+    lines = sbatch_lines(text)
+    for want in (
+        "--job-name=fer-tune-t",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=3",
+        "--time=0-02:00:00",
+        "--partition=gpu",
+        "--account=proj1",
+        "--qos=normal",
+        f"--output={shared}/results/t/slurm-%j.log",
+        "--open-mode=append",
+        "--requeue",
+        "--signal=B:USR1@120",
+        "--constraint=a100",
+    ):
+        assert want in lines, (want, lines)
+    assert not any(line.startswith("--gres") for line in lines)  # a CPU study asks for no GPU
+    assert "\nmodule load cuda; source .venv/bin/activate\n" in text
+    assert "MAX_REQUEUES=3\n" in text and "FER_TUNE=(python -m fer_tune.cli)" in text
+    assert (
+        f"FIRST=(sweep {space} --name t --results {shared}/results --data synthetic:1000 --num-samples 5 --quiet)"
+        in text
+    )
+    assert f"AGAIN=(resume {shared}/results/t --quiet)" in text
+    assert 'if [ -f "$STUDY/study.json" ]' in text  # sweep the first time, resume after
+    # Ray: this job's own port and short temp dirs, token authentication with a token made in the job
+    assert "export RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom" in text
+    assert "SLURM_JOB_ID % 1000" in text and "RAY_DIRS=/tmp/rj${SLURM_JOB_ID}_$allocation" in text
+    assert len("/tmp/rj4294967295_20.12/session_2026-12-06_14-29-33_648123_123456/sockets/plasma_store") < 107
+    assert "ray stop" not in text.replace("`ray stop` would", "")
+    # the time limit: USR1 to the script, SIGTERM to the driver, requeue while the study is unfinished
+    assert "trap on_usr1 USR1" in text and 'kill -TERM "$driver"' in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and '"$allocation" -lt "$MAX_REQUEUES"' in text
+    assert not list((shared / "results" / "t").glob("*token*"))
+    assert sorted(p.name for p in (shared / "results" / "t").iterdir()) == ["slurm.sbatch"]
+
+
+def test_defaults_for_one_node(tmp_path, no_slurm):
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "results" / "smoke" / "slurm.sbatch").read_text()
+    lines = sbatch_lines(text)
+    assert "--nodes=1" in lines and "--time=1-00:00:00" in lines and "--signal=B:USR1@300" in lines
+    assert "MAX_REQUEUES=20\n" in text
+    assert f"FER_TUNE=({sys.executable} -m fer_tune.cli)" in text  # without --setup: this Python
+
+
+def test_gpu_study_asks_for_gpus(tmp_path, no_slurm):
+    r = slurm_cli(no_slurm, "joint", "--results", tmp_path / "results", "--gpus-per-trial", "0.25")
+    assert r.returncode == 0, r.stderr
+    lines = sbatch_lines((tmp_path / "results" / "joint" / "slurm.sbatch").read_text())
+    assert "--gres=gpu:1" in lines
+    r = slurm_cli(no_slurm, "joint", "--results", tmp_path / "results", "--gpus-per-node", "0")
+    one_line_error(r, "--gpus-per-node is 0", "--gpus-per-trial 0")
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--time", "2-25:00:00"], ["--time", "hours must be < 24"]),
+        (["--time", "forever"], ["--time 'forever'", "D-HH:MM:SS"]),
+        (["--time", "10", "--grace", "600"], ["--grace 600", "not shorter than --time"]),
+        (["--nodes", "0"], ["--nodes must be >= 1"]),
+        (["--sbatch-option", "constraint=a100"], ["--sbatch-option", "one sbatch option"]),
+        (["--epochs", "3"], ["--epochs", "need --final"]),
+        (["--final"], ["--final", "not a study directory"]),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, no_slurm, args, words):
+    one_line_error(slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", *args), *words)
+
+
+def test_node_local_study_refused_for_several_nodes(tmp_path, no_slurm):
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--nodes", "2")
+    one_line_error(r, "the study directory", "under /tmp", "--nodes 1")
+    if Path("/dev/shm").is_dir():
+        r = slurm_cli(no_slurm, "smoke", "--results", "/dev/shm/fer-tune-results", "--nodes", "2")
+        one_line_error(r, "tmpfs (memory) filesystem")
+    assert not (tmp_path / "results").exists() and not Path("/dev/shm/fer-tune-results").exists()
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--nodes", "1")  # one node: fine
+    assert r.returncode == 0, r.stderr
+
+
+def test_submit_needs_sbatch_and_relays_its_refusal(tmp_path, no_slurm):
+    path = ":".join(d for d in os.environ["PATH"].split(":") if not (Path(d) / "sbatch").exists())
+    r = slurm_cli({**no_slurm, "PATH": path}, "smoke", "--results", tmp_path / "results", "--submit")
+    one_line_error(r, "sbatch is not on PATH", f"sbatch {tmp_path}/results/smoke/slurm.sbatch")
+    assert (tmp_path / "results" / "smoke" / "slurm.sbatch").is_file()  # written all the same
+
+    refusal = "echo 'sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified' >&2; exit 1\n"
+    env = {**no_slurm, "PATH": fake_tool(tmp_path, "sbatch", refusal)}
+    r = slurm_cli(env, "smoke", "--results", tmp_path / "results", "--account", "nope", "--submit")
+    one_line_error(r, "sbatch refused the job: Batch job submission failed: Invalid account")
+
+    env["PATH"] = fake_tool(tmp_path, "sbatch", 'echo "4242;cluster"\n')
+    r = slurm_cli(env, "smoke", "--results", tmp_path / "results", "--submit")
+    assert r.returncode == 0, r.stderr
+    assert "submitted job 4242" in r.stdout and "squeue -j 4242" in r.stdout
+    assert f"{tmp_path}/results/smoke/slurm-4242.log" in r.stdout and "fer-tune status" in r.stdout
+
+
+def test_partition_checked_with_sinfo(tmp_path, shared):
+    # two partitions as `sinfo -h -N -o %P|%N|%c|%G` lists them: cpu (default, no GPUs) and gpu (4 A100s per node)
+    nodes = r"printf 'cpu*|c1|64|(null)\ncpu*|c2|64|(null)\ngpu|g1|32|gpu:a100:4(S:0-1)\n'" + "\n"
+    (tmp_path / "slurm.conf").write_text("")
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf"), "PATH": fake_tool(tmp_path, "sinfo", nodes)}
+    res = shared / "results"
+    one_line_error(slurm_cli(env, "smoke", "--results", res, "--partition", "big"), "no partition 'big'", "cpu, gpu")
+    one_line_error(
+        slurm_cli(env, "smoke", "--results", res, "--partition", "gpu", "--gpus-per-node", "8"),
+        "--gpus-per-node 8",
+        "partition gpu have at most 4 GPU(s)",
+    )
+    one_line_error(
+        slurm_cli(env, "smoke", "--results", res, "--gpus-per-node", "1"), "partition cpu have at most 0 GPU(s)"
+    )
+    one_line_error(slurm_cli(env, "smoke", "--results", res, "--partition", "gpu", "--nodes", "2"), "has 1 node(s)")
+    r = slurm_cli(env, "smoke", "--results", res, "--partition", "gpu", "--gpus-per-node", "4", "--gpus-per-trial", "1")
+    assert r.returncode == 0, r.stderr
+    lines = sbatch_lines((res / "smoke" / "slurm.sbatch").read_text())
+    assert "--gres=gpu:4" in lines and "--cpus-per-task=5" in lines  # 4 trials of 1 CPU, and the driver
+
+
+def test_scripts_of_an_existing_study_and_its_final_stage(small_study, no_slurm, tmp_path):
+    sdir = small_study
+    r = slurm_cli(no_slurm, sdir, "--time", "12:00:00")
+    assert r.returncode == 0, r.stderr
+    text = (sdir / "slurm.sbatch").read_text()
+    assert f"FIRST=(resume {sdir})" in text and f"AGAIN=(resume {sdir})" in text
+    one_line_error(slurm_cli(no_slurm, sdir, "--num-samples", "9"), "--num-samples", "already holds a study")
+
+    (sdir / "slurm.sbatch").unlink()  # the study stays as the other modules' tests expect it
+
+    out = tmp_path / "final"  # (by default STUDY/final)
+    r = slurm_cli(no_slurm, sdir, "--final", "--epochs", "3", "--seeds", "2", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    text = (out / "slurm.sbatch").read_text()
+    assert f"FIRST=(final {sdir} --epochs 3 --seeds 2 --out {out} --quiet)" in text
+    assert f"--output={out}/slurm-%j.log" in sbatch_lines(text) and f"--lock-dir {out}" in text
+    assert "--job-name=fer-tune-t-final" in sbatch_lines(text)
+    one_line_error(slurm_cli(no_slurm, sdir, "--final", "--data", "x.csv"), "--data", "final stage")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real SLURM cluster: 2 nodes on this host
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurmcluster import SlurmCluster, available
+
+    why = available()
+    if why:
+        if os.environ.get("FER_TUNE_REQUIRE_SLURM"):
+            pytest.fail(f"{why} (.ci/run installs Debian's slurm-wlm and munge)")
+        pytest.skip(why)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def job_env(slurm, tmp_path):
+    env = {
+        **slurm.env,
+        "PYTHONPATH": str(ROOT),  # the job's Python finds this checkout
+        "PYTHONUNBUFFERED": "1",
+        "FER_TUNE_CACHE": str(tmp_path / "cache"),
+        "RAY_START_ARGS": "--object-store-memory=150000000",
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    }
+    env.pop("RAY_TMPDIR", None)
+    return env
+
+
+def submit(job_env, shared, space: dict, *args) -> tuple[str, Path]:
+    (shared / "t.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    r = subprocess.run(
+        [sys.executable, "-m", "fer_tune.cli", "slurm", "t.yaml", "--results", "results", "--nodes", "2",
+         "--cpus-per-node", "1", "--time", "10:00", "--grace", "60", *args, "--submit"],
+        env=job_env, cwd=shared, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    return job, shared / "results" / "t"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def log_of(sdir: Path, job: str) -> str:
+    f = sdir / f"slurm-{job}.log"
+    return f.read_text() if f.exists() else ""
+
+
+def token_of(job: str) -> str | None:
+    """RAY_AUTH_TOKEN of the job's processes (this host runs them): read from /proc while it runs."""
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(v.split("=", 1) for v in env_file.read_bytes().decode(errors="replace").split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("RAY_AUTH_TOKEN"):
+            return env["RAY_AUTH_TOKEN"]
+    return None
+
+
+def finished(slurm, job: str, sdir: Path, timeout: float) -> dict:
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout)
+    assert info["JobState"] == "COMPLETED", (info, log_of(sdir, job))
+    return info
+
+
+def sessions(sdir: Path) -> list[dict]:
+    return [s for run in json.loads((sdir / "study.json").read_text())["runs"] for s in run["sessions"]]
+
+
+@pytest.mark.slow
+def test_study_runs_on_both_nodes(slurm, job_env, shared):
+    job, sdir = submit(job_env, shared, TINY)
+    token = wait_for(lambda: token_of(job), 60, "the job's Ray token")
+    wait_for(lambda: " started: " in log_of(sdir, job), 120, "the study's first trial")
+    r = fer_tune(job_env, "status", sdir)
+    assert r.returncode == 0 and f"SLURM job {job} (the study's last session): RUNNING on n[1-2]" in r.stdout, r
+    finished(slurm, job, sdir, 240)
+    log = log_of(sdir, job)
+    assert "Ray is up on 2 node(s)" in log and f"every node sees {sdir}" in log and "done: the study is finished" in log
+    rows = read_csv(sdir)
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
+    node_ids = {json.loads(line)["node_id"] for f in (sdir / "tune").glob("*/result.json") for line in f.open()}
+    assert len(node_ids) == 2  # trials ran on both Ray nodes (one host: one IP, two node ids)
+    (s,) = sessions(sdir)
+    assert s["slurm"]["job_id"] == job and s["slurm"]["nodes"] == "n[1-2]" and s["outcome"] == "finished"
+    # the token never reached a file: not the study, not the log, not Tune's pickles
+    assert len(token) == 64
+    for f in [*sdir.rglob("*"), shared / "t.yaml"]:
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
+    assert not list(Path("/tmp").glob(f"rj{job}_*"))  # Ray's temp dirs removed
+
+
+@pytest.mark.slow
+def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
+    space = {**TINY, "num_samples": 6}
+    job, sdir = submit(job_env, shared, space)
+    # before its time limit SLURM sends USR1 to the batch script (--signal=B:USR1@GRACE): send it now
+    wait_for(lambda: re.search(r"trial \d epoch 1/2", log_of(sdir, job)), 120, "a trial's first epoch")
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    wait_for(lambda: "allocation 2 " in log_of(sdir, job), 120, "the requeued allocation")
+    log = log_of(sdir, job)
+    assert "SIGTERM received: stopping the trials and saving the study" in log
+    assert f"requeueing job {job} (1 of 20)" in log
+    # a preemption or `scontrol requeue`: SIGTERM to every process of the job at once, Ray's too
+    wait_for(lambda: " epoch " in log_of(sdir, job).split("fer-tune resume")[-1], 120, "training again")
+    slurm.run("scontrol", "requeue", job)
+    finished(slurm, job, sdir, 300)
+    log = log_of(sdir, job)
+    assert "allocation 3 " in log and "done: the study is finished" in log, log
+
+    trials = study_trials(sdir)
+    assert len(trials) == 6 and {t.state.name for t in trials} == {"COMPLETE"}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no duplicates
+    rows = read_csv(sdir)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"completed"}
+    ss = sessions(sdir)
+    assert len(ss) >= 3 and all(s["slurm"]["job_id"] == job for s in ss)
+    assert [s["slurm"]["restarts"] for s in ss] == list(range(len(ss)))
+    assert ss[0]["outcome"] == "interrupted" and ss[-1]["outcome"] == "finished"
