@@ -317,13 +317,13 @@ def test_free_space_below_what_the_checkpoints_need_is_said_up_front(tmp_path, c
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_resumes_once_space_is_freed(tmp_path, env):
-    """A results filesystem of 12 MiB: the sweep is warned up front, stops in one line when the disk is full
+    """A results filesystem of 10 MiB: the sweep is warned up front, stops in one line when the disk is full
     (exit 130, no traceback), and `fer-tune resume` finishes the study once the filesystem is made larger."""
     disk = tmp_path / "scratch"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(disk)], check=True)
     try:
-        space = write_space(tmp_path, num_samples=6, max_epochs=4)
+        space = write_space(tmp_path, num_samples=4, max_epochs=3)
         r = subprocess.run(
             cli_args("sweep", space, "--results", disk, "--quiet"),
             env=env,
@@ -341,6 +341,6 @@ def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_resumes_once_space_is
             cli_args("resume", disk / "t", "--quiet"), env=env, capture_output=True, text=True, timeout=300
         )
         assert r.returncode == 0, r.stderr[-3000:]
-        _all_finished_once(disk / "t", 6)
+        _all_finished_once(disk / "t", 4)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
