@@ -28,6 +28,7 @@ BRACKET_ATTRS = ("_rungs",)
 SNAPSHOT_MANAGER = ("ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
 SNAPSHOT_ATTRS = ("_auto_checkpoint_enabled", "_checkpoint_period")
 SNAPSHOT_UPDATE = "_update_auto_checkpoint_time"
+SNAPSHOT_SYNC = "sync_up_experiment_state"  # (save_fn, force, wait): saves the state, then copies it to the storage
 # GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
 # a trial visited grid point `grid_id` of `search_space` (its system attributes)
 GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,28 +61,39 @@ def tune_env(output: str) -> None:
 
 
 def bounded_snapshots(minimum: float = SNAPSHOT_S, share: float = SNAPSHOT_SHARE) -> None:
-    """Tune's "auto" snapshot period made max(minimum, snapshot time / share) (Tune's: max(10 s, 19 x the time));
-    idempotent."""
+    """Tune's "auto" snapshot period made max(minimum, the time the driver spent writing the last snapshot /
+    share). Tune's own: max(10 s, 19 x the snapshot's time including its waits for the storage's copy, which on
+    S3 made the period tens of seconds though the driver was idle). Idempotent."""
     manager = internals.snapshot_manager()
-    update = getattr(manager, internals.SNAPSHOT_UPDATE)
-    if getattr(update, "bounded", False):
+    sync = getattr(manager, internals.SNAPSHOT_SYNC)
+    if getattr(sync, "bounded", False):
         return
     init = manager.__init__
+    auto, period = internals.SNAPSHOT_ATTRS
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        if getattr(self, internals.SNAPSHOT_ATTRS[0]):
-            setattr(self, internals.SNAPSHOT_ATTRS[1], minimum)
+        if getattr(self, auto):
+            setattr(self, period, minimum)
 
-    @functools.wraps(update)
-    def bounded(self: Any, time_taken: float) -> None:
-        if getattr(self, internals.SNAPSHOT_ATTRS[0]):
-            setattr(self, internals.SNAPSHOT_ATTRS[1], max(minimum, time_taken * (1 - share) / share))
+    @functools.wraps(sync)
+    def bounded(self: Any, save_fn: Any, force: bool = False, wait: bool = False) -> None:
+        spent: list[float] = []
+
+        def timed() -> None:
+            t0 = time.monotonic()
+            save_fn()
+            spent.append(time.monotonic() - t0)
+
+        sync(self, timed, force=force, wait=wait)
+        if spent and getattr(self, auto):
+            setattr(self, period, max(minimum, spent[0] * (1 - share) / share))
 
     bounded.bounded = True  # type: ignore[attr-defined]
     manager.__init__ = __init__
-    setattr(manager, internals.SNAPSHOT_UPDATE, bounded)
+    setattr(manager, internals.SNAPSHOT_SYNC, bounded)
+    setattr(manager, internals.SNAPSHOT_UPDATE, lambda self, time_taken: None)  # the period is set above
 
 
 def set_pending_trials(max_concurrent: int | None, resources: dict) -> None:
