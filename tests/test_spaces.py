@@ -79,6 +79,25 @@ def test_grid_covers_every_point():
     assert len(seen) == 14
 
 
+def test_an_extended_grid_study_visits_only_points_it_has_not_visited():
+    """`extend` gives each run its own seed; a grid's sampler keeps the space's, so that it numbers the points as
+    the sweep's sampler did and knows which were visited (with the run's seed, 8 trials held 7 points)."""
+    spec = load_space(SPACES / "optimizer.yaml")
+    storage = optuna.storages.InMemoryStorage()
+    seen = []
+    for run_seed in (spec.seed, spec.seed + 1000):  # the sweep's run, then an extend's
+        study = optuna.create_study(
+            study_name="g", storage=storage, sampler=spec.make_sampler(run_seed), load_if_exists=True
+        )
+        for _ in range(spec.num_samples // 2):
+            t = study.ask()
+            spec.define_by_run()(t)
+            seen.append((t.params["optimizer"], t.params["scheduler"]))
+            if len(seen) < 14:  # GridSampler stops the study after the last point
+                study.tell(t, 1.0)
+    assert len(seen) == 14 and len(set(seen)) == 14, seen
+
+
 def test_conditional_parameters_only_where_they_apply():
     spec = load_space(SPACES / "joint.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), direction="maximize")

@@ -97,16 +97,16 @@ def rebuilt_trials(sdir: Path, record: StudyRecord, spec: StudySpec) -> tuple[li
             old_ids.update(_saved_ids(path))
     # the study's order: as the searcher numbered them, then the trials it made after its last saved state
     made.sort(key=lambda m: (old_ids.get(m[2]["trial_id"], float("inf")), m[0], m[1]))
-    # a grid study's trials name the grid point they visited, as its sampler (seeded per run) numbers them
-    grids = [spec.make_sampler(r["seed"]) for r in record["runs"]] if spec.sampler == "grid" else None
+    # a grid study's trials name the grid point they visited, as its sampler numbers them
+    grid = spec.make_sampler() if spec.sampler == "grid" else None
     trials, skipped = [], []
-    for run, _, t in made:
+    for _, _, t in made:
         frozen = _trial(t, results.get(t["trial_id"], []), spec)
         if frozen is None:
             skipped.append(t["trial_id"])
             continue
-        if grids is not None:
-            frozen.system_attrs.update(ri.grid_point(grids[run], frozen.params))
+        if grid is not None:
+            frozen.system_attrs.update(ri.grid_point(grid, frozen.params))
         trials.append(frozen)
     return trials, skipped, {k: v for k, v in old_ids.items() if k not in skipped}
 

@@ -143,6 +143,7 @@ class StudySpec:
         return define
 
     def make_sampler(self, seed: int | None = None):
+        """The space's sampler, seeded with `seed` (a run's; default the space's)."""
         import optuna
 
         seed = self.seed if seed is None else seed
@@ -152,8 +153,9 @@ class StudySpec:
             )
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        if self.sampler == "grid":
-            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if self.sampler == "grid":  # the space's own seed: the grid's points are numbered after a seeded shuffle,
+            # and an extend's sampler must number them as the sweep's did to know which were visited
+            return optuna.samplers.GridSampler(self.grid(), seed=self.seed)
         if self.sampler == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed)
         if self.sampler == "nsga2":  # NSGA-II (Deb et al. 2002); generations of a quarter of the study
