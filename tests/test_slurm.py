@@ -1,8 +1,10 @@
-"""`fer-tune slurm`: the batch script it writes and its refusals (no SLURM needed), and jobs on a real 2-node SLURM
-cluster on this host (tests/slurmcluster.py): a study across both nodes with Ray's token never written down, and
-a study stopped before its time limit (USR1, the script requeues it) and by `scontrol requeue` (SIGTERM to every
-process) that resumes and ends with exactly its trials. The cluster tests are skipped where SLURM is not installed
-or the tests do not run as root, unless FER_TUNE_REQUIRE_SLURM is set (CI)."""
+"""`fer-tune slurm`: the batch scripts it writes (a study, its final and PBT stages) and its refusals (no SLURM
+needed), and jobs on a real 2-node SLURM cluster on this host (tests/slurmcluster.py): a study across both nodes
+with Ray's token never written down; a study stopped before its time limit (USR1, the script requeues it) and by
+`scontrol requeue` (SIGTERM to every process) that resumes and ends with exactly its trials; a study cancelled
+(`scancel`: the chain ends) that `fer-tune resume` finishes by hand, and its final stage as a job. The cluster
+tests are skipped where SLURM is not installed or the tests do not run as root, unless FER_TUNE_REQUIRE_SLURM is
+set (CI)."""
 
 import json
 import os
@@ -153,6 +155,9 @@ def test_defaults_for_one_node(tmp_path, no_slurm):
     assert "--nodes=1" in lines and "--time=1-00:00:00" in lines and "--signal=B:USR1@300" in lines
     assert "MAX_REQUEUES=20\n" in text
     assert f"FER_TUNE=({sys.executable} -m fer_tune.cli)" in text  # without --setup: this Python
+    assert "warning" not in r.stdout
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--time", "3", "--grace", "30")
+    assert r.returncode == 0 and "warning: an allocation may be stopped 90 s after it starts" in r.stdout, r
 
 
 def test_gpu_study_asks_for_gpus(tmp_path, no_slurm):
@@ -249,6 +254,71 @@ def test_scripts_of_an_existing_study_and_its_final_stage(small_study, no_slurm,
     assert f"--output={out}/slurm-%j.log" in sbatch_lines(text) and f"--lock-dir {out}" in text
     assert "--job-name=fer-tune-t-final" in sbatch_lines(text)
     one_line_error(slurm_cli(no_slurm, sdir, "--final", "--data", "x.csv"), "--data", "final stage")
+
+
+def fake_study(root: Path) -> Path:
+    """A study directory as far as `fer-tune slurm --pbt / --final` reads it (study.json's spec), without a sweep."""
+    sdir = root / "results" / "t"
+    sdir.mkdir(parents=True)
+    spec = {"resources": {"cpu": 1, "gpu": 0}, "max_epochs": 2}
+    (sdir / "study.json").write_text(json.dumps({"name": "t", "spec": spec, "runs": []}))
+    return sdir
+
+
+def test_script_of_the_pbt_stage(shared, no_slurm):
+    sdir = fake_study(shared)
+    pbt = ["--top-k", "2", "--population", "4", "--epochs", "3", "--interval", "1", "--mutate", "lr,dropout"]
+    r = slurm_cli(no_slurm, sdir, "--pbt", *pbt, "--method", "pbt", "--nodes", "2", "--time", "12:00:00",
+                  "--grace", "120", "--max-requeues", "5", "--force", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    script = sdir / "pbt" / "slurm.sbatch"  # beside the stage, as the final stage's is
+    assert f"wrote {script}" in r.stdout and f"sbatch {script}" in r.stdout
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    lines = sbatch_lines(text)
+    for want in ("--job-name=fer-tune-t-pbt", "--nodes=2", "--time=12:00:00", f"--output={sdir}/pbt/slurm-%j.log",
+                 "--requeue", "--signal=B:USR1@120"):  # fmt: skip
+        assert want in lines, (want, lines)
+    driver = f"pbt {sdir} {' '.join(pbt)} --method pbt --force --quiet"
+    assert f"FIRST=({driver})" in text and f"AGAIN=({driver})" in text  # `fer-tune pbt` continues itself
+    assert f"--study {sdir} --lock-dir {sdir}/pbt" in text  # the stage's lock, released after a killed driver
+    assert "MAX_REQUEUES=5\n" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "the PBT stage is saved; requeueing job" in text and "done: the PBT stage is finished" in text
+    assert "which continues the PBT stage where the last allocation left it" in text
+    assert sorted(p.name for p in sdir.rglob("*")) == ["pbt", "slurm.sbatch", "study.json"]  # nothing run yet
+
+    r = slurm_cli(no_slurm, sdir, "--pbt")  # every setting the driver's default
+    assert r.returncode == 0, r.stderr
+    assert f"FIRST=(pbt {sdir})" in script.read_text()
+    # the final stage that replays the PBT stage's best member goes where `fer-tune final --from-pbt` writes
+    r = slurm_cli(no_slurm, sdir, "--final", "--from-pbt")
+    assert r.returncode == 0, r.stderr
+    assert f"FIRST=(final {sdir} --from-pbt)" in (sdir / "final-pbt" / "slurm.sbatch").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--pbt", "--final"], ["--final and --pbt", "one stage per job"]),
+        (["--pbt", "--seeds", "2"], ["--seeds", "need --final"]),
+        (["--top-k", "2"], ["--top-k", "need --pbt"]),
+        (["--final", "--population", "4"], ["--population", "need --pbt"]),
+        (["--pbt", "--num-samples", "3"], ["--num-samples", "do not apply to the PBT stage"]),
+        (["--pbt", "--population", "1"], ["--population must be >= 2"]),
+        (["--pbt", "--top-k", "3", "--population", "2"], ["--population 2 is smaller than --top-k 3"]),
+        (["--pbt", "--interval", "5"], ["--interval 5 is longer than --epochs 2"]),
+        (["--pbt", "--mutate", "momentum"], ["--mutate momentum", "lr, weight_decay, dropout"]),
+        (["--pbt", "--mlflow", "mlruns"], ["--mlflow", "does not log to MLflow"]),
+    ],
+)
+def test_bad_pbt_input_is_one_line(shared, no_slurm, args, words):
+    sdir = fake_study(shared)
+    one_line_error(slurm_cli(no_slurm, sdir, *args), *words)
+    assert not (sdir / "pbt").exists()
+
+
+def test_pbt_stage_needs_a_study(tmp_path, no_slurm):
+    one_line_error(slurm_cli(no_slurm, "smoke", "--pbt", "--results", tmp_path), "--pbt", "not a study directory")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,3 +451,61 @@ def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
     assert len(ss) >= 3 and all(s["slurm"]["job_id"] == job for s in ss)
     assert [s["slurm"]["restarts"] for s in ss] == list(range(len(ss)))
     assert ss[0]["outcome"] == "interrupted" and ss[-1]["outcome"] == "finished"
+
+
+def job_processes(job: str) -> list[int]:
+    """PIDs of this host's processes that belong to the SLURM job (its environment names it)."""
+    pids = []
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"\0SLURM_JOB_ID={job}\0".encode() in b"\0" + env_file.read_bytes():
+                pids.append(int(env_file.parent.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_scancel_ends_the_chain_then_resume_and_final_stage(slurm, job_env, shared):
+    job, sdir = submit(job_env, shared, TINY)
+    wait_for(lambda: re.search(r"trial \d epoch 1/2", log_of(sdir, job)), 120, "a trial's first epoch")
+    slurm.run("scancel", job)  # SIGTERM to every process of the job: the chain ends, nothing is requeued
+    info = slurm.wait(job, ("CANCELLED", "COMPLETED", "FAILED", "PENDING", "REQUEUED"), 60)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    wait_for(lambda: not job_processes(job), 60, "the end of the job's processes (Ray's included)")
+    assert slurm.job(job)["JobState"] == "CANCELLED"
+    log = log_of(sdir, job)
+    assert "SLURM stops the job" in log and "allocation 2 " not in log and "requeueing" not in log, log
+    for leftover in Path("/tmp").glob(f"rj{job}_*"):  # Ray's temp dirs: SLURM kills the script before it removes them
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+    last = sessions(sdir)[-1]  # the driver was killed with Ray: its session ended interrupted or not at all
+    assert last["slurm"]["job_id"] == job and last.get("outcome", "interrupted") == "interrupted", last
+    r = fer_tune(job_env, "status", sdir)
+    assert r.returncode == 0 and "interrupted" in r.stdout, (r.stdout, r.stderr)
+
+    r = fer_tune(job_env, "resume", sdir, "--quiet")  # by hand, outside SLURM (a local Ray of 2 CPUs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_trials(sdir)
+    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no duplicates
+    rows = read_csv(sdir)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    last = sessions(sdir)[-1]
+    assert "slurm" not in last and last["outcome"] == "finished", last
+
+    # the final stage of the finished study, as a job of its own
+    r = subprocess.run(
+        [sys.executable, "-m", "fer_tune.cli", "slurm", sdir, "--final", "--epochs", "1", "--finetune-epochs", "1",
+         "--eval-every", "1", "--quiet", "--cpus-per-node", "1", "--time", "10:00", "--grace", "60", "--submit"],
+        env=job_env, cwd=shared, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    final_job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    out = sdir / "final"
+    finished(slurm, final_job, out, 240)
+    assert "done: the final stage is finished" in log_of(out, final_job)
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"

@@ -1,4 +1,4 @@
-"""`fer-tune slurm`: a study or its final stage as a SLURM batch job (fer_tune/tune/slurm/)."""
+"""`fer-tune slurm`: a study, its final stage or its PBT stage as a SLURM batch job (fer_tune/tune/slurm/)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,19 @@ FINAL_OPTIONS = (
     ("--from-pbt", "from_pbt", False),
     ("--out", "out", True),
 )
+PBT_OPTIONS = (
+    ("--top-k", "top_k", True),
+    ("--population", "population", True),
+    ("--epochs", "epochs", True),
+    ("--interval", "interval", True),
+    ("--mutate", "mutate", True),
+    ("--method", "method", True),
+)
+MLFLOW_OPTION = (("--mlflow", "mlflow", True),)
+SIGNAL_EARLY = 60  # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
+SHORT_ALLOCATION = 300  # seconds an allocation should give the driver at least
 COMMON_OPTIONS = (
-    ("--mlflow", "mlflow", True),
+    *MLFLOW_OPTION,
     ("--cache-dir", "cache_dir", True),
     ("--resize", "resize", False),
     ("--skip-bad-rows", "skip_bad_rows", False),
@@ -81,6 +92,7 @@ def _default_cpus(resources: dict, gpus_per_node: int) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
+    from ..tune.pbt.read import PBT_DIR, REPLAY_DIR
     from ..tune.slurm import job as slurm
     from ..tune.slurm.script import SCRIPT, render
     from ..tune.study.record import STUDY_FILE, read_study, study_dir
@@ -91,23 +103,40 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     common = _given(args, COMMON_OPTIONS)
     force = ["--force"] if args.force else []
     storage = data = None
-    if args.final:
+    if args.final and args.pbt:
+        raise FerTuneError("--final and --pbt: one stage per job; write one for each (the final one with --from-pbt)")
+    sweep_given = SWEEP_OPTIONS + (("--name", "name", True),)
+    only_pbt = tuple(o for o in PBT_OPTIONS if o not in FINAL_OPTIONS)
+    if args.final or args.pbt:
+        flag = "--final" if args.final else "--pbt"
         if not existing:
-            raise FerTuneError(f"--final: {args.target} is not a study directory (results/NAME with {STUDY_FILE})")
-        _refuse(args, SWEEP_OPTIONS + (("--name", "name", True),), "sweep options do not apply to the final stage")
+            raise FerTuneError(f"{flag}: {args.target} is not a study directory (results/NAME with {STUDY_FILE})")
+        _refuse(args, sweep_given, f"sweep options do not apply to the {'final' if args.final else 'PBT'} stage")
         sdir = target.resolve()
         record = read_study(sdir)
         resources = dict(record["spec"].get("resources", {}))
+        storage = record.get("ray_storage")
+    if args.final:
+        _refuse(args, only_pbt, "PBT-stage options need --pbt")
         if args.gpus_per_run is not None:
             resources["gpu"] = args.gpus_per_run
-        out = Path(args.out).expanduser().absolute() if args.out else sdir / "final"
+        default_out = sdir / (REPLAY_DIR if args.from_pbt else "final")
+        out = Path(args.out).expanduser().absolute() if args.out else default_out
         first = again = ["final", str(sdir), *_given(args, FINAL_OPTIONS), *force, *common]
-        what, name = f"the final stage of study {sdir.name}", f"{sdir.name}-final"
-        storage = record.get("ray_storage")
+        what, name, stage_name = f"the final stage of study {sdir.name}", f"{sdir.name}-final", "final stage"
+    elif args.pbt:
+        from ..tune.pbt.driver import settings_of
+
+        _refuse(args, tuple(o for o in FINAL_OPTIONS if o not in PBT_OPTIONS), "final-stage options need --final")
+        _refuse(args, MLFLOW_OPTION, "the PBT stage does not log to MLflow")
+        settings_of({dest: getattr(args, dest) for _, dest, _ in PBT_OPTIONS}, record["spec"]["max_epochs"])
+        out = sdir / PBT_DIR
+        first = again = ["pbt", str(sdir), *_given(args, PBT_OPTIONS), *force, *common]
+        what, name, stage_name = f"the PBT stage of study {sdir.name}", f"{sdir.name}-pbt", "PBT stage"
     else:
         _refuse(args, FINAL_OPTIONS, "final-stage options need --final")
+        _refuse(args, only_pbt, "PBT-stage options need --pbt")
         if existing:
-            sweep_given = SWEEP_OPTIONS + (("--name", "name", True),)
             _refuse(args, sweep_given, f"{args.target} already holds a study, which keeps the settings it started with")
             sdir = out = target.resolve()
             record = read_study(sdir)
@@ -133,7 +162,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
             again = ["resume", str(sdir), *common]
             storage = first[first.index("--storage") + 1] if "--storage" in first else None
             data = args.data or spec.data.get("path")
-        what, name = f"the study {sdir.name}", sdir.name
+        what, name, stage_name = f"the study {sdir.name}", sdir.name, "study"
     gpus = args.gpus_per_node
     if gpus is None:
         gpus = math.ceil(float(resources.get("gpu", 0) or 0))
@@ -157,8 +186,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     slurm.check_partition(job, default_cpus=args.cpus_per_node is None)
     if job.gpus_per_node == 0 and float(resources.get("gpu", 0) or 0) > 0:
         raise FerTuneError(
-            f"each trial asks for {resources['gpu']:g} GPU but --gpus-per-node is 0: give the job GPUs, or "
-            + ("--gpus-per-run 0" if args.final else "--gpus-per-trial 0 for a CPU study")
+            f"each trial asks for {resources['gpu']:g} GPU but --gpus-per-node is 0: give the job GPUs"
+            + (", or --gpus-per-run 0" if args.final else "" if args.pbt else ", or --gpus-per-trial 0 for a CPU study")
         )
     text = render(
         job,
@@ -168,6 +197,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         first=first,
         again=again,
         name=name,
+        stage=stage_name,
         storage=storage,
         data=data,
         command=shlex.join(["fer-tune", *sys.argv[1:]]) if sys.argv[1:2] == ["slurm"] else "",
@@ -181,10 +211,17 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     what_job = (
         f"{job.nodes} node(s) x {job.cpus_per_node} CPUs"
         + (f", {job.gpus_per_node} GPU(s) each" if job.gpus_per_node else "")
-        + f", --time {job.time}; at the time limit the study is saved and the job requeued, at most "
+        + f", --time {job.time}; at the time limit the {stage_name} is saved and the job requeued, at most "
         f"{job.max_requeues} times"
     )
     print(f"wrote {script} ({what_job})")
+    usable = slurm.parse_time(job.time) - job.grace - SIGNAL_EARLY
+    if usable < SHORT_ALLOCATION:
+        print(
+            f"warning: an allocation may be stopped {max(usable, 0)} s after it starts (--time less --grace less the "
+            f"{SIGNAL_EARLY} s SLURM may signal early), and starting Ray and the driver takes about a minute of that: "
+            "give a longer --time"
+        )
     if not args.submit:
         print(f"submit it with: sbatch {script}")
         return 0
@@ -199,18 +236,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = parser_with(
         sub,
         "slurm",
-        "run a study (or its final stage) as a SLURM batch job that requeues itself at its time limit",
+        "run a study (or its final or PBT stage) as a SLURM batch job that requeues itself at its time limit",
         """
         fer-tune slurm joint --data ~/data/fer2013.csv --gpus-per-trial 0.25 --nodes 2 --gpus-per-node 4 \\
             --time 1-00:00:00 --partition gpu --setup 'source ~/fer-tune/.venv/bin/activate' --submit
         fer-tune slurm results/joint --submit            # the job that resumes an existing study
         fer-tune slurm results/joint --final --seeds 3 --gpus-per-run 1 --gpus-per-node 3 --time 12:00:00
+        fer-tune slurm results/joint --pbt --top-k 4 --population 8 --epochs 60 --gpus-per-node 2 --time 12:00:00
         fer-tune slurm smoke --cpus-per-node 8 --time 30   # only write results/smoke/slurm.sbatch, to read or edit
     """,
-        details="Writes RESULTS/NAME/slurm.sbatch (the final stage: RESULTS/NAME/final/slurm.sbatch), a commented "
+        details="Writes RESULTS/NAME/slurm.sbatch (the final stage: RESULTS/NAME/final/slurm.sbatch, the PBT stage: "
+        "RESULTS/NAME/pbt/slurm.sbatch), a commented "
         "batch script meant to be read and edited, and with --submit gives it to sbatch. The job starts Ray on its "
         "nodes, checks that every node sees the study directory and the Ray storage, and runs the driver on the "
-        "first node: sweep the first time, resume once the study exists. GRACE seconds before the time limit it "
+        "first node: sweep the first time, resume once the study exists (a stage: fer-tune final or pbt, which "
+        "continue themselves). GRACE seconds before the time limit it "
         "stops the study (saved, as on SIGTERM) and requeues itself until the study is finished.",
     )
     p.add_argument(
@@ -219,6 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a search space (file or shipped name) for a new study, or an existing study directory",
     )
     p.add_argument("--final", action="store_true", help="the study's final stage (fer-tune final) instead")
+    p.add_argument("--pbt", action="store_true", help="the study's PBT stage (fer-tune pbt) instead")
     j = p.add_argument_group("the job")
     j.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     j.add_argument(
@@ -274,7 +315,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
     f = p.add_argument_group("the final stage (as fer-tune final; with --final)")
     f.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
-    f.add_argument("--epochs", type=int, default=None, help="training epochs")
+    f.add_argument("--epochs", type=int, default=None, help="training epochs (with --pbt: epochs per member)")
     f.add_argument("--finetune-epochs", type=int, default=None, help="fine-tune epochs")
     f.add_argument("--finetune-lr", type=float, default=None, help="fine-tune starting lr")
     f.add_argument("--finetune-scheduler", choices=("cosine", "cosine_wr"), default=None, help="fine-tune schedule")
@@ -286,7 +327,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--baseline", choices=BASELINES, default=None, help="also retrain the paper's recipe")
     f.add_argument("--from-pbt", action="store_true", default=None, help="the PBT stage's best member")
     f.add_argument("--out", default=None, help="the final stage's directory (default: STUDY/final)")
-    c = p.add_argument_group("both")
+    b = p.add_argument_group("the PBT stage (as fer-tune pbt; with --pbt, and --epochs)")
+    b.add_argument("--top-k", type=int, default=None, help="seed the population with the K best trials")
+    b.add_argument("--population", type=int, default=None, help="members (default: K)")
+    b.add_argument("--interval", type=int, default=None, help="epochs between perturbations")
+    b.add_argument("--mutate", default=None, metavar="KEYS", help="keys to perturb, among lr, weight_decay, dropout")
+    b.add_argument("--method", choices=("pbt", "pb2"), default=None, help="PBT (default) or PB2")
+    c = p.add_argument_group("all")
     c.add_argument("--mlflow", default=None, metavar="URI", help="MLflow tracking (as the driver takes it)")
     c.add_argument(
         "--force",

@@ -36,14 +36,16 @@ def render(
     first: list[str],
     again: list[str],
     name: str,
+    stage: str = "study",
     storage: str | None = None,
     data: str | None = None,
     workdir: Path | None = None,
     command: str = "",
 ) -> str:
     """The batch script. `first`: the fer-tune arguments of the first allocation (sweep ...); `again`: of every
-    later one, once `study`/study.json exists (resume ...); the same for a final stage. `storage`, `data`: what
-    the job checks every node sees besides the study directory."""
+    later one, once `study`/study.json exists (resume ...); the same for a final or PBT stage, which continues
+    itself. `stage`: what the driver finishes ("study", "final stage", "PBT stage"). `storage`, `data`: what the
+    job checks every node sees besides the study directory."""
     python, ray = python_and_ray(job.setup)
     workdir = workdir or Path.cwd()
     gpus = f"#SBATCH --gres=gpu:{job.gpus_per_node}\n" if job.gpus_per_node else ""
@@ -57,6 +59,10 @@ def render(
     check += ["--storage", storage] if storage else []
     check += ["--data", data] if data and not data.startswith("synthetic") else []
     setup = job.setup.strip() if job.setup else ""
+    if first == again:
+        runs = f"`fer-tune {first[0]}`, which continues the {stage} where the last allocation left it."
+    else:
+        runs = f"`fer-tune {first[0]}` the first time, `fer-tune {again[0]}` once {study.name}/study.json exists."
     return f"""\
 #!/bin/bash
 # {what} as a SLURM job, written by `{command or "fer-tune slurm"}`
@@ -68,15 +74,15 @@ def render(
 #     here, handed to the other nodes by srun in the environment, never written to a file;
 #  2. waits for every node and checks from each that it sees the study directory{" and the Ray storage" if storage else ""}
 #     (fer-tune preflight's checks; one line and exit 2 otherwise);
-#  3. runs the driver here: `fer-tune {first[0]}` the first time, `fer-tune {again[0]}` once {study.name}/study.json exists.
+#  3. runs the driver here: {runs}
 # {job.grace} s before the time limit SLURM sends USR1 to this script (--signal below). The script sends SIGTERM to
-# the driver, which stops the trials, saves the study and exits 143; then the script requeues the job (at most
-# MAX_REQUEUES times, counted by SLURM_RESTART_COUNT) and the next allocation resumes it. A finished study (exit 0)
+# the driver, which stops the trials, saves the {stage} and exits 143; then the script requeues the job (at most
+# MAX_REQUEUES times, counted by SLURM_RESTART_COUNT) and the next allocation continues it. A finished {stage} (exit 0)
 # ends the chain; so does `scancel` (sbatch it again to continue). To stop and requeue the job by hand the same
 # way: scancel --batch --signal=USR1 JOBID. A preemption or `scontrol requeue` sends SIGTERM to every process of
-# the job at once, Ray's too: SLURM requeues it and the study continues from its last saved state (Tune saves it
+# the job at once, Ray's too: SLURM requeues it and the {stage} continues from its last saved state (Tune saves it
 # every few seconds; each trial from its last checkpoint).
-# Every allocation appends to the log below and is one session in study.json (with the job id).
+# Every allocation appends to the log below{" and is one session in study.json (with the job id)" if stage == "study" else ""}.
 # Follow it: squeue -j JOBID; tail -f {log_dir}/slurm-JOBID.log; fer-tune status {study}
 #
 #SBATCH --job-name=fer-tune-{name}
@@ -167,14 +173,14 @@ stop_ray() {{  # this job's Ray only (`ray stop` would stop every Ray of this us
 got="" waiting=1 driver=""
 on_usr1() {{
     got=USR1 waiting=1
-    say "the time limit is {job.grace} s away: stopping the study (SIGTERM to the driver) to requeue the job"
+    say "the time limit is {job.grace} s away: stopping the {stage} (SIGTERM to the driver) to requeue the job"
     [ -n "$driver" ] && kill -TERM "$driver" 2>/dev/null
 }}
 on_term() {{  # every process of the job got it, the driver too: nothing to pass on
     [ -z "$got" ] && got=TERM
     waiting=1
     say "SLURM stops the job (preempted, requeued or cancelled): every process got SIGTERM, Ray's too; the \\
-study continues from its last saved state when the job runs again"
+{stage} continues from its last saved state when the job runs again"
 }}
 trap on_usr1 USR1
 trap on_term TERM
@@ -203,18 +209,18 @@ fi
 stop_ray
 
 if [ "$ran" = 1 ] && [ "$rc" = 0 ]; then
-    say "done: the {"study" if first[0] != "final" else "final stage"} is finished"
+    say "done: the {stage} is finished"
     exit 0
 fi
 if [ "$got" = USR1 ]; then
     if [ "$rc" = 143 ] || [ "$rc" = 130 ] || [ "$rc" = 129 ]; then
         if [ "$allocation" -lt "$MAX_REQUEUES" ]; then
-            say "the study is saved; requeueing job $SLURM_JOB_ID ($((allocation + 1)) of $MAX_REQUEUES)"
+            say "the {stage} is saved; requeueing job $SLURM_JOB_ID ($((allocation + 1)) of $MAX_REQUEUES)"
             trap '' TERM  # what the requeue sends this script
             scontrol requeue "$SLURM_JOB_ID" && exit 0
             say "scontrol requeue failed: continue with sbatch {log_dir / SCRIPT}"
         else
-            say "the study is saved; not requeued: MAX_REQUEUES ($MAX_REQUEUES) reached (continue with sbatch \\
+            say "the {stage} is saved; not requeued: MAX_REQUEUES ($MAX_REQUEUES) reached (continue with sbatch \\
 {log_dir / SCRIPT})"
         fi
     fi
