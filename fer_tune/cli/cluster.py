@@ -35,7 +35,9 @@ def _mark(fails: list[str], check: str) -> str:
 
 def _free(n: int | None) -> str:
     """A node's free space in the storage (a local path or mount; '-' for a URI's)."""
-    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+    from ..tune.runtime.preflight import size_text
+
+    return "-" if n is None else size_text(n)
 
 
 def _print_table(r: dict) -> None:

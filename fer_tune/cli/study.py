@@ -136,7 +136,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..tune.study.outputs import has_unfinished
     from ..tune.study.repair import repair
 
     sdir = Path(args.study).resolve()
@@ -152,12 +151,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"the {'damaged' if done['problem'] else 'previous'} database is kept as {done['aside']}")
     if done["renumbered"]:
         print(f"Tune's saved searcher states ({done['renumbered']}) now name the trials by their rebuilt numbers")
-    from ..tune.runtime.storage import experiment_dir
-    from ..tune.study.record import read_study
-
-    record = read_study(sdir)
-    run = record["runs"][-1]
-    if has_unfinished(experiment_dir(sdir, record, run), run["num_samples"], errors=True):
+    if done["unfinished"]:
         print(f"next: fer-tune resume {sdir}")
     else:
         print(f"next: fer-tune status {sdir}, or fer-tune extend {sdir} --num-samples N")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -193,8 +194,6 @@ def check_free_space(places: list[str | None], need: int, detail: str) -> None:
     """One warning per local filesystem among `places` (the study directory, the Ray storage; URIs are skipped)
     with less free space than `need` bytes: what the run's checkpoints will take (`detail` says how it was
     reckoned). A full disk stops a command cleanly and `resume` continues it, but a warning up front is cheaper."""
-    import shutil
-
     seen: set[int] = set()
     for place in places:
         if place is None or fs.is_uri(place):
@@ -214,13 +213,14 @@ def check_free_space(places: list[str | None], need: int, detail: str) -> None:
                 "fer-tune: %s has %s free, and the checkpoints will need about %s (%s); a full disk stops the "
                 "run (continue it once space is freed)",
                 place,
-                _size(free),
-                _size(need),
+                size_text(free),
+                size_text(need),
                 detail,
             )
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: GiB, or MiB below one."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -250,8 +250,6 @@ def _storage_probe(pdir: str, marker: str | None, token: str, node_id: str) -> d
         if not res["write"]:
             res["error"] = "the probe file read back differently or could not be deleted"
         if not fs.is_uri(pdir):
-            import shutil
-
             res["free"] = shutil.disk_usage(pdir).free
         if res["sees_driver_file"] is False and not fs.is_uri(pdir):
             fs.delete(pdir, tree=True)  # that directory was created on this node's own disk
@@ -322,7 +320,7 @@ def _judge(row: dict, driver: dict, ray_gpus: float) -> tuple[list[str], list[st
     need = _slot_need() * max(1, int(ray_gpus))
     if s.get("free") is not None and s["free"] < need:
         warns.append(
-            f"storage: {_size(s['free'])} free, less than the {_size(need)} the checkpoints of the paper's network "
+            f"storage: {size_text(s['free'])} free, less than the {size_text(need)} the checkpoints of the paper's network "
             f"take for {max(1, int(ray_gpus))} trial(s) at once (4 each: the latest 3 and the best)"
         )
     g, driver_present = row["torch_gpus"], row["nvidia_driver"]

@@ -26,7 +26,7 @@ from ..runtime.layout import experiment_trials, searcher_states
 from ..runtime.lock import acquire
 from ..runtime.storage import experiment_dir
 from .database import database_damage, own_database
-from .outputs import study_results, write_trials_csv
+from .outputs import has_unfinished, study_results, write_trials_csv
 from .record import OWN_DB, StudyRecord, optuna_lib, read_study, spec_with
 from .spec import StudySpec
 
@@ -38,7 +38,7 @@ TRIAL_IDS = "_ot_trial_ids"  # StudySearch's saved state: {ray trial id: Optuna 
 def repair(sdir: str | Path, *, force: bool = False) -> dict:
     """Rebuild the study's own optuna.db from its trials' results; what was done: {"trials", "states",
     "skipped", "problem" (what was wrong with the database, None: nothing), "aside" (its new name, None: it was
-    missing), "renumbered" (searcher states rewritten)}."""
+    missing), "renumbered" (searcher states rewritten), "unfinished" (the last run has trials to finish)}."""
     sdir = Path(sdir).resolve()
     record = read_study(sdir, check=False)
     db = own_database(sdir, record)
@@ -70,6 +70,8 @@ def repair(sdir: str | Path, *, force: bool = False) -> dict:
         os.replace(part, db)
         renumbered = _renumber_searcher_states(sdir, record, new_ids) if new_ids != old_ids else 0
         write_trials_csv(sdir, record)
+        last = record["runs"][-1]
+        unfinished = has_unfinished(experiment_dir(sdir, record, last), last["num_samples"], errors=True)
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -80,6 +82,7 @@ def repair(sdir: str | Path, *, force: bool = False) -> dict:
         "problem": problem,
         "aside": aside,
         "renumbered": renumbered,
+        "unfinished": unfinished,
     }
 
 
