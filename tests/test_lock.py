@@ -96,6 +96,23 @@ def test_a_reused_pid_is_not_a_holder(tmp_path):
     assert lock.holder(tmp_path) is None
 
 
+def test_a_holder_that_ended_but_was_not_reaped_is_not_a_holder(tmp_path):
+    """A killed driver whose parent has not reaped it yet (a zombie: a batch job's orphan under an init that does
+    not reap) still has its PID and start time in /proc, but no flock: it runs nothing."""
+    proc = hold_in_child(tmp_path)
+    try:
+        assert lock.holder(tmp_path)["verified"]
+        os.kill(proc.pid, signal.SIGKILL)  # not waited for: a zombie until proc.wait()
+        deadline = time.monotonic() + 10
+        while lock._stat(proc.pid)[:1] != ["Z"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock._stat(proc.pid)[:1] == ["Z"]
+        assert lock.holder(tmp_path) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_refused_command_leaves_no_directory_behind(tmp_path):
     d = tmp_path / "results" / "new"
     with pytest.raises(FerTuneError):

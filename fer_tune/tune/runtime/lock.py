@@ -30,15 +30,19 @@ LOCK_FILE = ".lock"
 COMMAND = "fer-tune"  # the command line a lock records (the CLI sets it)
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (field 3, the state, first), or [] when unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
 def _start_ticks(pid: int) -> int | None:
     """The process's start time (clock ticks since boot, /proc/PID/stat field 22): a PID reused by another
     process has another start time."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return int(stat.rpartition(")")[2].split()[19])
+        return int(_stat(pid)[19])
     except (IndexError, ValueError):
         return None
 
@@ -54,6 +58,9 @@ def _alive(info: dict) -> bool:
         return False
     except PermissionError:  # another user's process
         pass
+    fields = _stat(pid)
+    if fields[:1] in (["Z"], ["X"]):  # ended, not yet reaped by its parent: it holds no flock any more
+        return False
     recorded = info.get("start_ticks")
     return recorded is None or _start_ticks(pid) == recorded
 
