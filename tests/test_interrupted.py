@@ -36,6 +36,59 @@ def test_trials_to_finish_count_those_tune_does_not_name_yet():
     assert to_finish({"a": "TERMINATED", "b": "ERROR"}, 2, errors=False) == 0
 
 
+def test_trials_that_began_and_finished_after_tunes_last_state_are_not_made_again(tmp_path):
+    """A driver stopped long after Tune's last whole state (its saves failed on a full disk, then a kill): the run's
+    trials the searcher made after that state and that finished are in the Optuna study, not in Tune's state. The
+    restored searcher hands a RUNNING one to Tune's next trial, makes new ones only up to the run's num_samples,
+    and the run counts as finished once Tune's trials end."""
+    from ray.tune.search import Searcher
+
+    from fer_tune.tune.study.outputs import left_to_finish
+    from fer_tune.tune.study.searcher import StudySearch
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    record = {"storage": url, "optuna_study": "t"}
+    run = {"dir": "tune", "num_samples": 5}
+
+    def space(trial):
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+
+    def searcher():
+        import optuna
+
+        return StudySearch(
+            sampler=optuna.samplers.TPESampler(seed=0),
+            space=space, metric="val_acc", mode="max", storage_ref=url, study_name="t", max_epochs=2,
+            run="tune", num_samples=5,
+        )  # fmt: skip
+
+    first = searcher()
+    for tid in ("a", "b"):
+        first.suggest(tid)
+        first.on_trial_complete(tid, {"val_acc": 30.0, "epoch": 2})
+    first.save(str(tmp_path / "searcher-state.pkl"))  # Tune's last whole state: trials a and b
+    for tid in ("c", "d", "e"):
+        first.suggest(tid)
+    first.on_trial_complete("c", {"val_acc": 31.0, "epoch": 2})  # c finished, d stopped early, e was running
+    first.on_trial_complete("d", {"val_acc": 20.0, "epoch": 1})
+    states = {"a": "TERMINATED", "b": "TERMINATED"}
+    assert left_to_finish(record, run, "", states=states) == 1  # e (c and d are done)
+    other_run = {"dir": "extend-1", "num_samples": 5}  # the count is the run's own
+    assert left_to_finish(record, other_run, "", states=states) == 3
+
+    again = searcher()
+    again.restore(str(tmp_path / "searcher-state.pkl"))
+    params = again.suggest("f")  # takes over e, the trial Tune forgot
+    assert params is not None and params != Searcher.FINISHED
+    assert again.suggest("g") == Searcher.FINISHED  # 5 trials: a, b, c, d and e (as f)
+    trials = study_trials(tmp_path)
+    assert len(trials) == 5 and [t.user_attrs["ray_trial_id"] for t in trials] == ["a", "b", "c", "d", "f"]
+    assert {t.user_attrs["run"] for t in trials} == {"tune"}
+    again.on_trial_complete("f", {"val_acc": 29.0, "epoch": 2})
+    done = {**states, "f": "TERMINATED"}
+    assert left_to_finish(record, run, "", states=done, errors=False) == 0
+
+
 def test_a_driver_killed_before_tune_saved_a_state_starts_its_run_over(tmp_path, env):
     n = 4
     space = write_space(tmp_path, num_samples=n, max_epochs=2)

@@ -45,7 +45,7 @@ from ..runtime.session import (
 )
 from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
 from ..runtime.storage import experiment_dir, study_storage
-from .outputs import has_unfinished, study_progress, to_finish, write_trials_csv
+from .outputs import has_unfinished, left_to_finish, study_progress, write_trials_csv
 from .record import (
     STUDY_FILE,
     RunRecord,
@@ -105,6 +105,8 @@ def _run(
             storage_ref=record["storage"],
             study_name=record["optuna_study"],
             max_epochs=spec.max_epochs,
+            run=run["dir"],
+            num_samples=run["num_samples"],
             adopt=restore,  # a run whose driver died before Tune saved a state: it starts over
         )
         history = [experiment_dir(sdir, record, r) for r in record["runs"]]
@@ -139,7 +141,7 @@ def _run(
         )
     set_output(tuner, output, study_progress(record, spec, run), exp_dir)
     track_study(tuner, sdir, record, spec)
-    session = new_session(to_finish(experiment_trial_states(exp_dir), run["num_samples"]) if restore else None)
+    session = new_session(left_to_finish(record, run, exp_dir) if restore else None)
     run.setdefault("sessions", []).append(session)
     write_study(sdir, record)  # a driver killed mid-run leaves its session without an end
     t0 = time.time()
@@ -149,7 +151,9 @@ def _run(
         grid, interrupted = None, True
     run["wall_seconds"] = run.get("wall_seconds", 0.0) + time.time() - t0
     states = experiment_trial_states(exp_dir)
-    interrupted = interrupted or (grid is not None and to_finish(states, run["num_samples"], errors=False) > 0)
+    interrupted = interrupted or (
+        grid is not None and left_to_finish(record, run, exp_dir, errors=False, states=states) > 0
+    )
     session.update(
         ended=time.strftime("%Y-%m-%d %H:%M:%S"),
         wall_seconds=time.time() - t0,
@@ -321,7 +325,7 @@ def resume(sdir: str, opts: RunOptions) -> int:
     with _reopened(sdir_p, opts) as (record, spec, data):
         run = record["runs"][-1]
         exp = experiment_dir(sdir_p, record, run)
-        if not has_unfinished(exp, run["num_samples"], errors=True):
+        if not has_unfinished(record, run, exp, errors=True):
             write_study(sdir_p, record)
             write_trials_csv(sdir_p, record)
             catch_up_study(sdir_p, record, spec)
@@ -350,7 +354,7 @@ def extend(sdir: str, opts: RunOptions, *, num_samples: int) -> int:
     with _reopened(sdir_p, opts) as (record, spec, data):
         last = record["runs"][-1]
         last_exp = experiment_dir(sdir_p, record, last)
-        if has_unfinished(last_exp, last["num_samples"]):
+        if has_unfinished(record, last, last_exp):
             raise FerTuneError(f"{sdir_p}: the last run ({last['dir']}) is unfinished; fer-tune resume {sdir_p} first")
         if spec.sampler == "grid":
             done = len(load_optuna_study(record).trials)

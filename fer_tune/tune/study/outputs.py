@@ -101,10 +101,34 @@ def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
     return scan_results(exp_dirs)[0]
 
 
-def has_unfinished(exp_dir: str, num_samples: int, *, errors: bool = False) -> bool:
-    """True when Ray's experiment state of a run of `num_samples` trials leaves trials to finish (see to_finish):
-    a Ctrl-C, a killed driver; with errors=True, trials that errored out count too (resume retries them)."""
-    return to_finish(experiment_trial_states(exp_dir), num_samples, errors=errors) > 0
+def has_unfinished(record: StudyRecord, run: RunRecord, exp_dir: str, *, errors: bool = False) -> bool:
+    """True when one run of the study leaves trials to finish (see left_to_finish): a Ctrl-C, a killed driver;
+    with errors=True, trials that errored out count too (resume retries them)."""
+    return left_to_finish(record, run, exp_dir, errors=errors) > 0
+
+
+def left_to_finish(
+    record: StudyRecord, run: RunRecord, exp_dir: str, *, errors: bool = True, states: dict | None = None
+) -> int:
+    """to_finish for one run by Tune's saved states (`states`: read from `exp_dir` when not given), less the run's
+    trials that began and finished after Tune's last saved state: the Optuna study holds them finished and the
+    searcher does not make them again (a driver stopped by a full disk, a kill)."""
+    states = experiment_trial_states(exp_dir) if states is None else states
+    return to_finish(states, run["num_samples"] - finished_unseen(record, run, states), errors=errors)
+
+
+def finished_unseen(record: StudyRecord, run: RunRecord, states: dict[str, str]) -> int:
+    """The run's finished Optuna trials (user attribute `run`) whose Tune trial `states` does not name."""
+    try:
+        trials = load_optuna_study(record).get_trials(deepcopy=False)
+    except KeyError:  # the study was not made yet: the driver stopped before its first trial
+        return 0
+    return sum(
+        t.state.name in ("COMPLETE", "PRUNED", "FAIL")
+        and t.user_attrs.get("run") == run["dir"]
+        and t.user_attrs.get("ray_trial_id") not in states
+        for t in trials
+    )
 
 
 def to_finish(states: dict[str, str], num_samples: int, *, errors: bool = True) -> int:

@@ -71,7 +71,7 @@ def repair(sdir: str | Path, *, force: bool = False) -> dict:
         renumbered = _renumber_searcher_states(sdir, record, new_ids) if new_ids != old_ids else 0
         write_trials_csv(sdir, record)
         last = record["runs"][-1]
-        unfinished = has_unfinished(experiment_dir(sdir, record, last), last["num_samples"], errors=True)
+        unfinished = has_unfinished(record, last, experiment_dir(sdir, record, last), errors=True)
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -103,8 +103,8 @@ def rebuilt_trials(sdir: Path, record: StudyRecord, spec: StudySpec) -> tuple[li
     # a grid study's trials name the grid point they visited, as its sampler numbers them
     grid = spec.make_sampler() if spec.sampler == "grid" else None
     trials, skipped = [], []
-    for _, _, t in made:
-        frozen = _trial(t, results.get(t["trial_id"], []), spec)
+    for i, _, t in made:
+        frozen = _trial(t, results.get(t["trial_id"], []), spec, record["runs"][i]["dir"])
         if frozen is None:
             skipped.append(t["trial_id"])
             continue
@@ -123,8 +123,9 @@ def _saved_ids(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
 
 
-def _trial(made: dict, rows: list[dict], spec: StudySpec) -> Any:
-    """One trial as StudySearch would have told the study (None: its config is not one of the space's)."""
+def _trial(made: dict, rows: list[dict], spec: StudySpec, run: str) -> Any:
+    """One trial of the run named `run` as StudySearch would have told the study (None: its config is not one of
+    the space's)."""
     optuna = optuna_lib()
     from optuna.trial import TrialState
 
@@ -143,7 +144,7 @@ def _trial(made: dict, rows: list[dict], spec: StudySpec) -> Any:
     epochs = int(last.get("epoch", 0) or 0)
     diverged = last.get("status") == "diverged"
     status = made["status"]
-    attrs: dict[str, Any] = {"ray_trial_id": made["trial_id"]}
+    attrs: dict[str, Any] = {"ray_trial_id": made["trial_id"], "run": run}
     values = None
     if not (status in FINISHED or diverged or epochs >= spec.max_epochs):
         state = TrialState.RUNNING  # interrupted: a resume continues it

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from ray.tune import Stopper
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ..runtime import internals as ri
@@ -30,37 +31,70 @@ from .spec import StudySpec
 
 log = logging.getLogger(__name__)
 
+DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
 
 class StudySearch(OptunaSearch):
     """OptunaSearch on a persistent storage that (1) ignores Tune's repeated reports for trials the DB already
     holds as finished (a trial that finished after Tune's last snapshot runs again on resume), (2) on restore hands
     the RUNNING DB trials Tune does not know (suggested after its last snapshot) to its next new trials and draws a
-    fresh sampler seed (so old suggestions are not replayed), (3) tells ASHA-stopped trials as PRUNED and diverged
-    ones as FAIL, (4) never pickles the storage URL (it may hold a password): it is re-resolved on restore."""
+    fresh sampler seed (so old suggestions are not replayed), and counts the run's trials that began and finished
+    after that snapshot (so the run still makes num_samples trials in all), (3) tells ASHA-stopped trials as PRUNED
+    and diverged ones as FAIL, (4) never pickles the storage URL (it may hold a password): it is re-resolved on
+    restore. Each trial it makes records the run's name (user attribute `run`)."""
 
-    def __init__(self, *, storage_ref: str, study_name: str, max_epochs: int, adopt: bool = False, **kw: Any):
-        """`adopt`: a run that starts over because its driver died before Tune saved a state: the study's RUNNING
-        trials are its own, handed to its first Tune trials, and the sampler's seed is fresh (the seeded one would
-        suggest those trials' parameters again)."""
+    def __init__(
+        self,
+        *,
+        storage_ref: str,
+        study_name: str,
+        max_epochs: int,
+        run: str | None = None,
+        num_samples: int | None = None,
+        adopt: bool = False,
+        **kw: Any,
+    ):
+        """`run`, `num_samples`: the run's name (Tune's experiment directory) and size. `adopt`: a run that starts
+        over because its driver died before Tune saved a state: the study's RUNNING trials are its own, handed to
+        its first Tune trials, and the sampler's seed is fresh (the seeded one would suggest those trials'
+        parameters again)."""
         optuna_lib()
         self._storage_ref = storage_ref
         self._max_epochs = max_epochs
+        self._run, self._num_samples = run, num_samples
         self._last: dict[str, dict] = {}
         self._orphans: list[int] = []
+        self._finished_unseen = 0
         super().__init__(storage=resolve_storage(storage_ref), study_name=study_name, **kw)
         if adopt:
             self._adopt(known=set())
 
     def _adopt(self, known: set[int]) -> None:
         """The study's RUNNING / WAITING trials that Tune does not know (`known`: the numbers it does) become the
-        trials handed to Tune's next new trials; a fresh sampler seed, so the suggestions made after Tune's last
-        saved state are not replayed."""
+        trials handed to Tune's next new trials; the run's finished trials that Tune does not know are counted
+        (they are not made again); a fresh sampler seed, so the suggestions made after Tune's last saved state are
+        not replayed."""
         ri.search_name_and_sampler(self)[1].reseed_rng()
+        study = ri.search_study(self)
         self._orphans = [
             ri.trial_id(t)
-            for t in ri.search_study(self).get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
             if ri.trial_id(t) not in known
         ]
+        run = getattr(self, "_run", None)  # None: pickled by an earlier release, whose trials do not name their run
+        self._finished_unseen = (
+            sum(
+                t.user_attrs.get("run") == run and ri.trial_id(t) not in known
+                for t in study.get_trials(deepcopy=False, states=DONE)
+            )
+            if run is not None
+            else 0
+        )
+
+    def _full(self) -> bool:
+        """True when the run has its num_samples trials: those Tune knows and those it forgot that finished."""
+        n = getattr(self, "_num_samples", None)
+        return n is not None and len(ri.search_trials(self)) + getattr(self, "_finished_unseen", 0) >= n
 
     @property
     def _db(self) -> Any:
@@ -76,8 +110,14 @@ class StudySearch(OptunaSearch):
             # a trial asked after Tune's last snapshot: Tune forgot it, so hand its (already sampled) params to the
             # next Tune trial instead of asking a new one; the study keeps num_samples trials
             trials[trial_id] = optuna.Trial(ri.search_study(self), self._orphans.pop(0))
+        elif trial_id not in trials and self._full():
+            # trials that began and finished after Tune's last snapshot: Tune forgot them, the study holds them
+            return Searcher.FINISHED
         params = super().suggest(trial_id)
-        self._db.set_trial_user_attr(ri.trial_id(trials[trial_id]), "ray_trial_id", trial_id)
+        number = ri.trial_id(trials[trial_id])
+        self._db.set_trial_user_attr(number, "ray_trial_id", trial_id)
+        if getattr(self, "_run", None) is not None:
+            self._db.set_trial_user_attr(number, "run", self._run)
         return params
 
     @property
