@@ -107,7 +107,8 @@ def test_bad_schedules_are_refused(schedule, cfg, says):
 # ---------------------------------------------------------------------------------------------------------
 # the commands, over a real tiny study
 # ---------------------------------------------------------------------------------------------------------
-FAST = ["--top-k", "2", "--population", "4", "--epochs", "4", "--interval", "1", "--quiet"]
+# synchronous: the bottom member clones the top one at every interval, whatever order the results arrive in
+FAST = ["--top-k", "2", "--population", "4", "--epochs", "4", "--interval", "1", "--synch", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_pbt_seeds_the_population_from_the_top_trials_and_records_the_lineage(en
         last[int(x["member"])] = int(x["epoch"])
     assert set(last.values()) == {4}  # every member trained to the end
     lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage["clones"], "no member took another's weights"
+    assert {1, 2, 3} <= {e["epoch"] for e in lineage["clones"]}, lineage["clones"]  # one clone per interval at least
     for e in lineage["clones"]:
         assert set(e["old"]) == set(e["new"]) == set(KEYS) and 1 <= e["epoch"] <= 4
         seg = [
@@ -194,12 +195,13 @@ def test_the_best_member_is_evaluated_exported_and_shown(env, study, pbt):
     assert json.loads(r.stdout)["top1"] == pytest.approx(m["test"]["top1"])
     r = fer_tune(env, "status", study)
     assert r.returncode == 0 and "PBT stage" in r.stdout and f"best: member {best['member']}" in r.stdout
+    assert "perturbed every epoch, synchronously" in r.stdout
     s = json.loads(fer_tune(env, "status", study, "--json").stdout)["pbt"]
     assert s["metrics"]["best"]["member"] == best["member"] and len(s["members"]) == len(m["members"])
     r = fer_tune(env, "report", study)
     html = (study / "report.html").read_text()
     assert r.returncode == 0 and 'id="pbt"' in html and "fig-pbt-population" in html and "fig-pbt-schedules" in html
-    assert 'id="pbt-clones"' in html
+    assert 'id="pbt-clones"' in html and "every epoch, synchronously" in html
     # again: complete; other settings: refused, naming them
     r = fer_tune(env, "pbt", study, *FAST)
     assert r.returncode == 0 and "the PBT stage is complete" in r.stderr

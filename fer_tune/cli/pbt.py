@@ -13,7 +13,10 @@ DETAILS = (
     "lr schedulers are switched off, and PBT's mutations are the schedule. Every --interval epochs a member in "
     "the bottom quarter takes the weights (and optimizer state) of one in the top quarter and goes on with its "
     "values perturbed (PBT: x0.8 or x1.2, or resampled within the range with probability 0.25; PB2: chosen by "
-    "a Gaussian-process bandit). A key the study searches is kept in the study's range. The best member at the "
+    "a Gaussian-process bandit). By default each member is ranked when it reaches an interval, against the "
+    "others' latest results (Ray's asynchronous PBT: no member waits, and which member clones which depends on "
+    "the order results arrive in); with --synch every member waits at each interval until all have reached it, "
+    "then the bottom quarter clones the top quarter (the decisions then follow from the results alone). A key the study searches is kept in the study's range. The best member at the "
     "last epoch is evaluated on the test split with TenCrop and exported to STUDY/pbt/model.*; "
     "`fer-tune final STUDY --from-pbt` replays its schedule from scratch. Jaderberg et al. 2017, Population "
     "Based Training of Neural Networks; Parker-Holder et al. 2020, PB2. Again: continues an interrupted stage."
@@ -67,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="KEYS",
         help="comma-separated keys to perturb, among lr, weight_decay, dropout (default: all three)",
+    )
+    p.add_argument(
+        "--synch",
+        action="store_true",
+        default=None,
+        help="perturb the whole population at once at each interval (Ray's synch=True) instead of each member when "
+        "it gets there",
     )
     p.add_argument(
         "--method",

@@ -45,6 +45,7 @@ PBT_OPTIONS = (
     ("--interval", "interval", True),
     ("--mutate", "mutate", True),
     ("--method", "method", True),
+    ("--synch", "synch", False),
 )
 MLFLOW_OPTION = (("--mlflow", "mlflow", True),)
 SIGNAL_EARLY = 60  # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
@@ -333,6 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--interval", type=int, default=None, help="epochs between perturbations")
     b.add_argument("--mutate", default=None, metavar="KEYS", help="keys to perturb, among lr, weight_decay, dropout")
     b.add_argument("--method", choices=("pbt", "pb2"), default=None, help="PBT (default) or PB2")
+    b.add_argument("--synch", action="store_true", default=None, help="perturb the whole population at once")
     c = p.add_argument_group("all")
     c.add_argument("--mlflow", default=None, metavar="URI", help="MLflow tracking (as the driver takes it)")
     c.add_argument(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..tune.pbt.read import member_number, schedule_rows, stage
+from ..tune.pbt.read import cadence, member_number, schedule_rows, stage
 from ..tune.runtime.lock import describe
 from .html import Page, esc, fmt, key_table, table
 
@@ -145,7 +145,7 @@ def pbt_section(page: Page, sdir: Path) -> None:
         ("method", f"{s['method'].upper()} (Jaderberg et al. 2017; PB2: Parker-Holder et al. 2020)"),
         ("population", f"{s['population']} members from the top {s['top_k']} trials: {tops}"),
         ("training", f"{s['epochs']} epochs, scheduler constant (the perturbations are the lr schedule)"),
-        ("perturbed", f"{', '.join(s['mutate'])} every {s['interval']} epochs; ranges " + _ranges(rec)),
+        ("perturbed", f"{', '.join(s['mutate'])} {cadence(s)}; ranges " + _ranges(rec)),
         ("clones", str(len(st["clones"]))),
         ("created", rec.get("created", "")),
     ]

@@ -39,13 +39,20 @@ from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import trials_table
 from ..study.record import StudyRecord, read_study, reopen, spec_with
 from .outputs import evaluate_best, population_progress, write_population
-from .read import PBT_DIR, PBT_FILE, PbtRecord
+from .read import PBT_DIR, PBT_FILE, PbtRecord, cadence
 from .trial import ORIGIN, member_trial
 
 log = logging.getLogger(__name__)
 
 METHODS = ("pbt", "pb2")
-DEFAULTS = {"top_k": 4, "population": None, "epochs": None, "interval": None, "mutate": ",".join(MUTABLE)}
+DEFAULTS = {
+    "top_k": 4,
+    "population": None,
+    "epochs": None,
+    "interval": None,
+    "mutate": ",".join(MUTABLE),
+    "synch": False,
+}
 # ranges of the mutated keys a study does not search (a searched key takes the study's range)
 RANGES = {"lr": (1e-4, 0.1, True), "weight_decay": (1e-6, 1e-2, True), "dropout": (0.0, 0.6, False)}
 
@@ -150,6 +157,7 @@ def make_scheduler(rec: PbtRecord) -> Any:
         "metric": rec["metric"],
         "mode": rec["mode"],
         "perturbation_interval": s["interval"],
+        "synch": bool(s.get("synch")),  # a stage of an earlier release has no such setting: asynchronous
     }
     clip = Clip({k: (lo, hi) for k, (lo, hi, _) in ranges.items()})
     if s["method"] == "pb2":
@@ -246,7 +254,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
         if new:
             tops = ", ".join(f"{m['trial']['number']}" for m in rec["members"])
             log.info(
-                "PBT stage of %s (%s): %d members from trials %s, %d epochs, perturbing %s every %d epochs "
+                "PBT stage of %s (%s): %d members from trials %s, %d epochs, perturbing %s %s "
                 "(scheduler constant); results in %s",
                 rec["study"],
                 s["method"].upper(),
@@ -254,7 +262,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
                 tops,
                 s["epochs"],
                 ", ".join(s["mutate"]),
-                s["interval"],
+                cadence(s),
                 out,
             )
             write_json(out / PBT_FILE, rec)

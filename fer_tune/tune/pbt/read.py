@@ -45,6 +45,12 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def cadence(settings: dict) -> str:
+    """'every 5 epochs' (asynchronous: each member on its own) or 'every 5 epochs, synchronously'."""
+    n = settings["interval"]
+    return ("every epoch" if n == 1 else f"every {n} epochs") + (", synchronously" if settings.get("synch") else "")
+
+
 def member_number(trial_id: str) -> int:
     """A member's number: its trial's index in the population (Tune's trial id ends in it)."""
     return int(str(trial_id).rsplit("_", 1)[-1])
@@ -159,7 +165,7 @@ def status_lines(sdir: str | Path) -> list[str]:
     lines = [
         "",
         f"PBT stage ({found['dir']}, {s['method'].upper()}): {s['population']} members from the top {s['top_k']} trials, "
-        f"{s['epochs']} epochs, {', '.join(s['mutate'])} perturbed every {s['interval']}; {state}",
+        f"{s['epochs']} epochs, {', '.join(s['mutate'])} perturbed {cadence(s)}; {state}",
         f"{'member':>6} {'from trial':>10} {'epoch':>5} {metric:>8}  values now",
     ]
     for m in found["members"]:
