@@ -68,6 +68,8 @@ class FerData:
             "protocol_note": self.protocol_note,
             "fingerprint": self.fingerprint,
             "sizes": {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)},
+            # images per emotion of each split: the report's majority-class rate (a collapsed model's score)
+            "class_counts": {name: c["per_class"] for name, c in self.counts().items()},
         }
 
 

@@ -306,7 +306,7 @@ def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_p
 
     import fer_tune.cli
     from fer_tune.cli import disk_full, main
-    from fer_tune.cli import study as study_cli
+    from fer_tune.cli import status as status_cli
     from fer_tune.tune.runtime.session import _LogFile
 
     def full_disk(args):
@@ -315,7 +315,7 @@ def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_p
         except sql.OperationalError as exc:
             raise RuntimeError("An exception is raised during the commit.") from exc
 
-    monkeypatch.setattr(study_cli, "cmd_status", full_disk)
+    monkeypatch.setattr(status_cli, "cmd_status", full_disk)
     assert main(["status", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left on device" in err and "fer-tune resume" in err, err

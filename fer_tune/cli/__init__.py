@@ -11,7 +11,7 @@ import sys
 
 from .. import __version__
 from ..common import EMOTIONS, FerTuneError
-from . import cluster, demo, final, pbt, predict, report, slurm, study, tools, train
+from . import cluster, demo, final, pbt, predict, report, slurm, status, study, tools, train
 from .common import add_read_options, examples, load_data, parser_with
 
 
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_read_options(convert)
     convert.set_defaults(func=cmd_data_convert)
 
-    for commands in (train, study, report, cluster, slurm, final, pbt, predict, demo, tools):
+    for commands in (train, study, status, report, cluster, slurm, final, pbt, predict, demo, tools):
         commands.register(sub)
     return parser
 

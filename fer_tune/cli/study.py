@@ -1,13 +1,11 @@
-"""`fer-tune sweep | resume | extend | status`: studies on Ray Tune + Optuna."""
+"""`fer-tune sweep | resume | extend | repair`: studies on Ray Tune + Optuna (`status`: fer_tune.cli.status)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .common import add_mlflow_option, add_ray_options, add_read_options, parser_with, run_options
-from .pbt import print_pbt
 from .report import refresh_report
 
 
@@ -77,64 +75,6 @@ def cmd_extend(args: argparse.Namespace) -> int:
     return _finish(rc, args.study)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from ..tune.runtime.lock import running_line
-    from ..tune.study.outputs import objective_value, status_summary
-    from ..tune.study.record import read_study
-
-    record = read_study(args.study)
-    s = status_summary(args.study, record)
-    if args.json:
-        from ..tune.pbt.read import stage
-
-        pbt = stage(args.study)  # the PBT stage, when the study has one
-        if pbt is not None:
-            s["pbt"] = {k: pbt[k] for k in ("record", "members", "clones", "metrics", "replay", "running")}
-        print(json.dumps(s, indent=2, default=str))
-        return 0
-    metric = s["metric"]
-    print(
-        f"study {s['name']} ({s['directory']}): {s['finished']}/{s['num_samples']} trials finished "
-        f"({', '.join(f'{n} {k}' for k, n in sorted(s['states'].items())) or 'none yet'}); "
-        f"{s['epochs_trained']} epochs trained, {s['device_hours']:.3f} device-hours"
-    )
-    for what, info in s["running"].items():
-        print(running_line(what, info))
-    from ..tune.slurm.job import study_job_line
-
-    if job := study_job_line(record):  # a study run by `fer-tune slurm`: its job's state in SLURM's queue
-        print(job)
-    params = [k for k in (s["rows"][0] if s["rows"] else {}) if k.startswith("param_")]
-    # every column as wide as its widest value
-    widths = [max([len(p) - 6, *(len(_fmt(r[p])) for r in s["rows"])]) for p in params]
-    sw = max([len("status"), *(len(r["status"]) for r in s["rows"])])
-    others = [m for m, _ in s["objectives"][1:]]  # a multi-objective study's other objectives, and its front
-    extra_head = "".join(f"{m:>12}" for m in others) + ("  front" if others else "")
-    print(
-        f"{'#':>4} {'status':<{sw}} {'epochs':>6}{'best ' + metric:>14}{extra_head}  "
-        + "  ".join(f"{p[6:]:<{w}}" for p, w in zip(params, widths)).rstrip()
-    )
-    for r in s["rows"]:
-        best = f"{r['best_' + metric]:.2f}" if r["best_" + metric] != "" else "-"
-        extra = "".join(f"{_fmt(objective_value(r, m, metric)):>12}" for m in others)
-        extra += f"  {'*' if r.get('pareto') == 'yes' else ' ':<5}" if others else ""
-        vals = "  ".join(f"{_fmt(r[p]):<{w}}" for p, w in zip(params, widths)).rstrip()
-        print(f"{r['number']:>4} {r['status']:<{sw}} {r['epochs']:>6}{best:>14}{extra}  {vals}")
-    if s["best"]:
-        b = s["best"]
-        print(
-            f"best: trial {b['number']} {metric} {b['best_' + metric]:.2f} (epoch {b['best_epoch']})"
-            + (
-                f"; * = on the Pareto front of {', '.join(f'{m} {o}' for m, o in s['objectives'])} (completed "
-                f"trials), whose best {metric} fer-tune final takes"
-                if others
-                else ""
-            )
-        )
-    print_pbt(args.study)
-    return 0
-
-
 def cmd_repair(args: argparse.Namespace) -> int:
     from ..tune.study.repair import repair
 
@@ -156,12 +96,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
     else:
         print(f"next: fer-tune status {sdir}, or fer-tune extend {sdir} --num-samples N")
     return 0
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v) if v != "" else "-"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -263,21 +197,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ray_options(p)
     add_read_options(p)
     p.set_defaults(func=cmd_extend)
-
-    p = parser_with(
-        sub,
-        "status",
-        "trials, states, best result and device-hours of a study",
-        """
-        fer-tune status results/joint
-        fer-tune status results/joint --json
-    """,
-    )
-    p.add_argument("study", help="the study directory (results/NAME); never disturbs a command running it")
-    p.add_argument(
-        "--json", action="store_true", help="print everything as JSON (the rows of trials.csv, who runs the study now)"
-    )
-    p.set_defaults(func=cmd_status)
 
     p = parser_with(
         sub,

@@ -21,6 +21,8 @@ img.saliency{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .data{position:sticky;top:0;z-index:10;background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:8px 0;
 font-size:14px}.data.synthetic{background:#fde8e8;border-color:#e6a0a0}
 tr.best td{background:#e3f2e1;font-weight:600}
+ul.decision{margin:8px 0;padding-left:20px;line-height:1.45}ul.decision li{margin:4px 0}
+p.next{font-size:15px;font-weight:600}
 """
 
 

@@ -1,6 +1,7 @@
 """The study report: results/NAME -> one HTML file a person opens with no server and no internet.
 
-plotly.js is embedded once (one inline script in <head>); every figure is a plotly div. Sections: summary, Optuna's
+plotly.js is embedded once (one inline script in <head>); every figure is a plotly div. Sections: the decision
+(what was found and how sure it is: fer_tune.report.decision), summary, Optuna's
 own plots from the study's storage, learning curves of every trial, the seed's comparisons (optimizer x scheduler,
 scheduler, dropout, architecture: whichever the study searches), the class-aware view (per-emotion val recall of
 the top trials), the final stage (fer_tune.report.final) and a table against published numbers
@@ -25,6 +26,8 @@ from ..tune.study.outputs import status_summary, study_results
 from ..tune.study.record import StudyRecord, load_optuna_study, read_study
 from ..tune.study.spec import objectives
 from . import final as report_final
+from .decision import decide
+from .decision_words import decision_section
 from .html import Page, duration, esc, fmt, key_table, number, params_text, table, write_page
 from .pareto import pareto_section
 from .pbt import pbt_section
@@ -70,8 +73,9 @@ def build_report(sdir: Path) -> str:
             f"trials finished ({len(unfinished)} started and unfinished). {state}; the figures show the "
             "results so far.</p>"
         )
-    _summary_section(page, sdir, record, summary)
     final = report_final.load_final(sdir)
+    decision_section(page, decide(sdir, record, summary, results, final))
+    _summary_section(page, sdir, record, summary)
     study, unread = _study(record)
     pareto_section(page, record, study, summary["rows"], summary["best"], final)
     _optuna_section(page, record, study, unread)

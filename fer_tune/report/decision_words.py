@@ -1,0 +1,254 @@
+"""The decision summary's facts (fer_tune.report.decision) in sentences: the report's first section and the lines
+`fer-tune status` prints under its table. Both show the same sentences."""
+
+from __future__ import annotations
+
+import textwrap
+
+from .final_figures import MODEL_LABEL
+from .html import Page, esc
+
+LISTED = 8  # trials named in one sentence before "and N more"
+
+
+def _pct(v: float) -> str:
+    return f"{v:.2f} %"
+
+
+def _span(iv: list[float] | None, sign: bool = False) -> str:
+    if not iv:
+        return ""
+    f = "{:+.1f}" if sign else "{:.1f}"
+    return f"{f.format(iv[0])} to {f.format(iv[1])}"
+
+
+def _trials(items: list[str]) -> str:
+    more = len(items) - LISTED
+    return ", ".join(items[:LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def sentences(f: dict) -> list[tuple[str, str]]:
+    """[(key, sentence)]: winner, ties, collapsed, edges, final, baseline, cost, next."""
+    out: list[tuple[str, str]] = []
+    w, metric = f["winner"], f["metric"]
+    acc = f["interval_method"] is not None
+    unit = " %" if acc else ""
+    if w is None:
+        out.append(("winner", f"No trial has reported {metric} yet: there is nothing to decide."))
+    else:
+        multi = len(f["objectives"]) > 1
+        text = (
+            f"Winner: trial {w['trial']}"
+            + (f", the Pareto front's best {metric}" if multi else "")
+            + f", {metric} {w['value']:.2f}{unit} at epoch {w['epoch']}"
+        )
+        if acc:
+            text += (
+                f" (95 % interval {_span(w['interval'])} % on {f['val_images']:,} val images; the best of "
+                f"{f['trials_scored']} trials' best epochs, so it reads high)."
+            )
+        else:
+            text += f" (no interval: the summary computes intervals for accuracies, not {metric})."
+        out.append(("winner", text))
+        ties, runner = f["ties"], f["runner_up"]
+        if ties:
+            named = [
+                f"trial {t['trial']} ({t['value']:.2f} %"
+                + (f", {t['status']} at epoch {t['epochs']})" if t["status"] != "completed" else ")")
+                for t in ties
+            ]
+            out.append(
+                (
+                    "ties",
+                    f"Tied with it (inside its interval: the val split cannot rank them): {_trials(named)}.",
+                )
+            )
+        elif acc and runner:
+            out.append(
+                (
+                    "ties",
+                    f"No tie: the next best, trial {runner['trial']} at {runner['value']:.2f} %, lies below the "
+                    "winner's interval.",
+                )
+            )
+        elif runner is None:
+            out.append(("ties", "No tie: it is the only trial with a score."))
+    out += _collapse_words(f)
+    out += _edge_words(f)
+    out += _final_words(f)
+    c = f["cost"]
+    cost = f"Cost: {c['device_hours']:.3g} device-hours in the study"
+    if c.get("final_device_hours") is not None:
+        cost += f" and {c['final_device_hours']:.3g} in the final stage"
+    saved = 1 - c["epochs_trained"] / c["epoch_budget"] if c["epoch_budget"] else 0.0
+    cost += (
+        f"; {c['epochs_trained']:,} trial epochs trained of the {c['epoch_budget']:,} the trials would have run "
+        f"without early stopping" + (f" ({saved * 100:.0f} % saved)" if saved > 0 else "") + "."
+    )
+    out.append(("cost", cost))
+    out.append(("next", f"Next: {f['next']}"))
+    return out
+
+
+DEFINITIONS = (
+    "How to read it: every interval is a 95 % Wilson score interval for a binomial proportion (an accuracy as k "
+    "correct of n images, n the split's size): the noise of the split's sampling, not of the training seed. A tie "
+    "is a trial whose best val score lies inside the winner's interval. A collapsed trial predicts one emotion for "
+    "every val face (every other emotion's recall below 1 % at its best epoch) or scores at or below the "
+    "majority-class rate, the commonest emotion's share of val. A parameter sits at the edge when the winner's "
+    "value lies within 5 % of either end of its searched range (on the log scale where it is searched on one). A "
+    "baseline's difference has Newcombe's hybrid score interval (method 10), built from the two Wilson intervals."
+)
+
+
+def _collapse_words(f: dict) -> list[tuple[str, str]]:
+    if f["chance"] is None or not f["trials_scored"]:
+        return []
+    maj = f["majority"]
+    rate = ""
+    if maj is not None:
+        rate = ("" if maj["recorded"] else "at least ") + f"{_pct(maj['pct'])}, {maj['class']}'s share of val"
+    bad = f["collapsed"]
+    if not bad:
+        if not f["collapse_checked"]:
+            how = f"at or below the majority-class rate ({rate})" if maj else "below chance"
+            return [("collapsed", f"No trial scored {how}; per-emotion recall was not recorded to check more.")]
+        return [
+            (
+                "collapsed",
+                "No trial collapsed: none predicts one emotion for every val face"
+                + (f" or scores at or below the majority-class rate ({rate})" if maj else "")
+                + ".",
+            )
+        ]
+    one = [c for c in bad if c["predicts"]]
+    low = [c for c in bad if not c["predicts"]]
+    parts = []
+    by_class: dict[str, list[str]] = {}
+    for c in one:
+        by_class.setdefault(c["predicts"], []).append(str(c["trial"]))
+    for emotion, ts in by_class.items():
+        parts.append(
+            f"trial{'s' if len(ts) > 1 else ''} {_trials(ts)} predict{'' if len(ts) > 1 else 's'} {emotion} for every val face"
+        )
+    if low:
+        ts = [str(c["trial"]) for c in low]
+        parts.append(
+            f"trial{'s' if len(ts) > 1 else ''} {_trials(ts)} score{'' if len(ts) > 1 else 's'} at or below the majority-class rate"
+        )
+    text = f"Collapsed: {len(bad)} of {f['trials_scored']} trials learnt no emotion: {'; '.join(parts)}" + (
+        f" (majority-class rate {rate}; chance {_pct(f['chance'])})." if maj else "."
+    )
+    if f["collapsed_setting"]:
+        text += f" All have {' and '.join(f['collapsed_setting'])}, and no other trial has: narrow the space there."
+    return [("collapsed", text)]
+
+
+def _edge_words(f: dict) -> list[tuple[str, str]]:
+    if not f["edges"]:
+        return []
+    shown = [
+        f"{e['param']} ({e['value']:.4g}, at the {'top' if e['side'] == 'high' else 'bottom'} of "
+        f"{e['low']:.4g} .. {e['high']:.4g}{', log' if e['log'] else ''})"
+        for e in f["edges"]
+    ]
+    names = " and ".join(e["param"] for e in f["edges"])
+    return [
+        (
+            "edges",
+            f"Widen {names}: the winner's {'; '.join(shown)} sit{'s' if len(shown) == 1 else ''} within 5 % of the "
+            "end of the searched range, so better values may lie beyond it.",
+        )
+    ]
+
+
+def _final_words(f: dict) -> list[tuple[str, str]]:
+    fin = f["final"]
+    if fin is None:
+        return [("final", "Final stage: not run yet (no test score; the study's scores are on val).")]
+    if "top1" not in fin:
+        state = {
+            "running": "running: no test score yet",
+            "unfinished": "started and not finished: no test score yet",
+            "partial": "finished without a completed seed",
+            "complete": "finished without a test score",
+        }[fin["state"]]
+        return [("final", f"Final stage: {state}.")]
+    seeds = fin["seeds"]
+    spread = (
+        f"over {len(seeds)} seeds {min(seeds):.2f} to {max(seeds):.2f} % (std {fin['std']:.2f})"
+        if fin["std"] is not None
+        else "one seed, so no seed spread"
+    )
+    text = (
+        f"Final stage (trial {fin['trial']} retrained): test top-1 of the {fin['model_label']} model "
+        f"{_pct(fin['top1'])}"
+        + (
+            f" (95 % interval {_span(fin['interval'])} % on {fin['test_images']:,} test images)"
+            if fin["interval"]
+            else ""
+        )
+        + f"; {spread}."
+    )
+    if fin["others"]:
+        text += (
+            " Its other models: "
+            + ", ".join(f"{MODEL_LABEL[n]} {_pct(v)}" for n, v in fin["others"].items())
+            + (
+                " (differences inside the interval do not rank them)."
+                if fin["interval"]
+                and all(fin["interval"][0] <= v <= fin["interval"][1] for v in fin["others"].values())
+                else "."
+            )
+        )
+    if fin.get("seeds_failed"):
+        text += f" Seeds that did not complete: {', '.join(map(str, fin['seeds_failed']))}."
+    out = [("final", text)]
+    b = fin.get("baseline")
+    if b:
+        iv = b["interval"]
+        verdict = (
+            "the test split cannot tell them apart"
+            if iv and iv[0] <= 0 <= iv[1]
+            else "the difference holds beyond the test split's noise"
+            if iv
+            else ""
+        )
+        out.append(
+            (
+                "baseline",
+                f"Against the {b['name']} recipe ({_pct(b['top1'])}): {b['difference']:+.2f} points"
+                + (
+                    f" (95 % Newcombe hybrid score interval {_span(iv, sign=True)}, conservative since both are "
+                    f"tested on the same images): {verdict}"
+                    if iv
+                    else ""
+                )
+                + (f"; per seed {', '.join(f'{d:+.2f}' for d in b['per_seed'])}" if b["per_seed"] else "")
+                + ".",
+            )
+        )
+    else:
+        out.append(("baseline", "No baseline recipe was retrained beside it (fer-tune final --baseline paper)."))
+    return out
+
+
+def decision_section(page: Page, f: dict) -> None:
+    """The report's first section: the sentences, each a line of its own."""
+    parts = page.section("decision", "Decision")
+    items = "".join(f'<li id="decision-{key}">{esc(text)}</li>' for key, text in sentences(f) if key != "next")
+    parts.append(
+        f'<ul class="decision">{items}</ul><p class="next" id="decision-next">Next: <code>{esc(f["next"])}</code></p>'
+        + (f'<p class="note" id="decision-definitions">{esc(DEFINITIONS)}</p>' if f["interval_method"] else "")
+    )
+
+
+def wrapped(f: dict, width: int = 100) -> list[str]:
+    """The sentences as lines of at most `width` characters (a command is never broken)."""
+    lines: list[str] = []
+    for key, text in sentences(f):
+        if key == "next":
+            lines.append(text)
+            continue
+        lines += textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+    return lines
