@@ -112,6 +112,7 @@ def craft_study(root: Path, trials: list[dict], *, space: dict | None = None, cl
                 "epoch": e,
                 "training_iteration": e,
                 "val_acc": v,
+                "val_loss": round(2.0 - v / 50, 4),
                 "best_val_acc": max(t["vals"][:e]),
                 "epoch_seconds": t["device_seconds"] / len(t["vals"]),
                 "device_seconds": t["device_seconds"] * e / len(t["vals"]),

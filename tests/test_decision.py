@@ -84,8 +84,8 @@ def test_winner_tie_collapse_edge_and_cost(tmp_path):
     assert "trial 2 (44.50 %)" in words["ties"]
     assert "trials 1, 3 predict happy for every val face" in words["collapsed"]
     assert "trial 5 scores at or below the majority-class rate" in words["collapsed"]
-    assert "All have lr >= 0.02" in words["collapsed"] and "chance 14.29 %" in words["collapsed"]
-    assert words["edges"].startswith("Widen dropout") and "0.49, at the top of 0 .. 0.5" in words["edges"]
+    assert "All have lr >= 0.02" in words["collapsed"] and "chance is 14.29 %" in words["collapsed"]
+    assert words["edges"].startswith("Edges: widen dropout") and "0.49, at the top of 0 .. 0.5" in words["edges"]
     assert "18 trial epochs trained of the 24" in words["cost"] and "25 % saved" in words["cost"]
     assert "Final stage: not run yet" in words["final"] and "baseline" not in words
 
@@ -94,8 +94,8 @@ def test_no_tie_and_no_collapse_and_the_majority_rate_when_it_was_not_recorded(t
     healthy = [t for t in TRIALS if t["number"] in (0, 4)]
     f = facts_of(craft_study(tmp_path / "a", healthy))
     assert f["ties"] == [] and f["collapsed"] == [] and f["edges"]
-    assert "No tie: the next best, trial 1 at 36.00 %" in said(f)["ties"]
-    assert said(f)["collapsed"].startswith("No trial collapsed")
+    assert "Ties: none; the next best, trial 1 at 36.00 %" in said(f)["ties"]
+    assert said(f)["collapsed"].startswith("Collapsed: none (no trial predicts")
     # a study recorded before the val split's class counts: a one-emotion trial gives a lower bound
     f = facts_of(craft_study(tmp_path / "b", TRIALS[:2], class_counts=False))
     assert f["majority"] == {"class": "happy", "pct": 25.58, "recorded": False}
@@ -124,6 +124,15 @@ def test_a_multi_objective_study(tmp_path):
     f = facts_of(craft_study(tmp_path, trials, space=space))
     assert f["winner"]["trial"] == 0 and [t["trial"] for t in f["ties"]] == [1]
     assert said(f)["winner"].startswith("Winner: trial 0, the Pareto front's best val_acc, val_acc 46.00 %")
+
+
+def test_a_metric_that_is_no_accuracy_has_no_interval(tmp_path):
+    f = facts_of(craft_study(tmp_path, TRIALS[:3], space={"metric": "val_loss", "mode": "min"}))
+    assert f["winner"]["trial"] == 0 and f["winner"]["interval"] is None and f["ties"] == []
+    assert f["interval_method"] is None and f["collapsed"] == [] and f["runner_up"]["trial"] == 2
+    words = said(f)
+    assert "no interval: the summary computes intervals for accuracies, not val_loss" in words["winner"]
+    assert "ties" not in words and "collapsed" not in words
 
 
 def _final(sdir, *, baseline: bool, seeds=(0, 1)):
@@ -186,7 +195,7 @@ def test_the_final_stage_and_its_baseline(tmp_path):
         "test top-1 of the fine-tuned model 64.50 % (95 % interval 58.9 to 69.7 % on 298 test images)" in words["final"]
     )
     assert "over 2 seeds 64.00 to 65.00 % (std 0.71)" in words["final"]
-    assert "last epoch 60.50 %" in words["final"] and "No baseline recipe" in words["baseline"]
+    assert "last epoch 60.50 %" in words["final"] and words["baseline"].startswith("Baseline: none")
 
     for p in (sdir / "final").iterdir():
         p.unlink()
@@ -198,7 +207,7 @@ def test_the_final_stage_and_its_baseline(tmp_path):
     assert b["interval"] == pytest.approx(list(newcombe(64.0, 298, 61.0, 298)))
     words = said(f)
     assert "one seed, so no seed spread" in words["final"]
-    assert "Against the paper recipe (61.00 %): +3.00 points" in words["baseline"]
+    assert "the paper recipe scored 61.00 %; the study's configuration leads it by 3.00 points" in words["baseline"]
     assert "the test split cannot tell them apart" in words["baseline"]  # 3 points on 298 images
 
 
@@ -218,7 +227,7 @@ def test_status_marks_the_best_ties_and_collapsed_trials_in_100_columns(tmp_path
     rows = {int(m[2]): m[1] for line in lines if (m := re.match(r"([*=x ]) +(\d+) (completed|pruned)", line))}
     assert rows == {0: "*", 1: "x", 2: "=", 3: "x", 4: " ", 5: "x"}
     assert "* best (fer-tune final takes it)" in out and "more parameters left out to fit 100 columns: --wide" in out
-    assert "Winner: trial 0" in out and "Tied with it" in out and "Collapsed: 3 of 6" in out
+    assert "Winner: trial 0" in out and "Ties: trial 2 (44.50 %) lies inside" in out and "Collapsed: 3 of 6" in out
     assert f"report: not written yet (fer-tune report {sdir})" in out
     assert lines[-1] == f"Next: fer-tune final {sdir}"
 

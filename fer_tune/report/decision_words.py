@@ -60,19 +60,20 @@ def sentences(f: dict) -> list[tuple[str, str]]:
             out.append(
                 (
                     "ties",
-                    f"Tied with it (inside its interval: the val split cannot rank them): {_trials(named)}.",
+                    f"Ties: {_trials(named)} lie{'s' if len(named) == 1 else ''} inside the winner's interval: "
+                    "the val split cannot rank them.",
                 )
             )
         elif acc and runner:
             out.append(
                 (
                     "ties",
-                    f"No tie: the next best, trial {runner['trial']} at {runner['value']:.2f} %, lies below the "
+                    f"Ties: none; the next best, trial {runner['trial']} at {runner['value']:.2f} %, lies below the "
                     "winner's interval.",
                 )
             )
         elif runner is None:
-            out.append(("ties", "No tie: it is the only trial with a score."))
+            out.append(("ties", "Ties: none; it is the only trial with a score."))
     out += _collapse_words(f)
     out += _edge_words(f)
     out += _final_words(f)
@@ -111,14 +112,19 @@ def _collapse_words(f: dict) -> list[tuple[str, str]]:
     bad = f["collapsed"]
     if not bad:
         if not f["collapse_checked"]:
-            how = f"at or below the majority-class rate ({rate})" if maj else "below chance"
-            return [("collapsed", f"No trial scored {how}; per-emotion recall was not recorded to check more.")]
+            text = (
+                f"Collapsed: none scores at or below the majority-class rate ({rate}); per-emotion recall was not "
+                "recorded, so a model that predicts one emotion is not looked for."
+                if maj
+                else "Collapsed: not checked (per-emotion recall and the val split's class counts were not recorded)."
+            )
+            return [("collapsed", text)]
         return [
             (
                 "collapsed",
-                "No trial collapsed: none predicts one emotion for every val face"
-                + (f" or scores at or below the majority-class rate ({rate})" if maj else "")
-                + ".",
+                "Collapsed: none (no trial predicts one emotion for every val face"
+                + (f" or scores at or below the majority-class rate, {rate}" if maj else "")
+                + ").",
             )
         ]
     one = [c for c in bad if c["predicts"]]
@@ -134,10 +140,14 @@ def _collapse_words(f: dict) -> list[tuple[str, str]]:
     if low:
         ts = [str(c["trial"]) for c in low]
         parts.append(
-            f"trial{'s' if len(ts) > 1 else ''} {_trials(ts)} score{'' if len(ts) > 1 else 's'} at or below the majority-class rate"
+            f"trial{'s' if len(ts) > 1 else ''} {_trials(ts)} score{'' if len(ts) > 1 else 's'} at or below the majority-class rate ({rate})"
         )
     text = f"Collapsed: {len(bad)} of {f['trials_scored']} trials learnt no emotion: {'; '.join(parts)}" + (
-        f" (majority-class rate {rate}; chance {_pct(f['chance'])})." if maj else "."
+        f"; chance is {_pct(f['chance'])}."
+        if low
+        else f" (majority-class rate {rate}; chance {_pct(f['chance'])})."
+        if maj
+        else "."
     )
     if f["collapsed_setting"]:
         text += f" All have {' and '.join(f['collapsed_setting'])}, and no other trial has: narrow the space there."
@@ -156,8 +166,8 @@ def _edge_words(f: dict) -> list[tuple[str, str]]:
     return [
         (
             "edges",
-            f"Widen {names}: the winner's {'; '.join(shown)} sit{'s' if len(shown) == 1 else ''} within 5 % of the "
-            "end of the searched range, so better values may lie beyond it.",
+            f"Edges: widen {names}; the winner's {'; '.join(shown)} sit{'s' if len(shown) == 1 else ''} within 5 % "
+            "of the end of the searched range, so better values may lie beyond it.",
         )
     ]
 
@@ -181,7 +191,7 @@ def _final_words(f: dict) -> list[tuple[str, str]]:
         else "one seed, so no seed spread"
     )
     text = (
-        f"Final stage (trial {fin['trial']} retrained): test top-1 of the {fin['model_label']} model "
+        f"Final stage: trial {fin['trial']} retrained, test top-1 of the {fin['model_label']} model "
         f"{_pct(fin['top1'])}"
         + (
             f" (95 % interval {_span(fin['interval'])} % on {fin['test_images']:,} test images)"
@@ -217,9 +227,10 @@ def _final_words(f: dict) -> list[tuple[str, str]]:
         out.append(
             (
                 "baseline",
-                f"Against the {b['name']} recipe ({_pct(b['top1'])}): {b['difference']:+.2f} points"
+                f"Baseline: the {b['name']} recipe scored {_pct(b['top1'])}; the study's configuration "
+                f"{'leads' if b['difference'] >= 0 else 'trails'} it by {abs(b['difference']):.2f} points"
                 + (
-                    f" (95 % Newcombe hybrid score interval {_span(iv, sign=True)}, conservative since both are "
+                    f" (95 % Newcombe hybrid score interval {_span(iv, sign=True)} points, conservative since both are "
                     f"tested on the same images): {verdict}"
                     if iv
                     else ""
@@ -229,18 +240,24 @@ def _final_words(f: dict) -> list[tuple[str, str]]:
             )
         )
     else:
-        out.append(("baseline", "No baseline recipe was retrained beside it (fer-tune final --baseline paper)."))
+        out.append(("baseline", "Baseline: none was retrained beside it (fer-tune final --baseline paper)."))
     return out
 
 
 def decision_section(page: Page, f: dict) -> None:
     """The report's first section: the sentences, each a line of its own."""
     parts = page.section("decision", "Decision")
-    items = "".join(f'<li id="decision-{key}">{esc(text)}</li>' for key, text in sentences(f) if key != "next")
+    items = "".join(f'<li id="decision-{key}">{_lead(text)}</li>' for key, text in sentences(f) if key != "next")
     parts.append(
         f'<ul class="decision">{items}</ul><p class="next" id="decision-next">Next: <code>{esc(f["next"])}</code></p>'
         + (f'<p class="note" id="decision-definitions">{esc(DEFINITIONS)}</p>' if f["interval_method"] else "")
     )
+
+
+def _lead(text: str) -> str:
+    """A sentence in HTML, its label ("Winner", "Ties", ...) bold, and no line break before a % sign."""
+    label, _, rest = text.partition(": ")
+    return f"<b>{esc(label)}:</b> {esc(rest)}".replace(" %", "&nbsp;%")
 
 
 def wrapped(f: dict, width: int = 100) -> list[str]:
@@ -250,5 +267,11 @@ def wrapped(f: dict, width: int = 100) -> list[str]:
         if key == "next":
             lines.append(text)
             continue
-        lines += textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+        glued = text.replace(" %", "\0%")  # a number and its % stay on one line
+        lines += [
+            line.replace("\0", " ")
+            for line in textwrap.wrap(
+                glued, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False
+            )
+        ]
     return lines
