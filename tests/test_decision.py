@@ -104,6 +104,15 @@ def test_no_tie_and_no_collapse_and_the_majority_rate_when_it_was_not_recorded(t
     assert f["collapsed_setting"] == []
 
 
+def test_a_winner_not_shown_above_the_majority_rate_and_no_tie_with_a_collapsed_trial(tmp_path):
+    weak = trial(0, {"optimizer": SGD, "lr": 0.003, "dropout": 0.2}, [20.0, 24.0, 26.0, 28.0], recalls=some_of_each(20))
+    f = facts_of(craft_study(tmp_path, [weak, TRIALS[1]]))
+    assert f["winner"]["interval"][0] < 25.58 and f["winner"]["above_majority"] is False
+    assert f["ties"] == [] and [c["trial"] for c in f["collapsed"]] == [1]  # inside the interval, yet collapsed
+    assert "has not shown that it beats predicting the commonest emotion" in said(f)["winner"]
+    assert facts_of(craft_study(tmp_path / "b", TRIALS))["winner"]["above_majority"] is True
+
+
 def test_a_study_without_a_score_and_an_interrupted_one(tmp_path):
     f = facts_of(
         craft_study(tmp_path / "a", [trial(0, {"optimizer": SGD, "lr": 0.01, "dropout": 0.2}, [], status="running")])

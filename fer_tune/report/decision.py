@@ -27,8 +27,8 @@ EDGE = 0.05  # a parameter within this share of its range (log scale where searc
 ONE_CLASS_OTHERS = 1.0  # recall % every other emotion stays below when a model predicts one emotion
 INTERVAL = "95 % Wilson score interval"
 TIE_RULE = (
-    "a tie is a trial whose best score lies inside the winner's 95 % Wilson score interval on the val split's "
-    "size: the split is too small to tell the two apart"
+    "a tie is a trial that did not collapse whose best score lies inside the winner's 95 % Wilson score interval "
+    "on the val split's size: the split is too small to tell the two apart"
 )
 
 
@@ -103,14 +103,17 @@ def decide(sdir: str | Path, record: dict, summary: dict, results: dict, final: 
         )
         if others:
             out["runner_up"] = {"trial": others[-1]["number"], "value": float(others[-1][key])}
-        if accuracy:
-            lo, hi = out["winner"]["interval"]
-            out["ties"] = [
-                {"trial": r["number"], "value": float(r[key]), "status": r["status"], "epochs": int(r["epochs"] or 0)}
-                for r in sorted(scored, key=lambda r: -float(r[key]))
-                if r["number"] != best["number"] and lo <= float(r[key]) <= hi
-            ]
     out.update(_collapse(spec, data, scored, results, key) if _is_accuracy(metric) else _no_collapse())
+    if best is not None and accuracy:
+        lo, hi = out["winner"]["interval"]
+        bad = {c["trial"] for c in out["collapsed"]}
+        out["ties"] = [
+            {"trial": r["number"], "value": float(r[key]), "status": r["status"], "epochs": int(r["epochs"] or 0)}
+            for r in sorted(scored, key=lambda r: -float(r[key]))
+            if r["number"] != best["number"] and r["number"] not in bad and lo <= float(r[key]) <= hi
+        ]
+        # the winner's interval reaches the majority-class rate: not shown to beat predicting the commonest emotion
+        out["winner"]["above_majority"] = None if out["majority"] is None else lo > out["majority"]["pct"]
     out["edges"] = _edges(spec, out["winner"]["params"] if out["winner"] else {})
     out["final"] = _final(final, summary.get("running", {}))
     runs = record.get("runs", [])

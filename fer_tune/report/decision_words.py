@@ -47,6 +47,11 @@ def sentences(f: dict) -> list[tuple[str, str]]:
                 f" (95 % interval {_span(w['interval'])} % on {f['val_images']:,} val images; the best of "
                 f"{f['trials_scored']} trials' best epochs, so it reads high)."
             )
+            if w.get("above_majority") is False:
+                text += (
+                    f" Its interval reaches down to the majority-class rate ({_pct(f['majority']['pct'])}): the "
+                    "study has not shown that it beats predicting the commonest emotion for every face."
+                )
         else:
             text += f" (no interval: the summary computes intervals for accuracies, not {metric})."
         out.append(("winner", text))
@@ -94,8 +99,8 @@ def sentences(f: dict) -> list[tuple[str, str]]:
 DEFINITIONS = (
     "How to read it: every interval is a 95 % Wilson score interval for a binomial proportion (an accuracy as k "
     "correct of n images, n the split's size): the noise of the split's sampling, not of the training seed. A tie "
-    "is a trial whose best val score lies inside the winner's interval. A collapsed trial predicts one emotion for "
-    "every val face (every other emotion's recall below 1 % at its best epoch) or scores at or below the "
+    "is a trial that did not collapse whose best val score lies inside the winner's interval. A collapsed trial "
+    "predicts one emotion for every val face (every other emotion's recall below 1 % at its best epoch) or scores at or below the "
     "majority-class rate, the commonest emotion's share of val. A parameter sits at the edge when the winner's "
     "value lies within 5 % of either end of its searched range (on the log scale where it is searched on one). A "
     "baseline's difference has Newcombe's hybrid score interval (method 10), built from the two Wilson intervals."
@@ -250,7 +255,11 @@ def decision_section(page: Page, f: dict) -> None:
     items = "".join(f'<li id="decision-{key}">{_lead(text)}</li>' for key, text in sentences(f) if key != "next")
     parts.append(
         f'<ul class="decision">{items}</ul><p class="next" id="decision-next">Next: <code>{esc(f["next"])}</code></p>'
-        + (f'<p class="note" id="decision-definitions">{esc(DEFINITIONS)}</p>' if f["interval_method"] else "")
+        + (
+            f'<p class="note" id="decision-definitions">{esc(DEFINITIONS).replace(" %", "&nbsp;%")}</p>'
+            if f["interval_method"]
+            else ""
+        )
     )
 
 
