@@ -48,6 +48,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         gpus=args.gpus_per_trial,
         cpus=args.cpus_per_trial,
         optuna_storage=args.optuna_storage,
+        warm_start=args.warm_start,
     )
     sdir = Path(args.results) / (args.name or load_space(args.space).name)
     return _finish(rc, sdir)
@@ -109,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune sweep search_spaces/joint.yaml --data PATH/TO/fer2013 --gpus-per-trial 0.25
         fer-tune sweep search_spaces/joint.yaml --address auto --max-concurrent 16 --storage s3://my-bucket/fer-tune
         fer-tune sweep smoke --mlflow http://127.0.0.1:5000   # every trial a run in MLflow's experiment "smoke"
+        fer-tune sweep joint --name joint-2 --warm-start results/joint:4   # the 4 best of a study run first
     """,
     )
     p.add_argument(
@@ -140,6 +142,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_mlflow_option(p, "no tracking")
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    p.add_argument(
+        "--warm-start",
+        action="append",
+        default=None,
+        metavar="results/OTHER[:K]",
+        help="run another study's K best distinct configurations (default 4) first, those this space can express "
+        "(after the paper's recipe, trial 0 unless the space says warm_start: none); may be given again",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,

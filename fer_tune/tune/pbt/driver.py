@@ -36,7 +36,6 @@ from ..runtime.checkpoints import pruner
 from ..runtime.layout import experiment_trial_states
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
-from ..study.outputs import trials_table
 from ..study.record import StudyRecord, read_study, reopen, spec_with
 from .outputs import evaluate_best, population_progress, write_population
 from .read import PBT_DIR, PBT_FILE, PbtRecord, cadence
@@ -169,17 +168,15 @@ def make_scheduler(rec: PbtRecord) -> Any:
 
 def top_trials(sdir: Path, record: StudyRecord, spec: Any, k: int) -> list[dict]:
     """The study's K best finished trials by its metric and mode, each with its full config (trials.best_trial)."""
-    from ..study.outputs import best_trial
+    from ..study.warmstart import best_configs
 
-    key = f"best_{spec.metric}"
-    rows = [r for r in trials_table(sdir, record) if r[key] != "" and r["state"] != "FAIL"]
-    if len(rows) < k:
+    tops = best_configs(sdir, record, spec, k)
+    if len(tops) < k:
         raise FerTuneError(
-            f"{sdir}: --top-k {k} needs {k} finished trials with a {spec.metric}, and the study has {len(rows)}"
-            + ("; run or resume the sweep first" if not rows else f"; pass --top-k {len(rows)} or less")
+            f"{sdir}: --top-k {k} needs {k} finished trials with a {spec.metric}, and the study has {len(tops)}"
+            + ("; run or resume the sweep first" if not tops else f"; pass --top-k {len(tops)} or less")
         )
-    rows.sort(key=lambda r: float(r[key]), reverse=spec.mode == "max")
-    return [best_trial(sdir, record, spec, int(r["number"])) for r in rows[:k]]
+    return tops
 
 
 def run_pbt(study: str, opts: stage.RunOptions, *, given: dict) -> int:

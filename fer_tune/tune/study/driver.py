@@ -77,6 +77,7 @@ def _run(
     from ..runtime.checkpoints import pruner
     from .footprint import FinishedCheckpoints
     from .searcher import FinishedInStudy, NumpyTBXLoggerCallback, StudySearch, make_scheduler
+    from .warmstart import enqueue
 
     ray_log_to(sdir / "ray.log")
     res = spec.resources
@@ -109,6 +110,8 @@ def _run(
             num_samples=run["num_samples"],
             adopt=restore,  # a run whose driver died before Tune saved a state: it starts over
         )
+        if run is record["runs"][0]:  # the sweep's run: the warm start's points first (none it enqueued before)
+            enqueue(load_optuna_study(record), record.get("warm_start"))
         history = [experiment_dir(sdir, record, r) for r in record["runs"]]
         scheduler = make_scheduler(spec, history)
         callbacks = [NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)]
@@ -206,12 +209,13 @@ def sweep(
     cpus: float | None,
     optuna_storage: str | None = None,
     space_label: str | None = None,
+    warm_start: list[str] | None = None,
 ) -> int:
     """A new study. `storage`: Ray's storage for the experiment directories (a URI or shared path; the study
     gets a NAME folder there), default the study directory; `optuna_storage`: the Optuna DB URL or env:VAR;
     `space_label`: what study.json names as the space file when the space is no lasting file (the demo's);
     `opts.mlflow`: the MLflow tracking URI or env:VAR (fer_tune.tune.mlflow.tracking; resume and extend take it
-    over the recorded one)."""
+    over the recorded one); `warm_start`: other studies whose best configurations run first ('DIR[:K]')."""
     spec = load_space(space_path)
     overrides: dict[str, Any] = {}
     if num_samples is not None:
@@ -244,6 +248,7 @@ def sweep(
             max_concurrent=max_concurrent,
             optuna_storage=optuna_storage,
             space_label=space_label,
+            warm_start=warm_start or [],
         )
 
 
@@ -259,8 +264,10 @@ def _sweep(
     max_concurrent: int | None,
     optuna_storage: str | None,
     space_label: str | None,
+    warm_start: list[str],
 ) -> int:
     from ...data import is_synthetic
+    from .warmstart import describe, plan
 
     ray_storage = fs.join(fs.normalize(storage), sdir.name) if storage else None
     if ray_storage and fs.exists(fs.join(ray_storage, "tune")):
@@ -276,11 +283,13 @@ def _sweep(
         )
     protocol = spec.data.get("protocol", "paper")
     mlflow_ref = check_tracking(opts.mlflow, sdir.name)
+    warm = plan(spec, warm_start)  # the other studies read before any data is loaded
     data = opts.loader(source, protocol)
     record = new_record(
         sdir, spec, space_path, overrides, source, protocol, data, optuna_ref, ray_storage, max_concurrent, space_label
     )
     record["mlflow"] = mlflow_ref
+    record["warm_start"] = warm
 
     def write() -> None:  # once Ray has accepted the trials: a refused study leaves nothing behind
         sdir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +310,8 @@ def _sweep(
             sdir,
             f", Ray storage {ray_storage}" if ray_storage else "",
         )
+        if describe(warm):
+            log.info("%s", describe(warm))
 
     run = record["runs"][0]
     return _run_in_session(

@@ -205,6 +205,7 @@ def trials_table(
             "nodes": len({r.get("node_id") for r in res}),
             "peak_pss_mb": max((r.get("pss_mb", 0) for r in res), default=0),
             "restarts": restarted.get(tid, 0),
+            "warm_start": t.user_attrs.get("warm_start", ""),
         }
         if len(goals) > 1:  # the study's values (COMPLETE trials); `pareto`: on the Pareto front
             for i, (m, _) in enumerate(goals[1:], 1):

@@ -29,6 +29,7 @@ from .database import database_damage, own_database
 from .outputs import has_unfinished, study_results, write_trials_csv
 from .record import OWN_DB, StudyRecord, optuna_lib, read_study, spec_with
 from .spec import StudySpec
+from .warmstart import enqueue, point_key
 
 log = logging.getLogger(__name__)
 FINISHED = ("TERMINATED", "ERROR")  # Tune's states of a trial that ended
@@ -59,7 +60,7 @@ def repair(sdir: str | Path, *, force: bool = False) -> dict:
         trials, skipped, old_ids = rebuilt_trials(sdir, record, spec)
         part = db.with_name(f".{OWN_DB}.rebuilding")
         part.unlink(missing_ok=True)
-        new_ids = _write_study(part, record["optuna_study"], spec, trials)
+        new_ids = _write_study(part, record["optuna_study"], spec, trials, record.get("warm_start"))
         aside = None
         if db.exists():
             aside = db.with_name(f"{OWN_DB}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -103,11 +104,14 @@ def rebuilt_trials(sdir: Path, record: StudyRecord, spec: StudySpec) -> tuple[li
     # a grid study's trials name the grid point they visited, as its sampler numbers them
     grid = spec.make_sampler() if spec.sampler == "grid" else None
     trials, skipped = [], []
+    warm = {point_key(p["params"]): p["from"] for p in (record.get("warm_start") or {}).get("points", [])}
     for i, _, t in made:
         frozen = _trial(t, results.get(t["trial_id"], []), spec, record["runs"][i]["dir"])
         if frozen is None:
             skipped.append(t["trial_id"])
             continue
+        if i == 0 and point_key(frozen.params) in warm:  # a configuration the sweep ran first
+            frozen.user_attrs["warm_start"] = warm.pop(point_key(frozen.params))
         if grid is not None:
             frozen.system_attrs.update(ri.grid_point(grid, frozen.params))
         trials.append(frozen)
@@ -191,8 +195,9 @@ def _when(stamp: Any) -> datetime.datetime | None:
     return datetime.datetime.fromtimestamp(float(stamp)) if isinstance(stamp, (int, float)) and stamp > 0 else None
 
 
-def _write_study(path: Path, name: str, spec: StudySpec, trials: list[Any]) -> dict[str, int]:
-    """A new sqlite database at `path` holding the study `name` with `trials`; {ray trial id: storage id}."""
+def _write_study(path: Path, name: str, spec: StudySpec, trials: list[Any], warm: dict | None) -> dict[str, int]:
+    """A new sqlite database at `path` holding the study `name` with `trials`, and the warm start's points that
+    no trial began yet queued again; {ray trial id: storage id}."""
     optuna = optuna_lib()
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     try:
@@ -201,7 +206,9 @@ def _write_study(path: Path, name: str, spec: StudySpec, trials: list[Any]) -> d
             study_name=name, storage=storage, directions=["maximize" if m == "max" else "minimize" for m in modes]
         )
         study.add_trials(trials)
-        return {t.user_attrs["ray_trial_id"]: ri.trial_id(t) for t in study.get_trials(deepcopy=False)}
+        ids = {t.user_attrs["ray_trial_id"]: ri.trial_id(t) for t in study.get_trials(deepcopy=False)}
+        enqueue(study, warm)
+        return ids
     finally:
         storage.engine.dispose()
 

@@ -70,7 +70,7 @@ class StudySearch(OptunaSearch):
             self._adopt(known=set())
 
     def _adopt(self, known: set[int]) -> None:
-        """The study's RUNNING / WAITING trials that Tune does not know (`known`: the numbers it does) become the
+        """The study's RUNNING trials that Tune does not know (`known`: the numbers it does) become the
         trials handed to Tune's next new trials; the run's finished trials that Tune does not know are counted
         (they are not made again); a fresh sampler seed, so the suggestions made after Tune's last saved state are
         not replayed."""
@@ -78,7 +78,7 @@ class StudySearch(OptunaSearch):
         study = ri.search_study(self)
         self._orphans = [
             ri.trial_id(t)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if ri.trial_id(t) not in known
         ]
         run = getattr(self, "_run", None)  # None: pickled by an earlier release, whose trials do not name their run

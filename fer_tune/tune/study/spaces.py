@@ -15,6 +15,8 @@ shown with `# default`)::
     early_stopping: {type: asha, grace_period: 1, reduction_factor: 2}   # default; asha | median | none
     keep_checkpoints: 4               # default; once trials finish, the best checkpoint of the K best completed
                                       # trials is kept and the others emptied; all: every trial keeps its own
+    warm_start: paper                 # default; trial 0 is the paper's recipe when the space can express it
+                                      # (fer_tune.tune.study.warmstart); none: the sampler chooses every trial
     resources: {cpu: 1, gpu: 0}       # default; per trial; gpu may be a fraction (0.25 = four trials per GPU)
     data: {path: synthetic:1500, protocol: paper}   # default: --data, else synthetic, protocol paper
                                       # data: {required: true}: the study needs --data with real images
@@ -67,6 +69,7 @@ TOP_KEYS = (
     "max_epochs",
     "early_stopping",
     "keep_checkpoints",
+    "warm_start",
     "resources",
     "data",
     "fixed",
@@ -154,6 +157,7 @@ def parse_space(raw: Any, *, source: str, text: str = "", default_name: str = "s
     if keep != "all" and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
         raise err(f"keep_checkpoints must be an integer >= 0 or all, got {keep!r}")
     spec.keep_checkpoints = keep
+    spec.warm_start = get("warm_start", str, "paper", lambda v: v in ("paper", "none"), "must be paper or none")
 
     if spec.sampler == "grid":
         bad = [p.name for p in spec.space.values() if p.type in ("float", "int")]

@@ -60,6 +60,7 @@ class StudySpec:
     max_epochs: int = 10
     early_stopping: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 1, "reduction_factor": 2})
     keep_checkpoints: int | str = KEEP_DEFAULT  # the K best completed trials keep their best checkpoint, or "all"
+    warm_start: str = "paper"  # paper: the paper's recipe is trial 0 when the space can express it; none: off
     resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     data: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
@@ -176,6 +177,7 @@ class StudySpec:
             "max_epochs": self.max_epochs,
             "early_stopping": self.early_stopping,
             "keep_checkpoints": self.keep_checkpoints,
+            "warm_start": self.warm_start,
             "resources": self.resources,
             "data": self.data,
             "fixed": self.fixed,
