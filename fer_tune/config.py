@@ -57,6 +57,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     compile: str = "off"  # torch.compile the model: off | on | auto (what measured faster on the device type)
     eval_batch_size: int = 0  # images per evaluation forward pass; 0 = auto (see train.eval_images_per_batch)
+    precise_bn: int = 0  # BatchNorm statistics recomputed over N training batches before each validation; 0 = off
     # beyond the paper (fer_tune.regularize); each off by default
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 .. 0.3
     mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
@@ -93,7 +94,16 @@ class TrainConfig:
         choice("flip", FLIPS)
         for key in ("width", "lr", "batch_size", "epochs", "t_0", "t_mult", "step_size", "ema_every"):
             positive(key)
-        for key in ("weight_decay", "momentum", "patience", "eta_min", "threads", "seed", "eval_batch_size"):
+        for key in (
+            "weight_decay",
+            "momentum",
+            "patience",
+            "eta_min",
+            "threads",
+            "seed",
+            "eval_batch_size",
+            "precise_bn",
+        ):
             positive(key, allow_zero=True)
         for key, low, high, upper in (
             ("label_smoothing", 0.0, 0.3, "]"),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment
+from . import augment, precise_bn
 from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
 from .cost import model_cost
@@ -332,6 +332,9 @@ def fit(
                     on_epoch(metrics, None)
                 break
             evaluated = run.extra.evaluated(run.model)
+            if cfg.precise_bn:  # BatchNorm statistics of the current weights (fer_tune.precise_bn)
+                batches = precise_bn.train_batches(x_train, cfg.precise_bn, bs, cfg.train_crops, cfg.seed, epoch)
+                precise_bn.recompute(evaluated, batches, dtype)
             logits = predict_logits(evaluated, x_val, crops=cfg.test_crops, batch_size=cfg.eval_batch_size, dtype=dtype)
             val_loss = float(F.cross_entropy(logits, y_val))
             val_acc = 100.0 * float((logits.argmax(1) == y_val).float().mean())

@@ -539,3 +539,38 @@ def test_an_epochs_checkpoint_is_built_only_when_taken_and_only_then(small, monk
     with pytest.raises(RuntimeError, match="taken inside on_epoch"):
         takes[0]()
     assert fit(TrainConfig(**TINY, epochs=3), small, device=CPU, checkpoint=r.checkpoint).checkpoint is r.checkpoint
+
+
+def test_precise_bn_recomputes_the_statistics_of_the_current_weights():
+    from fer_tune import precise_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    model.train()
+    batches = [torch.randn(8, 1, 6, 6) * 3 + 2 for _ in range(3)]
+    bn = model[1]
+    bn.running_mean.fill_(100.0)  # stale: statistics of weights that are gone
+    assert precise_bn.recompute(model, iter(batches), None) == 3
+    means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x in batches]).mean(0)
+    assert torch.allclose(bn.running_mean, means, atol=1e-5)  # the average of the batches' means
+    assert model.training and bn.training and bn.momentum == 0.1  # modes and momentum put back
+    before = bn.running_var.clone()
+    precise_bn.recompute(model, iter(batches), None)
+    assert torch.equal(bn.running_var, before)  # deterministic: no dropout, no random draws
+    assert precise_bn.recompute(torch.nn.Linear(2, 2), iter(batches), None) == 0
+
+
+def test_precise_bn_changes_validation_only_and_resumes_bit_exact(small):
+    cfg = TrainConfig(**TINY, epochs=3, lr=0.05)
+    plain = fit(cfg, small, device=CPU)
+    precise = fit(cfg.replace(precise_bn=4), small, device=CPU)
+    # training's random streams and batches are untouched (running statistics are not used in train mode)
+    assert [h["train_loss"] for h in precise.history] == [h["train_loss"] for h in plain.history]
+    assert [h["val_loss"] for h in precise.history] != [h["val_loss"] for h in plain.history]
+    first = fit(cfg.replace(precise_bn=4), small, device=CPU, on_epoch=lambda m, s: m["epoch"] < 2)
+    resumed = fit(cfg.replace(precise_bn=4), small, device=CPU, checkpoint=first.checkpoint)
+    for k, v in precise.checkpoint["model"].items():
+        assert torch.equal(v, resumed.checkpoint["model"][k]), k
+    assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in precise.history]
+    with pytest.raises(FerTuneError, match="precise_bn must be >= 0"):
+        TrainConfig(precise_bn=-1)

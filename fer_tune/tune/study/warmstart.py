@@ -2,7 +2,7 @@
 
 A study whose space can express the paper's configuration (Khaireddin & Chen 2021: TrainConfig's defaults for
 the keys the space searches; the space's fixed keys and max_epochs stay the study's) runs it first, so that at
-the same budget the study is never worse than the recipe it set out to beat. `warm_start: none` in a space turns
+the same budget the study's best is never below what that recipe reached in it. `warm_start: none` in a space turns
 that off; a grid study has none (its grid is its design). `fer-tune sweep SPACE --warm-start results/OTHER[:K]`
 also runs another study's K best distinct configurations (by that study's metric) that this space can express,
 saying how many it could not.
