@@ -29,9 +29,10 @@ def some_of_each(level: float) -> dict:
     return {e: level + 3 * i for i, e in enumerate(EMOTIONS)}
 
 
-def trial(number, params, vals, *, recalls=None, status=None, device_seconds=30.0, mflops=1.0) -> dict:
+def trial(number, params, vals, *, recalls=None, status=None, device_seconds=30.0, mflops=1.0, warm=None) -> dict:
     """One trial: its params, val_acc per epoch (the last value stays; epochs < max_epochs: pruned) and the
-    per-emotion val recall it reports at every epoch (None: none reported)."""
+    per-emotion val recall it reports at every epoch (None: none reported); `warm`: where a configuration the
+    sweep ran first came from ("paper", "OTHER#N")."""
     return {
         "number": number,
         "params": params,
@@ -40,6 +41,7 @@ def trial(number, params, vals, *, recalls=None, status=None, device_seconds=30.
         "status": status,
         "device_seconds": device_seconds,
         "mflops": mflops,
+        **({"warm": warm} if warm else {}),
     }
 
 
@@ -95,6 +97,7 @@ def craft_study(root: Path, trials: list[dict], *, space: dict | None = None, cl
                     "ray_trial_id": tid,
                     "status": "" if status == "running" else status,
                     "run": "tune",
+                    **({"warm_start": t["warm"]} if t.get("warm") else {}),
                     **(
                         {"objectives": {str(e + 1): [v, t.get("mflops", 1.0)] for e, v in enumerate(t["vals"])}}
                         if multi

@@ -88,6 +88,18 @@ def test_winner_tie_collapse_edge_and_cost(tmp_path):
     assert words["edges"].startswith("Edges: widen dropout") and "0.49, at the top of 0 .. 0.5" in words["edges"]
     assert "18 trial epochs trained of the 24" in words["cost"] and "25 % saved" in words["cost"]
     assert "Final stage: not run yet" in words["final"] and "baseline" not in words
+    assert "warm" not in words and f["warm_start"] == []
+
+
+def test_the_configurations_run_first_are_placed_beside_the_winner(tmp_path):
+    trials = [dict(t) for t in TRIALS]
+    trials[2]["warm"], trials[4]["warm"], trials[1]["warm"] = "paper", "joint#7", "joint#3"
+    f = facts_of(craft_study(tmp_path, trials))
+    assert [(w["trial"], w["from"]) for w in f["warm_start"]] == [(1, "joint#3"), (2, "paper"), (4, "joint#7")]
+    assert said(f)["warm"] == (
+        "Warm start: trial 1 ran joint's trial 3 (25.58 %, pruned); trial 2 ran the paper's recipe (44.50 %, a tie "
+        "with the winner); trial 4 ran joint's trial 7 (36.00 %)."
+    )
 
 
 def test_no_tie_and_no_collapse_and_the_majority_rate_when_it_was_not_recorded(tmp_path):

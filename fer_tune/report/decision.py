@@ -114,6 +114,11 @@ def decide(sdir: str | Path, record: dict, summary: dict, results: dict, final: 
         ]
         # the winner's interval reaches the majority-class rate: not shown to beat predicting the commonest emotion
         out["winner"]["above_majority"] = None if out["majority"] is None else lo > out["majority"]["pct"]
+    out["warm_start"] = [  # the configurations the sweep ran first (fer_tune.tune.study.warmstart)
+        {"trial": r["number"], "from": r["warm_start"], "value": _value(r, key), "status": r["status"]}
+        for r in rows
+        if r.get("warm_start")
+    ]
     out["edges"] = _edges(spec, out["winner"]["params"] if out["winner"] else {})
     out["final"] = _final(final, summary.get("running", {}))
     runs = record.get("runs", [])

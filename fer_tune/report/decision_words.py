@@ -28,7 +28,7 @@ def _trials(items: list[str]) -> str:
 
 
 def sentences(f: dict) -> list[tuple[str, str]]:
-    """[(key, sentence)]: winner, ties, collapsed, edges, final, baseline, cost, next."""
+    """[(key, sentence)]: winner, ties, warm start, collapsed, edges, final, baseline, cost, next."""
     out: list[tuple[str, str]] = []
     w, metric = f["winner"], f["metric"]
     acc = f["interval_method"] is not None
@@ -79,6 +79,7 @@ def sentences(f: dict) -> list[tuple[str, str]]:
             )
         elif runner is None:
             out.append(("ties", "Ties: none; it is the only trial with a score."))
+    out += _warm_words(f)
     out += _collapse_words(f)
     out += _edge_words(f)
     out += _final_words(f)
@@ -105,6 +106,26 @@ DEFINITIONS = (
     "value lies within 5 % of either end of its searched range (on the log scale where it is searched on one). A "
     "baseline's difference has Newcombe's hybrid score interval (method 10), built from the two Wilson intervals."
 )
+
+
+def _warm_words(f: dict) -> list[tuple[str, str]]:
+    """Where the configurations run first stand: the paper's recipe, another study's best."""
+    w, ties = f["winner"], {t["trial"] for t in f["ties"]}
+    parts = []
+    for p in f.get("warm_start", []):
+        who = "the paper's recipe" if p["from"] == "paper" else p["from"].replace("#", "'s trial ")
+        if p["value"] is None:
+            where = f"no score ({p['status']})"
+        elif w is not None and p["trial"] == w["trial"]:
+            where = "it is the winner"
+        else:
+            where = f"{p['value']:.2f}" + (" %" if f["interval_method"] else "")
+            where += ", a tie with the winner" if p["trial"] in ties else ""
+            where += f", {p['status']}" if p["status"] not in ("completed", "") else ""
+        parts.append(f"trial {p['trial']} ran {who} ({where})")
+    if not parts:
+        return []
+    return [("warm", "Warm start: " + "; ".join(parts) + ".")]
 
 
 def _collapse_words(f: dict) -> list[tuple[str, str]]:
