@@ -222,6 +222,16 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_pat
 
     tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3))
     assert all(hasattr(tuner, a) for a in ri.TUNER_ATTRS) and ri.tuner_run_config(tuner).verbose == 3
+    from ray.tune.search import SearchGenerator
+
+    controller = ri.tune_controller()  # a resume re-roots the experiment its search algorithm makes trials from
+    assert list(inspect.signature(controller.resume).parameters)[:2] == ["self", "resume_config"]
+    made = inspect.getsource(controller.__init__)
+    assert all(f"self.{a} =" in made for a in ri.CONTROLLER_ATTRS), ri.CONTROLLER_ATTRS
+    assert f"self.{ri.GENERATOR_EXPERIMENT} =" in inspect.getsource(SearchGenerator.set_state)
+    from ray.tune.experiment import config_parser
+
+    assert 'storage=spec.get("storage")' in inspect.getsource(config_parser._create_trial_from_spec)  # new trials
 
 
 @pytest.mark.parametrize("name", ["ray", "optuna"])

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import cli_args, fer_tune, study_trials, write_space
+from conftest import cli_args, fer_tune, kill_at_pause, pausing, study_trials, write_space
 
 from fer_tune.tune.runtime import layout
 from fer_tune.tune.study.outputs import to_finish
@@ -285,17 +285,31 @@ def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):
     assert (storage / "trial" / "result.json").read_text() == "new"
 
 
-def test_an_experiment_moved_since_tune_saved_it_is_told_apart(tmp_path):
-    """Tune's tuner.pkl names the storage the run started in (it re-roots the trials it restores, not those its
-    restored searcher creates later): a resume of a moved study whose run has trials yet to begin is refused."""
-    exp = tmp_path / "A" / "t" / "tune"
-    exp.mkdir(parents=True)
-    (exp / layout.TUNER_FILE).write_bytes(pickle.dumps({"storage_path": str(tmp_path / "A" / "t"), "name": "tune"}))
-    _session(exp, "2026-12-01_10-00-00", {"a": "RUNNING"})
-    assert not layout.moved(exp)
+def test_an_interrupted_study_moved_elsewhere_is_resumed_where_it_is(tmp_path, env):
+    """A study stopped with trials yet to begin (a job's time limit), then moved or copied (`mv`, `ray rsync-down`):
+    Tune's saved searcher names the old place, yet the resume makes the trials it had not begun in the new one
+    and never writes to the old."""
+    space = write_space(tmp_path, num_samples=4, max_epochs=2)
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        cli_args("sweep", space, "--results", tmp_path / "A", "--max-concurrent", "1", "--quiet"),
+        env=pausing(env, marker, results=1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    kill_at_pause(proc, marker)
+    begun = layout.experiment_trial_states(tmp_path / "A" / "t" / "tune")
+    assert 1 <= len(begun) < 4, begun  # trials yet to begin
     (tmp_path / "A").rename(tmp_path / "B")
-    assert layout.moved(tmp_path / "B" / "t" / "tune")
-    assert not layout.moved(tmp_path / "nothing")
+    sdir = tmp_path / "B" / "t"
+    r = fer_tune(env, "resume", sdir, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    _all_finished_once(sdir, 4)
+    assert not (tmp_path / "A").exists()  # nothing written where the study was
+    states = layout.experiment_trial_states(sdir / "tune")
+    assert len(states) == 4 and set(states.values()) == {"TERMINATED"}
+    assert len([d for d in (sdir / "tune").iterdir() if (d / "result.json").is_file()]) == 4
 
 
 def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_path, monkeypatch, capsys):

@@ -29,6 +29,12 @@ SNAPSHOT_MANAGER = ("ray.tune.execution.experiment_state", "_ExperimentCheckpoin
 SNAPSHOT_ATTRS = ("_auto_checkpoint_enabled", "_checkpoint_period")
 SNAPSHOT_UPDATE = "_update_auto_checkpoint_time"
 SNAPSHOT_SYNC = "sync_up_experiment_state"  # (save_fn, force, wait): saves the state, then copies it to the storage
+# TuneController (ray.tune.execution): `resume` restores its search algorithm (`_search_alg`), a SearchGenerator
+# whose saved experiment (`_experiment`, its `spec["storage"]` the StorageContext new trials are made with) names
+# the storage the run started in; the controller's own (`_storage`) is where the run is now
+CONTROLLER = ("ray.tune.execution.tune_controller", "TuneController")
+CONTROLLER_ATTRS = ("_search_alg", "_storage")
+GENERATOR_EXPERIMENT = "_experiment"
 # GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
 # a trial visited grid point `grid_id` of `search_space` (its system attributes)
 GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")
@@ -93,6 +99,26 @@ def snapshot_manager() -> Any:
 
     module, name = SNAPSHOT_MANAGER
     return getattr(importlib.import_module(module), name)
+
+
+def tune_controller() -> Any:
+    """The class that runs a Tune experiment and resumes it (see CONTROLLER)."""
+    import importlib
+
+    module, name = CONTROLLER
+    return getattr(importlib.import_module(module), name)
+
+
+def reroot_search(controller: Any) -> bool:
+    """After a resume: the experiment its search algorithm makes new trials from gets the controller's storage
+    (where the run is now); False when the search algorithm keeps no experiment (a BasicVariantGenerator)."""
+    search, storage = (getattr(controller, a) for a in CONTROLLER_ATTRS)
+    experiment = getattr(search, GENERATOR_EXPERIMENT, None)
+    if experiment is None or not isinstance(getattr(experiment, "spec", None), dict):
+        return False
+    experiment.storage = storage
+    experiment.spec["storage"] = storage
+    return True
 
 
 def tuner_run_config(tuner: Any) -> Any:

@@ -198,14 +198,24 @@ def settle_state(exp_dir: str | Path) -> list[str]:
     return aside
 
 
-def moved(exp_dir: str | Path) -> bool:
-    """True when a local experiment was moved or copied since Tune saved it: its tuner.pkl (which also stands for
-    the searcher's saved state) names the storage where it ran, not the one it is in now. Tune re-roots the trials
-    it restores, not the trials its restored searcher creates after that (they would write to the old place)."""
-    if is_uri(exp_dir) or not has_tune_state(exp_dir):
-        return False
-    here = str(Path(exp_dir).resolve().parent).encode()
-    return here not in (Path(exp_dir) / TUNER_FILE).read_bytes()
+def rerooted_resumes() -> None:
+    """In the driver: a resumed Tune run makes the trials it had not begun where the run is now, not in the place
+    its saved searcher names (Tune re-roots the trials it restores, not the experiment its restored search
+    algorithm makes new ones from: a moved or copied study would have written them to the old place, or failed
+    there). Idempotent."""
+    controller = internals.tune_controller()
+    resume = controller.resume
+    if getattr(resume, "rerooted", False):
+        return
+
+    @functools.wraps(resume)
+    def resumed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = resume(self, *args, **kwargs)
+        internals.reroot_search(self)
+        return out
+
+    resumed.rerooted = True  # type: ignore[attr-defined]
+    controller.resume = resumed
 
 
 def restorable(exp_dir: str | Path) -> bool:

@@ -55,9 +55,10 @@ def tune_env(output: str) -> None:
     # Tune keeps every checkpoint's entry (fer_tune.tune.runtime.checkpoints deletes the files): without their metrics, so
     # that the experiment state it saves every few seconds stays small
     os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
-    from .layout import whole_state_uploads
+    from .layout import rerooted_resumes, whole_state_uploads
 
     whole_state_uploads()
+    rerooted_resumes()
 
 
 def bounded_snapshots(minimum: float = SNAPSHOT_S, share: float = SNAPSHOT_SHARE) -> None:

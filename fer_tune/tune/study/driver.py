@@ -32,7 +32,7 @@ from ..mlflow.study import catch_up_study, track_study
 from ..mlflow.tracking import check as check_tracking
 from ..runtime import preflight
 from ..runtime import storage as fs
-from ..runtime.layout import experiment_trial_states, has_tune_state, moved, restorable
+from ..runtime.layout import experiment_trial_states, has_tune_state, restorable
 from ..runtime.lock import acquire
 from ..runtime.session import (
     ray_log_to,
@@ -346,12 +346,6 @@ def resume(sdir: str, opts: RunOptions) -> int:
                 sdir_p,
             )
             return 0
-        if moved(exp) and len(experiment_trial_states(exp)) < run["num_samples"]:
-            raise FerTuneError(
-                f"{exp} was moved or copied since Tune saved its state, which names the place it ran in, and Tune "
-                "would start the run's trials yet to begin there; resume it where it ran (status, report and "
-                "trials.csv read it here)"
-            )
         over = "" if has_tune_state(exp) else " (Tune saved no state before it stopped: the run starts over)"
         log.info("resuming study %s (%s) in %s%s", record["name"], run["dir"], sdir_p, over)
         return _run_in_session(sdir_p, record, spec, data, run, restore=True, opts=opts)
