@@ -214,6 +214,20 @@ def test_submit_needs_sbatch_and_relays_its_refusal(tmp_path, no_slurm):
     assert f"{tmp_path}/results/smoke/slurm-4242.log" in r.stdout and "fer-tune status" in r.stdout
 
 
+def test_the_state_of_a_studys_job_as_squeue_says_it(tmp_path, monkeypatch):
+    from fer_tune.tune.slurm.job import study_job, study_job_line
+
+    (tmp_path / "slurm.conf").write_text("")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    record = {"runs": [{"sessions": [{"slurm": {"job_id": "77"}}, {"kind": "resume"}]}]}
+    monkeypatch.setenv("PATH", fake_tool(tmp_path, "squeue", 'test "$3" = 77 && echo "PENDING|BeginTime"\n'))
+    assert study_job(record) == {"job_id": "77", "state": "PENDING", "reason": "BeginTime"}
+    assert study_job_line(record) == "SLURM job 77 (the study's last session): PENDING (BeginTime)"
+    monkeypatch.setenv("PATH", fake_tool(tmp_path, "squeue", "exit 0\n"))  # squeue no longer knows the job
+    assert study_job(record) is None and study_job_line(record) is None
+    assert study_job({"runs": [{"sessions": [{"kind": "sweep"}]}]}) is None  # not run by SLURM
+
+
 def test_partition_checked_with_sinfo(tmp_path, shared):
     # two partitions as `sinfo -h -N -o %P|%N|%c|%G` lists them: cpu (default, no GPUs) and gpu (4 A100s per node)
     nodes = r"printf 'cpu*|c1|64|(null)\ncpu*|c2|64|(null)\ngpu|g1|32|gpu:a100:4(S:0-1)\n'" + "\n"
@@ -407,6 +421,8 @@ def test_study_runs_on_both_nodes(slurm, job_env, shared):
     wait_for(lambda: " started: " in log_of(sdir, job), 120, "the study's first trial")
     r = fer_tune(job_env, "status", sdir)
     assert r.returncode == 0 and f"SLURM job {job} (the study's last session): RUNNING on n[1-2]" in r.stdout, r
+    s = json.loads(fer_tune(job_env, "status", sdir, "--json").stdout)
+    assert s["slurm_job"] == {"job_id": job, "state": "RUNNING", "nodes": "n[1-2]"}, s["slurm_job"]
     finished(slurm, job, sdir, 240)
     log = log_of(sdir, job)
     assert "Ray is up on 2 node(s)" in log and f"every node sees {sdir}" in log and "done: the study is finished" in log

@@ -31,6 +31,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if pbt is not None:
             s["pbt"] = {k: pbt[k] for k in ("record", "members", "clones", "metrics", "replay", "running")}
         s["decision"] = facts
+        from ..tune.slurm.job import study_job
+
+        s["slurm_job"] = study_job(record)  # the SLURM job of the last session, while squeue knows it
         print(json.dumps(s, indent=2, default=str))
         return 0
     print(f"study {s['name']} ({s['directory']}):")

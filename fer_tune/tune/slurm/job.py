@@ -221,24 +221,35 @@ def submit(script: Path) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def job_state(job_id: str) -> str | None:
-    """The job's state as squeue says it ('RUNNING on n[1-2]', 'PENDING (BeginTime)'), or None when SLURM does not
-    know it (or cannot be asked)."""
+def squeue_entry(job_id: str) -> tuple[str, str] | None:
+    """(state, its nodes when RUNNING or its reason otherwise, "" for none) as squeue says it, or None when SLURM
+    does not know the job (or cannot be asked)."""
     r = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%R"], timeout=10)
     if r is None or r.returncode != 0 or not r.stdout.strip():
         return None
     state, _, where = r.stdout.strip().splitlines()[0].partition("|")
-    if state == "RUNNING":
-        return f"RUNNING on {where}"
-    return f"{state} ({where})" if where and where != "None" else state
+    return state, "" if where == "None" else where
+
+
+def study_job(record: dict) -> dict | None:
+    """{"job_id", "state", "nodes" or "reason"} of the SLURM job the study's last session ran in, while squeue
+    still knows it; None otherwise (`status --json`'s `slurm_job`)."""
+    runs = record.get("runs") or [{}]
+    job = next((s["slurm"] for s in reversed(runs[-1].get("sessions", [])) if s.get("slurm")), None)
+    entry = squeue_entry(job["job_id"]) if job else None
+    if entry is None:
+        return None
+    state, where = entry
+    return {"job_id": str(job["job_id"]), "state": state, "nodes" if state == "RUNNING" else "reason": where}
 
 
 def study_job_line(record: dict) -> str | None:
     """'SLURM job 123 (the study's last session): RUNNING on n[1-2]' for a study whose last session ran in a SLURM
     job that squeue still knows; None otherwise."""
-    runs = record.get("runs") or [{}]
-    job = next((s["slurm"] for s in reversed(runs[-1].get("sessions", [])) if s.get("slurm")), None)
-    if not job:
+    job = study_job(record)
+    if job is None:
         return None
-    state = job_state(job["job_id"])
-    return f"SLURM job {job['job_id']} (the study's last session): {state}" if state else None
+    state = f"RUNNING on {job['nodes']}" if job["state"] == "RUNNING" else job["state"]
+    if job.get("reason"):
+        state += f" ({job['reason']})"
+    return f"SLURM job {job['job_id']} (the study's last session): {state}"
