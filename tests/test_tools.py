@@ -33,12 +33,14 @@ def test_space_check_prints_the_compiled_space_and_its_budget(capsys):
     # 16 trials of 8 epochs; ASHA rungs at 2 and 4 keep half: 2 + 2/2 + 4/4 = 4 epochs per trial
     assert "at most 128 trial-epochs; ASHA expects about 64 (its rungs at epoch 2, 4 keep 1/2" in out
     assert "1 CPU, 0 GPU; on this machine (4 CPU, " in out and "4 trial(s) at once" in out
-    assert "the space needs --data PATH" in out
+    assert "the space needs --data PATH" in out and "\nwarm start: trial 0 is the paper's recipe\n" in out
     code, out, _ = run(capsys, "space", "check", "fer2013_cpu", "--json", "--num-cpus", "4")
     r = json.loads(out)
     assert r["epoch_budget"] == {"worst": 128, "rungs": [2, 4], "expected": 64.0}
     assert r["capacity"]["at_once"] == 4 and r["data"] is None and r["data_required"] is True
     assert r["parameters"]["dropout"]["low"] == 0.0  # a zero bound is kept
+    code, out, _ = run(capsys, "space", "check", "optimizer")
+    assert code == 0 and "warm start: no trial of the paper's recipe (a grid study runs its grid)" in out
 
 
 def test_space_check_counts_trials_at_once_and_reads_the_data(capsys, tmp_path):

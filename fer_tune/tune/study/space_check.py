@@ -11,6 +11,7 @@ from ..runtime.preflight import alive_nodes, local_machine, trials_at_once
 from ..runtime.session import ray_session
 from .record import optuna_lib
 from .spec import StudySpec
+from .warmstart import describe, plan
 
 SAMPLED_TRIALS = 64  # random trials whose TrainConfig is built: a combination fit() would refuse shows up here
 
@@ -74,6 +75,7 @@ def report(spec: StudySpec, cap: dict, data: Any | None, required: bool) -> dict
         "parameters": {p.name: {**p.to_dict(), "text": _values(p)} for p in spec.space.values()},
         "fixed": spec.fixed,
         "grid_size": spec.grid_size() if spec.sampler == "grid" else None,
+        "warm_start": describe(plan(spec, [])),
         "num_samples": spec.num_samples,
         "max_epochs": spec.max_epochs,
         "epoch_budget": budget,
@@ -122,6 +124,8 @@ def report_lines(r: dict) -> list[str]:
         lines.append("fixed: " + ", ".join(f"{k}={v}" for k, v in r["fixed"].items()))
     if r["grid_size"] is not None:
         lines.append(f"grid: {r['grid_size']} points")
+    if r.get("warm_start"):
+        lines.append(r["warm_start"])
     lines += [
         f"trials: {r['num_samples']} of at most {r['max_epochs']} epochs; {r['sampled_configs']} sampled trial "
         "configs are valid training configs",
