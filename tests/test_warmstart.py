@@ -79,7 +79,7 @@ def test_the_plan_honours_warm_start_none_a_grid_and_the_studys_size(tmp_path):
     for bad in ("results/a:x", "results/a:0"):
         with pytest.raises(FerTuneError, match="--warm-start"):
             parse_source(bad)
-    with pytest.raises(FerTuneError):  # not a study
+    with pytest.raises(FerTuneError, match="--warm-start .*nothing: .* is not a fer-tune study"):
         plan(spec_of(SPACE["space"]), [str(tmp_path / "nothing")])
 
 

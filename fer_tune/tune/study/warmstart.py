@@ -133,9 +133,12 @@ def plan(spec: StudySpec, sources: list[str]) -> dict:
         if spec.sampler == "grid":
             raise FerTuneError("--warm-start: a grid study runs its grid; give the other study's values as choices")
         sdir, k = parse_source(text)
-        record = read_study(sdir)
-        donor = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir), record["name"])
-        best = best_configs(sdir.resolve(), record, donor, k)
+        try:
+            record = read_study(sdir)
+            donor = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir), record["name"])
+            best = best_configs(sdir.resolve(), record, donor, k)
+        except FerTuneError as exc:
+            raise FerTuneError(f"--warm-start {text}: {exc}") from None
         if not best:
             raise FerTuneError(f"--warm-start {text}: the study has no trial with a {donor.metric} yet")
         taken = outside = 0
