@@ -33,6 +33,7 @@ def test_demo_quick_end_to_end(tmp_path, env):
     assert m["aggregate"]["finetuned"]["top1"]["mean"] > 100 / 7 + 3  # it learned: above chance
     html = (out / "report.html").read_text()
     assert "demo" in html and "Final stage" in html
+    assert len(html.encode()) < 2_000_000  # plotly.js inside it, packed (the whole plotly.js alone is 4.8 MB)
     # again: everything is there, nothing is re-run
     r = fer_tune(env, "demo", "--out", out, "--quick")
     assert r.returncode == 0 and "the study is complete" in r.stderr and "final stage is complete" in r.stderr

@@ -2,7 +2,9 @@
 directory in the layout fer_tune.tune.final.driver writes; content checks on the HTML and a real browser (headless chromium,
 offline, file://) that must render every figure without console errors."""
 
+import base64
 import csv
+import gzip
 import html
 import json
 import os
@@ -23,6 +25,7 @@ from fer_tune.cli import main
 from fer_tune.common import EMOTIONS
 from fer_tune.evaluate import metrics_from_logits
 from fer_tune.report import write_report
+from fer_tune.report.html import PLOTLY_JS, TRACE_TYPES
 
 EVIL = "<img src=x onerror=alert(1)>"
 SPACE = {
@@ -209,8 +212,9 @@ def make_final(sdir: Path, *, complete: bool = True, seeds=(0, 1), baseline: boo
 # reading the HTML back
 # ---------------------------------------------------------------------------------------------------------
 def figure(text: str, div_id: str) -> dict:
-    """The data and layout handed to Plotly.newPlot for one figure div."""
-    m = re.search(r'Plotly\.newPlot\(\s*"' + re.escape(div_id) + r'",\s*', text)
+    """The data and layout handed to Plotly.newPlot for one figure div (by the page's ferFigure, which adds the
+    page's layout template)."""
+    m = re.search(r'ferFigure\(\s*"' + re.escape(div_id) + r'",\s*-?\d+,\s*', text)
     assert m, f"no figure {div_id}"
     dec = json.JSONDecoder()
     data, end = dec.raw_decode(text, m.end())
@@ -336,9 +340,10 @@ def test_sweep_writes_the_report_with_the_studys_numbers(study):
 
 def test_offline_and_escaped(study):
     text = (study["dir"] / "report.html").read_text()
-    from plotly.offline import get_plotlyjs
-
-    assert text.count(get_plotlyjs()[:300]) == 1  # plotly.js inline, once
+    # plotly.js inline, once: the shipped bundle, gzipped and base64-encoded
+    (packed,) = re.findall(r'<script id="plotly-js" type="application/gzip">([A-Za-z0-9+/=]+)</script>', text)
+    assert gzip.decompress(base64.b64decode(packed)) == PLOTLY_JS.read_bytes()
+    assert text.count("ferFigure(") == len(figure_ids(text))  # each figure waits for plotly.js
     assert not re.findall(r"<script[^>]*\bsrc\s*=", text, re.I)
     assert not re.findall(r"<link[^>]*\bhref\s*=", text, re.I)
     markup = re.sub(r"<script\b[^>]*>.*?</script>", "<script></script>", text, flags=re.S | re.I)
@@ -563,7 +568,7 @@ def test_the_seeds_comparisons_from_trial_rows():
 def test_cli_report(study, tmp_path, capsys):
     out = tmp_path / "elsewhere" / "r.html"
     assert main(["report", str(study["dir"]), "--out", str(out)]) == 0
-    assert f"report: {out.resolve()}" in capsys.readouterr().out and out.stat().st_size > 1_000_000
+    assert f"report: {out.resolve()}" in capsys.readouterr().out and out.stat().st_size > 500_000
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fer-tune: error:") and "is not a fer-tune study directory" in err
@@ -685,3 +690,51 @@ def test_every_section_is_drawn_in_a_screenshot_and_no_legend_overflows(study, t
         assert h > 150 and band.std() > 20, (name, h, band.std())  # drawn: text and figures, not a blank band
         inked = (band < 200).any(axis=1).mean()  # the share of pixel rows with something dark on them
         assert inked > 0.15, (name, inked)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the page's size and its plotly.js
+# ---------------------------------------------------------------------------------------------------------
+def test_the_report_is_small_and_its_plotly_js_has_every_trace_type_it_draws(study, tmp_path):
+    """plotly.js is the shipped bundle of the trace types the report draws, packed: a study with a final stage (and
+    its saliency image) stays far under 2 MB (the full plotly.js alone is 4.8 MB), each layout template once."""
+    from plotly.offline import get_plotlyjs
+
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir, baseline=True)
+    text = write_report(sdir).read_text()
+    assert len(text.encode()) < 2_000_000
+    bundle = PLOTLY_JS.read_text()
+    banner = re.match(r"/\*\*\n\* plotly\.js v(\d+)\.[\d.]+: a bundle of the trace types ([\w ]+)\n", bundle)
+    assert banner and set(banner.group(2).split()) == set(TRACE_TYPES)
+    # the bundle is the plotly.js generation plotly.py writes figures for (else: rebuild it, plotlyjs/build.sh)
+    assert banner.group(1) == re.search(r"plotly\.js v(\d+)\.", get_plotlyjs()[:200]).group(1)
+    used = {t.get("type", "scatter") for f in figure_ids(text) for t in figure(text, f)["data"]}
+    assert used == set(TRACE_TYPES), used  # each one drawn here (Optuna's parallel coordinates are scatter lines)
+    # plotly's layout template once in the page, each figure naming it
+    templates, _ = json.JSONDecoder().raw_decode(text, text.index("var T=") + len("var T="))
+    assert len(templates) == 1 and "plot_bgcolor" in templates[0]["layout"] and '"template"' not in text
+    assert set(re.findall(r'ferFigure\("fig-[\w-]+", (-?\d+),', text)) == {"0"}
+
+
+def test_a_figure_of_a_trace_type_the_bundle_lacks_is_named_not_drawn():
+    from fer_tune.report.html import Page
+
+    page = Page("t")
+    note = page.figure({"data": [{"type": "sunburst", "labels": ["a"]}], "layout": {}}, "sun")
+    assert "sunburst" in note and 'id="fig-sun-missing"' in note and page.figures == []
+
+
+def test_a_browser_without_decompression_says_so_in_each_figures_place(study, tmp_path):
+    if chromium() is None:
+        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    text = (study["dir"] / "report.html").read_text()
+    old = tmp_path / "old-browser.html"
+    old.write_text(text.replace("<head>", "<head><script>delete window.DecompressionStream;</script>", 1))
+    r = run_chromium(old.as_uri(), tmp_path / "profile", "--dump-dom")
+    assert r.returncode == 0 and "</html>" in r.stdout, r.stderr[-3000:]
+    divs = re.findall(r'<div id="fig-[\w-]+" class="plotly-graph-div[^"]*"[^>]*>(.*?)</div>', r.stdout, re.S)
+    assert len(divs) == len(figure_ids(text))
+    assert all(d.startswith("This figure cannot be drawn: this browser cannot unpack plotly.js") for d in divs), divs

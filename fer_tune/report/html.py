@@ -1,9 +1,18 @@
 """HTML for the reports: escaping (HTML and plotly's text), tables, numbers, and the one-file page that embeds
-plotly.js once, inline (so that it opens offline)."""
+plotly.js once, inline (so that it opens offline).
+
+The plotly.js it embeds is the bundle shipped beside this module (plotlyjs/plotly.min.js: only the trace types the
+reports draw, built by plotlyjs/build.sh), gzipped and base64-encoded into the page: the browser unpacks it with its
+DecompressionStream and runs it, then draws the figures, which wait in a queue until then. A figure's layout
+template (plotly's default, 7 kB) is written once per page, not once per figure."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import gzip
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,9 @@ tr.best td{background:#e3f2e1;font-weight:600}
 ul.decision{margin:8px 0;padding-left:20px;line-height:1.45}ul.decision li{margin:4px 0}
 p.next{font-size:15px;font-weight:600}
 """
+
+
+CONFIG = '{"displaylogo": false, "responsive": true}'
 
 
 def esc(value: Any) -> str:
@@ -102,13 +114,47 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+PLOTLY_JS = Path(__file__).with_name("plotlyjs") / "plotly.min.js"
+TRACE_TYPES = ("scatter", "bar", "heatmap", "contour")  # the ones in PLOTLY_JS (see build.sh)
+
+# Runs in <head> after the packed plotly.js: unpacks and runs it, then draws the figures queued by ferFigure (a
+# figure met after that is drawn at once). A browser without DecompressionStream (before Chrome 80, Firefox 113,
+# Safari 16.4) gets a sentence in each figure's place.
+LOADER = """(function(){var T=%s,q=[],failed=null;
+function draw(f){if(failed){document.getElementById(f[0]).textContent='This figure cannot be drawn: '+failed;return;}
+var l=f[3];if(f[1]>=0)l.template=T[f[1]];Plotly.newPlot(f[0],f[2],l,f[4]);}
+window.ferFigure=function(id,t,data,layout,config){var f=[id,t,data,layout,config];if(q)q.push(f);else draw(f);};
+function done(why){failed=why;var w=q;q=null;w.forEach(draw);}
+if(!window.DecompressionStream||!window.Response){done('this browser cannot unpack plotly.js (it needs '+
+'DecompressionStream: Chrome or Edge 80+, Firefox 113+, Safari 16.4+).');return;}
+var b=atob(document.getElementById('plotly-js').textContent),a=new Uint8Array(b.length);
+for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);
+new Response(new Blob([a]).stream().pipeThrough(new DecompressionStream('gzip'))).text().then(function(js){
+var s=document.createElement('script');s.textContent=js;document.head.appendChild(s);done(null);},
+function(e){done('plotly.js could not be unpacked ('+e+').');});})();"""
+
+
+@functools.lru_cache(maxsize=1)
+def packed_plotly_js() -> str:
+    """The shipped plotly.js bundle, gzipped and base64-encoded (what the page carries)."""
+    return base64.b64encode(gzip.compress(PLOTLY_JS.read_bytes(), 9, mtime=0)).decode("ascii")
+
+
+def _script_json(obj: Any) -> str:
+    """JSON for inside a <script>: plotly's encoder (numpy arrays, dates), "</" never closing the script."""
+    from plotly.io.json import to_json_plotly
+
+    return to_json_plotly(obj).replace("</", "<\\/")
+
+
 class Page:
-    """Sections of HTML and plotly figures; `html()` embeds plotly.js once, inline."""
+    """Sections of HTML and plotly figures; `html()` embeds plotly.js once (packed) and each layout template once."""
 
     def __init__(self, title: str):
         self.title = title
         self.sections: list[tuple[str, str, list[str]]] = []
         self.figures: list[str] = []
+        self.templates: list[str] = []
 
     def section(self, anchor: str, title: str) -> list[str]:
         parts: list[str] = []
@@ -116,28 +162,43 @@ class Page:
         return parts
 
     def figure(self, fig: Any, name: str) -> str:
-        import plotly.io as pio
-
+        """A figure's div and the script that draws it (`ferFigure(id, template, data, layout, config)`)."""
         div_id = f"fig-{name}"
-        self.figures.append(div_id)
         fig_dict = plotly_safe(fig.to_plotly_json() if hasattr(fig, "to_plotly_json") else fig)
-        return pio.to_html(
-            fig_dict,
-            include_plotlyjs=False,
-            full_html=False,
-            div_id=div_id,
-            config={"displaylogo": False, "responsive": True},
+        missing = sorted({t.get("type", "scatter") for t in fig_dict.get("data", [])} - set(TRACE_TYPES))
+        if missing:  # a trace type the shipped bundle lacks (plotlyjs/build.sh's TRACES) would throw in the browser
+            return (
+                f'<p class="note" id="{div_id}-missing">Figure {esc(name)} is left out: it needs plotly\'s '
+                f"{esc(', '.join(missing))} trace, which the report's plotly.js does not carry.</p>"
+            )
+        self.figures.append(div_id)
+        layout = dict(fig_dict.get("layout", {}))
+        template = layout.pop("template", None)
+        k = -1
+        if template is not None:
+            t = _script_json(template)
+            if t not in self.templates:
+                self.templates.append(t)
+            k = self.templates.index(t)
+        height = layout.get("height")
+        args = ", ".join(
+            (json.dumps(div_id), str(k), _script_json(fig_dict.get("data", [])), _script_json(layout), CONFIG)
+        )
+        return (
+            f'<div style="height:{f"{height}px" if height else "100%"}; width:100%;"><div id="{div_id}" '
+            f'class="plotly-graph-div" style="height:100%; width:100%;"></div>'
+            f'<script type="text/javascript">ferFigure({args});</script></div>'
         )
 
     def html(self, header: str) -> str:
-        from plotly.offline import get_plotlyjs
-
         nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in self.sections)
         body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{"".join(p)}</section>' for a, t, p in self.sections)
+        loader = LOADER % f"[{','.join(self.templates)}]"
         return (
             f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>'
             f'<style>{CSS}</style><script type="text/javascript">window.PlotlyConfig={{MathJaxConfig:"local"}};'
-            f'</script><script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+            f'</script><script id="plotly-js" type="application/gzip">{packed_plotly_js()}</script>'
+            f'<script type="text/javascript">{loader}</script></head><body>'
             f"<h1>{esc(self.title)}</h1>{header}<nav>{nav}</nav>{body}</body></html>\n"
         )
 

@@ -1,6 +1,6 @@
 """The study report: results/NAME -> one HTML file a person opens with no server and no internet.
 
-plotly.js is embedded once (one inline script in <head>); every figure is a plotly div. Sections: the decision
+plotly.js is embedded once, packed (fer_tune.report.html says how); every figure is a plotly div. Sections: the decision
 (what was found and how sure it is: fer_tune.report.decision), summary, Optuna's
 own plots from the study's storage, learning curves of every trial, the seed's comparisons (optimizer x scheduler,
 scheduler, dropout, architecture: whichever the study searches), the class-aware view (per-emotion val recall of
