@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +27,9 @@ from ..tune.study.spec import objectives
 from . import final as report_final
 from .decision import decide
 from .decision_words import decision_section
+from .guides import accuracy_lines
 from .html import Page, duration, esc, fmt, key_table, number, params_text, table, write_page
+from .optuna_plots import optuna_section
 from .pareto import pareto_section
 from .pbt import pbt_section
 from .trials import class_section, comparisons_section, curves_section
@@ -74,13 +75,15 @@ def build_report(sdir: Path) -> str:
             "results so far.</p>"
         )
     final = report_final.load_final(sdir)
-    decision_section(page, decide(sdir, record, summary, results, final))
+    decision = decide(sdir, record, summary, results, final)
+    decision_section(page, decision)
+    lines = accuracy_lines(decision)  # chance and the majority-class rate on the accuracy charts
     _summary_section(page, sdir, record, summary)
     study, unread = _study(record)
     pareto_section(page, record, study, summary["rows"], summary["best"], final)
-    _optuna_section(page, record, study, unread)
-    curves_section(page, spec, summary["rows"], results)
-    comparisons_section(page, spec, summary["rows"])
+    optuna_section(page, record, study, unread, lines)
+    curves_section(page, spec, summary["rows"], results, lines)
+    comparisons_section(page, spec, summary["rows"], lines)
     class_section(page, spec, summary["rows"], results)
     if final is not None:
         report_final.final_section(page, final)
@@ -238,104 +241,12 @@ def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:
     return "; ".join(out)
 
 
-FEW_FOR_IMPORTANCE = 20  # completed trials below which the report says the importances are only a hint
-
-
 def _study(record: StudyRecord) -> tuple:
     """(the Optuna study, None) or (None, why it cannot be read here)."""
     try:
         return load_optuna_study(record), None
     except (FerTuneError, KeyError, ValueError, ImportError, RuntimeError) as exc:
         return None, exc
-
-
-def _optuna_section(page: Page, record: StudyRecord, study, unread) -> None:
-    import optuna.visualization as vis
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
-    from optuna.trial import TrialState
-
-    parts = page.section("optuna", "Optuna: history, parallel coordinates, importance, slice, contour")
-    if study is None:
-        parts.append(
-            f'<p class="note">The Optuna storage cannot be read here ({esc(unread)}); its plots are left out.</p>'
-        )
-        return
-    # a multi-objective study: the plots show the first objective (the one early stopping used)
-    first = {"target": (lambda t: t.values[0])} if len(objectives(record["spec"])) > 1 else {}
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        parts.append('<p class="note">No trial has completed yet: Optuna plots need completed trials.</p>')
-        return
-    varied = [p for p in record["spec"]["space"] if len({repr(t.params.get(p)) for t in done if p in t.params}) > 1]
-    figs = [
-        ("optuna-history", lambda: vis.plot_optimization_history(study, target_name=record["spec"]["metric"], **first)),
-        ("optuna-parallel", lambda: vis.plot_parallel_coordinate(study, target_name=record["spec"]["metric"], **first)),
-    ]
-    top = varied
-    why = ""
-    if len(done) < 2:
-        why = f"only {len(done)} trial has completed (importance needs at least 2)"
-    elif not varied:
-        why = "no searched parameter took more than one value among the completed trials"
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=varied, **first)
-            top = sorted(varied, key=lambda p: -imp.get(p, 0.0))
-            figs.append(
-                (
-                    "optuna-importance",
-                    lambda: vis.plot_param_importances(
-                        study,
-                        evaluator=PedAnovaImportanceEvaluator(),
-                        params=varied,
-                        target_name=record["spec"]["metric"],
-                        **first,
-                    ),
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 (Optuna raises several types; the report must still be written)
-            why = f"Optuna could not compute it ({type(exc).__name__}: {exc})"
-    if top:
-        figs.append(
-            (
-                "optuna-slice",
-                lambda: vis.plot_slice(study, params=top[:3], target_name=record["spec"]["metric"], **first),
-            )
-        )
-    if len(top) >= 2:
-        figs.append(
-            (
-                "optuna-contour",
-                lambda: vis.plot_contour(study, params=top[:2], target_name=record["spec"]["metric"], **first),
-            )
-        )
-    for name, make in figs:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fig = make()
-        except Exception as exc:  # noqa: BLE001
-            parts.append(
-                f'<p class="note">{esc(name[7:])} plot not available: {esc(type(exc).__name__)}: {esc(exc)}</p>'
-            )
-            continue
-        if name == "optuna-history":
-            fig.update_layout(title=f"Optimization history of {record['name']}")
-        parts.append(page.figure(fig, name))
-    if why:
-        parts.append(f'<p class="note" id="importance-note">Hyperparameter importance is not shown: {esc(why)}.</p>')
-    elif len(done) < FEW_FOR_IMPORTANCE:
-        parts.append(
-            f'<p class="note" id="importance-note">The importances (PED-ANOVA) come from {len(done)} completed '
-            f"trial(s): with fewer than {FEW_FOR_IMPORTANCE} a few more trials can reorder them, so read them as a "
-            "hint of where to look, not as a ranking.</p>"
-        )
-    parts.append(
-        f'<p class="note">{len(done)} completed trial(s); Optuna leaves pruned and failed trials out of '
-        f"these plots. Top parameters (slice, contour): {esc(', '.join(top[:3]) or '-')}.</p>"
-    )
 
 
 def _reference_section(page: Page, sdir: Path, own: list[dict], data: dict) -> None:

@@ -4,6 +4,7 @@ scheduler, dropout, architecture) and the class-aware view (per-emotion val reca
 from __future__ import annotations
 
 from ..common import EMOTIONS
+from .guides import add_lines, pct_title
 from .html import Page, fmt, params_text, table
 
 STATUS_STYLE = {  # learning-curve style per trial status: color, dash, end-marker symbol
@@ -24,7 +25,8 @@ COMPARISONS = (
 TOP_CLASS_TRIALS = 10
 
 
-def curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> None:
+def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, lines: list = ()) -> None:
+    """Every trial's metric per epoch, by status, the best in black; `lines`: chance and majority-class rate."""
     import plotly.graph_objects as go
 
     metric = spec["metric"]
@@ -60,7 +62,8 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> N
                 hovertemplate="%{customdata[0]}<br>epoch %{x}: %{y:.2f}<br>%{customdata[1]}<extra></extra>",
             )
         )
-        shown.add(status)
+        if not is_best:  # the best trial has its own entry: its status still needs one of its own
+            shown.add(status)
     if not fig.data:
         parts.append('<p class="note">No trial has reported an epoch yet.</p>')
         return
@@ -68,20 +71,23 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict) -> N
         title=f"{metric} per epoch; pruned (x) and failed (thin x) trials end early",
         height=520,
         xaxis_title="epoch",
-        yaxis_title=metric,
+        yaxis_title=pct_title(metric, lines),
         legend_title_text="trial status",
     )
+    add_lines(fig, list(lines))
     parts.append(page.figure(fig, "curves"))
 
 
-def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
+def comparisons_section(page: Page, spec: dict, rows: list[dict], lines: list = ()) -> None:
+    """Per setting the seed's comparisons vary: a bar of its best trial and every trial as a point, n on each."""
     import plotly.graph_objects as go
 
     metric, key = spec["metric"], f"best_{spec['metric']}"
     pick = max if spec["mode"] == "max" else min
     scored = [r for r in rows if r[key] != ""]
     space = spec["space"]
-    parts = page.section("comparisons", f"Comparisons: best {metric} per setting")
+    parts = page.section("comparisons", f"Comparisons: {metric} per setting, every trial")
+    ytitle = pct_title(metric, lines)
     varied = {n for n, _ in COMPARISONS if n in space and len({str(r.get(f"param_{n}")) for r in scored}) > 1}
 
     full = int(spec["max_epochs"])
@@ -119,19 +125,41 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
             **kw,
         )
 
+    def points(param: str, subset: list[dict], **kw) -> go.Scatter:
+        """Every trial of `subset` at its best score over its setting's bar; x: stopped before the last epoch."""
+        return go.Scatter(
+            x=[str(r[f"param_{param}"]) for r in subset],
+            y=[float(r[key]) for r in subset],
+            mode="markers",
+            marker={
+                "color": "#222",
+                "size": 8,
+                "symbol": ["circle-open" if int(r["epochs"] or 0) >= full else "x-thin-open" for r in subset],
+                "line": {"width": 1.5},
+            },
+            customdata=[[r["number"], r["status"], r["epochs"]] for r in subset],
+            hovertemplate="trial %{customdata[0]} (%{customdata[1]}, %{customdata[2]} epochs): %{y:.2f}<extra></extra>",
+            **kw,
+        )
+
     if {"optimizer", "scheduler"} <= varied:
         fig = go.Figure()
-        for sched in sorted({str(r["param_scheduler"]) for r in scored}):
-            b = best_per("optimizer", [r for r in scored if str(r["param_scheduler"]) == sched])
-            fig.add_trace(bar(b, name=sched))
+        for k, sched in enumerate(sorted({str(r["param_scheduler"]) for r in scored})):
+            sub = [r for r in scored if str(r["param_scheduler"]) == sched]
+            fig.add_trace(bar(best_per("optimizer", sub), name=sched, offsetgroup=sched))
+            fig.add_trace(
+                points("optimizer", sub, name="every trial", offsetgroup=sched, legendgroup="t", showlegend=not k)
+            )
         fig.update_layout(
             barmode="group",
-            title=f"Best {metric} per optimizer x scheduler",
+            scattermode="group",
+            title=f"{metric} per optimizer x scheduler: the best trial (bar, n trials) and every trial (points)",
             height=420,
             xaxis_title="optimizer",
-            yaxis_title=metric,
+            yaxis_title=ytitle,
             legend_title_text="scheduler",
         )
+        add_lines(fig, list(lines))
         parts.append(page.figure(fig, "cmp-optimizer-scheduler"))
     for name, label in COMPARISONS:
         if name not in varied or (name == "optimizer" and "scheduler" in varied):
@@ -151,10 +179,13 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
                         hovertemplate="%{text}<br>%{x:.4g}: %{y:.2f}<extra></extra>",
                     )
                 )
+            title = f"{metric} per {label}: every trial"
         else:
-            fig = go.Figure(bar(best_per(name, scored)))
+            fig = go.Figure([bar(best_per(name, scored), name="best trial"), points(name, scored, name="every trial")])
             fig.update_xaxes(type="category")
-        fig.update_layout(title=f"Best {metric} per {label}", height=380, xaxis_title=label, yaxis_title=metric)
+            title = f"{metric} per {label}: the best trial (bar, n trials) and every trial (points)"
+        fig.update_layout(title=title, height=380, xaxis_title=label, yaxis_title=ytitle)
+        add_lines(fig, list(lines))
         parts.append(page.figure(fig, f"cmp-{name}"))
     if not scored:
         parts.append('<p class="note">No trial has a value yet.</p>')
@@ -166,7 +197,8 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict]) -> None:
     else:
         parts.append(
             f'<p class="note">Each bar is the best trial of its setting, at that trial\'s best epoch; n counts the '
-            f"trials with the setting. A hatched bar's best trial was stopped before epoch {full} (early stopping "
+            "trials with the setting, each of them a point (o: ran every epoch, x: stopped early). A hatched bar's "
+            f"best trial was stopped before epoch {full} (early stopping "
             "or a failure): it stands for fewer epochs than the others, so it does not rank the setting against a "
             f"bar of full-length trials. {len(scored)} trial(s) with a value.</p>"
         )

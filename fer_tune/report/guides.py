@@ -1,0 +1,37 @@
+"""Reference lines on the report's accuracy charts, from the decision's facts: chance (one emotion of seven picked
+at random) and the majority-class rate (the commonest emotion's share of val: what predicting it for every face
+scores), so that a score reads against what learning nothing scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def accuracy_lines(decision: dict) -> list[tuple[float, str]]:
+    """(y, label) of chance and the majority-class rate; none for a metric that is no accuracy."""
+    out = []
+    if decision.get("chance") is not None:
+        out.append((float(decision["chance"]), f"chance {decision['chance']:.1f} %"))
+    m = decision.get("majority")
+    if m:
+        at_least = "" if m.get("recorded") else "at least "
+        out.append((float(m["pct"]), f"majority class ({m['class']}): {at_least}{m['pct']:.1f} %"))
+    return out
+
+
+def add_lines(fig: Any, lines: list[tuple[float, str]], **where: Any) -> None:
+    """Dotted horizontal lines labelled at their left end (`where`: plotly's row / col of a subplot figure)."""
+    for k, (y, label) in enumerate(lines):
+        fig.add_hline(
+            y=y,
+            line={"dash": "dot", "color": "#7f7f7f", "width": 1.5},
+            annotation_text=label,
+            annotation_position="bottom left" if k == 0 else "top left",
+            annotation_font={"size": 11, "color": "#555"},
+            **where,
+        )
+
+
+def pct_title(metric: str, lines: list) -> str:
+    """An axis title with its unit: accuracies (those with reference lines) are in %."""
+    return f"{metric} (%)" if lines else metric
