@@ -17,6 +17,7 @@ of the recompute per epoch.
     python benchmarks/bench_precise_bn.py --arm 0 [--arm 1 ...]    # one configuration each (run two at a time)
     python benchmarks/bench_precise_bn.py --combine
     [--data ../shared/datasets/fer2013] [--epochs 8] [--batches 50] [--seed 0]
+    [--train-crops ten]    # the paper's TenCrop training instead of the space's one crop (saved as config-K-ten)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SAVED = Path(__file__).resolve().parent / "precise_bn"
 SPACE = ROOT / "search_spaces" / "fer2013_cpu.yaml"
 
 
-def configuration(k: int, seed: int, epochs: int):
+def configuration(k: int, seed: int, epochs: int, train_crops: str = "one"):
     """The k-th configuration Optuna's RandomSampler(seed) draws from the space, as a TrainConfig."""
     import optuna
 
@@ -49,7 +50,7 @@ def configuration(k: int, seed: int, epochs: int):
         define(trial)
         study.tell(trial, 0.0)
     params = trial.params
-    return params, spec.trial_config(params).replace(epochs=epochs, threads=1)
+    return params, spec.trial_config(params).replace(epochs=epochs, threads=1, train_crops=train_crops)
 
 
 def arm(k: int, args) -> None:
@@ -59,7 +60,7 @@ def arm(k: int, args) -> None:
     from fer_tune import precise_bn
     from fer_tune.train import Observer, as_tensor, fit, predict_logits
 
-    params, cfg = configuration(k, args.seed, args.epochs)
+    params, cfg = configuration(k, args.seed, args.epochs, args.train_crops)
     data = fdata.load(args.data, "paper")
     x_val, y_val = data.arrays("val")
     rows: list[dict] = []
@@ -103,6 +104,7 @@ def arm(k: int, args) -> None:
     out = {
         "config": k,
         "seed": args.seed,
+        "train_crops": cfg.train_crops,
         "params": params,
         "batches": args.batches,
         "status": result.status,
@@ -112,8 +114,13 @@ def arm(k: int, args) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     SAVED.mkdir(exist_ok=True)
-    (SAVED / f"config-{k}.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"saved {SAVED / f'config-{k}.json'}")
+    name = f"config-{k}{suffix(args.train_crops)}.json"
+    (SAVED / name).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"saved {SAVED / name}")
+
+
+def suffix(train_crops: str) -> str:
+    return "" if train_crops == "one" else f"-{train_crops}"
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -134,8 +141,8 @@ def asha(values: dict[int, dict[int, float]], rungs: list[int], keep: float = 0.
 
 def combine(args) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(SAVED.glob("config-*.json"))]
-    runs = [r for r in runs if r["status"] == "completed"]
-    if len(runs) < 3:
+    runs = [r for r in runs if r["status"] == "completed" and r.get("train_crops", "one") == args.train_crops]
+    if len(runs) < 2:
         sys.exit(f"{len(runs)} completed configurations in {SAVED}: run more arms first")
     last = min(len(r["epochs"]) for r in runs)
     readings = {"stale": "val_acc", "precise": "val_acc_precise"}
@@ -143,25 +150,29 @@ def combine(args) -> None:
         name: {r["config"]: {e["epoch"]: e[key] for e in r["epochs"]} for r in runs} for name, key in readings.items()
     }
     configs = sorted(by["stale"])
-    print(f"{len(runs)} configurations of {SPACE.name}, {last} epochs, precise_bn over {runs[0]['batches']} batches")
+    print(
+        f"{len(runs)} configurations of {SPACE.name} (train_crops {args.train_crops}), {last} epochs, precise_bn over "
+        f"{runs[0]['batches']} batches"
+    )
     print("config  " + "  ".join(f"ep{e:>2} stale/precise" for e in range(1, last + 1)))
     for c in configs:
         cells = "  ".join(f"   {by['stale'][c][e]:5.1f}/{by['precise'][c][e]:5.1f}  " for e in range(1, last + 1))
         print(f"{c:>6}  {cells}")
-    for target in ("stale", "precise"):
+    for target in ("stale", "precise") if last > 1 else ():
         final = [by[target][c][last] for c in configs]
         print(f"\nSpearman rank correlation with the last epoch's val ({target} reading):")
         for name in readings:
             corr = [f"e{e} {spearman([by[name][c][e] for c in configs], final):+.2f}" for e in range(1, last)]
             print(f"  {name:>7} at   " + "   ".join(corr))
     rungs = [r for r in (2, 4) if r < last]
-    truth = {c: by["precise"][c][last] for c in configs}
-    best = max(truth.values())
-    print(f"\nASHA (rungs {rungs}, keep half): true best final val {best:.2f} (precise reading)")
-    for name in readings:
-        kept = asha(by[name], rungs)
-        got = max(truth[c] for c in kept)
-        print(f"  ranking by {name:>7}: keeps {sorted(kept)}; their best final {got:.2f} ({got - best:+.2f})")
+    for target in readings if rungs else ():
+        truth = {c: by[target][c][last] for c in configs}
+        best = max(truth.values())
+        print(f"\nASHA (rungs {rungs}, keep half): the best final val {best:.2f} ({target} reading)")
+        for name in readings:
+            kept = asha(by[name], rungs)
+            got = max(truth[c] for c in kept)
+            print(f"  ranking by {name:>7}: keeps {sorted(kept)}; their best final {got:.2f} ({got - best:+.2f})")
     gaps = [abs(by["stale"][c][e] - by["precise"][c][e]) for c in configs for e in range(1, last + 1)]
     big = sum(g > 5 for g in gaps)
     print(f"\nreadings differ by > 5 points in {big} of {len(gaps)} epochs (largest {max(gaps):.1f})")
@@ -177,6 +188,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-crops", choices=("one", "ten"), default="one")
     args = ap.parse_args()
     for k in args.arm:
         arm(k, args)
