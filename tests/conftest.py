@@ -279,9 +279,33 @@ def read_csv(sdir):
         return list(csv.DictReader(fh))
 
 
+# the files that take longest (each several minutes on one worker), longest first: pytest-xdist's --dist loadfile
+# hands whole files to the workers in collection order, so the suite ends on short files on both workers instead
+# of one worker running SLURM's tests alone at the end
+LONG_FILES = (
+    "test_slurm.py",
+    "test_study.py",
+    "test_interrupted.py",
+    "test_final.py",
+    "test_pbt.py",
+    "test_postgres.py",
+    "test_mlflow.py",
+    "test_gpu_script.py",
+    "test_multiobjective.py",
+    "test_cluster.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist would order the files by their number of tests
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that start Ray, train through the CLI or read the real FER2013 are `slow`; the fast lane is
-    `pytest -m "not slow"`."""
+    `pytest -m "not slow"`. The long files come first (LONG_FILES), each file's tests in their order."""
+    first = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONG_FILES)))
     for item in items:
         if item.get_closest_marker("slow") is None and (
             item.get_closest_marker("realdata") is not None
