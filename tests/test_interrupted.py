@@ -391,13 +391,14 @@ def test_free_space_below_what_the_checkpoints_need_is_said_up_front(tmp_path, c
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_resumes_once_space_is_freed(tmp_path, env):
-    """A results filesystem of 10 MiB: the sweep is warned up front, stops in one line when the disk is full
-    (exit 130, no traceback), and `fer-tune resume` finishes the study once the filesystem is made larger."""
+    """A results filesystem of 6 MiB, and every trial keeping its checkpoints (about 1 MiB each): the sweep is
+    warned up front, stops in one line when the disk is full (exit 130, no traceback), and `fer-tune resume`
+    finishes the study once the filesystem is made larger."""
     disk = tmp_path / "scratch"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
     try:
-        space = write_space(tmp_path, num_samples=4, max_epochs=3)
+        space = write_space(tmp_path, num_samples=4, max_epochs=3, keep_checkpoints="all")
         r = subprocess.run(
             cli_args("sweep", space, "--results", disk, "--quiet"),
             env=env,
