@@ -36,7 +36,7 @@ from ..runtime.checkpoints import pruner
 from ..runtime.layout import experiment_trial_states
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
-from ..study.record import StudyRecord, read_study, reopen, spec_with
+from ..study.record import StudyRecord, read_study, reopen, study_spec
 from .outputs import evaluate_best, population_progress, write_population
 from .read import PBT_DIR, PBT_FILE, PbtRecord, cadence
 from .trial import ORIGIN, member_trial
@@ -200,9 +200,7 @@ def run_pbt(study: str, opts: stage.RunOptions, *, given: dict) -> int:
         stage.refuse_while_the_study_runs(
             sdir, "its top trials are not settled yet: start the PBT stage when it has finished"
         )
-        spec = spec_with(
-            (sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"]
-        )
+        spec = study_spec(sdir, record)
         tops = top_trials(sdir, record, spec, settings["top_k"])
     with acquire(out, what="the PBT stage", force=opts.force, create=True):
         record, spec, data = reopen(sdir, opts.force, opts.loader)

@@ -62,7 +62,7 @@ def _alive(info: dict) -> bool:
     if fields[:1] in (["Z"], ["X"]):  # ended, not yet reaped by its parent: it holds no flock any more
         return False
     recorded = info.get("start_ticks")
-    return recorded is None or _start_ticks(pid) == recorded
+    return recorded is None or (len(fields) > 19 and fields[19] == str(recorded))
 
 
 def _parse(text: str) -> dict | None:

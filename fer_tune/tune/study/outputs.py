@@ -271,9 +271,12 @@ def pick_best(rows: list[dict], spec: dict) -> dict | None:
     return (max if spec["mode"] == "max" else min)(scored, key=lambda r: float(r[key])) if scored else None
 
 
-def best_trial(sdir: Path, record: StudyRecord, spec: StudySpec, number: int | None) -> dict:
-    """The study's best finished trial by its metric and mode (or trial `number`), with its full config."""
-    rows = trials_table(sdir, record)
+def best_trial(
+    sdir: Path, record: StudyRecord, spec: StudySpec, number: int | None, rows: list[dict] | None = None
+) -> dict:
+    """The study's best finished trial by its metric and mode (or trial `number`), with its full config; `rows`:
+    its trials_table when the caller has read it already."""
+    rows = trials_table(sdir, record) if rows is None else rows
     key = f"best_{spec.metric}"
     if number is not None:
         row = next((r for r in rows if r["number"] == number), None)

@@ -370,10 +370,15 @@ def spec_with(text: str, overrides: dict, source: str, name: str) -> StudySpec:
     return parse_space({**yaml.safe_load(text), **overrides}, source=source, text=text, default_name=name)
 
 
+def study_spec(sdir: Path, record: dict) -> StudySpec:
+    """The spec of the study in `sdir`: its copy of the space file with the overrides it was launched with."""
+    return spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"])
+
+
 def reopen(sdir: Path, force: bool, loader: Callable[[str, str], Any]) -> tuple[dict, StudySpec, Any]:
     """(record, spec, data) of an existing study, refused when its inputs changed since it started (unless force)."""
     record = read_study(sdir)
-    spec = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"])
+    spec = study_spec(sdir, record)
     data = loader(record["data"]["source"], record["data"]["protocol"])
     changes = diff(record["fingerprint"], fingerprint(spec, data))
     space_file = Path(record["space_file"])

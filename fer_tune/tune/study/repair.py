@@ -27,7 +27,7 @@ from ..runtime.lock import acquire
 from ..runtime.storage import experiment_dir
 from .database import database_damage, own_database
 from .outputs import has_unfinished, study_results, write_trials_csv
-from .record import OWN_DB, StudyRecord, optuna_lib, read_study, spec_with
+from .record import OWN_DB, StudyRecord, optuna_lib, read_study, study_spec
 from .spec import StudySpec
 from .warmstart import enqueue, point_key
 
@@ -54,9 +54,7 @@ def repair(sdir: str | Path, *, force: bool = False) -> dict:
             raise FerTuneError(
                 f"{db} is whole; repair rebuilds a damaged or lost database (pass --force to rebuild it anyway)"
             )
-        spec = spec_with(
-            (sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"]
-        )
+        spec = study_spec(sdir, record)
         trials, skipped, old_ids = rebuilt_trials(sdir, record, spec)
         part = db.with_name(f".{OWN_DB}.rebuilding")
         part.unlink(missing_ok=True)

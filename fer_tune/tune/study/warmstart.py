@@ -97,15 +97,16 @@ def best_configs(sdir: Path, record: dict, spec: StudySpec, k: int) -> list[dict
     from .outputs import best_trial, trials_table
 
     key = f"best_{spec.metric}"
-    rows = [r for r in trials_table(sdir, record) if r[key] != "" and r["state"] != "FAIL"]
+    table = trials_table(sdir, record)  # read once for all K
+    rows = [r for r in table if r[key] != "" and r["state"] != "FAIL"]
     rows.sort(key=lambda r: float(r[key]), reverse=spec.mode == "max")
-    return [best_trial(sdir, record, spec, int(r["number"])) for r in rows[:k]]
+    return [best_trial(sdir, record, spec, int(r["number"]), rows=table) for r in rows[:k]]
 
 
 def plan(spec: StudySpec, sources: list[str]) -> dict:
     """What a new study enqueues: {"points": [{"from", "params", "value"?}, ...], "paper": "" or why not,
     "donors": [{"study", "asked", "taken", "outside"}]}; FerTuneError for a source that is not a readable study."""
-    from .record import read_study, spec_with
+    from .record import read_study, study_spec
 
     points: list[dict] = []
     seen: set = set()
@@ -135,7 +136,7 @@ def plan(spec: StudySpec, sources: list[str]) -> dict:
         sdir, k = parse_source(text)
         try:
             record = read_study(sdir)
-            donor = spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir), record["name"])
+            donor = study_spec(sdir, record)
             best = best_configs(sdir.resolve(), record, donor, k)
         except FerTuneError as exc:
             raise FerTuneError(f"--warm-start {text}: {exc}") from None
