@@ -272,6 +272,23 @@ def study_trials(sdir, name="t"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sdir / 'optuna.db'}").trials
 
 
+def epochs_reported(sdir) -> int:
+    """The most epochs any trial of the study in `sdir` has reported to its Optuna storage so far (0: none yet, or
+    no storage yet). The driver writes each epoch there as the result arrives: the earliest sign a test can see
+    that a trial has a checkpoint."""
+    import sqlite3
+
+    db = sdir / "optuna.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            (most,) = con.execute("SELECT MAX(step) FROM trial_intermediate_values").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(most or 0)
+
+
 def read_csv(sdir):
     import csv
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import fer_tune, read_csv, study_trials, write_space
+from conftest import SPACE, epochs_reported, fer_tune, read_csv, study_trials, write_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_samples": 3, "max_epochs": 2, "early_stopping": {"type": "none"}}
@@ -281,7 +281,13 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
             monkeypatch.setenv(k, v)
         boto3.client("s3").create_bucket(Bucket="fer")
         env = {**env, **s3}
-        space = write_space(tmp_path, num_samples=2, max_epochs=5, early_stopping={"type": "none"})
+        space = write_space(
+            tmp_path,
+            num_samples=2,
+            max_epochs=6,
+            data={**SPACE["data"], "path": "synthetic:2000"},
+            early_stopping={"type": "none"},
+        )
         sdir, exp = tmp_path / "results" / "t", "s3://fer/studies/t/tune"
         cmd = [
             sys.executable,
@@ -302,13 +308,14 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         )
         try:
             deadline = time.time() + 150
-            while time.time() < deadline:  # Ctrl-C once a trial's first epoch (and checkpoint) is in S3
-                if any(st.read_text(st.join(exp, d, "result.json")) for d in st.listdir(exp)):
-                    break
+            # Ctrl-C once the driver has a trial's first epoch (its checkpoint is in S3 before the result is
+            # sent), with 5 more epochs to go: S3's copy of result.json comes only when Tune syncs the experiment,
+            # which on a fast machine was after both trials had finished
+            while time.time() < deadline and not epochs_reported(sdir):
                 assert proc.poll() is None, "the sweep ended before it could be interrupted"
-                time.sleep(0.3)
-            else:
-                pytest.fail("no results in S3 within 150 s")
+                time.sleep(0.1)
+            if not epochs_reported(sdir):
+                pytest.fail("no trial reported an epoch within 150 s")
             os.kill(proc.pid, signal.SIGINT)  # the driver only, as Ctrl-C in its terminal
             out, _ = proc.communicate(timeout=120)
         finally:
@@ -325,7 +332,7 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         trials = study_trials(sdir)
         assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials), r.stdout + r.stderr
         rows = read_csv(sdir)
-        assert len(rows) == 2 and all(row["epochs"] == "5" for row in rows), rows
+        assert len(rows) == 2 and all(row["epochs"] == "6" for row in rows), rows
         starts = [
             json.loads(line).get("start_epoch", 0)
             for d in st.listdir(exp)
