@@ -136,6 +136,14 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits averaged over the test crops (TenCrop as the paper), float32 (N, 7), on the images' device;
     `batch_size` images per forward pass (0: auto, see eval_images_per_batch)."""
+    return crop_logits(model, images, crops=crops, batch_size=batch_size, dtype=dtype).mean(1)
+
+
+@torch.no_grad()
+def crop_logits(
+    model: torch.nn.Module, images: torch.Tensor, *, crops: str, batch_size: int = 0, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Each test crop's logits, float32 (N, crops, 7): what predict_logits averages."""
     model.eval()
     n_crops = augment.crops_per_image(crops)
     batch_size = eval_images_per_batch(images.device, crops, batch_size)
@@ -145,8 +153,8 @@ def predict_logits(
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(images.device, dtype):
             logits = model(x)
-        out.append(logits.float().view(-1, n_crops, logits.shape[-1]).mean(1))
-    return torch.cat(out) if out else torch.zeros(0, 7, device=images.device)
+        out.append(logits.float().view(-1, n_crops, logits.shape[-1]))
+    return torch.cat(out) if out else torch.zeros(0, n_crops, 7, device=images.device)
 
 
 def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
