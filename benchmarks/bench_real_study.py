@@ -7,6 +7,9 @@ so that arms can run in separate sessions and `combine` prints the table from th
     python benchmarks/bench_real_study.py --arm random         # (b) the same space and trial count, random + ASHA
     python benchmarks/bench_real_study.py --arm final-tpe      # (a)'s best and the paper recipe, retrained
     python benchmarks/bench_real_study.py --arm final-random   # (b)'s best, retrained the same way
+    python benchmarks/bench_real_study.py --arm warm           # (c) the file as it ships now: the paper's recipe
+                                                               #     as trial 0, the weight EMA searched
+    python benchmarks/bench_real_study.py --arm final-warm     # (c)'s 3 best as an ensemble, beside the paper recipe
     python benchmarks/bench_real_study.py --arm combine        # the table
     [--data ../shared/datasets/fer2013] [--out ~/.cache/fer-tune-bench/real_study] [--epochs 12]
     [--finetune-epochs 3] [--seeds 2]
@@ -76,7 +79,8 @@ def study_arm(arm: str, args) -> None:
         arm,
         {
             "arm": arm,
-            "sampler": "tpe" if arm == "tpe" else "random",
+            "sampler": "random" if arm == "random" else "tpe",
+            "warm_start": [r["number"] for r in rows if r.get("warm_start")],
             "wall_s": round(wall, 1),
             "trials": len(rows),
             "states": states,
@@ -187,7 +191,11 @@ def combine(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arm", required=True, choices=("tpe", "random", "final-tpe", "final-random", "combine"))
+    ap.add_argument(
+        "--arm",
+        required=True,
+        choices=("tpe", "random", "warm", "final-tpe", "final-random", "final-warm", "combine"),
+    )
     ap.add_argument(
         "--data",
         type=Path,
