@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import augment
 from .common import EMOTIONS, NUM_CLASSES
 from .device import precision
-from .train import predict_logits
+from .train import crop_logits, predict_logits
 
 
 def metrics_from_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict:
@@ -60,11 +60,16 @@ def evaluate_model(
     crops: str = "ten",
     batch_size: int = 0,
     amp: str = "auto",
+    save_logits: Path | None = None,
 ) -> dict:
+    """The model's metrics on (images, labels) with the test crops `crops`; with `save_logits`, each crop's logits
+    (float32 (N, crops, 7), what the metrics average over the crops) saved there (.npy)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     dtype, _ = precision(device, amp)
-    logits = predict_logits(model, x, crops=crops, batch_size=batch_size, dtype=dtype)
-    out = metrics_from_logits(logits, labels)
+    per_crop = crop_logits(model, x, crops=crops, batch_size=batch_size, dtype=dtype)
+    if save_logits is not None:
+        np.save(save_logits, per_crop.cpu().numpy())
+    out = metrics_from_logits(per_crop.mean(1), labels)
     out["crops"] = crops
     return out
 

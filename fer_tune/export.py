@@ -4,6 +4,10 @@ runtimes, checked against the torch model with onnxruntime when it is written) a
 
 model.onnx takes what a face detector gives: float32 (N, 1, 48, 48) grayscale pixels in 0..255, and returns the
 logits (N, 7) averaged over the model's test crops (TenCrop(40) for a final stage's model), in the order of `classes`.
+
+An ensemble of trained networks (export_ensemble) is exported as one model in the same four files: its model.pt holds
+every member, and its programs return, per crop, the log of the mean of the members' softmax (combine_logits in
+fer_tune.models), averaged over the crops in model.onnx as a single network's logits are.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from .predict import ONNX_INPUT, ONNX_META_KEY, ONNX_OUTPUT
 
 log = logging.getLogger(__name__)
 ONNX_TOLERANCE = 1e-4  # max abs logit difference allowed between onnxruntime and torch
+# how the card speaks of a network (False) and of an ensemble (True): what model.pt2 and model.onnx hold, what the
+# program returns, how the outputs are combined into probabilities
+_WORDS = {
+    False: ("the network", "logits (N, 7)", "mean of the crops' logits, then softmax"),
+    True: (
+        "the ensemble (every member)",
+        "the log of the mean of the members' softmax (N, 7)",
+        "each crop: the log of the mean of the members' softmax; then the mean over the crops, then softmax",
+    ),
+}
 
 
 class FaceNet(torch.nn.Module):
@@ -61,26 +75,51 @@ def export_model(
     `test`: the final stage's fine-tuned model, the PBT stage's best member);
     `provenance`: {"data": FerData.describe(), "study": ..., "trial": ...}; `check_faces`: uint8 (N, 48, 48) real
     inputs the ONNX file is checked on."""
+    config = ft_cfg.to_dict()
+    files = {"kind": "fer-tune model", "config": config, "model": weights}
+    card = {"kind": "fer-tune model card", "protocol": cfg.protocol, "seed": cfg.seed, "config": config}
+    _export(model, files, card, test, out_dir, provenance, check_faces, test_crops)
+
+
+def export_ensemble(
+    members: list[dict], test: dict, out_dir: Path, provenance: dict, check_faces: np.ndarray, test_crops: str
+) -> None:
+    """model.pt, model.pt2, model.onnx and model.json of the Ensemble of `members` (fer_tune.models), each
+    {"config": its TrainConfig dict, "model": its state_dict, "about": what the card says of it}; `test`: the
+    ensemble's test metrics (fer_tune.evaluate.metrics_from_logits); `provenance`, `check_faces` as export_model's.
+    model.pt holds every member (fer-tune predict / evaluate run the ensemble from it)."""
+    from .models import Ensemble, count_params
+    from .train import model_from_checkpoint
+
+    members = [{"config": m["config"], "model": m["model"], "about": dict(m.get("about") or {})} for m in members]
+    ensemble = Ensemble([model_from_checkpoint(m, torch.device("cpu"))[0] for m in members])
+    config = members[0]["config"]
+    files = {"kind": "fer-tune ensemble", "config": config, "members": members}
+    about = [{**m["about"], "parameters": count_params(net)} for m, net in zip(members, ensemble.members)]
+    card = {"kind": "fer-tune ensemble card", "protocol": config["protocol"], "members": about}
+    _export(ensemble, files, card, test, out_dir, provenance, check_faces, test_crops)
+
+
+def _export(
+    model: Any, files: dict, own: dict, test: dict, out_dir: Path, provenance: dict, faces: np.ndarray, crops: str
+) -> None:
+    """The four files of `model` (a network or an Ensemble) with its test crops `crops`, its ONNX file checked on
+    `faces`: model.pt is `files` (kind, config, the weights) with the format, classes and data; the card is `own`
+    (kind, protocol, what it says of the model) with the common fields."""
     from .cost import model_cost
+    from .models import Ensemble
     from .train import save_checkpoint
 
-    trained = {**provenance.get("data", {}), "test_crops": test_crops}
-    checkpoint = {
-        "format": 1,
-        "kind": "fer-tune model",
-        "config": ft_cfg.to_dict(),
-        "model": weights,
-        "classes": list(EMOTIONS),
-        "data": trained,
-    }
+    trained = {**provenance.get("data", {}), "test_crops": crops}
+    checkpoint = {"format": 1, **files, "classes": list(EMOTIONS), "data": trained}
     save_checkpoint(checkpoint, out_dir / "model.pt")
     model = model.float().cpu().eval()
     export_program(model, out_dir / "model.pt2")
-    onnx = export_onnx(
-        model, out_dir / "model.onnx", test_crops, {"classes": list(EMOTIONS), "data": trained}, check_faces
-    )
+    record = {"kind": files["kind"], "classes": list(EMOTIONS), "data": trained}
+    onnx = export_onnx(model, out_dir / "model.onnx", crops, record, faces)
+    what, output, combine = _WORDS[isinstance(model, Ensemble)]
     card = {
-        "kind": "fer-tune model card",
+        "kind": own["kind"],
         "classes": list(EMOTIONS),
         "preprocessing": {
             "grayscale": True,
@@ -88,33 +127,32 @@ def export_model(
             "cascade and frames them so)",
             "resize": [augment.SIZE, augment.SIZE],
             "normalization": "pixel / 255, no mean or std",
-            "crops": {"ten": f"TenCrop({augment.CROP})", "center": f"CenterCrop({augment.CROP})"}[test_crops],
-            "combine": "mean of the crops' logits, then softmax",
+            "crops": {"ten": f"TenCrop({augment.CROP})", "center": f"CenterCrop({augment.CROP})"}[crops],
+            "combine": combine,
         },
         "inputs": {
-            "model.pt2": f"float32 (N, 1, {augment.CROP}, {augment.CROP}) crops in [0, 1] -> logits (N, 7)",
+            "model.pt2": f"float32 (N, 1, {augment.CROP}, {augment.CROP}) crops in [0, 1] -> {output}",
             "model.onnx": f"{ONNX_INPUT}: float32 (N, 1, {augment.SIZE}, {augment.SIZE}) pixels in 0..255 -> "
             f"{ONNX_OUTPUT} (N, 7), the crops inside",
         },
         "data": trained,
-        "protocol": cfg.protocol,
+        "protocol": own["protocol"],
         "test": {
-            "split": f"test ({cfg.protocol} protocol)",
+            "split": f"test ({own['protocol']} protocol)",
             "n": test["n"],
             "top1": test["top1"],
             "top2": test["top2"],
             "macro_f1": test["macro_f1"],
             "recall": {e: test["per_class"][e]["recall"] for e in EMOTIONS},
-            "crops": test_crops,
+            "crops": crops,
         },
         "study": provenance.get("study"),
         "trial": provenance.get("trial"),
-        "seed": cfg.seed,
-        "config": ft_cfg.to_dict(),
+        **{k: v for k, v in own.items() if k not in ("kind", "protocol")},
         "onnx": onnx,
         # what it costs to run (fer_tune.cost): counted, and timed here at export (fp32, this machine's CPU)
         "cost": {
-            **model_cost(model, torch.device("cpu"), test_crops, None),
+            **model_cost(model, torch.device("cpu"), crops, None),
             "latency": f"ms per image with its test crops, batch 1, fp32, on the exporting machine's CPU with "
             f"{torch.get_num_threads()} thread(s)",
         },
@@ -122,8 +160,8 @@ def export_model(
         "code": code_revision(),
         "files": {
             "model.pt": "fer-tune checkpoint (fer-tune predict / evaluate)",
-            "model.pt2": "torch.export program of the network: torch.export.load(path).module()(crops)",
-            "model.onnx": "the network with its test crops (onnxruntime, OpenCV DNN); fer-tune predict runs it",
+            "model.pt2": f"torch.export program of {what}: torch.export.load(path).module()(crops)",
+            "model.onnx": f"{what} with its test crops (onnxruntime, OpenCV DNN); fer-tune predict runs it",
         },
     }
     if onnx["status"] != "checked":

@@ -9,10 +9,13 @@ reference, so a reference state_dict loads as is. `width` scales every channel c
 a `num_classes`-way head. `weights` may name a local state_dict of the original 3-channel ImageNet model: it is
 loaded into that architecture, the first conv becomes the sum of its RGB kernels and the head starts fresh.
 Nothing is ever downloaded.
+
+`Ensemble` runs several trained networks as one model; `combine_logits` is how it combines them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,3 +227,25 @@ def model_table() -> list[dict]:
     """[{"name", "params"}] for every model at width 1 with 7 classes (built on the meta device: no memory)."""
     with torch.device("meta"):
         return [{"name": name, "params": count_params(create_model(name))} for name in MODELS]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ensembles
+# ---------------------------------------------------------------------------------------------------------
+def combine_logits(stacked: torch.Tensor) -> torch.Tensor:
+    """Members' logits stacked on dim 0, (M, ..., classes) -> the log of the mean of their softmax, float32
+    (..., classes): its softmax is the ensemble's probabilities, its argmax the ensemble's prediction."""
+    return torch.logsumexp(F.log_softmax(stacked.float(), -1), 0) - math.log(stacked.shape[0])
+
+
+class Ensemble(nn.Module):
+    """Trained networks as one model: the same input to every member, their outputs combined by combine_logits."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise FerTuneError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits(torch.stack([m(x) for m in self.members]))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 MODELS = ("last", "best_val", "finetuned")
 TEST_CROPS = "ten"  # the test split is measured with TenCrop, as the paper (the tracked curve too)
+TEST_LOGITS = "test_logits.npy"  # an ensemble member's fine-tuned test logits per crop, float32 (N, crops, 7)
 # a baseline keeps the study's model, its size and input, the data and the run settings, and takes every other key
 # from the recipe
 BASELINE_KEEPS = (
@@ -56,6 +57,7 @@ FINAL_DEFAULTS = {
     "eval_every": 25,
     "baseline": None,
     "from_pbt": False,  # retrain the PBT stage's best member with its schedule (fer_tune.tune.pbt.driver)
+    "ensemble": 1,  # retrain the study's K best distinct configurations and ensemble them (fer_tune.tune.final)
 }
 
 
@@ -158,9 +160,11 @@ def run_seed(
     export: bool = True,
     provenance: dict | None = None,
     schedule: dict | None = None,
+    keep_logits: bool = False,
 ) -> dict | None:
     """Run (or continue) one seed; returns its test metrics (metrics.json), None when it diverged or was done.
-    `schedule`: the training phase's changes per epoch (fer_tune.schedule: a PBT member's, replayed)."""
+    `schedule`: the training phase's changes per epoch (fer_tune.schedule: a PBT member's, replayed);
+    `keep_logits`: the fine-tuned model's test logits per crop kept (TEST_LOGITS: an ensemble's member)."""
     from .observers import TrackedTest
     from .train import fit
 
@@ -240,6 +244,7 @@ def run_seed(
             state,
             export=export,
             provenance=provenance,
+            keep_logits=keep_logits,
         )
         state.phase, state.fit_state = "done", None
         state.weights.update(best=None, last=None)  # the exports hold them now
@@ -269,10 +274,11 @@ def evaluate_and_export(
     *,
     export: bool = True,
     provenance: dict | None = None,
+    keep_logits: bool = False,
 ) -> dict:
     """Test metrics of the models `weights` holds (last, best, finetuned: the final stage's three; the PBT stage's
     best member: last alone), confusion CSVs, saliency maps; with `export`, the files of the last of them (a
-    baseline's models are measured, not exported)."""
+    baseline's models are measured, not exported); with `keep_logits`, its test logits per crop (TEST_LOGITS)."""
     from .device import precision, precision_name
     from .evaluate import evaluate_model, saliency_sample
     from .train import model_from_checkpoint
@@ -281,10 +287,18 @@ def evaluate_and_export(
     x_test, y_test = data["test"]
     models = {}
     key = {"last": "last", "best_val": "best", "finetuned": "finetuned"}
-    for name in (n for n in MODELS if weights.get(key[n]) is not None):
+    names = [n for n in MODELS if weights.get(key[n]) is not None]
+    for name in names:
         model, _ = model_from_checkpoint({"config": cfg.to_dict(), "model": weights[key[name]]}, device)
         models[name] = evaluate_model(
-            model, x_test, y_test, device=device, crops=TEST_CROPS, batch_size=cfg.eval_batch_size, amp=cfg.amp
+            model,
+            x_test,
+            y_test,
+            device=device,
+            crops=TEST_CROPS,
+            batch_size=cfg.eval_batch_size,
+            amp=cfg.amp,
+            save_logits=out_dir / TEST_LOGITS if keep_logits and name == names[-1] else None,
         )
         write_confusion(out_dir / f"confusion_{name}.csv", models[name]["confusion"])
     saliency_sample(model, x_test, y_test, out_dir, device=device, seed=cfg.seed)

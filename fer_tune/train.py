@@ -29,7 +29,7 @@ from .common import EMOTIONS, FerTuneError, atomic_path
 from .config import TrainConfig
 from .cost import model_cost
 from .device import autocast, compile_model, precision, precision_name, prepare_device, resumed_precision, select_device
-from .models import create_model, load_tensor_file, not_torch_file
+from .models import Ensemble, create_model, load_tensor_file, not_torch_file
 from .optim import Scheduler, create_optimizer
 from .regularize import Additions, mixed_correct, mixed_loss, param_groups
 from .schedule import apply_schedule
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, usage: str = "") -> dict:
         state = load_tensor_file(path, "checkpoint")
     except FerTuneError as exc:
         raise FerTuneError(f"{exc}{hint}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    if not isinstance(state, dict) or not ("model" in state or "members" in state) or "config" not in state:
         raise FerTuneError(f"{path} is not a fer-tune checkpoint (no model/config in it){hint}")
     return state
 
@@ -94,9 +94,14 @@ def trained_on(state: dict) -> dict:
 
 
 def model_from_checkpoint(state: dict, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
+    """The model of a checkpoint or model.pt, in eval mode on `device`, and its config; an ensemble's model.pt
+    (a "members" list of {"config", "model"}, fer_tune.export.export_ensemble) gives the Ensemble of its members."""
     cfg = TrainConfig.from_dict({**state["config"], "weights": ""}, source="checkpoint config")
-    model = build_model(cfg, device)
-    model.load_state_dict(state["model"])
+    if "members" in state:
+        model = Ensemble([model_from_checkpoint(member, device)[0] for member in state["members"]])
+    else:
+        model = build_model(cfg, device)
+        model.load_state_dict(state["model"])
     model.eval()
     return model, cfg
 

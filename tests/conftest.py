@@ -305,6 +305,7 @@ LONG_FILES = (
     "test_interrupted.py",
     "test_final.py",
     "test_pbt.py",
+    "test_final_ensemble.py",
     "test_postgres.py",
     "test_mlflow.py",
     "test_gpu_script.py",

@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune final results/fer2013_cpu --epochs 12 --finetune-epochs 3 --seeds 2 --baseline paper
         fer-tune final results/joint                      # again: continues an interrupted final stage
         fer-tune final results/joint --from-pbt           # the PBT stage's best member, its schedule replayed
+        fer-tune final results/joint --ensemble 3 --seeds 2 --baseline paper
     """,
     )
     p.add_argument("study", help="the study directory (results/NAME)")
@@ -121,6 +122,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "schedule: its config, scheduler constant, and lr / weight_decay / dropout per epoch segment as it "
         "trained (--epochs default: the stage's; a longer run keeps the last values); then the usual fine-tune. "
         f"Default --out: STUDY/{REPLAY_DIR}",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retrain the study's K best distinct configurations (chosen on validation; of a multi-objective "
+        "study, from its Pareto front) with the same recipe and seeds, and ensemble them: per seed, the mean of "
+        "the members' softmax, measured on the test split beside each member; model.pt and model.onnx hold the "
+        "whole ensemble (default 1: the best configuration alone)",
     )
     p.add_argument("--out", default=None, help="output directory (default: STUDY/final)")
     add_mlflow_option(p, "the final stage's, else the study's: its run goes into the study's experiment")

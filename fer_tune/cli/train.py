@@ -232,7 +232,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.checkpoint} on {args.split} ({data.protocol} protocol, {data.format} data):")
+        members = len(state.get("members") or ())
+        ensemble = f" (an ensemble of {members} models)" if members else ""
+        print(f"{args.checkpoint}{ensemble} on {args.split} ({data.protocol} protocol, {data.format} data):")
         print(format_report(result))
         if args.saliency:
             print(f"\nsaliency maps: {result['saliency']['png']}")

@@ -163,6 +163,8 @@ def final_section(page: Page, fin: dict) -> None:
     )
     if m.get("baseline"):
         parts.append(_baseline_table(m))
+    if m.get("ensemble"):
+        parts.append(_ensemble_table(m["ensemble"], m.get("baseline")))
     parts.append(page.figure(accuracy_figure(agg), "final-accuracy"))
     parts.append(page.figure(confusion_figure(ok), "final-confusion"))
     parts.append(page.figure(per_class_figure(ok), "final-per-class"))
@@ -235,6 +237,43 @@ def _baseline_table(m: dict) -> str:
         + "."
         + (f" Seeds of the recipe that did not complete: {esc(', '.join(map(str, failed)))}." if failed else "")
         + "</p>"
+    )
+
+
+def _ensemble_table(e: dict, baseline: dict | None) -> str:
+    """The members and their ensemble side by side: the study's reading of each, then the test split's."""
+    done = [s for s in e["seeds"] if s["status"] == "complete"]
+    spread = f"mean ± std over {len(done)} seeds" if len(done) > 1 else "one seed"
+
+    def cells(agg: dict) -> list[str]:
+        if not agg:
+            return ["did not complete"] * 3 + [""]
+        return [pm(agg[k]) for k in ("top1", "top2", "macro_f1")] + [
+            ", ".join(f"{v:.2f}" for v in agg["top1"]["values"])
+        ]
+
+    rows = [
+        [f"member {i}", f"#{m['trial']['number']}", fmt(m["trial"]["value"]), *cells(m["aggregate"])]
+        for i, m in enumerate(e["members"], 1)
+    ]
+    rows.append(["ensemble", "", "", *cells(e["aggregate"])])
+    if baseline and baseline.get("aggregate", {}).get("finetuned"):
+        rows.append([f"{baseline['name']} recipe", "", "", *cells(baseline["aggregate"]["finetuned"])])
+    diff = e.get("difference", {}).get("top1")
+    metric = e["members"][0]["trial"]["metric"]
+    return (
+        f"<h3>Ensemble of {len(e['members'])} members, each fine-tuned (test %, {spread})</h3>"
+        + table(
+            ["model", "study trial", f"study {metric}", "top-1 %", "top-2 %", "macro F1 %", "top-1 per seed"],
+            rows,
+            {2, 3, 4, 5},
+            id="final-ensemble",
+        )
+        + f'<p class="note">The members are the study\'s {len(e["members"])} best distinct configurations on the '
+        "validation split, each retrained with this stage's epochs, fine-tune and seeds; per seed the ensemble "
+        "averages its members' softmax on each test crop. Member 1 is the one validation picks alone"
+        + (f": the ensemble differs from it by {diff:+.2f} points of top-1" if diff is not None else "")
+        + ". model.pt and model.onnx hold the whole ensemble.</p>"
     )
 
 

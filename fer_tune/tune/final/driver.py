@@ -34,7 +34,9 @@ from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import best_trial
 from ..study.record import StudyRecord, read_study, reopen
-from .outputs import WINNER, FinalRecord, collect, final_progress, write_history
+from ..study.warmstart import best_configs
+from .ensemble import WINNER, describe_members, member_record
+from .outputs import FinalRecord, collect, final_progress, write_history
 from .trial import SNAPSHOT_KEEP, seed_trial
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,12 @@ def run_final(
     out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
     if given.get("from_pbt") and trial is not None:
         raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
+    if (given.get("ensemble") or 1) > 1 and (trial is not None or given.get("from_pbt")):
+        raise FerTuneError(
+            f"--ensemble {given['ensemble']} retrains the study's {given['ensemble']} best configurations; "
+            + ("--trial N one trial" if trial is not None else "--from-pbt the PBT stage's best member")
+            + ": give one"
+        )
     for k, v in given.items():
         if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
             raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
@@ -138,7 +146,18 @@ def _final(
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
-        best = replay_choice(sdir) if settings["from_pbt"] else chosen or best_trial(sdir, record, spec, None)
+        picks = best_configs(sdir, record, spec, settings["ensemble"]) if settings["ensemble"] > 1 else []
+        if picks and len(picks) < settings["ensemble"]:
+            raise FerTuneError(
+                f"--ensemble {settings['ensemble']}: {sdir} has {len(picks)} finished trial(s) with distinct "
+                f"configurations{' on its Pareto front' if spec.multi else ''}; give --ensemble {len(picks)} or "
+                "fewer, or extend the study (fer-tune extend)"
+            )
+        best = (
+            replay_choice(sdir)
+            if settings["from_pbt"]
+            else chosen or (picks[0] if picks else best_trial(sdir, record, spec, None))
+        )
         if settings["from_pbt"] and given.get("epochs") is None:  # the PBT stage's epochs, which its schedule spans
             settings["epochs"] = best["epochs"]
         settings["eval_every"] = min(settings["eval_every"], settings["epochs"])
@@ -161,6 +180,8 @@ def _final(
             "eval_every": settings["eval_every"],
             "track_crops": TEST_CROPS,
         }
+        if picks:
+            rec["members"] = [member_record(i, p, settings["epochs"]) for i, p in enumerate(picks[1:], 2)]
         if settings["from_pbt"]:  # the member's schedule (a longer run keeps its last values)
             rec["schedule"] = {e: v for e, v in best["schedule"].items() if e <= settings["epochs"]}
         if settings["baseline"]:
@@ -185,6 +206,11 @@ def _final(
             + (
                 f"; beside it the {settings['baseline']} recipe with the same epochs, fine-tune and seeds"
                 if settings["baseline"]
+                else ""
+            )
+            + (
+                f"; an ensemble of the {len(picks)} best configurations, with {describe_members(rec['members'])}"
+                if picks
                 else ""
             )
             + f"; results in {out_p}"
@@ -238,7 +264,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
         preflight.check_run(
             rec["ray_storage"], opts.address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
         )
-        runs = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})))
+        runs = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})) + len(rec.get("members", [])))
         kept = 3 + rec["config"]["epochs"] // max(1, rec["eval_every"]) + 2  # latest, snapshots, fine-tune start, end
         per = checkpoint_bytes(TrainConfig.from_dict(rec["config"]))
         preflight.check_free_space(
@@ -254,9 +280,8 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
         ray_log_to(out / "ray.log")
         res = rec["resources"]
         base = {**rec["config"], "threads": rec["config"].get("threads") or stage.threads(res)}
-        arms = {
-            k: {**c, "threads": c.get("threads") or stage.threads(res)} for k, c in rec.get("baselines", {}).items()
-        }
+        configs = {**{m["arm"]: m["config"] for m in rec.get("members", [])}, **rec.get("baselines", {})}
+        arms = {k: {**c, "threads": c.get("threads") or stage.threads(res)} for k, c in configs.items()}
         fn = stage.trainable(
             seed_trial,
             res,
@@ -269,6 +294,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
             track_crops=rec.get("track_crops"),
             provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
             schedule=rec.get("schedule"),
+            ensemble=bool(rec.get("members")),
         )
 
         def new_tuner() -> Any:
@@ -294,7 +320,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
         grid = stage.fit_stage(tuner, rec, out / FINAL_FILE)
         rows = write_history(out, exp)
         say_ray_log()
-        done = collect(out, rec, grid) if grid is not None else None
+        done = collect(out, rec, grid, data) if grid is not None else None
         if tracking is not None:
             tracking.finish(done, rows)
         if done is None:

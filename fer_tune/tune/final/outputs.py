@@ -17,6 +17,7 @@ from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import trial_results
 from ..runtime.stage import StageRecord
+from .ensemble import WINNER, is_member
 
 
 class FinalRecord(StageRecord, total=False):
@@ -31,23 +32,27 @@ class FinalRecord(StageRecord, total=False):
     track_crops: str
     schedule: dict  # a PBT member's replayed schedule (--from-pbt)
     baselines: dict  # {name: TrainConfig dict} run beside the winner
+    members: list  # an ensemble's members after the winner: {"arm", "trial", "config"} (fer_tune.tune.final.ensemble)
     mlflow: str | None
 
 
-WINNER = "winner"  # the arm of the study's trial; a baseline's arm is its name
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 
 
-def collect(out: Path, rec: FinalRecord, grid: Any) -> dict | None:
-    """Per-seed outputs from the finished checkpoints into seed-S/ (a baseline's into baseline-NAME/seed-S/), then
-    metrics.json; None if a run is unfinished."""
+def collect(out: Path, rec: FinalRecord, grid: Any, data: Any) -> dict | None:
+    """Per-seed outputs from the finished checkpoints into seed-S/ (an ensemble member's into member-I/seed-S/, a
+    baseline's into baseline-NAME/seed-S/), then metrics.json; None if a run is unfinished. `data`: the stage's
+    FerData (an ensemble's test labels and exported model's check)."""
+    from .ensemble import summarize
+
     arms: dict[str, list[dict]] = {}
     for r in grid:
         m = r.metrics or {}
         cfg = r.config or {}
         seed, arm = int(cfg.get("seed", m.get("seed", -1))), cfg.get("arm", WINNER)
         if m.get("status") == "done" and r.checkpoint is not None:
-            dest = out / (f"seed-{seed}" if arm == WINNER else f"baseline-{arm}/seed-{seed}")
+            where = f"{arm}/seed-{seed}" if is_member(arm) else f"baseline-{arm}/seed-{seed}"
+            dest = out / (f"seed-{seed}" if arm == WINNER else where)
             with r.checkpoint.as_directory() as d:
                 if dest.exists():
                     shutil.rmtree(dest)
@@ -63,6 +68,7 @@ def collect(out: Path, rec: FinalRecord, grid: Any) -> dict | None:
         arms.setdefault(arm, []).append(s)
     seeds = sorted(arms.pop(WINNER, []), key=lambda s: s["seed"])
     ok = [s for s in seeds if s["status"] == "complete"]
+    members = {a: sorted(arms.pop(a), key=lambda s: s["seed"]) for a in [a for a in arms if is_member(a)]}
     baselines = {}
     for name, runs in sorted(arms.items()):
         runs.sort(key=lambda s: s["seed"])
@@ -74,7 +80,7 @@ def collect(out: Path, rec: FinalRecord, grid: Any) -> dict | None:
             "aggregate": aggregate(done),
             "status": "complete" if len(done) == len(runs) else "partial",
         }
-    everything = seeds + [s for b in baselines.values() for s in b["seeds"]]
+    everything = seeds + [s for b in baselines.values() for s in b["seeds"]] + [s for r in members.values() for s in r]
     metrics = {
         "study": rec["study"],
         "protocol": rec["protocol"],
@@ -100,7 +106,12 @@ def collect(out: Path, rec: FinalRecord, grid: Any) -> dict | None:
         }
     if baselines:
         metrics["baseline"] = next(iter(baselines.values()))
-    if ok:
+    if rec.get("members"):
+        metrics["ensemble"] = summarize(out, rec, seeds, members, data, metrics.get("baseline"))
+        metrics["exported"] = "ensemble"
+        if metrics["ensemble"]["status"] != "complete":
+            metrics["status"] = "partial"
+    elif ok:
         top = max(ok, key=lambda s: s["best_val_acc"])
         for f in EXPORTS:
             src = out / f"seed-{top['seed']}" / f
@@ -172,14 +183,37 @@ def result_lines(m: dict, out: Path) -> list[str]:
                 f"{b['difference'][n]['top1']:+.2f} points"
             )
         lines.append(line)
+    if m.get("ensemble"):
+        lines += ensemble_lines(m["ensemble"], b)
     lines.append(f"results: {out / 'metrics.json'}; model: {out / 'model.pt'}")
+    return lines
+
+
+def ensemble_lines(e: dict, baseline: dict | None) -> list[str]:
+    """An ensemble stage's members and ensemble, fine-tuned, test top-1 (mean +- std over its seeds)."""
+    lines = [f"  ensemble of {len(e['members'])} members, each fine-tuned; test top-1 %:"]
+    for i, mem in enumerate(e["members"], 1):
+        t, agg = mem["trial"], mem["aggregate"]
+        about = f"trial {t['number']} (study {t['metric']} {t['value']:.2f})"
+        lines.append(f"    member {i}  {about:<28} " + (f"{pm(agg['top1']):>14}" if agg else "did not complete"))
+    for s in e["seeds"]:
+        if s["status"] != "complete":
+            lines.append(f"    seed {s['seed']}: {s['status']}: {s.get('message', '')}")
+    if e["aggregate"]:
+        line = f"    ensemble  {'(the mean of their softmax)':<28} {pm(e['aggregate']['top1']):>14}"
+        if "difference" in e:
+            line += f"   {e['difference']['top1']:+.2f} points on member 1 (the study's best, validation's pick)"
+        if "baseline_difference" in e and baseline:
+            line += f", {e['baseline_difference']['top1']:+.2f} on the {baseline['name']} recipe"
+        lines.append(line)
     return lines
 
 
 def _seed_name(trial: Any) -> str:
     config = trial.config or {}
     arm = config.get("arm", WINNER)
-    return f"seed {config.get('seed', '?')}" + ("" if arm == WINNER else f" ({arm} recipe)")
+    which = "" if arm == WINNER else f" ({arm})" if is_member(arm) else f" ({arm} recipe)"
+    return f"seed {config.get('seed', '?')}{which}"
 
 
 def _seed_ended(result: dict, epochs: int) -> str:
@@ -193,7 +227,7 @@ def final_progress(rec: FinalRecord) -> Any:
     """The final stage's progress lines (fer_tune.tune.runtime.progress): per seed, its train and fine-tune epochs."""
     from ..runtime.progress import TrialProgress
 
-    total = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})))
+    total = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})) + len(rec.get("members", [])))
     return TrialProgress(
         metric="val_acc",
         mode="max",

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...recipe import SeedState, run_seed
 from ..runtime.checkpoints import restore, scalars
 from ..runtime.trial import device_seconds, report, where
-from .outputs import WINNER
+from .ensemble import WINNER, is_member
 
 SNAPSHOT_KEEP = 1e6  # a checkpoint's `keep` from here on: an --eval-every snapshot or the finished run (kept)
 
@@ -53,7 +53,10 @@ def seed_trial(
     track_crops: str | None = None,
     provenance: dict | None = None,
     schedule: dict | None = None,
+    ensemble: bool = False,
 ) -> None:
+    """`arms`: the TrainConfig of every arm but the winner's (`base`): an ensemble's other members (exported, as
+    the winner) and the baselines (measured only); `ensemble`: the winner and the members keep their test logits."""
     from ray import tune
 
     from ...config import TrainConfig
@@ -95,7 +98,8 @@ def seed_trial(
         device=device,
         eval_every=eval_every,
         track_crops=track_crops,
-        export=arm == WINNER,
+        export=arm == WINNER or is_member(arm),
         provenance=provenance,
         schedule=schedule if arm == WINNER else None,
+        keep_logits=ensemble and (arm == WINNER or is_member(arm)),
     )

@@ -72,6 +72,11 @@ def test_points(m: dict) -> list[tuple[str, float, int]]:
         add(f"{b['name']}/", b.get("aggregate", {}))
         for model, diff in b.get("difference", {}).items():
             points += [(f"{b['name']}/difference_{k}_{model}", v, 0) for k, v in diff.items()]
+    e = m.get("ensemble")
+    if e:  # the ensemble of the fine-tuned members, and what it adds to member 1 and to the baseline
+        add("ensemble/", {"finetuned": e.get("aggregate", {})})
+        for key in ("difference", "baseline_difference"):
+            points += [(f"ensemble/{key}_{k}_finetuned", v, 0) for k, v in e.get(key, {}).items()]
     points.append(("device_hours", m.get("device_hours", 0.0), 0))
     return [(k, float(v), s) for k, v, s in points if numeric(v)]
 

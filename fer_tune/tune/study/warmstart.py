@@ -92,15 +92,25 @@ def parse_source(text: str) -> tuple[Path, int]:
 
 
 def best_configs(sdir: Path, record: dict, spec: StudySpec, k: int) -> list[dict]:
-    """The study's K best trials that reported its metric (fewer when it has fewer), best first, each as
-    best_trial gives it (number, value, params, full config)."""
+    """The study's K best distinct configurations (fewer when it has fewer): its trials that reported its metric
+    (of a multi-objective study, those on the Pareto front), best first by the (first) metric, a configuration
+    tried twice taken once; each as best_trial gives it (number, value, params, full config)."""
     from .outputs import best_trial, trials_table
 
     key = f"best_{spec.metric}"
     table = trials_table(sdir, record)  # read once for all K
-    rows = [r for r in table if r[key] != "" and r["state"] != "FAIL"]
+    rows = [r for r in table if r[key] != "" and r["state"] != "FAIL" and (not spec.multi or r.get("pareto"))]
     rows.sort(key=lambda r: float(r[key]), reverse=spec.mode == "max")
-    return [best_trial(sdir, record, spec, int(r["number"]), rows=table) for r in rows[:k]]
+    out: list[dict] = []
+    seen: set = set()
+    for r in rows:
+        if len(out) == k:
+            break
+        best = best_trial(sdir, record, spec, int(r["number"]), rows=table)
+        if point_key(best["params"]) not in seen:
+            seen.add(point_key(best["params"]))
+            out.append(best)
+    return out
 
 
 def plan(spec: StudySpec, sources: list[str]) -> dict:
