@@ -270,6 +270,31 @@ def test_scripts_of_an_existing_study_and_its_final_stage(small_study, no_slurm,
     one_line_error(slurm_cli(no_slurm, sdir, "--final", "--data", "x.csv"), "--data", "final stage")
 
 
+def test_a_warm_start_and_an_ensemble_reach_the_job(small_study, no_slurm, tmp_path):
+    space = tmp_path / "t.yaml"
+    space.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    donor = small_study.relative_to(small_study.parent.parent)  # results/t, as typed beside results/
+    args = ("--results", tmp_path / "results", "--name", "warm", "--quiet")
+    r = slurm_cli(
+        no_slurm, space, *args, "--warm-start", f"{donor}:2", "--warm-start", donor, cwd=small_study.parents[1]
+    )
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "results" / "warm" / "slurm.sbatch").read_text()
+    assert (
+        f"--warm-start {small_study}:2 --warm-start {small_study} --quiet)" in text
+    )  # absolute: the job runs elsewhere
+    one_line_error(
+        slurm_cli(no_slurm, space, *args, "--warm-start", tmp_path / "nowhere"), "--warm-start", "nowhere"
+    )  # said now, not hours later in the job
+
+    out = tmp_path / "final"
+    r = slurm_cli(no_slurm, small_study, "--final", "--ensemble", "3", "--seeds", "2", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"FIRST=(final {small_study} --seeds 2 --ensemble 3 --out {out} --quiet)" in (out / "slurm.sbatch").read_text()
+    )
+
+
 def fake_study(root: Path) -> Path:
     """A study directory as far as `fer-tune slurm --pbt / --final` reads it (study.json's spec), without a sweep."""
     sdir = root / "results" / "t"

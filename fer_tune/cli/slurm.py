@@ -22,6 +22,7 @@ SWEEP_OPTIONS = (
     ("--max-concurrent", "max_concurrent", True),
     ("--gpus-per-trial", "gpus_per_trial", True),
     ("--cpus-per-trial", "cpus_per_trial", True),
+    ("--warm-start", "warm_start", True),
 )
 FINAL_OPTIONS = (
     ("--trial", "trial", True),
@@ -35,6 +36,7 @@ FINAL_OPTIONS = (
     ("--gpus-per-run", "gpus_per_run", True),
     ("--cpus-per-run", "cpus_per_run", True),
     ("--baseline", "baseline", True),
+    ("--ensemble", "ensemble", True),
     ("--from-pbt", "from_pbt", False),
     ("--out", "out", True),
 )
@@ -70,11 +72,21 @@ def _given(args: argparse.Namespace, table: tuple) -> list[str]:
         if not value:
             out.append(flag)
             continue
-        v = str(v)
-        if dest in ("data", "storage", "cache_dir", "out") and "://" not in v and not v.startswith("synthetic"):
-            v = str(Path(v).expanduser().absolute())
-        out += [flag, v]
+        for one in v if isinstance(v, list) else [v]:  # a repeatable option, once per value
+            out += [flag, _absolute(dest, str(one))]
     return out
+
+
+def _absolute(dest: str, v: str) -> str:
+    """A path option's value as an absolute path (the job runs elsewhere); a warm start's :K kept."""
+    if dest == "warm_start":
+        from ..tune.study.warmstart import parse_source
+
+        path, k = parse_source(v)
+        return str(path.expanduser().absolute()) + ("" if path == Path(v) else f":{k}")
+    if dest in ("data", "storage", "cache_dir", "out") and "://" not in v and not v.startswith("synthetic"):
+        return str(Path(v).expanduser().absolute())
+    return v
 
 
 def _refuse(args: argparse.Namespace, table: tuple, why: str) -> None:
@@ -152,6 +164,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                     f"{sdir} already holds a study; `fer-tune slurm {sdir}` writes the job that resumes it, "
                     "or choose another --name"
                 )
+            if args.warm_start:  # a donor study that cannot be read is said now, not in the job
+                from ..tune.study.warmstart import plan
+
+                plan(spec, args.warm_start)
             resources = dict(spec.resources)
             if args.gpus_per_trial is not None:
                 resources["gpu"] = args.gpus_per_trial
@@ -314,6 +330,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
     s.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial")
     s.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
+    s.add_argument(
+        "--warm-start",
+        action="append",
+        default=None,
+        metavar="results/OTHER[:K]",
+        help="run another study's K best configurations first (as fer-tune sweep); may be given again",
+    )
     f = p.add_argument_group("the final stage (as fer-tune final; with --final)")
     f.add_argument("--trial", type=int, default=None, help="use this trial number (default: the study's best)")
     f.add_argument("--epochs", type=int, default=None, help="training epochs (with --pbt: epochs per member)")
@@ -326,6 +349,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--gpus-per-run", type=float, default=None, help="GPU fraction per seed")
     f.add_argument("--cpus-per-run", type=float, default=None, help="CPUs per seed")
     f.add_argument("--baseline", choices=BASELINES, default=None, help="also retrain the paper's recipe")
+    f.add_argument("--ensemble", type=int, default=None, metavar="K", help="ensemble the K best configurations")
     f.add_argument("--from-pbt", action="store_true", default=None, help="the PBT stage's best member")
     f.add_argument("--out", default=None, help="the final stage's directory (default: STUDY/final)")
     b = p.add_argument_group("the PBT stage (as fer-tune pbt; with --pbt, and --epochs)")
