@@ -232,6 +232,30 @@ def test_final_from_pbt_replays_the_best_members_schedule(env, study, pbt):
     assert r.returncode == 2 and "give one" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_an_ensemble_of_the_pbt_stages_best_members_replays_each_ones_schedule(env, study, pbt, tmp_path):
+    from fer_tune.tune.pbt.read import stage
+
+    out = tmp_path / "ens"
+    args = ("--from-pbt", "--ensemble", "2", "--finetune-epochs", "1", "--eval-every", "2", "--out", out, "--quiet")
+    r = fer_tune(env, "final", study, *args)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    found = stage(study)
+    rec = json.loads((out / "final.json").read_text())
+    (member,) = rec["members"]
+    pbt_member = next(m for m in found["members"] if m["member"] == member["trial"]["params"]["pbt_member"])
+    best = found["metrics"]["best"]
+    assert pbt_member["member"] != best["member"] and member["config"]["scheduler"] == "constant"
+    others = [m["last"]["val_acc"] for m in found["members"] if m["member"] != best["member"]]
+    assert pbt_member["last"]["val_acc"] == max(others)  # the next best at the last epoch
+    assert member["schedule"] == {str(first): v for first, v in pbt_member["lineage"]["schedule"]}
+    arms = {x["arm"] for f in out.glob("tune/*/result.json") for x in map(json.loads, f.read_text().splitlines())}
+    assert arms == {"winner", "member-2"}
+    e = json.loads((out / "metrics.json").read_text())["ensemble"]
+    assert e["status"] == "complete" and len(e["members"]) == 2 and (out / "model.onnx").is_file()
+    r = fer_tune(env, "final", study, "--from-pbt", "--ensemble", "9", "--out", tmp_path / "nine")
+    assert r.returncode == 2 and "members of its PBT stage that trained all its epochs" in r.stderr, r.stderr
+
+
 def test_pb2_continues_after_its_driver_is_killed(env, study, tmp_path):
     sdir = copy_study(study, tmp_path / "t")
     args = cli_args(

@@ -27,7 +27,7 @@ from ...config import TrainConfig, checkpoint_bytes
 from ...recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
 from ..mlflow.final import catch_up_final, track_final
 from ..mlflow.tracking import check as check_tracking
-from ..pbt.read import REPLAY_DIR, replay_choice
+from ..pbt.read import REPLAY_DIR, replay_choice, replay_choices
 from ..runtime import preflight, stage
 from ..runtime.checkpoints import pruner
 from ..runtime.lock import acquire
@@ -80,11 +80,10 @@ def run_final(
     out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
     if given.get("from_pbt") and trial is not None:
         raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
-    if (given.get("ensemble") or 1) > 1 and (trial is not None or given.get("from_pbt")):
+    if (given.get("ensemble") or 1) > 1 and trial is not None:
         raise FerTuneError(
-            f"--ensemble {given['ensemble']} retrains the study's {given['ensemble']} best configurations; "
-            + ("--trial N one trial" if trial is not None else "--from-pbt the PBT stage's best member")
-            + ": give one"
+            f"--ensemble {given['ensemble']} retrains the study's {given['ensemble']} best configurations and "
+            "--trial N one trial: give one"
         )
     for k, v in given.items():
         if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
@@ -99,6 +98,26 @@ def run_final(
     _check_out(out_p, sdir, record)
     with acquire(out_p, what="the final stage", force=opts.force, create=True):
         return _final(sdir, out_p, opts, trial=trial, given=given, gpus=gpus, cpus=cpus)
+
+
+def _members(sdir: Path, record: StudyRecord, spec: Any, settings: dict) -> list[dict]:
+    """An ensemble's members, best first (the winner first): the study's `ensemble` best distinct configurations,
+    or with `from_pbt` the PBT stage's best members; [] without --ensemble; refused when there are fewer."""
+    k = settings["ensemble"]
+    if k <= 1:
+        return []
+    picks = replay_choices(sdir, k) if settings["from_pbt"] else best_configs(sdir, record, spec, k)
+    if len(picks) < k:
+        where = (
+            "members of its PBT stage that trained all its epochs"
+            if settings["from_pbt"]
+            else "finished trial(s) with distinct configurations" + (" on its Pareto front" if spec.multi else "")
+        )
+        raise FerTuneError(
+            f"--ensemble {k}: {sdir} has {len(picks)} {where}; give --ensemble {len(picks)} or fewer"
+            + ("" if settings["from_pbt"] else ", or extend the study (fer-tune extend)")
+        )
+    return picks
 
 
 def _check_out(out: Path, sdir: Path, record: StudyRecord) -> None:
@@ -146,13 +165,7 @@ def _final(
     if rec is None:
         settings = {k: (given.get(k) if given.get(k) is not None else v) for k, v in FINAL_DEFAULTS.items()}
         settings["trial"] = trial
-        picks = best_configs(sdir, record, spec, settings["ensemble"]) if settings["ensemble"] > 1 else []
-        if picks and len(picks) < settings["ensemble"]:
-            raise FerTuneError(
-                f"--ensemble {settings['ensemble']}: {sdir} has {len(picks)} finished trial(s) with distinct "
-                f"configurations{' on its Pareto front' if spec.multi else ''}; give --ensemble {len(picks)} or "
-                "fewer, or extend the study (fer-tune extend)"
-            )
+        picks = _members(sdir, record, spec, settings)
         best = (
             replay_choice(sdir)
             if settings["from_pbt"]
@@ -182,6 +195,9 @@ def _final(
         }
         if picks:
             rec["members"] = [member_record(i, p, settings["epochs"]) for i, p in enumerate(picks[1:], 2)]
+        for m, p in zip(rec.get("members", []), picks[1:]):
+            if "schedule" in p:  # a PBT member's, as the winner's below
+                m["schedule"] = {e: v for e, v in p["schedule"].items() if e <= settings["epochs"]}
         if settings["from_pbt"]:  # the member's schedule (a longer run keeps its last values)
             rec["schedule"] = {e: v for e, v in best["schedule"].items() if e <= settings["epochs"]}
         if settings["baseline"]:
@@ -293,7 +309,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
             arms=arms,
             track_crops=rec.get("track_crops"),
             provenance={"data": data.describe(), "study": rec["study"], "trial": rec["trial"]},
-            schedule=rec.get("schedule"),
+            schedules={WINNER: rec.get("schedule"), **{m["arm"]: m.get("schedule") for m in rec.get("members", [])}},
             ensemble=bool(rec.get("members")),
         )
 

@@ -45,10 +45,15 @@ def member_record(i: int, pick: dict, epochs: int) -> dict:
 
 
 def describe_members(members: list[dict]) -> str:
-    """'trial 4 (val_acc 45.20), trial 7 (...)' for a launch line."""
-    return ", ".join(
-        f"trial {m['trial']['number']} ({m['trial']['metric']} {m['trial']['value']:.2f})" for m in members
-    )
+    """'trial 4 (val_acc 45.20), PBT member 6 (from trial 2, val_acc 47.10)' for a launch line."""
+
+    def one(t: dict) -> str:
+        value = f"{t['metric']} {t['value']:.2f}"
+        if "pbt_member" in t["params"]:
+            return f"PBT member {t['params']['pbt_member']} (from trial {t['number']}, {value})"
+        return f"trial {t['number']} ({value})"
+
+    return ", ".join(one(m["trial"]) for m in members)
 
 
 def summarize(

@@ -52,11 +52,12 @@ def seed_trial(
     arms: dict | None = None,
     track_crops: str | None = None,
     provenance: dict | None = None,
-    schedule: dict | None = None,
+    schedules: dict | None = None,
     ensemble: bool = False,
 ) -> None:
     """`arms`: the TrainConfig of every arm but the winner's (`base`): an ensemble's other members (exported, as
-    the winner) and the baselines (measured only); `ensemble`: the winner and the members keep their test logits."""
+    the winner) and the baselines (measured only); `schedules`: {arm: a PBT member's schedule to replay};
+    `ensemble`: the winner and the members keep their test logits."""
     from ray import tune
 
     from ...config import TrainConfig
@@ -100,6 +101,6 @@ def seed_trial(
         track_crops=track_crops,
         export=arm == WINNER or is_member(arm),
         provenance=provenance,
-        schedule=schedule if arm == WINNER else None,
+        schedule=(schedules or {}).get(arm),
         keep_logits=ensemble and (arm == WINNER or is_member(arm)),
     )

@@ -200,14 +200,52 @@ def replay_choice(sdir: Path) -> dict:
         why = "has no PBT stage" if not (sdir / PBT_DIR / PBT_FILE).is_file() else "has an unfinished PBT stage"
         raise FerTuneError(f"{sdir} {why}: --from-pbt replays its best member; run fer-tune pbt {sdir} first")
     b = m["best"]
+    return _replayed(b["trial"], b["member"], b["trial_id"], m["metric"], b["value"], b["config"], b["schedule"])
+
+
+def replay_choices(sdir: Path, k: int) -> list[dict]:
+    """What `fer-tune final --from-pbt --ensemble K` retrains: the PBT stage's best member and the next K - 1
+    members that trained all its epochs (best first by the stage's metric at the last epoch), each as
+    replay_choice gives the best; fewer when fewer finished."""
+    best = replay_choice(sdir)
+    found = stage(sdir)
+    assert found is not None  # replay_choice refused a study without one
+    rec, s = found["record"], found["record"]["settings"]
+    metric = rec["metric"]
+    done = [
+        m
+        for m in found["members"]
+        if m["last"]["epoch"] == s["epochs"]
+        and m["last"].get("status") != "diverged"
+        and metric in m["last"]
+        and m["trial_id"] != best["ray_trial_id"]
+    ]
+    done.sort(key=lambda m: m["last"][metric], reverse=rec["mode"] == "max")
+    return [best] + [
+        _replayed(
+            rec["members"][m["origin"]]["trial"],
+            m["member"],
+            m["trial_id"],
+            metric,
+            m["last"][metric],
+            {**rec["bases"][m["origin"]], **{key: m["last"][key] for key in s["mutate"]}},
+            m["lineage"].get("schedule", []),
+        )
+        for m in done[: k - 1]
+    ]
+
+
+def _replayed(trial: dict, member: int, trial_id: str, metric: str, value: float, config: dict, schedule: list) -> dict:
+    """A PBT member as the final stage retrains it: the study trial its weights descend from (number), the
+    member's config at the end and its schedule {epoch: values}."""
     return {
-        "number": b["trial"]["number"],
-        "ray_trial_id": b["trial_id"],
-        "metric": m["metric"],
-        "value": b["value"],
-        "epoch": b["epoch"],
-        "params": {**b["trial"]["params"], "pbt_member": b["member"]},
-        "config": b["config"],
-        "schedule": {int(first): values for first, values in b["schedule"]},
-        "epochs": b["config"]["epochs"],
+        "number": trial["number"],
+        "ray_trial_id": trial_id,
+        "metric": metric,
+        "value": value,
+        "epoch": config["epochs"],
+        "params": {**trial["params"], "pbt_member": member},
+        "config": config,
+        "schedule": {int(first): values for first, values in schedule},
+        "epochs": config["epochs"],
     }
