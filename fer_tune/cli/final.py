@@ -129,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K",
         help="retrain the study's K best distinct configurations (chosen on validation; of a multi-objective "
-        "study, from its Pareto front) with the same recipe and seeds, and ensemble them: per seed, the mean of "
+        "study, from its Pareto front; with --from-pbt, the PBT stage's K best members, each with its "
+        "schedule) with the same recipe and seeds, and ensemble them: per seed, the mean of "
         "the members' softmax, measured on the test split beside each member; model.pt and model.onnx hold the "
         "whole ensemble (default 1: the best configuration alone)",
     )
