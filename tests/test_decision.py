@@ -274,3 +274,33 @@ def test_the_report_opens_with_the_decision(tmp_path):
         assert f'id="decision-{key}"' in text, key
     assert "Wilson score interval for a binomial proportion" in text and "Newcombe" in text
     assert main(["status", str(sdir), "--json"]) == 0
+
+
+def test_a_study_of_many_trials_shows_its_best_and_folds_the_rest(tmp_path, capsys):
+    from fer_tune.report import write_report
+
+    rng = __import__("random").Random(0)
+    trials = []
+    for n in range(60):
+        top = rng.uniform(30, 50)
+        vals = [top - 6, top - 2, top] if n % 3 else [top - 6, top - 3]  # every third one pruned at epoch 2
+        trials.append(trial(n, {"optimizer": "adam", "lr": 1e-3 * (1 + n), "dropout": 0.2}, vals))
+    sdir = craft_study(tmp_path, trials)
+    best = sorted(trials, key=lambda t: -max(t["vals"]))
+    assert main(["status", str(sdir)]) == 0
+    out = capsys.readouterr().out
+    shown = [int(m[1]) for line in out.splitlines() if (m := re.match(r"[*=x ] +(\d+) (?:completed|pruned)", line))]
+    assert sorted(shown) == shown and set(shown) >= {t["number"] for t in best[:20]} and len(shown) < 30
+    assert f"({60 - len(shown)} more trials: --all)" in out
+    assert main(["status", str(sdir), "--all"]) == 0
+    assert "--all)" not in capsys.readouterr().out
+
+    text = write_report(sdir).read_text()
+    top = re.search(r'<table id="trials-table">(.*?)</table>', text, re.S).group(1)
+    numbers = [int(x) for x in re.findall(r'<tr(?: class="best")?><td class="num">(\d+)</td>', top)]
+    assert numbers == [t["number"] for t in best[:25]]  # the best 25, best first
+    every = re.search(r'<table id="trials-all" class="sortable">(.*?)</table>', text, re.S).group(1)
+    assert len(re.findall(r"<tr", every)) == 61 and "<details><summary>All 60 trials" in text
+    curves = next(f for f in re.findall(r"ferFigure\((.*?)\);</script>", text) if f.startswith('"fig-curves"'))
+    assert curves.count('"name":"the other 40 trials"') == 1 and curves.count('"mode":"lines+markers"') == 20
+    assert "the best 20 of 60 trials, the others in grey" in curves

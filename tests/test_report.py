@@ -698,6 +698,40 @@ def test_every_section_is_drawn_in_a_screenshot_and_no_legend_overflows(study, t
         assert inked > 0.15, (name, inked)
 
 
+# every text box of the page (outside the boxes that scroll) and of each figure's SVG, checked pairwise for
+# overlap, and the page's width against the window's
+LAYOUT_PROBE = """<script>window.addEventListener('load',()=>setTimeout(()=>{const out={width:window.innerWidth,
+scroll:document.documentElement.scrollWidth,html:[],svg:[]};function boxes(els){return els.map(e=>[e,
+e.getBoundingClientRect()]).filter(([e,r])=>r.width>0&&r.height>0);}function hit(a,b){return Math.min(a.right,
+b.right)-Math.max(a.left,b.left)>2&&Math.min(a.bottom,b.bottom)-Math.max(a.top,b.top)>2;}function pairs(t,f){for(let
+i=0;i<t.length;i++)for(let j=i+1;j<t.length;j++){const[a,ra]=t[i],[b,rb]=t[j];if(!a.contains(b)&&!b.contains(a)&&
+hit(ra,rb))f(a,b);}}pairs(boxes([...document.querySelectorAll('h1,h2,h3,p,li,th,td,summary,nav a,pre')].filter(e=>
+!e.closest('.scroll')&&!e.closest('.plotly-graph-div'))),(a,b)=>out.html.push([a.textContent.slice(0,40),
+b.textContent.slice(0,40)]));for(const gd of document.querySelectorAll('.plotly-graph-div'))pairs(boxes([...gd
+.querySelectorAll('text')].filter(e=>e.textContent.trim())),(a,b)=>out.svg.push([gd.id,a.textContent.slice(0,30),
+b.textContent.slice(0,30)]));const p=document.createElement('pre');p.id='probe-layout';p.textContent=JSON.stringify(
+out);document.body.appendChild(p);},1500));</script>"""
+
+
+@pytest.mark.parametrize("width", [900, 1400])
+def test_no_text_overlaps_and_nothing_runs_off_the_page_at_900_and_1400_px(study, tmp_path, width):
+    if chromium() is None:
+        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir, baseline=True)
+    report = write_report(sdir)
+    probe = report.with_name("probe.html")
+    probe.write_text(report.read_text().replace("<head>", "<head>" + LAYOUT_PROBE, 1))
+    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom", f"--window-size={width},1000")
+    m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
+    assert m, r.stderr[-3000:]
+    layout = json.loads(html.unescape(m.group(1)))
+    assert layout["width"] == width and layout["scroll"] <= width, layout["scroll"]  # no sideways scrolling
+    assert layout["html"] == [] and layout["svg"] == [], (layout["html"][:10], layout["svg"][:10])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the page's size and its plotly.js
 # ---------------------------------------------------------------------------------------------------------

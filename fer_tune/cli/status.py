@@ -9,6 +9,7 @@ from .common import parser_with
 from .pbt import print_pbt
 
 WIDTH = 100  # columns the table and the summary keep to without --wide
+TOP = 20  # trials the table shows without --all: the best by the metric, and those running
 MARKS = (("*", "best (fer-tune final takes it)"), ("=", "tie (inside the best's 95 % interval)"), ("x", "collapsed"))
 
 
@@ -49,8 +50,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if job := study_job_line(record):  # a study run by `fer-tune slurm`: its job's state in SLURM's queue
         print(job)
     marks = _marks(facts)
-    for line in _table(s, marks, wide=args.wide):
+    shown = s["rows"] if args.all else _top(s, marks)
+    for line in _table({**s, "rows": shown}, marks, wide=args.wide):
         print(line)
+    if len(shown) < len(s["rows"]):
+        print(f"({len(s['rows']) - len(shown)} more trials: --all)")
     used = {m for m in marks.values()}
     legend = "  ".join(f"{m} {what}" for m, what in MARKS if m in used)
     if s["objectives"][1:]:
@@ -68,6 +72,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(lines[-1])  # the next command
     print_pbt(args.study)
     return 0
+
+
+def _top(s: dict, marks: dict[int, str]) -> list[dict]:
+    """The rows worth a line in a large study, in trial order: the TOP best by the metric, the marked ones (the
+    best, its ties, the collapsed) and every trial that is not finished."""
+    rows, metric = s["rows"], s["metric"]
+    if len(rows) <= TOP:
+        return rows
+    scored = [r for r in rows if r[f"best_{metric}"] != ""]
+    scored.sort(key=lambda r: float(r[f"best_{metric}"]), reverse=s["objectives"][0][1] == "max")
+    keep = {r["number"] for r in scored[:TOP]} | set(marks)
+    keep |= {r["number"] for r in rows if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")}
+    return [r for r in rows if r["number"] in keep]
 
 
 def _marks(facts: dict) -> dict[int, str]:
@@ -128,12 +145,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         """
         fer-tune status results/joint
         fer-tune status results/joint --wide      # every parameter, lines as long as they need
+        fer-tune status results/joint --all       # every trial (default: the best 20, the marked, the unfinished)
         fer-tune status results/joint --json
     """,
     )
     p.add_argument("study", help="the study directory (results/NAME); never disturbs a command running it")
     p.add_argument(
         "--wide", action="store_true", help=f"every parameter column and unwrapped lines (default: {WIDTH} columns)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every trial (default: the best {TOP} by the metric, the "
+        "marked ones and those not finished, when the study has more)",
     )
     p.add_argument(
         "--json",

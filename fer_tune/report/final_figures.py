@@ -19,6 +19,10 @@ CURVES = (
 )
 
 
+# the emotions' first three letters under a third of the page's width (the full names in the hover text)
+SHORT_TICKS = {"tickmode": "array", "tickvals": list(EMOTIONS), "ticktext": [e[:3] for e in EMOTIONS]}
+
+
 def curves_figure(runs: dict[int, dict]) -> Any:
     from plotly.subplots import make_subplots
 
@@ -80,9 +84,10 @@ def curves_figure(runs: dict[int, dict]) -> Any:
                     row=i,
                     col=col,
                 )
-    fig.update_xaxes(title_text="epoch (fine-tune epochs follow the training epochs, shaded)", row=len(seeds))
+    fig.update_xaxes(title_text="epoch (fine-tune shaded)", row=len(seeds))
     fig.update_layout(
-        title="Train / val / test per epoch (dotted: the fine-tune); the dashed line marks the best-val epoch",
+        title="Train / val / test per epoch; the fine-tune's epochs (dotted, shaded) follow the training's; the "
+        "dashed line marks the best-val epoch",
         height=320 * len(seeds) + 80,
     )
     return fig
@@ -145,8 +150,9 @@ def confusion_figure(seeds: list[dict]) -> Any:
                 row=i,
                 col=j,
             )
-    fig.update_yaxes(autorange="reversed", title_text="true")
-    fig.update_xaxes(title_text="predicted")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="true", col=1)  # beside the first column only: it would sit on the cells to its left
+    fig.update_xaxes(title_text="predicted", **SHORT_TICKS)
     fig.update_layout(title=f"Confusion matrices on the test split, summed over {len(seeds)} seed(s)", height=820)
     return fig
 
@@ -173,6 +179,7 @@ def per_class_figure(seeds: list[dict]) -> Any:
                 row=1,
                 col=j,
             )
+    fig.update_xaxes(**SHORT_TICKS)
     spread = ", mean ± std over seeds (bars cut at 0 and 100)" if len(seeds) > 1 else f", seed {seeds[0]['seed']}"
     fig.update_layout(barmode="group", title=f"Per-class precision / recall / F1 on the test split{spread}", height=420)
     return fig

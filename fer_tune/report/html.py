@@ -13,6 +13,7 @@ import functools
 import gzip
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,15 @@ h1{margin-top:24px}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
 vertical-align:top;font-size:14px}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .banner{background:#fff3cd;border:1px solid #e0c060;padding:8px 12px;margin:12px 0}
-.note{color:#555;font-size:14px}nav a{margin-right:12px}code{background:#f3f3f3;padding:0 3px}
+.note{color:#555;font-size:14px}code{background:#f3f3f3;padding:0 3px}
 img.saliency{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
-.data{position:sticky;top:0;z-index:10;background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:8px 0;
+.top{position:sticky;top:0;z-index:10;background:#fff;padding:4px 0}
+.data{background:#e8f1fb;border:1px solid #9cc3e6;padding:6px 12px;margin:4px 0;
 font-size:14px}.data.synthetic{background:#fde8e8;border-color:#e6a0a0}
+nav{display:flex;flex-wrap:wrap;gap:2px 14px;font-size:14px;padding:2px 0 4px;border-bottom:1px solid #ddd}
+section{scroll-margin-top:96px}
+.scroll{max-width:100%;overflow:auto}.scroll>table{width:max-content}.scroll.tall{max-height:560px}
+table.sortable th{cursor:pointer}table.sortable th:hover{background:#e8e8e8}
 tr.best td{background:#e3f2e1;font-weight:600}
 ul.decision{margin:8px 0;padding-left:20px;line-height:1.45}ul.decision li{margin:4px 0}
 p.next{font-size:15px;font-weight:600}
@@ -70,9 +76,11 @@ def table(
     highlight: set[int] = frozenset(),
     *,
     id: str = "",
+    sortable: bool = False,
 ) -> str:
     """An HTML table; `numeric`: right-aligned columns; `highlight`: rows marked as the best (class "best"); `id`:
-    the table's element id (the report's tests and links find it by that)."""
+    the table's element id (the report's tests and links find it by that); `sortable`: a click on a column's
+    header sorts the rows by it (SORTER)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
         ('<tr class="best">' if k in highlight else "<tr>")
@@ -80,7 +88,8 @@ def table(
         + "</tr>"
         for k, r in enumerate(rows)
     )
-    return f"<table{_id(id)}><tr>{head}</tr>{body}</table>"
+    cls = ' class="sortable"' if sortable else ""
+    return f"<table{_id(id)}{cls}><tr>{head}</tr>{body}</table>"
 
 
 def key_table(items: list[tuple[str, Any]], *, id: str = "") -> str:
@@ -132,6 +141,16 @@ for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);
 new Response(new Blob([a]).stream().pipeThrough(new DecompressionStream('gzip'))).text().then(function(js){
 var s=document.createElement('script');s.textContent=js;document.head.appendChild(s);done(null);},
 function(e){done('plotly.js could not be unpacked ('+e+').');});})();"""
+
+
+# a click on a sortable table's header sorts its rows by that column (numbers as numbers, "-" and blanks last);
+# a second click reverses the order
+SORTER = """document.addEventListener('click',function(e){var th=e.target.closest('table.sortable th');if(!th)return;
+var t=th.closest('table'),rows=Array.from(t.rows),head=rows.shift(),i=th.cellIndex,d=th.dataset.dir==='a'?-1:1;
+function v(r){var s=r.cells[i].textContent.trim(),n=parseFloat(s.replace(/,/g,''));return s===''||s==='-'?null:
+(isNaN(n)?s:n);}rows.sort(function(a,b){var x=v(a),y=v(b);if(x===null||y===null)return x===y?0:x===null?1:-1;
+return (typeof x==typeof y?(x<y?-1:x>y?1:0):(typeof x=='number'?-1:1))*d;});th.dataset.dir=d===1?'a':'d';
+rows.forEach(function(r){head.parentNode.appendChild(r);});});"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,16 +209,22 @@ class Page:
             f'<script type="text/javascript">ferFigure({args});</script></div>'
         )
 
-    def html(self, header: str) -> str:
-        nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in self.sections)
+    def html(self, header: str, top: str = "") -> str:
+        """The page: `top` (the data line) and the table of contents stay in view as the page scrolls; `header`
+        (banners) follows them."""
+        # the table of contents names each section by its title's head ("Optuna", "Learning curves"): one line
+        nav = "".join(
+            f'<a href="#{a}" title="{esc(t)}">{esc(re.split(r"[:(,]", t)[0].strip())}</a>' for a, t, _ in self.sections
+        )
         body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{"".join(p)}</section>' for a, t, p in self.sections)
         loader = LOADER % f"[{','.join(self.templates)}]"
         return (
             f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>'
             f'<style>{CSS}</style><script type="text/javascript">window.PlotlyConfig={{MathJaxConfig:"local"}};'
             f'</script><script id="plotly-js" type="application/gzip">{packed_plotly_js()}</script>'
-            f'<script type="text/javascript">{loader}</script></head><body>'
-            f"<h1>{esc(self.title)}</h1>{header}<nav>{nav}</nav>{body}</body></html>\n"
+            f'<script type="text/javascript">{loader}</script><script type="text/javascript">{SORTER}</script>'
+            f'</head><body><h1>{esc(self.title)}</h1><div class="top">{top}<nav>{nav}</nav></div>{header}{body}'
+            "</body></html>\n"
         )
 
 

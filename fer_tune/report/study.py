@@ -18,6 +18,7 @@ import csv
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from ..common import FerTuneError, shipped
 from ..tune.runtime.lock import running_line
@@ -33,6 +34,8 @@ from .optuna_plots import optuna_section
 from .pareto import pareto_section
 from .pbt import pbt_section
 from .trials import class_section, comparisons_section, curves_section
+
+TOP_TRIALS = 25  # rows of the trials table in a larger study (the best by the metric); every trial folded below
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def build_report(sdir: Path) -> str:
         report_final.final_section(page, final)
     pbt_section(page, sdir)
     _reference_section(page, sdir, report_final.reference_rows(final) if final else [], record["data"])
-    return page.html(_data_line(record["data"]) + header)
+    return page.html(header, top=_data_line(record["data"]))
 
 
 def is_synthetic(data: dict) -> bool:
@@ -207,18 +210,34 @@ def _summary_section(page: Page, sdir: Path, record: StudyRecord, s: dict) -> No
     else:
         parts.append('<p class="note">No trial was restarted (no crash retry, no trial continued by a resume).</p>')
     cols = ["number", "status", "epochs", f"best_{metric}", "best_epoch", "wall_seconds", "device_seconds", "node"]
-    rows = [
-        [r["number"], r["status"], r["epochs"], fmt(r[f"best_{metric}"]), r["best_epoch"]]
-        + [fmt(number(r[c]), 0) for c in ("wall_seconds", "device_seconds")]
-        + [r["node"], r["restarts"], params_text(r)]
-        for r in s["rows"]
-    ]
-    best_rows = {k for k, r in enumerate(s["rows"]) if best and r["number"] == best["number"]}
+
+    def trials_table(shown: list[dict], **kw: Any) -> str:
+        rows = [
+            [r["number"], r["status"], r["epochs"], fmt(r[f"best_{metric}"]), r["best_epoch"]]
+            + [fmt(number(r[c]), 0) for c in ("wall_seconds", "device_seconds")]
+            + [r["node"], r["restarts"], params_text(r)]
+            for r in shown
+        ]
+        best_rows = {k for k, r in enumerate(shown) if best and r["number"] == best["number"]}
+        return table(cols + ["restarts", "params"], rows, {0, 2, 3, 4, 5, 6, 8}, best_rows, **kw)
+
+    note = f"The best trial ({best['number']}) is highlighted." if best else ""
+    top = s["rows"]
+    if len(top) > TOP_TRIALS:  # a large study: its best trials first, all of them folded below
+        sign = -1 if spec["mode"] == "max" else 1
+        top = sorted((r for r in top if r[f"best_{metric}"] != ""), key=lambda r: sign * float(r[f"best_{metric}"]))
+        top = top[:TOP_TRIALS]
+        note = f"The best {len(top)} of {len(s['rows'])} trials by {metric}; every trial in the table below it. {note}"
     parts.append(
         "<h3>Trials</h3>"
-        + (f'<p class="note">The best trial ({best["number"]}) is highlighted.</p>' if best else "")
-        + table(cols + ["restarts", "params"], rows, {0, 2, 3, 4, 5, 6, 8}, best_rows, id="trials-table")
+        + (f'<p class="note">{note}</p>' if note else "")
+        + f'<div class="scroll">{trials_table(top, id="trials-table")}</div>'
     )
+    if len(top) < len(s["rows"]):
+        parts.append(
+            f"<details><summary>All {len(s['rows'])} trials (a click on a column's header sorts by it)</summary>"
+            f'<div class="scroll tall">{trials_table(s["rows"], id="trials-all", sortable=True)}</div></details>'
+        )
 
 
 def sessions_text(sessions: list[dict] | None, live: bool = False) -> str:

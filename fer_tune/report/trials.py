@@ -23,6 +23,7 @@ COMPARISONS = (
 
 
 TOP_CLASS_TRIALS = 10
+TOP_CURVES = 20  # learning curves drawn in full (with their status); a larger study's others are drawn faint
 
 
 def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, lines: list = ()) -> None:
@@ -32,16 +33,33 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, line
     metric = spec["metric"]
     parts = page.section("curves", f"Learning curves ({metric} per epoch, every trial)")
     fig = go.Figure()
-    best = max(
-        (r for r in rows if r[f"best_{metric}"] != ""),
-        default=None,
-        key=lambda r: r[f"best_{metric}"] * (1 if spec["mode"] == "max" else -1),
-    )
+    sign = 1 if spec["mode"] == "max" else -1
+    scored = sorted((r for r in rows if r[f"best_{metric}"] != ""), key=lambda r: -sign * r[f"best_{metric}"])
+    best = scored[0] if scored else None
+    drawn = [r for r in rows if any(metric in x for x in results.get(r["ray_trial_id"], []))]
+    top = {r["number"] for r in scored[:TOP_CURVES]} | {r["number"] for r in drawn if r["state"] == "RUNNING"}
+    faint = [r for r in drawn if r["number"] not in top] if len(drawn) > TOP_CURVES else []
+    if faint:  # one light trace for the rest: a study of 1,000 trials stays readable (and small)
+        xs, ys = [], []
+        for r in faint:
+            res = [x for x in results[r["ray_trial_id"]] if metric in x]
+            xs += [x["epoch"] for x in res] + [None]
+            ys += [x[metric] for x in res] + [None]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                name=f"the other {len(faint)} trials",
+                line={"color": "rgba(120,120,120,0.25)", "width": 1},
+                hoverinfo="skip",
+            )
+        )
     shown: set[str] = set()
-    for r in rows:
-        res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
-        if not res:
+    for r in drawn:
+        if faint and r["number"] not in top:
             continue
+        res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
         # a trial Tune holds as pending or paused while the study runs is drawn as running
         status = "running" if r["state"] == "RUNNING" and r["status"] != "interrupted" else r["status"]
         color, dash, symbol = STATUS_STYLE.get(status, RUNNING_STYLE)
@@ -67,8 +85,11 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, line
     if not fig.data:
         parts.append('<p class="note">No trial has reported an epoch yet.</p>')
         return
+    title = f"{metric} per epoch; pruned (x) and failed (thin x) trials end early"
+    if faint:
+        title = f"{metric} per epoch: the best {len(drawn) - len(faint)} of {len(drawn)} trials, the others in grey"
     fig.update_layout(
-        title=f"{metric} per epoch; pruned (x) and failed (thin x) trials end early",
+        title=title,
         height=520,
         xaxis_title="epoch",
         yaxis_title=pct_title(metric, lines),
@@ -239,7 +260,7 @@ def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> No
             texttemplate="%{text}",
             customdata=[[params_text(r)] * len(EMOTIONS) for r in top],
             hovertemplate="%{y}, %{x}: %{z:.1f} %<br>%{customdata}<extra></extra>",
-            colorbar={"title": "recall %"},
+            colorbar={"title": {"text": "recall %", "side": "right"}},
         )
     )
     fig.update_layout(
