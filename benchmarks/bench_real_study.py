@@ -99,7 +99,9 @@ def final_arm(arm: str, args) -> None:
     sdir = args.out / study
     if not (sdir / "study.json").exists():
         sys.exit(f"{sdir} holds no study: run --arm {study} first (on this machine, with the same --out)")
-    extra = ["--baseline", "paper"] if study == "tpe" else []
+    extra = ["--baseline", "paper"] if study in ("tpe", "warm") else []
+    if study == "warm":
+        extra += ["--ensemble", "3"]
     wall = fer_tune(
         "final",
         str(sdir),
@@ -136,6 +138,19 @@ def final_arm(arm: str, args) -> None:
     if m.get("baseline"):
         out["paper"] = arm_of(m["baseline"])
         out["paper_config"] = m["baseline"]["config"]
+    e = m.get("ensemble")
+    if e:
+        out["ensemble"] = {
+            "members": [
+                {"trial": x["trial"]["number"], "study_val": x["trial"]["value"], "params": x["trial"]["params"]}
+                | {"finetuned": {k: x["aggregate"]["top1"][k] for k in ("mean", "std", "values")}}
+                for x in e["members"]
+            ],
+            "finetuned": {k: e["aggregate"]["top1"][k] for k in ("mean", "std", "values")},
+            "difference": e.get("difference", {}).get("top1"),
+            "baseline_difference": e.get("baseline_difference", {}).get("top1"),
+            "cost": json.loads((sdir / "final" / "model.json").read_text())["cost"],
+        }
     save(arm, out)
 
 
@@ -187,6 +202,39 @@ def combine(args) -> None:
     if ft and fr:
         for n in MODELS:
             print(f"(a) - (b), {n}: {ft['winner'][n]['mean'] - fr['winner'][n]['mean']:+.2f} points")
+    warm, fw = got.get("warm"), got.get("final-warm")
+    if warm:
+        print(
+            f"\n(c) the space as it ships: {warm['trials']} trials, {warm['trial_epochs']} trial epochs, study wall "
+            f"{warm['wall_s'] / 60:.1f} min, best val {warm['best_val']:.2f} (trial {warm['best_trial']}), "
+            f"the paper's recipe as trial {warm.get('warm_start')}"
+        )
+    if fw and "ensemble" in fw:
+        e = fw["ensemble"]
+        print(
+            f"(c) final stage --ensemble 3: {fw['epochs']} + {fw['finetune_epochs']} epochs, seeds {fw['seeds']}, "
+            "PublicTest top-1 % of the fine-tuned models:"
+        )
+        for i, x in enumerate(e["members"], 1):
+            print(f"  member {i}  trial {x['trial']:>2} (study val {x['study_val']:.2f})  {_pm(x['finetuned']):>16}")
+        print(f"  ensemble                              {_pm(e['finetuned']):>16}")
+        if "paper" in fw:
+            print(f"  paper recipe                          {_pm(fw['paper']['finetuned']):>16}")
+        best, paper = e["members"][0]["finetuned"]["mean"], fw.get("paper", {}).get("finetuned", {}).get("mean")
+        print(
+            f"  ensemble - member 1 (validation's pick): {e['difference']:+.2f} points (goal >= +1.0: "
+            f"{'met' if e['difference'] >= 1.0 else 'not met'})"
+        )
+        if paper is not None:
+            print(
+                f"  member 1 - paper recipe: {best - paper:+.2f} points (goal >= +1.0: "
+                f"{'met' if best - paper >= 1.0 else 'not met'}); ensemble - paper recipe: "
+                f"{e['baseline_difference']:+.2f}"
+            )
+        c = e["cost"]
+        print(
+            f"  the ensemble's cost: {c['params']:.2f} M parameters, {c['mflops']:.0f} MFLOPs, {c['latency_ms']:.1f} ms"
+        )
 
 
 def main() -> None:
