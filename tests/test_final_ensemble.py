@@ -95,6 +95,11 @@ def test_an_ensemble_stage_is_interrupted_continued_measured_and_exported(env, s
         "paper recipe",
     ]
     assert f"{s['test']['top1']:.2f}" in cells
+    # and the decision at the top, in the report and in status, says what the ensemble adds and how sure that is
+    assert 'id="decision-ensemble"' in page
+    said = fer_tune(env, "status", study).stdout
+    assert f"Ensemble: the 3 members (trials {', '.join(map(str, chosen))}) together score" in said, said
+    assert f"{e['difference']['top1']:+.2f} points on member 1" in said
 
 
 def test_an_ensemble_is_refused_beside_one_trial_and_beyond_the_studys_distinct_configurations(env, small_study):

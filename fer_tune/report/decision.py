@@ -272,6 +272,17 @@ def _final(final: dict | None, running: dict) -> dict | None:
             "interval": list(newcombe(top1["mean"], n_test, base["mean"], n_test)) if n_test else None,
             "per_seed": per_seed,
         }
+    e = m.get("ensemble") or {}
+    if e.get("aggregate") and n_test:  # an ensemble stage: the ensemble against member 1, validation's pick alone
+        ens, member = e["aggregate"]["top1"], e["members"][0]["aggregate"].get("top1")
+        out["ensemble"] = {
+            "members": [x["trial"]["number"] for x in e["members"]],
+            "top1": ens["mean"],
+            "std": ens["std"] if len(ens["values"]) > 1 else None,
+            "interval": list(wilson(ens["mean"], n_test)),
+            "difference": (e.get("difference") or {}).get("top1"),
+            "difference_interval": list(newcombe(ens["mean"], n_test, member["mean"], n_test)) if member else None,
+        }
     return out
 
 

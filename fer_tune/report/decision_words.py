@@ -267,6 +267,23 @@ def _final_words(f: dict) -> list[tuple[str, str]]:
         )
     else:
         out.append(("baseline", "Baseline: none was retrained beside it (fer-tune final --baseline paper)."))
+    e = fin.get("ensemble")
+    if e:
+        iv, d = e["difference_interval"], e["difference"]
+        text = (
+            f"Ensemble: the {len(e['members'])} members (trials {', '.join(map(str, e['members']))}) together score "
+            f"{_pct(e['top1'])} (95 % interval {_span(e['interval'])} %"
+            + (f"; std {e['std']:.2f} over seeds" if e["std"] is not None else "")
+            + ")"
+        )
+        if d is not None:
+            text += f", {d:+.2f} points on member 1, the configuration validation picks alone" + (
+                f" (95 % interval {_span(iv, sign=True)} points): "
+                + ("the test split cannot tell them apart" if iv[0] <= 0 <= iv[1] else "beyond the test split's noise")
+                if iv
+                else ""
+            )
+        out.append(("ensemble", text + "."))
     return out
 
 
