@@ -778,3 +778,17 @@ def test_a_browser_without_decompression_says_so_in_each_figures_place(study, tm
     divs = re.findall(r'<div id="fig-[\w-]+" class="plotly-graph-div[^"]*"[^>]*>(.*?)</div>', r.stdout, re.S)
     assert len(divs) == len(figure_ids(text))
     assert all(d.startswith("This figure cannot be drawn: this browser cannot unpack plotly.js") for d in divs), divs
+
+
+def test_the_final_stages_accuracy_charts_mark_chance_and_the_test_splits_majority_class(study, tmp_path):
+    sdir = copy_study(study, tmp_path)
+    m = make_final(sdir)
+    text = write_report(sdir).read_text()
+    rows = [sum(r) for r in m["seeds"][0]["models"]["finetuned"]["confusion"]]
+    majority = 100.0 * max(rows) / sum(rows)
+    for fig_id in ("fig-final-accuracy", "fig-final-curves"):
+        layout = figure(text, fig_id)["layout"]
+        ys = sorted({round(s["y0"], 6) for s in layout["shapes"] if s.get("y0") == s.get("y1")})
+        assert ys == sorted({round(100 / 7, 6), round(majority, 6)}), (fig_id, ys)
+        labels = [a["text"] for a in layout["annotations"]]
+        assert "chance 14.3 %" in labels and any(t.startswith("majority class (") for t in labels), labels

@@ -20,9 +20,9 @@ from pathlib import Path
 from ..common import EMOTIONS
 from ..recipe import MODELS
 from .final_figures import MODEL_LABEL
+from .guides import CHANCE_PCT
 
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
-CHANCE_PCT = 100.0 / len(EMOTIONS)
 EDGE = 0.05  # a parameter within this share of its range (log scale where searched on one) sits at the edge
 ONE_CLASS_OTHERS = 1.0  # recall % every other emotion stays below when a model predicts one emotion
 INTERVAL = "95 % Wilson score interval"

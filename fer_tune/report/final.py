@@ -17,6 +17,7 @@ from ..common import EMOTIONS
 from ..recipe import MODELS
 from ..recipe import pm as plain_pm
 from .final_figures import MODEL_LABEL, accuracy_figure, confusion_figure, curves_figure, per_class_figure
+from .guides import test_lines
 from .html import Page, esc, fmt, key_table, number, table
 
 TEST_SPLIT = {"paper": "PublicTest", "standard": "PrivateTest"}  # the FER2013 split each protocol tests on
@@ -136,7 +137,9 @@ def final_section(page: Page, fin: dict) -> None:
     ]
     parts.append(key_table(items, id="final-table"))
     if runs:
-        parts.append(page.figure(curves_figure(runs), "final-curves"))
+        done = [s for s in (m or {}).get("seeds", []) if _complete(s)]
+        lines = test_lines(done[0]) if done else []  # chance, and the test split's majority rate once it is known
+        parts.append(page.figure(curves_figure(runs, lines), "final-curves"))
         if ft.get("on") == "train+val":
             parts.append(
                 '<p class="note">The fine-tune trains on train + val (as the paper): its val curves are '
@@ -165,7 +168,7 @@ def final_section(page: Page, fin: dict) -> None:
         parts.append(_baseline_table(m))
     if m.get("ensemble"):
         parts.append(_ensemble_table(m["ensemble"], m.get("baseline")))
-    parts.append(page.figure(accuracy_figure(agg), "final-accuracy"))
+    parts.append(page.figure(accuracy_figure(agg, test_lines(ok[0])), "final-accuracy"))
     parts.append(page.figure(confusion_figure(ok), "final-confusion"))
     parts.append(page.figure(per_class_figure(ok), "final-per-class"))
     _saliency(parts, fin["dir"], [s["seed"] for s in ok])

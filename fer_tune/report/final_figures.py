@@ -8,6 +8,7 @@ from typing import Any
 
 from ..common import EMOTIONS
 from ..recipe import MODELS
+from .guides import add_lines
 
 MODEL_LABEL = {"last": "last epoch", "best_val": "best val epoch", "finetuned": "fine-tuned"}
 CURVES = (
@@ -23,7 +24,8 @@ CURVES = (
 SHORT_TICKS = {"tickmode": "array", "tickvals": list(EMOTIONS), "ticktext": [e[:3] for e in EMOTIONS]}
 
 
-def curves_figure(runs: dict[int, dict]) -> Any:
+def curves_figure(runs: dict[int, dict], lines: list = ()) -> Any:
+    """Per seed: accuracy and loss per epoch; `lines`: chance and the test split's majority-class rate (guides)."""
     from plotly.subplots import make_subplots
 
     seeds = sorted(runs)
@@ -73,6 +75,7 @@ def curves_figure(runs: dict[int, dict]) -> Any:
                 row=i,
                 col=1,
             )
+        add_lines(fig, list(lines), row=i, col=1)
         if run["finetune"]:
             for col in (1, 2):
                 fig.add_vrect(
@@ -93,7 +96,8 @@ def curves_figure(runs: dict[int, dict]) -> Any:
     return fig
 
 
-def accuracy_figure(agg: dict) -> Any:
+def accuracy_figure(agg: dict, lines: list = ()) -> Any:
+    """The test metrics per model (mean over seeds); `lines`: chance and the test split's majority-class rate."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -115,6 +119,7 @@ def accuracy_figure(agg: dict) -> Any:
         height=400,
         yaxis_title="%",
     )
+    add_lines(fig, list(lines))
     return fig
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..common import EMOTIONS
+
+CHANCE_PCT = 100.0 / len(EMOTIONS)  # one emotion of seven picked at random
+
 
 def accuracy_lines(decision: dict) -> list[tuple[float, str]]:
     """(y, label) of chance and the majority-class rate; none for a metric that is no accuracy."""
@@ -16,6 +20,20 @@ def accuracy_lines(decision: dict) -> list[tuple[float, str]]:
     if m:
         at_least = "" if m.get("recorded") else "at least "
         out.append((float(m["pct"]), f"majority class ({m['class']}): {at_least}{m['pct']:.1f} %"))
+    return out
+
+
+def test_lines(seed: dict) -> list[tuple[float, str]]:
+    """(y, label) of chance and the test split's majority-class rate, read off a completed final-stage seed's
+    confusion matrix (its rows count each emotion's test images)."""
+    model = next(iter(seed.get("models", {}).values()), {})
+    rows = [sum(r) for r in model.get("confusion") or []]
+    out = [(CHANCE_PCT, f"chance {CHANCE_PCT:.1f} %")]
+    if rows and sum(rows):
+        k = max(range(len(rows)), key=rows.__getitem__)
+        out.append(
+            (100.0 * rows[k] / sum(rows), f"majority class ({EMOTIONS[k]}): {100.0 * rows[k] / sum(rows):.1f} %")
+        )
     return out
 
 
