@@ -1,13 +1,16 @@
-"""Faces in photos: OpenCV's frontal-face Haar cascade (it ships inside opencv-python-headless, nothing is
-downloaded) finds them, and each is cropped as FER2013 frames its faces and made the model's 48x48 grayscale input.
+"""Faces in photos: found by a face detector, and each cropped as FER2013 frames its faces and made the model's 48x48
+grayscale input.
 
-The cascade, its settings and the framing were chosen by measurement on FER2013 faces placed in scenes
-(benchmarks/bench_faces.py, RESULTS.md "Faces in photos"). A FER2013 face is a tight crop (brows to chin), smaller
-than the box the cascade draws around the same face: FRAME maps a detected box onto FER2013's framing.
+Two detectors, chosen by measurement on FER2013 faces placed in scenes (benchmarks/bench_faces.py, RESULTS.md "Faces
+in photos"): MTCNN (facenet-pytorch's P-, R- and O-Nets, whose weights ship inside its wheel: the optional extra
+`fer-tune[faces]`) finds about nine in ten of them, OpenCV's frontal-face Haar cascade (inside opencv-python-headless)
+about six in ten. The default is the best one installed (DETECTORS, best first); nothing is downloaded. A FER2013
+face is a tight crop (brows to chin) and each detector draws its own box around the same face: its `frame` maps a
+detected box onto FER2013's framing.
 
-An image that is already a face crop (FER2013's own, a cropped avatar) has no background for the cascade to tell a
-face from; the image is padded with its own border and enlarged before detection, and an image small and square
-enough to be a crop (CROP_SIDE, CROP_ASPECT) is taken whole when no box is found that fills most of it (CROP_BOX).
+An image that is already a face crop (FER2013's own, a cropped avatar) has no background to tell a face from; the
+image is padded with its own border and enlarged before detection, and an image small and square enough to be a crop
+(CROP_SIDE, CROP_ASPECT) is taken whole when no face is found that fills most of it (CROP_BOX, of the framed box).
 A large photo is searched on a copy at most DETECT_MAX_SIDE long (faces under MIN_FACE of its shorter side are not
 searched anyway), and its faces are cut from the full-resolution image.
 """
@@ -33,10 +36,18 @@ DETECT_SIDE = 160  # small images are enlarged to this shorter side before detec
 PAD = 0.25  # and padded with their own border by this fraction of each side
 DETECT_MAX_SIDE = 1600  # large images are searched on a copy made this long on its longer side
 MAX_PIXELS = 100_000_000  # larger images are not read (--max-pixels): 100 megapixels, 400 MB as RGB
-FRAME = (0.0, 0.0, 1.03)  # FER2013's crop from a detected box: centre shift (x, y) in box widths, scale (measured)
+FRAME = (0.0, 0.0, 1.03)  # FER2013's crop from a cascade's box: centre shift (x, y) in box widths, scale of
+# its longer side (measured)
+MTCNN_FRAME = (0.0, -0.025, 0.95)  # and from an MTCNN box (measured; of its longer side: it is taller than wide)
+MTCNN_MIN_PROB = 0.7  # MTCNN's boxes kept: O-Net's face probability at least this (facenet-pytorch's own threshold)
+MTCNN_MIN_BOX = 20  # px: the smallest MTCNN box searched for
 CROP_SIDE = 160  # an image at most this large ...
-CROP_ASPECT = 1.35  # ... and at most this elongated is a face crop: it is used whole unless a box is found that
-CROP_BOX = 0.7  # fills at least this part of its shorter side (smaller boxes in FER2013's crops are not the face)
+CROP_ASPECT = 1.35  # ... and at most this elongated is a face crop: it is used whole unless a face is found whose
+CROP_BOX = 0.72  # framed box fills at least this part of its shorter side (smaller ones in FER2013's crops are not it)
+DETECTORS = ("mtcnn", "cascade")  # best first: the default is the first one installed
+# the detectors' packages: (the modules it needs, how to install them; facenet-pytorch 2.6.0 would replace torch,
+# numpy and pillow with old releases)
+PACKAGES = {"mtcnn": (("facenet_pytorch", "torch"), "pip install facenet-pytorch==2.5.3 (the extra fer-tune[faces])")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
@@ -119,7 +130,11 @@ def _cv2():
 
 
 class Detector:
-    """The frontal-face cascade with fer-tune's settings; detect(gray) -> boxes, largest first."""
+    """OpenCV's frontal-face cascade with fer-tune's settings; detect(gray) -> boxes, largest first. Another detector
+    is a subclass with its own `name`, `frame` and find()."""
+
+    name = "cascade"
+    min_score = 0.0  # the boxes kept: those whose score (find's last column) is at least this
 
     def __init__(
         self,
@@ -134,8 +149,21 @@ class Detector:
         if self.cascade.empty():
             raise FerTuneError(f"OpenCV's {cascade} cannot be loaded from {cv2.data.haarcascades}")
 
-    def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """Face boxes (x, y, w, h) in `gray`'s pixels, largest first (a large image is searched on a smaller copy)."""
+    def find(self, img: np.ndarray, side: int) -> np.ndarray:
+        """(n, 5) float: x, y, w, h, score of the faces in `img` (as scored() prepares it) whose box framed as
+        FER2013's is about `side` px or larger (a cascade's box is about FER2013's crop)."""
+        found = self.cascade.detectMultiScale(
+            self.cv2.equalizeHist(img),
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(side, side),
+        )
+        boxes = np.asarray(found, dtype=float).reshape(-1, 4)
+        return np.hstack([boxes, np.ones((len(boxes), 1))])
+
+    def scored(self, gray: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+        """Every box found (x, y, w, h in `gray`'s pixels) with its score, largest first: a small image is enlarged
+        and padded with its border, a large one searched on a smaller copy."""
         cv2 = self.cv2
         h, w = gray.shape
         scale = min(max(1.0, DETECT_SIDE / min(h, w)), DETECT_MAX_SIDE / max(h, w))
@@ -146,17 +174,18 @@ class Detector:
             img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
         elif scale < 1:
             img = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        side = max(24, int(MIN_FACE * min(h, w) * scale))
-        found = self.cascade.detectMultiScale(
-            cv2.equalizeHist(img), scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side)
-        )
-        boxes = []
-        for x, y, bw, bh in np.asarray(found, dtype=float).reshape(-1, 4):
+        out = []
+        for x, y, bw, bh, score in self.find(img, max(24, int(MIN_FACE * min(h, w) * scale))):
             x0, y0 = max(0.0, (x - pad) / scale), max(0.0, (y - pad) / scale)
             x1, y1 = min(float(w), (x + bw - pad) / scale), min(float(h), (y + bh - pad) / scale)
             if x1 - x0 >= 4 and y1 - y0 >= 4:
-                boxes.append((int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))))
-        return sorted(boxes, key=lambda b: -b[2] * b[3])
+                box = (int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0)))
+                out.append((box, float(score)))
+        return sorted(out, key=lambda bs: -bs[0][2] * bs[0][3])
+
+    def detect(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """Face boxes (x, y, w, h) in `gray`'s pixels, largest first (a large image is searched on a smaller copy)."""
+        return [box for box, score in self.scored(gray) if score >= self.min_score]
 
     def crop(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """The face in `box`, framed as FER2013's faces are, as uint8 48x48 (the image's border extends it)."""
@@ -165,9 +194,64 @@ class Detector:
     def faces(self, gray: np.ndarray) -> list[Face]:
         """Every face found; an image with none that is small and square enough to be a face crop is taken whole."""
         boxes = self.detect(gray)
-        if looks_like_a_crop(gray) and (not boxes or max(boxes[0][2:]) < CROP_BOX * min(gray.shape)):
+        if looks_like_a_crop(gray) and (not boxes or max(boxes[0][2:]) * self.frame[2] < CROP_BOX * min(gray.shape)):
             return [whole(gray)]
         return [Face(b, self.crop(gray, b), True) for b in boxes]
+
+
+class Mtcnn(Detector):
+    """MTCNN: facenet-pytorch's P-, R- and O-Nets (their weights are inside its wheel), run with torch on the CPU on
+    the grayscale image; the boxes whose O-Net face probability is at least `min_score`."""
+
+    name = "mtcnn"
+
+    def __init__(self, min_score: float = MTCNN_MIN_PROB, frame: tuple[float, float, float] = MTCNN_FRAME):
+        self.cv2, self.min_score, self.frame = _cv2(), min_score, frame
+        try:
+            from facenet_pytorch.models.mtcnn import MTCNN
+
+            self.net = MTCNN(keep_all=True, select_largest=False, device="cpu")
+        except Exception as exc:  # not installed, its torch missing or broken, its weights unreadable
+            raise FerTuneError(
+                f"the mtcnn face detector cannot be loaded ({exc.__class__.__name__}: {first_line(exc)}): "
+                f"{PACKAGES['mtcnn'][1]}, or pass --detector cascade"
+            ) from None
+
+    def find(self, img: np.ndarray, side: int) -> np.ndarray:
+        self.net.min_face_size = max(MTCNN_MIN_BOX, side / self.frame[2])  # `side` as MTCNN's own box
+        boxes, probs = self.net.detect(np.repeat(img[:, :, None], 3, axis=2))
+        if boxes is None:
+            return np.zeros((0, 5))
+        b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        return np.column_stack([b[:, :2], b[:, 2:] - b[:, :2], np.asarray(probs, dtype=float)])
+
+
+def missing(name: str) -> list[str]:
+    """The modules detector `name` needs that are not installed (looked up, not imported)."""
+    import importlib.util
+
+    return [m for m in PACKAGES.get(name, ((), ""))[0] if importlib.util.find_spec(m) is None]
+
+
+def installed() -> list[str]:
+    """The detectors whose packages are installed, best first: the default is the first."""
+    return [d for d in DETECTORS if not missing(d)]
+
+
+def load_detector(name: str | None = None) -> Detector:
+    """The detector called `name` (one of DETECTORS), or the best one installed; FerTuneError, in one line, when it
+    is unknown, not installed or cannot be loaded."""
+    name = name or installed()[0]
+    if name not in DETECTORS:
+        raise FerTuneError(f"no face detector called {name!r} (detectors: {', '.join(DETECTORS)})")
+    if name == "cascade":
+        return Detector()
+    if missing(name):
+        raise FerTuneError(
+            f"the {name} face detector needs {' and '.join(missing(name))}, not installed: {PACKAGES[name][1]}, "
+            "or pass --detector cascade"
+        )
+    return Mtcnn()
 
 
 def frame_crop(gray: np.ndarray, box: tuple[int, int, int, int], frame: tuple[float, float, float]) -> np.ndarray:

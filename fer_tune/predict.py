@@ -1,9 +1,10 @@
 """Classify the faces in images with a trained model.
 
-Each image is read as grayscale (turned upright by its EXIF orientation); its faces are found and framed as
-FER2013's (fer_tune.faces), each made 48x48 and classified with the test crops of the model's recorded score
-(TenCrop(40) for a final stage's model), logits averaged. A fer-tune model file (model.pt, a training checkpoint)
-runs with torch; a final stage's model.onnx runs with onnxruntime, and that path never imports torch.
+Each image is read as grayscale (turned upright by its EXIF orientation); its faces are found (by the best face
+detector installed, or the one named) and framed as FER2013's (fer_tune.faces), each made 48x48 and classified with
+the test crops of the model's recorded score (TenCrop(40) for a final stage's model), logits averaged. A fer-tune model file (model.pt, a training checkpoint)
+runs with torch; a final stage's model.onnx runs with onnxruntime, and that path imports torch only for a
+detector that runs on it (MTCNN; the cascade does not).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .common import EMOTIONS, FerTuneError, write_atomic
-from .faces import MAX_PIXELS, Unreadable, pil_pixel_limit
+from .faces import MAX_PIXELS, Detector, Unreadable, pil_pixel_limit
 
 USAGE = "fer-tune predict MODEL IMAGE..."
 CHUNK = 32  # images whose faces are classified together
@@ -110,18 +111,22 @@ def predict(
     paths: list[str],
     *,
     detect: bool = True,
+    detector: str | Detector | None = None,
     max_pixels: int = MAX_PIXELS,
     on_image: Callable[[str, dict], None] | None = None,
     on_skip: Callable[[Unreadable], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Per image classified: {"image", "faces": [{"box": [x, y, w, h], "detected", "label", "probabilities"}]};
-    `detect` False takes each image whole (images that are face crops). An image that cannot be read, has more
-    than `max_pixels` pixels or is truncated is skipped: on_skip(why); none classified is an error naming them.
-    on_image(path, result) after each image (annotation); progress(n) after each chunk of n images."""
-    from .faces import Detector, read_gray, whole
+    """Per image classified: {"image", "detector", "faces": [{"box": [x, y, w, h], "detected", "detector", "label",
+    "probabilities"}]}: "detector" names the face detector that searched the image and found each face (None for an
+    image taken whole); `detector` is the one to use, or names it (fer_tune.faces.DETECTORS; default: the best
+    installed); `detect` False takes each image whole (images that are face crops). An image that cannot be read,
+    has more than `max_pixels` pixels or is truncated is skipped: on_skip(why); none classified is an error naming
+    them. on_image(path, result) after each image (annotation); progress(n) after each chunk of n images."""
+    from .faces import load_detector, read_gray, whole
 
-    detector = Detector() if detect else None
+    finder = (detector if isinstance(detector, Detector) else load_detector(detector)) if detect else None
+    name = finder.name if finder else None
     results, skipped = [], []
     for start in range(0, len(paths), CHUNK):
         chunk, found = paths[start : start + CHUNK], []  # found: (path, faces) of the images read
@@ -133,7 +138,7 @@ def predict(
                 if on_skip is not None:
                     on_skip(why)
                 continue
-            found.append((p, detector.faces(gray) if detector else [whole(gray)]))
+            found.append((p, finder.faces(gray) if finder else [whole(gray)]))
         flat = [f for _, faces in found for f in faces]
         probs = model.probabilities(np.stack([f.pixels for f in flat])) if flat else np.zeros((0, len(EMOTIONS)))
         k = 0
@@ -146,11 +151,12 @@ def predict(
                     {
                         "box": [int(v) for v in f.box],
                         "detected": f.detected,
+                        "detector": name if f.detected else None,
                         "label": EMOTIONS[int(np.argmax(pr))],
                         "probabilities": {e: round(float(pr[i]), 6) for i, e in enumerate(EMOTIONS)},
                     }
                 )
-            results.append({"image": str(p), "faces": rows})
+            results.append({"image": str(p), "detector": name, "faces": rows})
             if on_image is not None:
                 on_image(p, results[-1])
         if progress is not None:
@@ -168,24 +174,25 @@ def text_lines(results: Iterable[dict]) -> list[str]:
     for r in results:
         faces = r["faces"]
         if not faces:
-            lines.append(f"{r['image']}: no face found")
+            lines.append(f"{r['image']}: no face found by {r['detector']}")
         for i, f in enumerate(faces):
             top = sorted(f["probabilities"].items(), key=lambda kv: -kv[1])[:3]
             where = ""
             if f["detected"]:
                 x, y, w, h = f["box"]
                 n = f" {i + 1} of {len(faces)}" if len(faces) > 1 else ""
-                where = f" face{n} at x={x} y={y} {w}x{h}:"
+                where = f" face{n} at x={x} y={y} {w}x{h} ({f['detector']}):"
             probs = ", ".join(f"{e} {p * 100:.1f} %" for e, p in top)
             lines.append(f"{r['image']}:{where} {f['label']}  ({probs})")
     return lines
 
 
 def write_csv(results: list[dict], path: str | Path) -> int:
-    """One row per face: image, face (1-based), x, y, w, h, detected, label, p_<emotion>...; the row count."""
+    """One row per face: image, face (1-based), x, y, w, h, detected, detector, label, p_<emotion>...; the row
+    count."""
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["image", "face", "x", "y", "w", "h", "detected", "label", *(f"p_{e}" for e in EMOTIONS)])
+    w.writerow(["image", "face", "x", "y", "w", "h", "detected", "detector", "label", *(f"p_{e}" for e in EMOTIONS)])
     n = 0
     for r in results:
         for i, f in enumerate(r["faces"]):
@@ -195,6 +202,7 @@ def write_csv(results: list[dict], path: str | Path) -> int:
                     i + 1,
                     *f["box"],
                     int(f["detected"]),
+                    f["detector"] or "",
                     f["label"],
                     *(f["probabilities"][e] for e in EMOTIONS),
                 ]

@@ -188,11 +188,12 @@ def test_onnx_export_is_checked_and_gives_the_torch_models_answers_without_torch
     onnx_model = load_model(onnx_file)
     assert isinstance(onnx_model, OnnxModel) and onnx_model.trained_on["format"] == "fer2013"
     np.testing.assert_allclose(onnx_model.probabilities(faces), torch_model.probabilities(faces), atol=1e-5)
-    # predict with model.onnx never imports torch (nor Ray, nor Optuna)
+    # predict with model.onnx and the cascade never imports torch (nor Ray, nor Optuna; MTCNN runs on torch)
     img = tmp_path / "face.png"
     cv2.imwrite(str(img), detectable[0])
     code = (
-        "import sys; from fer_tune.cli import main; rc = main(['predict', sys.argv[1], sys.argv[2], '--json']); "
+        "import sys; from fer_tune.cli import main; "
+        "rc = main(['predict', sys.argv[1], sys.argv[2], '--json', '--detector', 'cascade']); "
         "heavy = [m for m in ('torch', 'ray', 'optuna') if m in sys.modules]; print(heavy, file=sys.stderr); "
         "sys.exit(rc or (3 if heavy else 0))"
     )

@@ -8,19 +8,20 @@ import sys
 from pathlib import Path
 
 from ..common import FerTuneError
-from ..faces import DETECT_MAX_SIDE, MAX_PIXELS
+from ..faces import DETECT_MAX_SIDE, DETECTORS, MAX_PIXELS
 from .common import log, parser_with
 
 SOME_SKIPPED = 3  # the exit status when some images were skipped and the others classified
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..faces import image_paths
+    from ..faces import image_paths, load_detector
     from ..predict import annotate, load_model, predict, text_lines, write_csv
 
     if args.max_pixels < 1:
         raise FerTuneError(f"--max-pixels must be >= 1 (got {args.max_pixels})")
     paths = image_paths(args.images)
+    detector = None if args.no_detect else load_detector(args.detector)  # before the model: a detector's error first
     out_dir = Path(args.annotate) if args.annotate else None
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
@@ -48,6 +49,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             model,
             paths,
             detect=not args.no_detect,
+            detector=detector,
             max_pixels=args.max_pixels,
             on_image=on_image,
             on_skip=skipped.append,
@@ -83,11 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         fer-tune predict results/joint/final/model.onnx photos/ --csv faces.csv --annotate annotated/
         fer-tune predict results/joint/final 'shots/*.jpg' --json
         fer-tune predict results/joint/final crops/ --no-detect     # images that are already face crops
+        fer-tune predict results/joint/final photo.jpg --detector cascade   # OpenCV's cascade, not MTCNN
         fer-tune predict results/joint/final photos/ --max-pixels 200000000   # photos up to 200 megapixels
     """,
-        details="Faces are found with OpenCV's frontal-face Haar cascade and framed as FER2013's faces; an image "
-        "with no face found that is small and square enough to be a face crop (at most 160 px) is classified "
-        "whole. Each face is made grayscale 48x48 and classified with the test crops of the model's score "
+        details="Faces are found with the best face detector installed (mtcnn: facenet-pytorch's MTCNN, the extra "
+        "fer-tune[faces]; else cascade: OpenCV's frontal-face Haar cascade), or the one --detector names, and framed "
+        "as FER2013's faces; the output names the detector of each face. An image with no face found that is small "
+        "and square enough to be a face crop (at most 160 px) is classified whole. Each face is made grayscale 48x48 and classified with the test crops of the model's score "
         f"(TenCrop for a final stage's model). An image longer than {DETECT_MAX_SIDE} px is searched for faces on "
         "a copy that long; its faces are cut from the full image and their boxes are in its pixels. An image "
         "that cannot be read (missing, not an image), is truncated or has more pixels than --max-pixels (checked "
@@ -104,11 +108,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images", nargs="+", metavar="IMAGE", help="images (any format PIL reads), folders of images, glob patterns"
     )
     p.add_argument(
-        "--json", action="store_true", help="print JSON: per image, its faces with box, label, probabilities"
+        "--json", action="store_true", help="print JSON: per image, its faces with box, detector, label, probabilities"
     )
     p.add_argument("--csv", metavar="FILE", default=None, help="write one row per face to FILE (then print nothing)")
     p.add_argument("--annotate", metavar="DIR", default=None, help="write each image with its faces' boxes and labels")
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default=None,
+        help="the face detector: mtcnn (facenet-pytorch's MTCNN: pip install facenet-pytorch==2.5.3, the extra "
+        "[faces]) or cascade (OpenCV's Haar cascade); default: the best one installed, in that order",
+    )
+    how.add_argument(
         "--no-detect", action="store_true", help="classify each image whole (images that are already face crops)"
     )
     p.add_argument(
