@@ -225,7 +225,8 @@ def kill_at_pause(proc, marker: Path, within: float = 240.0) -> None:
             assert time.time() < deadline, f"the command did not pause within {within:.0f} s"
             time.sleep(0.2)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # (one that ended early is reaped already: its PID may be another's now)
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         time.sleep(1)
         try:

@@ -308,14 +308,23 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         )
         try:
             deadline = time.time() + 150
-            # Ctrl-C once the driver has a trial's first epoch (its checkpoint is in S3 before the result is
-            # sent), with 5 more epochs to go: S3's copy of result.json comes only when Tune syncs the experiment,
-            # which on a fast machine was after both trials had finished
+
+            def states() -> dict:  # Tune's experiment state in S3: {key: ETag}
+                listed = boto3.client("s3").list_objects_v2(Bucket="fer", Prefix="studies/t/tune/experiment_state")
+                return {o["Key"]: o["ETag"] for o in listed.get("Contents", [])}
+
+            # Ctrl-C once the driver has a trial's first epoch and Tune has saved its state to S3 after that (the
+            # state then names the epoch's checkpoint), with 5 more epochs to go; not once S3 holds a result.json,
+            # which Tune syncs later (on a fast machine after both trials had finished)
             while time.time() < deadline and not epochs_reported(sdir):
                 assert proc.poll() is None, "the sweep ended before it could be interrupted"
                 time.sleep(0.1)
-            if not epochs_reported(sdir):
-                pytest.fail("no trial reported an epoch within 150 s")
+            before = states()
+            while time.time() < deadline and states() == before:
+                assert proc.poll() is None, "the sweep ended before it could be interrupted"
+                time.sleep(0.1)
+            if not epochs_reported(sdir) or states() == before:
+                pytest.fail("no trial reported an epoch, or Tune saved no state after it, within 150 s")
             os.kill(proc.pid, signal.SIGINT)  # the driver only, as Ctrl-C in its terminal
             out, _ = proc.communicate(timeout=120)
         finally:

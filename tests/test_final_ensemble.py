@@ -4,6 +4,7 @@ the ensemble measured from its members' saved logits and exported as one model t
 import csv
 import json
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -17,16 +18,24 @@ def env(module_env):
 
 
 def test_an_ensemble_stage_is_interrupted_continued_measured_and_exported(env, small_study, tmp_path):
-    study, out = small_study, small_study / "final"
+    # a copy of its own: other modules' tests run final stages in the shared study's STUDY/final
+    study = tmp_path / "results" / "t"
+    shutil.copytree(small_study, study, ignore=shutil.ignore_patterns("final*", "pbt", "report.html"))
+    out = study / "final"
     args = ["--ensemble", "3", "--epochs", "4", "--finetune-epochs", "1", "--eval-every", "2"]
-    proc = subprocess.Popen(
-        cli_args("final", study, *args, "--baseline", "paper", "--quiet"),
-        env=pausing(env, tmp_path / "paused", results=6),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    kill_at_pause(proc, tmp_path / "paused")  # the driver and its Ray, as a crash would
+    said = tmp_path / "said.txt"
+    with said.open("w") as fh:
+        proc = subprocess.Popen(
+            cli_args("final", study, *args, "--baseline", "paper", "--quiet"),
+            env=pausing(env, tmp_path / "paused", results=6),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        kill_at_pause(proc, tmp_path / "paused")  # the driver and its Ray, as a crash would
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {said.read_text()[-3000:]}") from None
     assert not (out / "metrics.json").exists()
     r = fer_tune(env, "final", study, "--quiet")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
