@@ -36,7 +36,7 @@ from ..study.outputs import best_trial
 from ..study.record import StudyRecord, read_study, reopen
 from ..study.warmstart import best_configs
 from .ensemble import WINNER, describe_members, member_record
-from .outputs import FinalRecord, collect, final_progress, write_history
+from .outputs import FinalRecord, collect, final_progress, run_count, write_history
 from .trial import SNAPSHOT_KEEP, seed_trial
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
         preflight.check_run(
             rec["ray_storage"], opts.address, rec["resources"], _FINAL_FIX if new else _CONTINUE_FIX, what="run"
         )
-        runs = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})) + len(rec.get("members", [])))
+        runs = run_count(rec)
         kept = 3 + rec["config"]["epochs"] // max(1, rec["eval_every"]) + 2  # latest, snapshots, fine-tune start, end
         per = checkpoint_bytes(TrainConfig.from_dict(rec["config"]))
         preflight.check_free_space(
@@ -330,7 +330,7 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
                 ),
             )
 
-        tuner, exp = stage.stage_tuner(rec, fn, new_tuner, len(rec["seeds"]) * (1 + len(arms)))
+        tuner, exp = stage.stage_tuner(rec, fn, new_tuner, runs)
         set_output(tuner, output, final_progress(rec), exp)
         tracking = track_final(tuner, out, rec)
         grid = stage.fit_stage(tuner, rec, out / FINAL_FILE)

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ...common import EXPORTS, write_json
+from ...common import write_json
 from ...recipe import TEST_CROPS, TEST_LOGITS, mean_std
 
 WINNER = "winner"  # the arm of the study's trial (an ensemble's member 1); a baseline's arm is its name
@@ -36,6 +36,13 @@ def member_arm(i: int) -> str:
 
 def is_member(arm: str) -> bool:
     return arm.startswith(MEMBER_PREFIX)
+
+
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    """Where a finished run's outputs go: seed-S/ (the winner), member-I/seed-S/, baseline-NAME/seed-S/."""
+    if arm == WINNER:
+        return out / f"seed-{seed}"
+    return out / (f"{arm}/seed-{seed}" if is_member(arm) else f"baseline-{arm}/seed-{seed}")
 
 
 def member_record(i: int, pick: dict, epochs: int) -> dict:
@@ -61,9 +68,9 @@ def summarize(
 ) -> dict:
     """metrics.json's "ensemble": each member's runs and mean +- std, each seed's ensemble (measured from the
     members' saved test logits, exported to ensemble/seed-S/), its mean +- std, and its differences to member 1
-    (the study's best, the member validation picks) and to the baseline recipe, each over the seeds both completed.
-    The ensemble of the seed whose members did best on validation (their mean best val accuracy) becomes model.* of
-    the stage."""
+    (the study's best, the member validation picks) and to the baseline recipe, each over the seeds both completed;
+    `exported_seed`: the seed whose members did best on validation (their mean best val accuracy), whose ensemble
+    becomes model.* of the stage."""
     from ...recipe import aggregate
 
     runs = {WINNER: winner, **members}
@@ -75,7 +82,7 @@ def summarize(
         if not all(s is not None and s["status"] == "complete" for s in of_seed):
             seeds.append({"seed": seed, "status": "incomplete", "message": "a member did not complete this seed"})
             continue
-        dirs = [_run_dir(out, arm, seed) for arm, _ in arms]
+        dirs = [run_dir(out, arm, seed) for arm, _ in arms]
         test = ensemble_metrics(dirs, y_test)
         val = statistics.fmean(s["best_val_acc"] for s in of_seed)
         dest = out / ENSEMBLE_DIR / f"seed-{seed}"
@@ -108,14 +115,7 @@ def summarize(
             summary[f"{key}_seeds"] = both
             summary[key] = {k: statistics.fmean(mine[s][k] - theirs[s][k] for s in both) for k in KEYS}
     if done:
-        top = max(done, key=lambda s: s["members_best_val_acc"])
-        for f in EXPORTS:
-            src = out / ENSEMBLE_DIR / f"seed-{top['seed']}" / f
-            if src.exists():
-                shutil.copy2(src, out / f)
-            elif (out / f).exists():
-                (out / f).unlink()
-        summary["exported_seed"] = top["seed"]
+        summary["exported_seed"] = max(done, key=lambda s: s["members_best_val_acc"])["seed"]
     return summary
 
 
@@ -129,10 +129,6 @@ def ensemble_metrics(dirs: list[Path], labels: Any) -> dict:
 
     stacked = torch.stack([torch.from_numpy(np.load(d / TEST_LOGITS)) for d in dirs])  # (members, N, crops, 7)
     return {**metrics_from_logits(combine_logits(stacked).mean(1), labels), "crops": TEST_CROPS}
-
-
-def _run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / (f"seed-{seed}" if arm == WINNER else f"{arm}/seed-{seed}")
 
 
 def _short(test: dict) -> dict:

@@ -17,7 +17,7 @@ from ..runtime import storage
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import trial_results
 from ..runtime.stage import StageRecord
-from .ensemble import WINNER, is_member
+from .ensemble import ENSEMBLE_DIR, WINNER, is_member, run_dir
 
 
 class FinalRecord(StageRecord, total=False):
@@ -36,6 +36,11 @@ class FinalRecord(StageRecord, total=False):
     mlflow: str | None
 
 
+def run_count(rec: FinalRecord) -> int:
+    """The stage's runs: every seed of the winner, of an ensemble's other members and of the baselines."""
+    return len(rec["seeds"]) * (1 + len(rec.get("baselines", {})) + len(rec.get("members", [])))
+
+
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "epoch_seconds")
 
 
@@ -51,8 +56,7 @@ def collect(out: Path, rec: FinalRecord, grid: Any, data: Any) -> dict | None:
         cfg = r.config or {}
         seed, arm = int(cfg.get("seed", m.get("seed", -1))), cfg.get("arm", WINNER)
         if m.get("status") == "done" and r.checkpoint is not None:
-            where = f"{arm}/seed-{seed}" if is_member(arm) else f"baseline-{arm}/seed-{seed}"
-            dest = out / (f"seed-{seed}" if arm == WINNER else where)
+            dest = run_dir(out, arm, seed)
             with r.checkpoint.as_directory() as d:
                 if dest.exists():
                     shutil.rmtree(dest)
@@ -106,20 +110,23 @@ def collect(out: Path, rec: FinalRecord, grid: Any, data: Any) -> dict | None:
         }
     if baselines:
         metrics["baseline"] = next(iter(baselines.values()))
+    exported = None  # the outputs whose model files go beside final.json
     if rec.get("members"):
         metrics["ensemble"] = summarize(out, rec, seeds, members, data, metrics.get("baseline"))
         metrics["exported"] = "ensemble"
         if metrics["ensemble"]["status"] != "complete":
             metrics["status"] = "partial"
+        if "exported_seed" in metrics["ensemble"]:
+            exported = out / ENSEMBLE_DIR / f"seed-{metrics['ensemble']['exported_seed']}"
     elif ok:
-        top = max(ok, key=lambda s: s["best_val_acc"])
+        metrics["exported_seed"] = max(ok, key=lambda s: s["best_val_acc"])["seed"]
+        exported = run_dir(out, WINNER, metrics["exported_seed"])
+    if exported is not None:
         for f in EXPORTS:
-            src = out / f"seed-{top['seed']}" / f
-            if src.exists():  # model.onnx is missing where its check failed (model.json says why)
-                shutil.copy2(src, out / f)
+            if (exported / f).exists():  # model.onnx is missing where its check failed (model.json says why)
+                shutil.copy2(exported / f, out / f)
             elif (out / f).exists():
                 (out / f).unlink()
-        metrics["exported_seed"] = top["seed"]
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -227,11 +234,10 @@ def final_progress(rec: FinalRecord) -> Any:
     """The final stage's progress lines (fer_tune.tune.runtime.progress): per seed, its train and fine-tune epochs."""
     from ..runtime.progress import TrialProgress
 
-    total = len(rec["seeds"]) * (1 + len(rec.get("baselines", {})) + len(rec.get("members", [])))
     return TrialProgress(
         metric="val_acc",
         mode="max",
-        total=total,
+        total=run_count(rec),
         name=_seed_name,
         ended=_seed_ended,
         epochs={"train": rec["config"]["epochs"], "finetune": rec["finetune"]["epochs"]},

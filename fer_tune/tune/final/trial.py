@@ -65,6 +65,7 @@ def seed_trial(
     from ...train import save_checkpoint
 
     seed, arm = int(config["seed"]), config.get("arm", WINNER)
+    member = arm == WINNER or is_member(arm)  # exported, and in an ensemble (a baseline is measured only)
     cfg = TrainConfig.from_dict({**(base if arm == WINNER else (arms or {})[arm]), "seed": seed}, source="final config")
     device = select_device()
     ckpt = tune.get_checkpoint()
@@ -99,8 +100,8 @@ def seed_trial(
         device=device,
         eval_every=eval_every,
         track_crops=track_crops,
-        export=arm == WINNER or is_member(arm),
+        export=member,
         provenance=provenance,
         schedule=(schedules or {}).get(arm),
-        keep_logits=ensemble and (arm == WINNER or is_member(arm)),
+        keep_logits=ensemble and member,
     )
