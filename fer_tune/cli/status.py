@@ -77,12 +77,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _top(s: dict, marks: dict[int, str]) -> list[dict]:
     """The rows worth a line in a large study, in trial order: the TOP best by the metric, the marked ones (the
     best, its ties, the collapsed) and every trial that is not finished."""
-    rows, metric = s["rows"], s["metric"]
+    from ..tune.study.outputs import ranked
+
+    rows = s["rows"]
     if len(rows) <= TOP:
         return rows
-    scored = [r for r in rows if r[f"best_{metric}"] != ""]
-    scored.sort(key=lambda r: float(r[f"best_{metric}"]), reverse=s["objectives"][0][1] == "max")
-    keep = {r["number"] for r in scored[:TOP]} | set(marks)
+    keep = {r["number"] for r in ranked(rows, *s["objectives"][0])[:TOP]} | set(marks)
     keep |= {r["number"] for r in rows if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")}
     return [r for r in rows if r["number"] in keep]
 

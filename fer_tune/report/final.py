@@ -95,6 +95,8 @@ def final_section(page: Page, fin: dict) -> None:
         )
         return
     runs = _seed_runs(fin)
+    ok = [s for s in (m or {}).get("seeds", []) if _complete(s)]
+    lines = test_lines(ok[0]) if ok else []  # chance, and the test split's majority rate once it is known
     if m and m.get("status") == "complete":
         state = "complete"
     elif m:
@@ -137,8 +139,6 @@ def final_section(page: Page, fin: dict) -> None:
     ]
     parts.append(key_table(items, id="final-table"))
     if runs:
-        done = [s for s in (m or {}).get("seeds", []) if _complete(s)]
-        lines = test_lines(done[0]) if done else []  # chance, and the test split's majority rate once it is known
         parts.append(page.figure(curves_figure(runs, lines), "final-curves"))
         if ft.get("on") == "train+val":
             parts.append(
@@ -148,7 +148,6 @@ def final_section(page: Page, fin: dict) -> None:
     if not m:
         _saliency(parts, fin["dir"], sorted(runs) or info.get("seeds", []))
         return
-    ok = [s for s in m.get("seeds", []) if _complete(s)]
     if not ok:
         parts.append('<p class="note">No seed completed: no test evaluation to show.</p>')
         return
@@ -168,7 +167,7 @@ def final_section(page: Page, fin: dict) -> None:
         parts.append(_baseline_table(m))
     if m.get("ensemble"):
         parts.append(_ensemble_table(m["ensemble"], m.get("baseline")))
-    parts.append(page.figure(accuracy_figure(agg, test_lines(ok[0])), "final-accuracy"))
+    parts.append(page.figure(accuracy_figure(agg, lines), "final-accuracy"))
     parts.append(page.figure(confusion_figure(ok), "final-confusion"))
     parts.append(page.figure(per_class_figure(ok), "final-per-class"))
     _saliency(parts, fin["dir"], [s["seed"] for s in ok])

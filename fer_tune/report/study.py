@@ -22,7 +22,7 @@ from typing import Any
 
 from ..common import FerTuneError, shipped
 from ..tune.runtime.lock import running_line
-from ..tune.study.outputs import status_summary, study_results
+from ..tune.study.outputs import ranked, status_summary, study_results
 from ..tune.study.record import StudyRecord, load_optuna_study, read_study
 from ..tune.study.spec import objectives
 from . import final as report_final
@@ -224,9 +224,7 @@ def _summary_section(page: Page, sdir: Path, record: StudyRecord, s: dict) -> No
     note = f"The best trial ({best['number']}) is highlighted." if best else ""
     top = s["rows"]
     if len(top) > TOP_TRIALS:  # a large study: its best trials first, all of them folded below
-        sign = -1 if spec["mode"] == "max" else 1
-        top = sorted((r for r in top if r[f"best_{metric}"] != ""), key=lambda r: sign * float(r[f"best_{metric}"]))
-        top = top[:TOP_TRIALS]
+        top = ranked(top, metric, spec["mode"])[:TOP_TRIALS]
         note = f"The best {len(top)} of {len(s['rows'])} trials by {metric}; every trial in the table below it. {note}"
     parts.append(
         "<h3>Trials</h3>"

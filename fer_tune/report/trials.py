@@ -4,6 +4,7 @@ scheduler, dropout, architecture) and the class-aware view (per-emotion val reca
 from __future__ import annotations
 
 from ..common import EMOTIONS
+from ..tune.study.outputs import ranked
 from .guides import add_lines, pct_title
 from .html import Page, fmt, params_text, table
 
@@ -33,16 +34,16 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, line
     metric = spec["metric"]
     parts = page.section("curves", f"Learning curves ({metric} per epoch, every trial)")
     fig = go.Figure()
-    sign = 1 if spec["mode"] == "max" else -1
-    scored = sorted((r for r in rows if r[f"best_{metric}"] != ""), key=lambda r: -sign * r[f"best_{metric}"])
+    scored = ranked(rows, metric, spec["mode"])
     best = scored[0] if scored else None
-    drawn = [r for r in rows if any(metric in x for x in results.get(r["ray_trial_id"], []))]
+    series = {r["number"]: [x for x in results.get(r["ray_trial_id"], []) if metric in x] for r in rows}
+    drawn = [r for r in rows if series[r["number"]]]
     top = {r["number"] for r in scored[:TOP_CURVES]} | {r["number"] for r in drawn if r["state"] == "RUNNING"}
     faint = [r for r in drawn if r["number"] not in top] if len(drawn) > TOP_CURVES else []
     if faint:  # one light trace for the rest: a study of 1,000 trials stays readable (and small)
         xs, ys = [], []
         for r in faint:
-            res = [x for x in results[r["ray_trial_id"]] if metric in x]
+            res = series[r["number"]]
             xs += [x["epoch"] for x in res] + [None]
             ys += [x[metric] for x in res] + [None]
         fig.add_trace(
@@ -59,7 +60,7 @@ def curves_section(page: Page, spec: dict, rows: list[dict], results: dict, line
     for r in drawn:
         if faint and r["number"] not in top:
             continue
-        res = [x for x in results.get(r["ray_trial_id"], []) if metric in x]
+        res = series[r["number"]]
         # a trial Tune holds as pending or paused while the study runs is drawn as running
         status = "running" if r["state"] == "RUNNING" and r["status"] != "interrupted" else r["status"]
         color, dash, symbol = STATUS_STYLE.get(status, RUNNING_STYLE)
@@ -235,11 +236,7 @@ def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> No
         at = {x["epoch"]: x for x in results.get(r["ray_trial_id"], [])}.get(r["best_epoch"] or -1, {})
         if any(f"val_recall_{e}" in at for e in EMOTIONS):
             recalls[r["number"]] = [at.get(f"val_recall_{e}") for e in EMOTIONS]
-    scored = sorted(
-        (r for r in rows if r[key] != "" and r["number"] in recalls),
-        key=lambda r: r[key],
-        reverse=spec["mode"] == "max",
-    )
+    scored = [r for r in ranked(rows, spec["metric"], spec["mode"]) if r["number"] in recalls]
     if not scored:
         parts.append(
             '<p class="note">No trial reported per-class recall (trials trained before fer-tune reported '
@@ -271,10 +268,10 @@ def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> No
     parts.append(page.figure(fig, "class-recall"))
     for emotion in ("disgust", "fear"):
         i = EMOTIONS.index(emotion)
-        ranked = sorted(
+        by_recall = sorted(
             (r for r in scored if recalls[r["number"]][i] is not None), key=lambda r: -recalls[r["number"]][i]
         )[:3]
-        if ranked and not any(recalls[r["number"]][i] for r in ranked):
+        if by_recall and not any(recalls[r["number"]][i] for r in by_recall):
             parts.append(
                 f'<h3>Best {emotion} recall</h3><p class="note">No trial recognised any {emotion} face of the val '
                 f"split at its best epoch (recall 0 in all {len(scored)} trials with a value).</p>"
@@ -284,7 +281,7 @@ def class_section(page: Page, spec: dict, rows: list[dict], results: dict) -> No
             f"<h3>Best {emotion} recall</h3>"
             + table(
                 ["trial", f"{emotion} recall %", key, "params"],
-                [[r["number"], fmt(recalls[r["number"]][i], 1), fmt(r[key]), params_text(r)] for r in ranked],
+                [[r["number"], fmt(recalls[r["number"]][i], 1), fmt(r[key]), params_text(r)] for r in by_recall],
                 {0, 1, 2},
             )
         )

@@ -262,13 +262,23 @@ def status_summary(sdir: str | Path, record: StudyRecord, scanned: tuple | None 
     }
 
 
-def pick_best(rows: list[dict], spec: dict) -> dict | None:
-    """The trial the final stage takes by default: the best first metric among the trials that did not fail; in
-    a multi-objective study among the Pareto front's trials (completed ones: a trial stopped early has no values)."""
-    key = f"best_{spec['metric']}"
+def ranked(rows: list[dict], metric: str, mode: str) -> list[dict]:
+    """The trials.csv rows that scored `metric`, best first by their best value (`mode` max or min)."""
+    key = f"best_{metric}"
+    return sorted((r for r in rows if r[key] != ""), key=lambda r: float(r[key]), reverse=mode == "max")
+
+
+def finalists(rows: list[dict], spec: dict) -> list[dict]:
+    """The trials a final stage may take, best first by the first metric: those that did not fail; in a
+    multi-objective study the Pareto front's (completed ones: a trial stopped early has no values)."""
     multi = len(objectives(spec)) > 1
-    scored = [r for r in rows if r[key] != "" and r["state"] != "FAIL" and (not multi or r.get("pareto") == "yes")]
-    return (max if spec["mode"] == "max" else min)(scored, key=lambda r: float(r[key])) if scored else None
+    kept = [r for r in rows if r["state"] != "FAIL" and (not multi or r.get("pareto") == "yes")]
+    return ranked(kept, spec["metric"], objectives(spec)[0][1])
+
+
+def pick_best(rows: list[dict], spec: dict) -> dict | None:
+    """The trial the final stage takes by default: the first of finalists()."""
+    return next(iter(finalists(rows, spec)), None)
 
 
 def best_trial(

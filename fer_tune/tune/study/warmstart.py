@@ -95,12 +95,10 @@ def best_configs(sdir: Path, record: dict, spec: StudySpec, k: int) -> list[dict
     """The study's K best distinct configurations (fewer when it has fewer): its trials that reported its metric
     (of a multi-objective study, those on the Pareto front), best first by the (first) metric, a configuration
     tried twice taken once; each as best_trial gives it (number, value, params, full config)."""
-    from .outputs import best_trial, trials_table
+    from .outputs import best_trial, finalists, trials_table
 
-    key = f"best_{spec.metric}"
     table = trials_table(sdir, record)  # read once for all K
-    rows = [r for r in table if r[key] != "" and r["state"] != "FAIL" and (not spec.multi or r.get("pareto"))]
-    rows.sort(key=lambda r: float(r[key]), reverse=spec.mode == "max")
+    rows = finalists(table, spec.to_dict())
     out: list[dict] = []
     seen: set = set()
     for r in rows:
