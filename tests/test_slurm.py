@@ -463,6 +463,7 @@ def test_study_runs_on_both_nodes(slurm, job_env, shared):
         if f.is_file():
             assert token.encode() not in f.read_bytes(), f
     assert not list(Path("/tmp").glob(f"rj{job}_*"))  # Ray's temp dirs removed
+    assert not list(sdir.glob("ray-*.log"))  # and its start-up logs, every node having joined
 
 
 @pytest.mark.slow
@@ -517,11 +518,12 @@ def test_scancel_ends_the_chain_then_resume_and_final_stage(slurm, job_env, shar
     assert slurm.job(job)["JobState"] == "CANCELLED"
     log = log_of(sdir, job)
     assert "SLURM stops the job" in log and "allocation 2 " not in log and "requeueing" not in log, log
-    for leftover in Path("/tmp").glob(f"rj{job}_*"):  # Ray's temp dirs: SLURM kills the script before it removes them
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    # Ray's temp dirs: the other node's Ray, stopped by SLURM, removed its own; the head's went once the driver
+    # ended, when SLURM let the script live that long (KillWait)
+    left = {p.name for p in Path("/tmp").glob(f"rj{job}_*")}
+    assert left <= ({f"rj{job}_0.0"} if "stopped by SLURM" not in log else set()), (left, log)
+    for leftover in left:
+        shutil.rmtree(Path("/tmp") / leftover, ignore_errors=True)
 
     last = sessions(sdir)[-1]  # the driver was killed with Ray: its session ended interrupted or not at all
     assert last["slurm"]["job_id"] == job and last.get("outcome", "interrupted") == "interrupted", last

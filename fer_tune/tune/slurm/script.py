@@ -122,6 +122,7 @@ RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')
 export RAY_AUTH_TOKEN
 export RAY_PORT=$((20000 + SLURM_JOB_ID % 1000 * 40))   # this job's ports: RAY_PORT .. RAY_PORT + 39
 export RAY_DIRS=/tmp/rj${{SLURM_JOB_ID}}_$allocation        # short: Ray's socket paths must fit in 107 characters
+export RAY_LOGS={shlex.quote(str(log_dir))}/ray-${{SLURM_JOB_ID}}_$allocation  # each node's `ray start` output
 # the head's address, and Ray Client's port when Ray Client is installed (else Ray refuses the option)
 read -r RAY_HEAD_IP client < <({python} -c 'import socket
 from ray._private.utils import get_ray_client_dependency_error as missing
@@ -134,13 +135,22 @@ print(ip, "yes" if missing() is None else "no")')
 export RAY_HEAD_IP
 client_port=()
 [ "$client" = yes ] && client_port=(--ray-client-server-port=$((RAY_PORT + 1)))
-ray_node() {{  # ray_node INDEX OPTIONS: Ray on this node until the job ends, with a temp dir and agent port of its own
-    local id=$1
+ray_node() {{  # ray_node INDEX OPTIONS: Ray on this node until the job ends, with a temp dir and agent port of its
+    # own. On the other nodes, stopped by SLURM's SIGTERM (scancel, a preemption, `scontrol requeue`: every process of
+    # the job gets it, and this script may be killed before stop_ray), it removes its temp dir; one that ended on
+    # its own (it did not join, it crashed) keeps it for its logs. The head's goes in stop_ray, once the driver,
+    # which stages the study's state in it, has ended. No drain on SIGTERM: it waits up to 30 s for a head that
+    # stops too.
+    local id=$1 pid stopped=0
     shift
     # shellcheck disable=SC2086
-    exec "$RAY_BIN" start --block --temp-dir="$RAY_DIRS.$id" --num-cpus="$CPUS_PER_NODE" \\
-        --num-gpus="$GPUS_PER_NODE" --dashboard-agent-listen-port=$((RAY_PORT + 2 + id % 38)) \\
-        --disable-usage-stats "$@" $RAY_START_ARGS
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "$RAY_BIN" start --block --temp-dir="$RAY_DIRS.$id" \\
+        --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --dashboard-agent-listen-port=$((RAY_PORT + 2 + id % 38)) \\
+        --disable-usage-stats "$@" $RAY_START_ARGS >"$RAY_LOGS.$id.log" 2>&1 &
+    pid=$!
+    trap 'stopped=1; kill -TERM $pid 2>/dev/null' TERM
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trap ends `wait`: wait again
+    [ "$stopped" = 1 ] && [ "$id" != 0 ] && rm -rf "$RAY_DIRS.$id"
 }}
 earlier_dirs() {{  # what SLURM left of this job's earlier allocations on this node (a killed Ray's temp dirs)
     local a
@@ -150,20 +160,21 @@ export allocation
 export -f ray_node earlier_dirs
 earlier_dirs
 ray_node 0 --head --port="$RAY_PORT" "${{client_port[@]}}" --include-dashboard=false \\
-    --node-ip-address="$RAY_HEAD_IP" >"$RAY_DIRS.0.log" 2>&1 &
+    --node-ip-address="$RAY_HEAD_IP" &
 ray_pids=($!)
 if [ "${{#nodes[@]}}" -gt 1 ]; then  # SLURM_NODEID counts the step's nodes: 0 .. nodes - 2
     srun --overlap --nodes=$((${{#nodes[@]}} - 1)) --ntasks=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 \\
         --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 \\
-        bash -c 'earlier_dirs; ray_node $((SLURM_NODEID + 1)) --address="$RAY_HEAD_IP:$RAY_PORT" >"$RAY_DIRS.$((SLURM_NODEID + 1)).log" 2>&1' \\
-        2>"$RAY_DIRS.srun.log" &
+        bash -c 'earlier_dirs; ray_node $((SLURM_NODEID + 1)) --address="$RAY_HEAD_IP:$RAY_PORT"' \\
+        2>"$RAY_LOGS.srun.log" &
     ray_pids+=($!)
 fi
-stop_ray() {{  # this job's Ray only (`ray stop` would stop every Ray of this user on the node)
+stop_ray() {{  # this job's Ray only (`ray stop` would stop every Ray of this user on the node); its temp dirs and
+    # start-up logs are kept when a node did not join
     kill -TERM "${{ray_pids[@]}}" 2>/dev/null
     wait "${{ray_pids[@]}}" 2>/dev/null
-    if [ "$ready" = 0 ]; then  # Ray's start-up logs are kept when a node did not join
-        rm -rf "$RAY_DIRS".*
+    if [ "$ready" = 0 ]; then  # (srun ends its tasks without the signal ray_node waits for: their dirs go here)
+        rm -rf "$RAY_DIRS".* "$RAY_LOGS".*.log
         [ "${{#nodes[@]}}" -gt 1 ] && srun --overlap --nodes=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 \\
             --exclude="$SLURMD_NODENAME" bash -c 'rm -rf "$RAY_DIRS".*' 2>/dev/null
     fi
@@ -228,7 +239,7 @@ elif [ "$got" = TERM ]; then
     say "stopped by SLURM (exit $rc)"
 else
     say "fer-tune ended with exit $rc; not requeued (see the lines above)"
-    [ "$ready" != 0 ] && say "Ray's start-up logs: $RAY_DIRS.*.log on the job's nodes"
+    [ "$ready" != 0 ] && say "Ray's start-up logs: $RAY_LOGS.*.log"
 fi
 exit "$rc"
 """
