@@ -350,6 +350,15 @@ def test_s3_storage_sweep_interrupted_then_resumed(ray_env, env, tmp_path, monke
         ]
         assert max(starts) > 0  # a trial continued from its checkpoint in S3
         assert any(int(row["restarts"]) >= 1 for row in rows)
+
+        # the study's own optuna.db lost: repair rebuilds it from the trials' results in S3
+        (sdir / "optuna.db").unlink()
+        r = cli(env, "repair", sdir)
+        assert r.returncode == 0 and "2 trials" in r.stdout, r.stdout + r.stderr
+        again = study_trials(sdir)
+        assert [(t.number, t.state, t.params, t.values) for t in again] == [
+            (t.number, t.state, t.params, t.values) for t in trials
+        ]
     finally:
         server.stop()
 

@@ -145,3 +145,46 @@ def test_a_damaged_database_of_a_killed_sweep_is_rebuilt_and_the_study_resumes(t
         before = rebuilt.get(t.user_attrs["ray_trial_id"])
         if before is not None and before.state.is_finished():
             assert _same(t) == _same(before)
+
+
+def test_the_searcher_states_of_a_study_in_an_object_store_are_read_and_renumbered(tmp_path, monkeypatch):
+    """A study whose Ray storage is S3: repair reads the order its searcher numbered the trials in from Tune's saved
+    searcher states there, and points them at the rebuilt database's trials, as it does in a local study."""
+    pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extra) for the S3 test")
+    import pickle
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from fer_tune.tune.runtime import storage as st
+    from fer_tune.tune.runtime.layout import searcher_states
+    from fer_tune.tune.study import repair
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3").create_bucket(Bucket="fer")
+        record = {"ray_storage": "s3://fer/studies/t", "runs": [{"dir": "tune"}, {"dir": "extend-1"}]}
+        exp = "s3://fer/studies/t/tune"
+        saved = {repair.TRIAL_IDS: {"a1": 1, "b2": 2, "c3": 3}, "searcher": "kept"}
+        st.write_bytes(st.join(exp, "searcher-state-2026-12-01_10-00-00.pkl"), pickle.dumps(saved))
+        st.write_text(st.join(exp, "experiment_state-2026-12-01_10-00-00.json"), "{}")
+        (path,) = searcher_states(exp)
+        assert path == "s3://fer/studies/t/tune/searcher-state-2026-12-01_10-00-00.pkl"
+        assert repair._saved_ids(path) == {"a1": 1, "b2": 2, "c3": 3}
+        assert searcher_states("s3://fer/studies/t/extend-1") == []
+
+        assert repair._renumber_searcher_states(tmp_path, record, {"a1": 1, "b2": 3, "c3": 2}) == 1
+        assert pickle.loads(st.read_bytes(path)) == {**saved, repair.TRIAL_IDS: {"a1": 1, "b2": 3, "c3": 2}}
+        assert repair._renumber_searcher_states(tmp_path, record, {"a1": 1, "b2": 3, "c3": 2}) == 0
+    finally:
+        server.stop()

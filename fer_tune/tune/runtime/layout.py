@@ -115,10 +115,11 @@ def experiment_trials(exp_dir: str | Path, *, unsaved: bool = False) -> list[dic
     return sorted(out, key=made)
 
 
-def searcher_states(exp_dir: str | Path) -> list[Path]:
-    """The searcher's saved states (searcher-state-STAMP.pkl) of a local Ray experiment, one per driver session."""
-    exp = Path(str(exp_dir))
-    return [] if is_uri(exp_dir) or not exp.is_dir() else sorted(exp.glob(SEARCHER_PREFIX + "*.pkl"))
+def searcher_states(exp_dir: str | Path) -> list[str]:
+    """The searcher's saved states (searcher-state-STAMP.pkl) of a Ray experiment (a path or URI), one per driver
+    session, oldest first."""
+    names = [n for n in listdir(exp_dir) if n.startswith(SEARCHER_PREFIX) and n.endswith(".pkl")]
+    return [join(str(exp_dir), n) for n in names]
 
 
 def _json_value(raw: Any) -> Any:

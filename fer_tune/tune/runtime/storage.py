@@ -173,6 +173,21 @@ def read_text(loc: str | Path) -> str | None:
         return None
 
 
+def read_bytes(loc: str | Path) -> bytes | None:
+    """A file's bytes, or None if it does not exist."""
+    if not is_uri(loc):
+        try:
+            return Path(loc).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+    fs, path = _fs(str(loc))
+    try:
+        with _reading(str(loc)), fs.open_input_stream(path) as fh:
+            return fh.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
 def size(loc: str | Path) -> int:
     """A file's size in bytes, 0 if it does not exist."""
     if not is_uri(loc):
@@ -187,14 +202,23 @@ def size(loc: str | Path) -> int:
 
 
 def write_text(loc: str, text: str) -> None:
+    write_bytes(loc, text.encode())
+
+
+def write_bytes(loc: str, data: bytes) -> None:
+    """Write a file whole: a reader sees the old one or the new one (locally through a .NAME.part file, which
+    readers of Tune's directories ignore; an object store's PUT is whole)."""
     if not is_uri(loc):
-        Path(loc).parent.mkdir(parents=True, exist_ok=True)
-        Path(loc).write_text(text)
+        path = Path(loc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.part")
+        part.write_bytes(data)
+        os.replace(part, path)
         return
     fs, path = _fs(loc)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as fh:
-        fh.write(text.encode())
+        fh.write(data)
 
 
 def delete(loc: str, *, tree: bool = False) -> None:

@@ -24,7 +24,7 @@ from ...common import FerTuneError
 from ..runtime import internals as ri
 from ..runtime.layout import experiment_trials, searcher_states
 from ..runtime.lock import acquire
-from ..runtime.storage import experiment_dir
+from ..runtime.storage import experiment_dir, read_bytes, write_bytes
 from .database import database_damage, own_database
 from .outputs import has_unfinished, study_results, write_trials_csv
 from .record import OWN_DB, StudyRecord, optuna_lib, read_study, study_spec
@@ -116,10 +116,9 @@ def rebuilt_trials(sdir: Path, record: StudyRecord, spec: StudySpec) -> tuple[li
     return trials, skipped, {k: v for k, v in old_ids.items() if k not in skipped}
 
 
-def _saved_ids(path: Path) -> dict[str, int]:
+def _saved_ids(path: str) -> dict[str, int]:
     try:
-        with open(path, "rb") as fh:
-            ids = pickle.load(fh).get(TRIAL_IDS, {})
+        ids = pickle.loads(read_bytes(path) or b"").get(TRIAL_IDS, {})
     except Exception:  # a state cut off or from another release: the trials keep the order Tune made them in
         return {}
     return {str(k): int(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
@@ -218,8 +217,7 @@ def _renumber_searcher_states(sdir: Path, record: StudyRecord, ids: dict[str, in
     for run in record["runs"]:
         for path in searcher_states(experiment_dir(sdir, record, run)):
             try:
-                with open(path, "rb") as fh:
-                    state = pickle.load(fh)
+                state = pickle.loads(read_bytes(path) or b"")
             except Exception:
                 continue
             old = state.get(TRIAL_IDS)
@@ -229,8 +227,6 @@ def _renumber_searcher_states(sdir: Path, record: StudyRecord, ids: dict[str, in
             if new == old:
                 continue
             state[TRIAL_IDS] = new
-            tmp = path.with_name(f".{path.name}.part")  # a resume ignores part files
-            tmp.write_bytes(pickle.dumps(state))
-            os.replace(tmp, path)
+            write_bytes(path, pickle.dumps(state))
             n += 1
     return n
