@@ -316,7 +316,8 @@ def test_script_of_the_pbt_stage(shared, no_slurm):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     lines = sbatch_lines(text)
     for want in ("--job-name=fer-tune-t-pbt", "--nodes=2", "--time=12:00:00", f"--output={sdir}/pbt/slurm-%j.log",
-                 "--requeue", "--signal=B:USR1@120"):  # fmt: skip
+                 "--requeue", "--signal=B:USR1@120",
+                 "--cpus-per-task=3"):  # the population of 4 at once on 2 nodes: 2 members and the driver # fmt: skip
         assert want in lines, (want, lines)
     driver = f"pbt {sdir} {' '.join(pbt)} --method pbt --force --quiet"
     assert f"FIRST=({driver})" in text and f"AGAIN=({driver})" in text  # `fer-tune pbt` continues itself
@@ -329,6 +330,14 @@ def test_script_of_the_pbt_stage(shared, no_slurm):
     r = slurm_cli(no_slurm, sdir, "--pbt")  # every setting the driver's default
     assert r.returncode == 0, r.stderr
     assert f"FIRST=(pbt {sdir})" in script.read_text()
+    # a GPU study's population of 6 at half a GPU each on one node: 3 GPUs, 6 CPUs and 1 for the driver
+    record = json.loads((sdir / "study.json").read_text())
+    record["spec"]["resources"] = {"cpu": 1, "gpu": 0.5}
+    (sdir / "study.json").write_text(json.dumps(record))
+    r = slurm_cli(no_slurm, sdir, "--pbt", "--top-k", "3", "--population", "6")
+    assert r.returncode == 0, r.stderr
+    lines = sbatch_lines(script.read_text())
+    assert "--gres=gpu:3" in lines and "--cpus-per-task=7" in lines and "--nodes=1" in lines, lines
     # the final stage that replays the PBT stage's best member goes where `fer-tune final --from-pbt` writes
     r = slurm_cli(no_slurm, sdir, "--final", "--from-pbt")
     assert r.returncode == 0, r.stderr

@@ -95,12 +95,13 @@ def _refuse(args: argparse.Namespace, table: tuple, why: str) -> None:
         raise FerTuneError(f"{' '.join(given)}: {why}")
 
 
-def _default_cpus(resources: dict, gpus_per_node: int) -> int:
-    """CPUs for one node: the trials its GPUs hold (4 trials without GPUs) times a trial's CPUs, and 1 for the
-    driver."""
+def _default_cpus(resources: dict, gpus_per_node: int, trials: int | None = None) -> int:
+    """CPUs for one node: `trials` (default: those its GPUs hold, 4 without GPUs) times a trial's CPUs, and 1 for
+    the driver."""
     per_trial = float(resources.get("cpu", 1) or 1)
     gpu = float(resources.get("gpu", 0) or 0)
-    trials = int(gpus_per_node / gpu + 1e-9) if gpu and gpus_per_node else 4
+    if trials is None:
+        trials = int(gpus_per_node / gpu + 1e-9) if gpu and gpus_per_node else 4
     return max(2, math.ceil(trials * per_trial) + 1)
 
 
@@ -116,6 +117,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     common = _given(args, COMMON_OPTIONS)
     force = ["--force"] if args.force else []
     storage = data = None
+    per_node = None  # the runs each node holds at once, where the stage needs them all at once
     if args.final and args.pbt:
         raise FerTuneError("--final and --pbt: one stage per job; write one for each (the final one with --from-pbt)")
     sweep_given = SWEEP_OPTIONS + (("--name", "name", True),)
@@ -142,7 +144,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
         _refuse(args, tuple(o for o in FINAL_OPTIONS if o not in PBT_OPTIONS), "final-stage options need --final")
         _refuse(args, MLFLOW_OPTION, "the PBT stage does not log to MLflow")
-        settings_of({dest: getattr(args, dest) for _, dest, _ in PBT_OPTIONS}, record["spec"]["max_epochs"])
+        pbt = settings_of({dest: getattr(args, dest) for _, dest, _ in PBT_OPTIONS}, record["spec"]["max_epochs"])
+        per_node = math.ceil(pbt["population"] / args.nodes)  # the population trains at once, spread on the nodes
         out = sdir / PBT_DIR
         first = again = ["pbt", str(sdir), *_given(args, PBT_OPTIONS), *force, *common]
         what, name, stage_name = f"the PBT stage of study {sdir.name}", f"{sdir.name}-pbt", "PBT stage"
@@ -182,11 +185,11 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         what, name, stage_name = f"the study {sdir.name}", sdir.name, "study"
     gpus = args.gpus_per_node
     if gpus is None:
-        gpus = math.ceil(float(resources.get("gpu", 0) or 0))
+        gpus = math.ceil(float(resources.get("gpu", 0) or 0) * (per_node or 1) - 1e-9)
     job = slurm.Job(
         nodes=args.nodes,
         gpus_per_node=gpus,
-        cpus_per_node=args.cpus_per_node or _default_cpus(resources, gpus),
+        cpus_per_node=args.cpus_per_node or _default_cpus(resources, gpus, per_node),
         time=args.time,
         partition=args.partition,
         account=args.account,
@@ -280,14 +283,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     j = p.add_argument_group("the job")
     j.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     j.add_argument(
-        "--gpus-per-node", type=int, default=None, help="GPUs per node (default: 1 when a trial asks for a GPU, else 0)"
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node (default: 1 when a trial asks for a GPU, else 0; --pbt: its population's share of them, "
+        "all members at once)",
     )
     j.add_argument(
         "--cpus-per-node",
         type=int,
         default=None,
         help="CPUs per node (default: a trial's CPUs times the trials a node's GPUs hold, or 4 trials without "
-        "GPUs, plus 1 for the driver)",
+        "GPUs, or --pbt's members a node holds, plus 1 for the driver)",
     )
     j.add_argument(
         "--time",
