@@ -200,16 +200,15 @@ def fer_tune(env, *args, timeout=300, cwd=None, num_cpus: int | None = 2, proces
     return run_in_process(env, argv[3:], cwd=cwd)
 
 
-def pausing(env: dict, marker: Path, results: int = 3, saved: bool = True) -> dict:
+def pausing(env: dict, marker: Path, results: int = 3) -> dict:
     """`env` for a driver that pauses (fer_tune.tune.runtime.progress.PauseAfter) once it has handled `results`
     trial results (with 2 trials at once, one of them has reported 2 epochs) and Tune has saved its state after
-    them (`saved=False`: as the last of them arrives, before Tune takes its checkpoint), and then writes `marker`:
-    a known point to kill it at (kill_at_pause)."""
-    from fer_tune.tune.runtime.progress import PAUSE_ENV, UNSAVED
+    them, and then writes `marker`: a known point to kill it at (kill_at_pause)."""
+    from fer_tune.tune.runtime.progress import PAUSE_ENV
 
     # Tune saves its state at every step (not every 3 s): the pause comes right after the N-th result, before
     # fast trials have run on
-    return {**env, PAUSE_ENV: f"{results}:{'' if saved else UNSAVED}{marker}", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    return {**env, PAUSE_ENV: f"{results}:{marker}", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
 def kill_at_pause(proc, marker: Path, within: float = 240.0) -> None:

@@ -232,14 +232,6 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_pat
     from ray.tune.experiment import config_parser
 
     assert 'storage=spec.get("storage")' in inspect.getsource(config_parser._create_trial_from_spec)  # new trials
-    from ray.train._internal.storage import StorageContext
-    from ray.tune import TuneContext
-
-    assert callable(TuneContext.get_storage)  # a trial's storage: where its checkpoints are, how the next is named
-    storage = StorageContext(str(tmp_path), "e", trial_dir_name="t")
-    assert all(hasattr(storage, a) for a in ri.TRIAL_STORAGE_ATTRS) and storage.current_checkpoint_index == -1
-    storage.current_checkpoint_index = 2
-    assert storage.checkpoint_fs_path.endswith("checkpoint_000002")
 
 
 @pytest.mark.parametrize("name", ["ray", "optuna"])

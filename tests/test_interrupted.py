@@ -312,36 +312,6 @@ def test_an_interrupted_study_moved_elsewhere_is_resumed_where_it_is(tmp_path, e
     assert len([d for d in (sdir / "tune").iterdir() if (d / "result.json").is_file()]) == 4
 
 
-def test_a_driver_killed_before_tune_took_a_trials_checkpoint_continues_the_trial_from_it(tmp_path, env):
-    """A driver killed as a trial's first result arrives: the trial has written its checkpoint to the storage, but
-    Tune takes it a turn of its loop later, so its saved state names none. The resume continues the trial from
-    that checkpoint instead of training it from the start, and writes its next checkpoints beside it, not over
-    it. (The same gap loses a trial's checkpoint when its node is lost right after a result.)"""
-    space = write_space(tmp_path, num_samples=2, max_epochs=3, early_stopping={"type": "none"})
-    marker = tmp_path / "paused"
-    proc = subprocess.Popen(
-        cli_args("sweep", space, "--results", tmp_path / "results", "--max-concurrent", "1", "--quiet"),
-        env=pausing(env, marker, results=1, saved=False),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    kill_at_pause(proc, marker)
-    sdir = tmp_path / "results" / "t"
-    (first,) = [d for d in (sdir / "tune").iterdir() if (d / "checkpoint_000000").is_dir()]
-    r = fer_tune(env, "resume", sdir, "--quiet")
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    _all_finished_once(sdir, 2)
-    rows = list(layout.trial_results(first))
-    assert [row["epoch"] for row in rows][-2:] == [2, 3] and rows[-1]["start_epoch"] == 1, rows
-    assert [p.name for p in (first / "checkpoint_000000").glob("result-*.json")] == ["result-1.json"]
-    assert {p.name for p in first.glob("checkpoint_*/result-*.json")} == {
-        "result-1.json",
-        "result-2.json",
-        "result-3.json",
-    }
-
-
 def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_path, monkeypatch, capsys):
     """What a sweep on a full scratch disk met (a trial's checkpoint, then optuna.db, then ray.log): 2,371 lines of
     tracebacks. Now one line, exit 130 like an interrupted study; `fer-tune resume` continues it later."""

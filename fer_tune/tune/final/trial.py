@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from ...recipe import SeedState, run_seed
-from ..runtime.checkpoints import handed, restore, scalars
+from ..runtime.checkpoints import restore, scalars
 from ..runtime.trial import device_seconds, report, where
 from .ensemble import WINNER, is_member
 
@@ -58,6 +58,7 @@ def seed_trial(
     """`arms`: the TrainConfig of every arm but the winner's (`base`): an ensemble's other members (exported, as
     the winner) and the baselines (measured only); `schedules`: {arm: a PBT member's schedule to replay};
     `ensemble`: the winner and the members keep their test logits."""
+    from ray import tune
 
     from ...config import TrainConfig
     from ...device import select_device
@@ -67,7 +68,7 @@ def seed_trial(
     member = arm == WINNER or is_member(arm)  # exported, and in an ensemble (a baseline is measured only)
     cfg = TrainConfig.from_dict({**(base if arm == WINNER else (arms or {})[arm]), "seed": seed}, source="final config")
     device = select_device()
-    ckpt = handed()
+    ckpt = tune.get_checkpoint()
     state = (restore(ckpt, _load_state, order=progress_order) if ckpt is not None else None) or SeedState(seed, arm)
     about = {**where(device), "resumed_at": state.epochs_done()}
 

@@ -65,14 +65,14 @@ def member_trial(config: dict, *, bases: list, data: dict, weight: float, mutate
     from ...device import select_device
     from ...recipe import ArraySplits
     from ...train import fit, save_checkpoint
-    from ..runtime.checkpoints import handed, restore, scalars
+    from ..runtime.checkpoints import restore, scalars
     from ..runtime.trial import device_seconds, report, where
 
     origin = int(config[ORIGIN])
     cfg = TrainConfig.from_dict({**bases[origin], **{k: config[k] for k in mutate}}, source="member config")
     values = {k: getattr(cfg, k) for k in mutate}
     trial_id = tune.get_context().get_trial_id()
-    ckpt = handed()
+    ckpt = tune.get_checkpoint()
     state, lineage = (restore(ckpt, _load) if ckpt is not None else None) or (None, None)
     lineage, schedule, since = continued(state, lineage, trial_id, values, origin, cfg.epochs)
     lineage = {**lineage, "trial_id": trial_id, "since": since}

@@ -12,11 +12,6 @@ time. So fer-tune runs Tune with num_to_keep=None (Tune deletes nothing) and:
   `latest` ones and a newer one has existed for a minute (the saved state names that one by then), except the
   pinned ones (the best by the study's metric; the final stage's evaluation snapshots and finished runs). An
   emptied checkpoint keeps its directory and its result-EPOCH.json, nothing else;
-- `handed()`, in the trial, is the checkpoint to continue from: the one Tune hands it, or where Tune hands none,
-  the newest one in the trial's own directory. Tune registers a checkpoint a turn of its loop after the result it
-  came with (it schedules the save, then takes it), so a driver stopped, or a node lost, in between restarts the
-  trial without it, and the trial would redo every epoch on the storage's copy. New checkpoints are numbered
-  after every one in the directory, so none is written over;
 - `restore()`, in the trial, loads the checkpoint Tune hands it, or where that one is emptied or damaged (a
   kill in the middle of writing it), the newest intact one beside it, so a trial is never lost: at worst it
   redoes a few epochs.
@@ -100,31 +95,6 @@ def read_meta(fs, path: str) -> dict:
         return meta if isinstance(meta, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def checkpoint_index(path: str) -> int:
-    """The number in a checkpoint directory's name (checkpoint_000003: 3; -1 when it has none)."""
-    tail = path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX)
-    return int(tail) if tail.isdigit() else -1
-
-
-def handed() -> Any:
-    """Inside a trial: the checkpoint (a ray.tune.Checkpoint) it continues from, None when it starts (see the
-    module docstring): Tune's, else the newest in its own directory; its next checkpoints are numbered after every
-    one there."""
-    from ray import tune
-
-    from .internals import number_checkpoints_after, trial_directory
-
-    checkpoint = tune.get_checkpoint()
-    fs, trial_dir = trial_directory()
-    own = checkpoint_dirs(fs, trial_dir)
-    if own:
-        number_checkpoints_after(max(checkpoint_index(p) for p in own))
-    if checkpoint is None and own:
-        log.warning("fer-tune: Tune restarted this trial without a checkpoint; continuing from its newest, %s", own[0])
-        return tune.Checkpoint(path=own[0], filesystem=fs)
-    return checkpoint
 
 
 def restore(checkpoint: Any, load: Callable[[Path], Any], order: Callable[[dict], float] | None = None) -> Any:

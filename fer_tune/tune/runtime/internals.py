@@ -35,9 +35,6 @@ SNAPSHOT_SYNC = "sync_up_experiment_state"  # (save_fn, force, wait): saves the 
 CONTROLLER = ("ray.tune.execution.tune_controller", "TuneController")
 CONTROLLER_ATTRS = ("_search_alg", "_storage")
 GENERATOR_EXPERIMENT = "_experiment"
-# Inside a trial: its Tune session's StorageContext (a developer API, `get_storage` of its context): the storage's
-# filesystem, the trial's directory on it, and the index its next checkpoint directory is numbered after
-TRIAL_STORAGE_ATTRS = ("storage_filesystem", "trial_fs_path", "current_checkpoint_index")
 # GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
 # a trial visited grid point `grid_id` of `search_space` (its system attributes)
 GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")
@@ -94,26 +91,6 @@ def grid_point(sampler: Any, params: dict) -> dict:
     if point not in sampler._all_grids:
         return {}
     return {"grid_id": sampler._all_grids.index(point), "search_space": sampler._search_space}
-
-
-def trial_storage() -> Any:
-    """Inside a trial: its StorageContext (see TRIAL_STORAGE_ATTRS)."""
-    from ray import tune
-
-    return tune.get_context().get_storage()
-
-
-def trial_directory() -> tuple[Any, str]:
-    """Inside a trial: (the storage's pyarrow filesystem, this trial's directory on it)."""
-    storage = trial_storage()
-    return storage.storage_filesystem, storage.trial_fs_path
-
-
-def number_checkpoints_after(index: int) -> None:
-    """Inside a trial: its next checkpoint directory is numbered after `index` (Tune counts from the index its
-    driver last registered, which may be behind what the trial's directory holds)."""
-    storage = trial_storage()
-    storage.current_checkpoint_index = max(storage.current_checkpoint_index, index)
 
 
 def snapshot_manager() -> Any:

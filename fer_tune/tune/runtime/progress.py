@@ -126,37 +126,28 @@ class TrialProgress(Callback):
         )
 
 
-PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER" or "N:unsaved:MARKER": see PauseAfter
-UNSAVED = "unsaved:"
+PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER": see PauseAfter
 
 
 class PauseAfter(Callback):
     """A test hook (PAUSE_ENV "N:MARKER"): once this driver has handled N trial results and Tune has saved its
     experiment state after that, the driver writes MARKER and stops handling anything, so that a test kills it at
-    a point it knows instead of after a guessed sleep. "N:unsaved:MARKER" stops as the N-th result arrives, before
-    Tune takes its checkpoint or saves its state (the trial has written the checkpoint to the storage). A SIGTERM
-    or SIGHUP ends the pause: the driver then stops as the signal asks."""
+    a point it knows instead of after a guessed sleep. A SIGTERM or SIGHUP ends the pause: the driver then stops
+    as the signal asks."""
 
     def __init__(self, spec: str, exp_dir: str):
-        n, _, marker = spec.partition(":")
-        self.unsaved = marker.startswith(UNSAVED)
-        self.marker = marker.removeprefix(UNSAVED)
+        n, _, self.marker = spec.partition(":")
         self.n, self.exp_dir, self.seen, self.at = int(n), exp_dir, 0, None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.seen += 1
         if self.seen == self.n:
             self.at = time.time()
-            if self.unsaved:
-                self._pause()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.at is not None and (state_saved_at(self.exp_dir) or 0.0) > self.at:
-            self._pause()
-
-    def _pause(self) -> None:
-        self.at = None  # once
-        Path(self.marker).write_text(str(self.seen))
-        deadline = time.time() + 600
-        while time.time() < deadline and not signals.received():  # until killed, or stopped by a signal
-            time.sleep(0.1)
+            self.at = None  # once
+            Path(self.marker).write_text(str(self.seen))
+            deadline = time.time() + 600
+            while time.time() < deadline and not signals.received():  # until killed, or stopped by a signal
+                time.sleep(0.1)

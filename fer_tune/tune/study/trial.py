@@ -37,11 +37,11 @@ def study_trial(
     from ...observers import FailAt
     from ...recipe import ArraySplits
     from ...train import fit, load_checkpoint, save_checkpoint
-    from ..runtime.checkpoints import handed, restore
+    from ..runtime.checkpoints import restore
     from .spec import train_keys
 
     cfg = TrainConfig.from_dict({**base, **train_keys(config, renames or {})}, source="trial config")
-    checkpoint = handed()
+    checkpoint = tune.get_checkpoint()
     state = restore(checkpoint, lambda d: load_checkpoint(d / "state.pt")) if checkpoint is not None else None
     trial_id = tune.get_context().get_trial_id()
     fail_at = _crash_epoch(crash, trial_id)
