@@ -172,16 +172,16 @@ def test_the_searcher_states_of_a_study_in_an_object_store_are_read_and_renumber
             "AWS_EC2_METADATA_DISABLED": "true",
         }.items():
             monkeypatch.setenv(k, v)
-        boto3.client("s3").create_bucket(Bucket="fer")
-        record = {"ray_storage": "s3://fer/studies/t", "runs": [{"dir": "tune"}, {"dir": "extend-1"}]}
-        exp = "s3://fer/studies/t/tune"
+        boto3.client("s3").create_bucket(Bucket="fer-repair")  # moto's buckets outlive its server in this process
+        record = {"ray_storage": "s3://fer-repair/studies/t", "runs": [{"dir": "tune"}, {"dir": "extend-1"}]}
+        exp = "s3://fer-repair/studies/t/tune"
         saved = {repair.TRIAL_IDS: {"a1": 1, "b2": 2, "c3": 3}, "searcher": "kept"}
         st.write_bytes(st.join(exp, "searcher-state-2026-12-01_10-00-00.pkl"), pickle.dumps(saved))
         st.write_text(st.join(exp, "experiment_state-2026-12-01_10-00-00.json"), "{}")
         (path,) = searcher_states(exp)
-        assert path == "s3://fer/studies/t/tune/searcher-state-2026-12-01_10-00-00.pkl"
+        assert path == "s3://fer-repair/studies/t/tune/searcher-state-2026-12-01_10-00-00.pkl"
         assert repair._saved_ids(path) == {"a1": 1, "b2": 2, "c3": 3}
-        assert searcher_states("s3://fer/studies/t/extend-1") == []
+        assert searcher_states("s3://fer-repair/studies/t/extend-1") == []
 
         assert repair._renumber_searcher_states(tmp_path, record, {"a1": 1, "b2": 3, "c3": 2}) == 1
         assert pickle.loads(st.read_bytes(path)) == {**saved, repair.TRIAL_IDS: {"a1": 1, "b2": 3, "c3": 2}}
