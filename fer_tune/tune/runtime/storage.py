@@ -160,17 +160,8 @@ def exists(loc: str | Path) -> bool:
 
 def read_text(loc: str | Path) -> str | None:
     """A file's text, or None if it does not exist."""
-    if not is_uri(loc):
-        try:
-            return Path(loc).read_text(errors="replace")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-    fs, path = _fs(str(loc))
-    try:
-        with _reading(str(loc)), fs.open_input_stream(path) as fh:
-            return fh.read().decode(errors="replace")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
+    data = read_bytes(loc)
+    return None if data is None else data.decode(errors="replace")
 
 
 def read_bytes(loc: str | Path) -> bytes | None:

@@ -116,11 +116,17 @@ def rebuilt_trials(sdir: Path, record: StudyRecord, spec: StudySpec) -> tuple[li
     return trials, skipped, {k: v for k, v in old_ids.items() if k not in skipped}
 
 
-def _saved_ids(path: str) -> dict[str, int]:
+def _saved_state(path: str) -> dict:
+    """A searcher state Tune saved ({} when it is cut off, unreadable or from another release)."""
     try:
-        ids = pickle.loads(read_bytes(path) or b"").get(TRIAL_IDS, {})
-    except Exception:  # a state cut off or from another release: the trials keep the order Tune made them in
+        state = pickle.loads(read_bytes(path) or b"")
+    except Exception:
         return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _saved_ids(path: str) -> dict[str, int]:
+    ids = _saved_state(path).get(TRIAL_IDS, {})  # none: the trials keep the order Tune made them in
     return {str(k): int(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
 
 
@@ -216,10 +222,7 @@ def _renumber_searcher_states(sdir: Path, record: StudyRecord, ids: dict[str, in
     n = 0
     for run in record["runs"]:
         for path in searcher_states(experiment_dir(sdir, record, run)):
-            try:
-                state = pickle.loads(read_bytes(path) or b"")
-            except Exception:
-                continue
+            state = _saved_state(path)
             old = state.get(TRIAL_IDS)
             if not isinstance(old, dict):
                 continue
