@@ -167,6 +167,24 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     assert f"resumed {resumed['started']} ({resumed['trials_continued']} unfinished trial(s) taken up)" in text
 
 
+def meta(path: Path) -> dict:
+    """A checkpoint's copy of its epoch's result ({} while it is being copied in)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of the processes whose parent is `pid`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
 def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
     """A head and two GPU worker nodes (fake GPUs; trials fall back to CPU). Trials need half a GPU, so they
     run on the workers only; one worker is killed mid-study and its trial finishes on the other one from its
@@ -209,29 +227,27 @@ def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
             text=True,
         )
         doomed_id = doomed.node_id[:12]
+        (raylet,) = doomed.all_processes["raylet"]
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            rows = [
-                json.loads(line)
-                for f in sdir.glob("tune/*/result.json")
-                for line in f.read_text().splitlines()
-                if line.strip()
-            ]
-            # its second epoch: by then Tune has taken the first one's checkpoint (it takes a checkpoint a turn of its
-            # loop after the result it came with; a trial lost in between would start over)
-            doomed_rows = [r for r in rows if r["node_id"] == doomed_id and 2 <= r["epoch"] < 4]
-            if doomed_rows:
-                # the trial's process is frozen at once, the node is lost, then the process is ended: a worker
-                # that outlived its raylet by a second or two could otherwise finish its trial there
-                pid = doomed_rows[0]["pid"]
-                os.kill(pid, signal.SIGSTOP)
+            # a trial's third epoch on the doomed node, seen in the copy of its result that the trial writes into
+            # its checkpoint in the storage at once (result.json is the driver's, copied there every few seconds:
+            # under load it showed a trial's epochs only once it had finished). By then Tune has taken the
+            # earlier epochs' checkpoints (it takes one a turn of its loop after the result it came with).
+            if any(meta(f).get("node_id") == doomed_id for f in sdir.glob("tune/*/checkpoint_*/result-3.json")):
+                # the node's workers are frozen at once, the node is lost, then they are ended: a worker that
+                # outlived its raylet by a second or two could otherwise finish its trial there
+                workers = children(raylet.process.pid)
+                for pid in workers:
+                    os.kill(pid, signal.SIGSTOP)
                 cluster.remove_node(doomed, allow_graceful=False)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.1)
         else:
-            pytest.fail("no trial reported an epoch on the second worker")
+            pytest.fail("no trial reached its third epoch on the second worker")
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     finally:
