@@ -348,6 +348,33 @@ def test_a_full_disk_stops_a_command_in_one_line_and_ray_log_stops_quietly(tmp_p
     assert ray_log.broken and "Logging error" not in capsys.readouterr().err
 
 
+def test_a_trial_that_failed_on_a_full_disk_stops_the_run_instead_of_being_retried(tmp_path):
+    """Tune retries a failed trial (twice), and every retry of a checkpoint on a full disk fails the same way: the
+    run stops at the first such failure, with the error the command turns into its one line."""
+    import errno
+    from types import SimpleNamespace
+
+    from fer_tune.cli import disk_full
+    from fer_tune.tune.runtime.progress import FullDiskStops
+
+    def trial(text):
+        (tmp_path / "error.txt").write_text(text)
+        return SimpleNamespace(error_file=str(tmp_path / "error.txt"))
+
+    pyarrow = "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"
+    with pytest.raises(OSError) as raised:
+        FullDiskStops().on_trial_recover(1, [], trial(f"Failure # 1 (occurred at 2026-12-07)\n{pyarrow}\n"))
+    assert raised.value.errno == errno.ENOSPC and "no space left on device" in disk_full(raised.value)
+    with pytest.raises(OSError) as raised:
+        FullDiskStops().on_trial_error(1, [], trial("Failure # 1\nOSError: [Errno 122] Disk quota exceeded\n"))
+    assert raised.value.errno == errno.EDQUOT
+    # an earlier failure of another kind, then one on the full disk: the latest counts
+    earlier = f"Failure # 1\n{pyarrow}\nFailure # 2\nRuntimeError: CUDA error: an illegal memory access\n"
+    FullDiskStops().on_trial_recover(1, [], trial(earlier))
+    FullDiskStops().on_trial_recover(1, [], SimpleNamespace(error_file=None))
+    FullDiskStops().on_trial_recover(1, [], SimpleNamespace(error_file=str(tmp_path / "gone.txt")))
+
+
 def test_tunes_snapshot_period_grows_with_the_time_the_driver_spends_writing_it(monkeypatch, tmp_path):
     """At least every 3 s while a snapshot is cheap; at most 5 % of the driver's time once the state is big; the
     wait for the storage's copy (seconds on S3, the driver idle) does not count."""
@@ -400,17 +427,16 @@ def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_resumes_once_space_is
     try:
         space = write_space(tmp_path, num_samples=4, max_epochs=3, keep_checkpoints="all")
         r = subprocess.run(
-            cli_args("sweep", space, "--results", disk, "--quiet"),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+            cli_args("sweep", space, "--results", disk), env=env, capture_output=True, text=True, timeout=300
         )
         assert r.returncode == 130, r.stderr[-3000:]
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
         assert "free, and the checkpoints will need about" in r.stderr, r.stderr[-3000:]
         assert "fer-tune: error: no space left on device" in r.stderr and "fer-tune resume" in r.stderr
-        assert len(r.stderr.strip().splitlines()) <= 6, r.stderr
+        # the first trial whose checkpoint met the full disk stopped the run: none was started again
+        assert "Tune starts it again" not in r.stderr, r.stderr
+        said = [x for x in r.stderr.strip().splitlines() if not x.startswith(("study ", "warm start", "trial "))]
+        assert len(said) <= 6, r.stderr
         subprocess.run(["mount", "-o", "remount,size=600m", str(disk)], check=True)
         r = subprocess.run(
             cli_args("resume", disk / "t", "--quiet"), env=env, capture_output=True, text=True, timeout=300

@@ -70,25 +70,30 @@ def test_the_final_stage_names_seeds_and_phases(caplog):
 
 
 def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restore(tmp_path, monkeypatch):
-    """set_output on a Tuner (a restored one keeps the RunConfig it was saved with); the test hook that pauses a
-    driver is attached only while its variable is set."""
+    """set_output on a Tuner (a restored one keeps the RunConfig it was saved with): one progress callback, one stop
+    on a full disk (first); the test hook that pauses a driver is attached only while its variable is set."""
     from ray import tune
 
     from fer_tune.tune.runtime.internals import tuner_run_config
-    from fer_tune.tune.runtime.progress import PAUSE_ENV, PauseAfter
+    from fer_tune.tune.runtime.progress import PAUSE_ENV, FullDiskStops, PauseAfter
     from fer_tune.tune.runtime.session import set_output
 
     old = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
     new = TrialProgress(metric="m", mode="max", total=1, epochs={"": 1}, name=str, ended=lambda r, e: "")
     tuner = tune.Tuner(
-        lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3, callbacks=[old])
+        lambda config: None,
+        run_config=tune.RunConfig(
+            name="t", storage_path=str(tmp_path), verbose=3, callbacks=[old, FullDiskStops()]
+        ),  # as a run of this release saved it
     )
     set_output(tuner, "progress", new, str(tmp_path / "t"))
     rc = tuner_run_config(tuner)
-    assert rc.verbose == 0 and rc.callbacks == [new]
+    assert rc.verbose == 0 and [type(c) for c in rc.callbacks] == [FullDiskStops, TrialProgress]
+    assert rc.callbacks[1] is new
     monkeypatch.setenv(PAUSE_ENV, f"3:{tmp_path / 'paused'}")
     set_output(tuner, "quiet", new, str(tmp_path / "t"))
-    assert rc.verbose == 0 and [type(c) for c in rc.callbacks] == [PauseAfter] and rc.callbacks[0].n == 3
+    assert rc.verbose == 0 and [type(c) for c in rc.callbacks] == [FullDiskStops, PauseAfter]
+    assert rc.callbacks[1].n == 3
     monkeypatch.delenv(PAUSE_ENV)
     set_output(tuner, "tables", new, str(tmp_path / "t"))
-    assert rc.verbose == 1 and rc.callbacks == []
+    assert rc.verbose == 1 and [type(c) for c in rc.callbacks] == [FullDiskStops]

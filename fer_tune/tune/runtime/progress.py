@@ -8,11 +8,15 @@
 
 The ETA is the time the trials finished in this run took on average, times the trials left, over the trials
 running at once: rough, and only once a trial has finished. Tune's own tables come back with --verbose.
+Beside them, what every run has: a trial failed on a full disk stops it at once (FullDiskStops), and the test hook
+that pauses a driver at a known point (PauseAfter).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,18 +116,50 @@ class TrialProgress(Callback):
         log.warning("%s crashed; Tune starts it again from its last checkpoint", self._name(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        why = ""
-        error_file = getattr(trial, "error_file", None)
-        if error_file and Path(error_file).is_file():
-            lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
-            why = f": {lines[-1][:300]}" if lines else ""
+        lines = [line for line in last_error(trial).splitlines() if line.strip()]
         log.warning(
             "%s failed%s (details: %s)  %s",
             self._name(trial),
-            why,
-            error_file or "its trial directory",
+            f": {lines[-1][:300]}" if lines else "",
+            getattr(trial, "error_file", None) or "its trial directory",
             self._counts(trials),
         )
+
+
+def last_error(trial: Any) -> str:
+    """The text of a trial's latest failure, from the error.txt Tune keeps beside the driver ("" when none)."""
+    error_file = getattr(trial, "error_file", None)
+    try:
+        text = Path(error_file).read_text() if error_file else ""
+    except OSError:
+        return ""
+    return text.rsplit("Failure # ", 1)[-1]
+
+
+# how a full disk or quota reads in an error's text (Python's, pyarrow's, sqlite's)
+FULL_DISK = {
+    errno.ENOSPC: ("[Errno 28]", "[errno 28]", "No space left on device", "database or disk is full"),
+    errno.EDQUOT: ("[Errno 122]", "[errno 122]", "Disk quota exceeded"),
+}
+
+
+class FullDiskStops(Callback):
+    """A trial that failed on a full disk (its checkpoint could not be written to the storage) stops the run at
+    once, as a full disk met by the driver does: Tune would retry it (stage.FAILURES times), and every other trial
+    with it, each failing the same way at its next checkpoint."""
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    @staticmethod
+    def _check(trial: Any) -> None:
+        text = last_error(trial)
+        for code, words in FULL_DISK.items():
+            if any(w in text for w in words):
+                raise OSError(code, os.strerror(code))
 
 
 PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER": see PauseAfter

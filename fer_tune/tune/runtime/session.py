@@ -270,16 +270,18 @@ def tune_verbosity(output: str) -> int:
 def set_output(tuner: Any, output: str, progress: Any, exp_dir: str) -> None:
     """Tune's verbosity and fer-tune's progress callback on a Tuner of the experiment in `exp_dir`, new or restored
     (a restored one keeps the RunConfig it was saved with: its verbosity, and the progress callback of an earlier
-    run, which is replaced); and the test hook PAUSE_ENV where it is set."""
-    from .progress import PAUSE_ENV, PauseAfter, TrialProgress
+    run, which is replaced); the stop on a full disk (first, before a callback that writes to that disk); and the
+    test hook PAUSE_ENV where it is set."""
+    from .progress import PAUSE_ENV, FullDiskStops, PauseAfter, TrialProgress
 
     run_config = internals.tuner_run_config(tuner)
     if run_config is None:  # Ray Client: the Tuner lives on the cluster
         return
     run_config.verbose = tune_verbosity(output)
-    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, (TrialProgress, PauseAfter))]
+    ours = (TrialProgress, PauseAfter, FullDiskStops)
+    callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, ours)]
     pause = [PauseAfter(os.environ[PAUSE_ENV], exp_dir)] if os.environ.get(PAUSE_ENV) else []
-    run_config.callbacks = callbacks + ([progress] if output == "progress" else []) + pause
+    run_config.callbacks = [FullDiskStops(), *callbacks] + ([progress] if output == "progress" else []) + pause
 
 
 def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:
