@@ -107,6 +107,14 @@ def test_no_tie_and_no_collapse_and_the_majority_rate_when_it_was_not_recorded(t
     f = facts_of(craft_study(tmp_path / "a", healthy))
     assert f["ties"] == [] and f["collapsed"] == [] and f["edges"]
     assert "Ties: none; the next best, trial 1 at 36.00 %" in said(f)["ties"]
+    assert said(f)["ties"].endswith("lies below the winner's interval.")
+    # the next best scores inside the winner's interval but collapsed: no tie, and not "below" either
+    g = facts_of(craft_study(tmp_path / "c", [TRIALS[1], TRIALS[3]]))
+    assert g["ties"] == [] and g["runner_up"]["value"] == g["winner"]["value"] == 25.58
+    assert said(g)["ties"] == (
+        "Ties: none; the next best, trial 1 at 25.58 %, lies inside the winner's interval but learnt no emotion "
+        "(below)."
+    )
     assert said(f)["collapsed"].startswith("Collapsed: none (no trial predicts")
     # a study recorded before the val split's class counts: a one-emotion trial gives a lower bound
     f = facts_of(craft_study(tmp_path / "b", TRIALS[:2], class_counts=False))

@@ -70,12 +70,14 @@ def sentences(f: dict) -> list[tuple[str, str]]:
                 )
             )
         elif acc and runner:
+            lo, hi = w["interval"]
+            where = (  # inside the interval yet no tie: every trial there collapsed
+                "lies inside the winner's interval but learnt no emotion (below)"
+                if lo <= runner["value"] <= hi
+                else "lies below the winner's interval"
+            )
             out.append(
-                (
-                    "ties",
-                    f"Ties: none; the next best, trial {runner['trial']} at {runner['value']:.2f} %, lies below the "
-                    "winner's interval.",
-                )
+                ("ties", f"Ties: none; the next best, trial {runner['trial']} at {runner['value']:.2f} %, {where}.")
             )
         elif runner is None:
             out.append(("ties", "Ties: none; it is the only trial with a score."))
