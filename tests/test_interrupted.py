@@ -368,7 +368,12 @@ def test_a_trial_that_failed_on_a_full_disk_stops_the_run_instead_of_being_retri
     with pytest.raises(OSError) as raised:
         FullDiskStops().on_trial_error(1, [], trial("Failure # 1\nOSError: [Errno 122] Disk quota exceeded\n"))
     assert raised.value.errno == errno.EDQUOT
-    # an earlier failure of another kind, then one on the full disk: the latest counts
+    # Python's error names the file (a node's full /tmp, say): the command's line names it too
+    local = "OSError: [Errno 28] No space left on device: '/tmp/tmpq1x/state.pt'"
+    with pytest.raises(OSError) as raised:
+        FullDiskStops().on_trial_recover(1, [], trial(f"Failure # 1\n{local}\n"))
+    assert raised.value.filename == "/tmp/tmpq1x/state.pt" and "writing /tmp/tmpq1x/state.pt" in disk_full(raised.value)
+    # a failure on the full disk, then one of another kind: the latest counts
     earlier = f"Failure # 1\n{pyarrow}\nFailure # 2\nRuntimeError: CUDA error: an illegal memory access\n"
     FullDiskStops().on_trial_recover(1, [], trial(earlier))
     FullDiskStops().on_trial_recover(1, [], SimpleNamespace(error_file=None))

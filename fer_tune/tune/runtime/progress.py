@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,7 @@ FULL_DISK = {
     errno.ENOSPC: ("[Errno 28]", "[errno 28]", "No space left on device", "database or disk is full"),
     errno.EDQUOT: ("[Errno 122]", "[errno 122]", "Disk quota exceeded"),
 }
+NAMED_FILE = re.compile(r"(?:No space left on device|Disk quota exceeded): '([^']+)'")
 
 
 class FullDiskStops(Callback):
@@ -158,8 +160,12 @@ class FullDiskStops(Callback):
     def _check(trial: Any) -> None:
         text = last_error(trial)
         for code, words in FULL_DISK.items():
-            if any(w in text for w in words):
-                raise OSError(code, os.strerror(code))
+            said = [line.strip() for line in text.splitlines() if any(w in line for w in words)]
+            if said:
+                # the error's own line says which write failed (a node's /tmp, the storage); Python's names the file
+                log.warning("fer-tune: %s failed on a full disk: %s", trial, said[-1][:300])
+                named = NAMED_FILE.search(said[-1])
+                raise OSError(code, os.strerror(code), *([named.group(1)] if named else []))
 
 
 PAUSE_ENV = "FER_TUNE_PAUSE_AFTER"  # test hook "N:MARKER": see PauseAfter
