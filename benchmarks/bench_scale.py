@@ -13,9 +13,10 @@ The arms differ only in what this benchmark measures:
 - after: fer-tune's defaults (a snapshot period of max(3 s, 19 x the time a snapshot takes); the checkpoints of
   finished trials that cannot matter again emptied, the best of the 4 best completed trials kept).
 
-While the sweep runs, the driver process's CPU time is sampled every 2 s (its own, not Ray's daemons' or the
-trials'); at the end: wall time, trials/s overall and per tenth of the study (from Optuna's completion times), the
-driver's CPU share, the size of Tune's experiment state, the study directory's bytes and bytes per finished trial.
+While the sweep runs, the driver process's CPU time (its own, not Ray's daemons' or the trials') and the size of
+Tune's newest experiment state are sampled every 2 s; at the end: wall time, trials/s overall and per tenth of the
+study (from Optuna's completion times), the driver's CPU share overall and per tenth of the wall time with the
+state's size then, the study directory's bytes and bytes per finished trial.
 Each arm writes OUT/ARM-N.json; --combine prints them side by side.
 """
 
@@ -87,11 +88,11 @@ def run(args) -> None:
     t0 = time.time()
     log = open(work / "sweep.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    samples = []  # (seconds since launch, driver CPU seconds)
+    samples = []  # (seconds since launch, driver CPU seconds, bytes of Tune's newest experiment state)
     while proc.poll() is None:
         cpu = cpu_seconds(proc.pid)
         if cpu is not None:
-            samples.append((time.time() - t0, cpu))
+            samples.append((time.time() - t0, cpu, state_bytes(work / "scale" / "tune")))
         time.sleep(2)
     wall = time.time() - t0
     log.close()
@@ -120,7 +121,8 @@ def run(args) -> None:
         "trials_per_s_by_tenth": tenths,
         "driver_cpu_s": round(cpu, 1),
         "driver_cpu_share": round(cpu / wall, 3),
-        "driver_cpu_last_tenth": _last_share(samples),
+        "driver_cpu_last_tenth": _by_tenth(samples)[-1]["driver_cpu_share"] if len(samples) >= 20 else None,
+        "by_tenth_of_wall_time": _by_tenth(samples) if len(samples) >= 20 else [],
         "experiment_state_bytes": states[-1].stat().st_size if states else 0,
         "study_bytes": du(sdir),
         "bytes_per_trial": du(sdir) // max(n, 1),
@@ -142,13 +144,28 @@ def run(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _last_share(samples: list[tuple[float, float]]) -> float | None:
-    """The driver's CPU share over the last tenth of the run."""
-    if len(samples) < 10:
-        return None
-    a = samples[-max(2, len(samples) // 10)]
-    b = samples[-1]
-    return round((b[1] - a[1]) / max(b[0] - a[0], 1e-9), 3)
+def state_bytes(tune_dir: Path) -> int:
+    """The size of Tune's newest experiment state file (0 before the first)."""
+    try:
+        return max((p.stat().st_size for p in tune_dir.glob("experiment_state-*.json")), default=0)
+    except OSError:
+        return 0
+
+
+def _by_tenth(samples: list[tuple[float, float, int]]) -> list[dict]:
+    """Per tenth of the run's wall time: the driver's CPU share over it and Tune's state size at its end."""
+    out = []
+    n = len(samples)
+    for i in range(10):
+        a, b = samples[i * n // 10], samples[min(n - 1, (i + 1) * n // 10)]
+        out.append(
+            {
+                "until_s": round(b[0], 1),
+                "driver_cpu_share": round((b[1] - a[1]) / max(b[0] - a[0], 1e-9), 3),
+                "state_mb": round(b[2] / 2**20, 1),
+            }
+        )
+    return out
 
 
 def combine(args) -> None:
@@ -168,6 +185,12 @@ def combine(args) -> None:
     print("|" + "---|" * (len(keys) + 1))
     for r in rows:
         print("| " + " | ".join(str(r.get(k)) for k, _ in keys) + f" | {r['trials_per_s_by_tenth']} |")
+    for r in rows:
+        if r.get("by_tenth_of_wall_time"):
+            print(
+                f"{r['arm']} {r['trials']}: driver CPU share by tenth of the wall time (Tune state MB at its end): "
+                + ", ".join(f"{x['driver_cpu_share']:.2f} ({x['state_mb']:g})" for x in r["by_tenth_of_wall_time"])
+            )
 
 
 def main() -> None:
