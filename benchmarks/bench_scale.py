@@ -74,9 +74,10 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"scale-{args.arm}-", dir=args.workdir))
     (work / "scale.yaml").write_text(yaml.safe_dump(space(args.trials, args.arm), sort_keys=False))
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit
     env = {
         **os.environ,
-        "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        "RAY_TMPDIR": ray_tmp,
         "RAY_AUTH_MODE": "disabled",
         "PYTHONPATH": str(ROOT),
     }
@@ -142,6 +143,7 @@ def run(args) -> None:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def state_bytes(tune_dir: Path) -> int:
