@@ -440,7 +440,8 @@ def token_of(job: str) -> str | None:
 
 def finished(slurm, job: str, sdir: Path, timeout: float) -> dict:
     info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout)
-    assert info["JobState"] == "COMPLETED", (info, log_of(sdir, job))
+    # a string, not a tuple: pytest cuts a tuple's repr short, and the job's log is what explains a failure
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log_of(sdir, job)}"
     return info
 
 
