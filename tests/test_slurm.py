@@ -147,6 +147,58 @@ def test_script_of_a_new_study(shared, no_slurm):
     assert sorted(p.name for p in (shared / "results" / "t").iterdir()) == ["slurm.sbatch"]
 
 
+def test_a_requeued_allocation_waits_for_its_earlier_driver_still_ending_on_the_node(tmp_path, monkeypatch):
+    """SLURM may start a requeued job again on the same node before the earlier allocation's driver has ended
+    (it holds the study's lock while it saves): the new allocation waits for it, then runs, instead of refusing
+    with exit 2."""
+    import socket
+
+    from fer_tune.tune.runtime.lock import LOCK_FILE, acquire
+    from fer_tune.tune.slurm.ready import release_stale_lock
+    from fer_tune.tune.slurm.script import DRIVER_MARK
+
+    study = tmp_path / "t"
+    study.mkdir()
+    code = (
+        "import sys, time; from fer_tune.tune.runtime.lock import acquire; "
+        "acquire(sys.argv[1], what='the study'); print('locked', flush=True); time.sleep(2)"
+    )
+    earlier = subprocess.Popen(
+        [sys.executable, "-c", code, str(study)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert earlier.stdout.readline().strip() == "locked"
+        mark = {"job_id": "4242", "allocation": 1, "host": socket.gethostname(), "pid": earlier.pid}
+        (study / DRIVER_MARK).write_text(json.dumps(mark))
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        t0 = time.monotonic()
+        release_stale_lock(study, 2)
+        assert earlier.poll() is not None and time.monotonic() - t0 > 1.0  # it waited for the driver to end
+        assert (study / LOCK_FILE).read_text() == ""
+        acquire(study, what="the study").release()
+        # a driver that does not end in time keeps its lock: the command then refuses, naming it
+        hold = subprocess.Popen(
+            [sys.executable, "-c", code.replace("sleep(2)", "sleep(30)"), str(study)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            assert hold.stdout.readline().strip() == "locked"
+            (study / DRIVER_MARK).write_text(json.dumps({**mark, "pid": hold.pid}))
+            release_stale_lock(study, 2, linger=0.5)
+            assert json.loads((study / LOCK_FILE).read_text())["pid"] == hold.pid
+        finally:
+            hold.kill()
+            hold.wait()
+    finally:
+        earlier.kill()
+        earlier.wait()
+
+
 def test_defaults_for_one_node(tmp_path, no_slurm):
     r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results")
     assert r.returncode == 0, r.stderr

@@ -47,7 +47,7 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
-def _alive(info: dict) -> bool:
+def running_here(info: dict) -> bool:
     """True when the process that `info` names runs on this machine (same PID and start time)."""
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -101,7 +101,7 @@ def holder(directory: str | Path) -> dict | None:
     if not info:
         return None
     if info.get("host") == socket.gethostname():
-        if info.get("pid") == os.getpid() or not _alive(info):
+        if info.get("pid") == os.getpid() or not running_here(info):
             return None
         return {**info, "verified": True}
     return {**info, "verified": False}

@@ -16,12 +16,18 @@ from .script import DRIVER_MARK
 log = logging.getLogger(__name__)
 
 
-def release_stale_lock(study: Path, allocation: int) -> None:
+LINGER_S = 120.0  # how long an allocation waits for this job's earlier driver, still ending on its node
+
+
+def release_stale_lock(study: Path, allocation: int, linger: float = LINGER_S) -> None:
     """A driver of this job's earlier allocation that SLURM killed (it overran the grace time) leaves the lock of
     `study` (a study's or a final stage's directory) naming its host and PID; that allocation is over, so the
     record is emptied (lock.py would take it for a command on another machine when this allocation's first node
-    is another)."""
-    from ..runtime.lock import LOCK_FILE
+    is another). Where that driver still runs on this node (SLURM started the job again before it had ended), this
+    waits up to `linger` seconds for it to end, which frees the lock; after that the lock is left to refuse."""
+    import socket
+
+    from ..runtime.lock import LOCK_FILE, running_here
 
     try:
         mark = json.loads((study / DRIVER_MARK).read_text())
@@ -30,20 +36,35 @@ def release_stale_lock(study: Path, allocation: int) -> None:
         return
     if not isinstance(mark, dict) or not isinstance(held, dict):
         return
-    if (
+    if not (
         str(mark.get("job_id")) == os.environ.get("SLURM_JOB_ID")
         and int(mark.get("allocation", allocation)) < allocation
         and (held.get("host"), held.get("pid")) == (mark.get("host"), mark.get("pid"))
     ):
-        (study / LOCK_FILE).write_text("")
+        return
+    earlier = int(mark["allocation"]) + 1
+    if held.get("host") == socket.gethostname() and running_here(held):
         log.warning(
-            "fer-tune slurm: released the lock of %s left by this job's allocation %d (PID %s on %s), which SLURM "
-            "ended",
-            study,
-            int(mark["allocation"]) + 1,
+            "fer-tune slurm: this job's allocation %d's driver (PID %s) is still ending; waiting up to %.0f s for "
+            "it to release the lock of %s",
+            earlier,
             held.get("pid"),
-            held.get("host"),
+            linger,
+            study,
         )
+        deadline = time.monotonic() + linger
+        while running_here(held) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if running_here(held):
+            return
+    (study / LOCK_FILE).write_text("")
+    log.warning(
+        "fer-tune slurm: released the lock of %s left by this job's allocation %d (PID %s on %s), which SLURM ended",
+        study,
+        earlier,
+        held.get("pid"),
+        held.get("host"),
+    )
 
 
 def _wait_for_gcs(address: str, timeout: float) -> None:
