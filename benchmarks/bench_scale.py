@@ -113,6 +113,7 @@ def run(args) -> None:
         tenths.append(round(k / max(b - a, 1e-9), 2))
     states = sorted((sdir / "tune").glob("experiment_state-*.json"))
     cpu = samples[-1][1] if samples else 0.0
+    tenths_of_wall = _by_tenth(samples) if len(samples) >= 20 else []
     result = {
         "arm": args.arm,
         "trials": n,
@@ -122,8 +123,8 @@ def run(args) -> None:
         "trials_per_s_by_tenth": tenths,
         "driver_cpu_s": round(cpu, 1),
         "driver_cpu_share": round(cpu / wall, 3),
-        "driver_cpu_last_tenth": _by_tenth(samples)[-1]["driver_cpu_share"] if len(samples) >= 20 else None,
-        "by_tenth_of_wall_time": _by_tenth(samples) if len(samples) >= 20 else [],
+        "driver_cpu_last_tenth": tenths_of_wall[-1]["driver_cpu_share"] if tenths_of_wall else None,
+        "by_tenth_of_wall_time": tenths_of_wall,
         "experiment_state_bytes": states[-1].stat().st_size if states else 0,
         "study_bytes": du(sdir),
         "bytes_per_trial": du(sdir) // max(n, 1),

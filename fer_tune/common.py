@@ -16,6 +16,7 @@ from typing import Any
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 EXPORTS = ("model.pt", "model.pt2", "model.onnx", "model.json")  # a model exported for use (fer_tune.export)
 NUM_CLASSES = len(EMOTIONS)
+SQLITE_FULL = "database or disk is full"  # sqlite's words for a full disk (no errno in its error)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # the model zoo's names (fer_tune.models builds them); here so that validating a config needs no torch import
 MODEL_NAMES: tuple[str, ...] = ("vgg_variant", "vgg16", "resnet50", "efficientnet_b3")

@@ -159,18 +159,24 @@ def test_a_requeued_allocation_waits_for_its_earlier_driver_still_ending_on_the_
 
     study = tmp_path / "t"
     study.mkdir()
-    code = (
-        "import sys, time; from fer_tune.tune.runtime.lock import acquire; "
-        "acquire(sys.argv[1], what='the study'); print('locked', flush=True); time.sleep(2)"
-    )
-    earlier = subprocess.Popen(
-        [sys.executable, "-c", code, str(study)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+
+    def driver(seconds: float) -> subprocess.Popen:
+        """A process that takes the study's lock, says so, and holds it `seconds`."""
+        code = (
+            "import sys, time; from fer_tune.tune.runtime.lock import acquire; "
+            f"acquire(sys.argv[1], what='the study'); print('locked', flush=True); time.sleep({seconds})"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(study)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    earlier = driver(2)
     try:
-        assert earlier.stdout.readline().strip() == "locked"
         mark = {"job_id": "4242", "allocation": 1, "host": socket.gethostname(), "pid": earlier.pid}
         (study / DRIVER_MARK).write_text(json.dumps(mark))
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
@@ -180,14 +186,8 @@ def test_a_requeued_allocation_waits_for_its_earlier_driver_still_ending_on_the_
         assert (study / LOCK_FILE).read_text() == ""
         acquire(study, what="the study").release()
         # a driver that does not end in time keeps its lock: the command then refuses, naming it
-        hold = subprocess.Popen(
-            [sys.executable, "-c", code.replace("sleep(2)", "sleep(30)"), str(study)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        hold = driver(30)
         try:
-            assert hold.stdout.readline().strip() == "locked"
             (study / DRIVER_MARK).write_text(json.dumps({**mark, "pid": hold.pid}))
             release_stale_lock(study, 2, linger=0.5)
             assert json.loads((study / LOCK_FILE).read_text())["pid"] == hold.pid

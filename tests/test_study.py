@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import SPACE, fer_tune, kill_at_pause, pausing, read_csv, study_trials, write_space
 
+from fer_tune.tune.runtime.checkpoints import checkpointed_results
+
 
 def test_sweep_with_a_crash_then_extend(tmp_path, env):
     # no ASHA rung before epoch 2: the trial that is to crash at epoch 2 cannot be stopped before it gets there
@@ -167,14 +169,6 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     assert f"resumed {resumed['started']} ({resumed['trials_continued']} unfinished trial(s) taken up)" in text
 
 
-def meta(path: Path) -> dict:
-    """A checkpoint's copy of its epoch's result ({} while it is being copied in)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def children(pid: int) -> list[int]:
     """The PIDs of the processes whose parent is `pid`."""
     out = []
@@ -234,7 +228,8 @@ def test_multi_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
             # its checkpoint in the storage at once (result.json is the driver's, copied there every few seconds:
             # under load it showed a trial's epochs only once it had finished). By then Tune has taken the
             # earlier epochs' checkpoints (it takes one a turn of its loop after the result it came with).
-            if any(meta(f).get("node_id") == doomed_id for f in sdir.glob("tune/*/checkpoint_*/result-3.json")):
+            third = [r for d in sdir.glob("tune/*/") for r in checkpointed_results(str(d), lambda e: e == 3)]
+            if any(r.get("node_id") == doomed_id for r in third):
                 # the node's workers are frozen at once, the node is lost, then they are ended: a worker that
                 # outlived its raylet by a second or two could otherwise finish its trial there
                 workers = children(raylet.process.pid)

@@ -10,7 +10,7 @@ import shlex
 import sys
 
 from .. import __version__
-from ..common import EMOTIONS, FerTuneError
+from ..common import EMOTIONS, SQLITE_FULL, FerTuneError
 from . import cluster, demo, final, pbt, predict, report, slurm, status, study, tools, train
 from .common import add_read_options, examples, load_data, parser_with
 
@@ -196,7 +196,7 @@ def disk_full(exc: BaseException) -> str | None:
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             break
-        if "database or disk is full" in str(cause):  # sqlite's words (optuna.db on the full disk)
+        if SQLITE_FULL in str(cause):  # optuna.db on the full disk
             break
         cause = cause.__cause__ or cause.__context__
     else:

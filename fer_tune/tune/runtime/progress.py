@@ -25,6 +25,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ...common import SQLITE_FULL
 from . import signals
 from .layout import state_saved_at
 
@@ -139,7 +140,7 @@ def last_error(trial: Any) -> str:
 
 # how a full disk or quota reads in an error's text (Python's, pyarrow's, sqlite's)
 FULL_DISK = {
-    errno.ENOSPC: ("[Errno 28]", "[errno 28]", "No space left on device", "database or disk is full"),
+    errno.ENOSPC: ("[Errno 28]", "[errno 28]", "No space left on device", SQLITE_FULL),
     errno.EDQUOT: ("[Errno 122]", "[errno 122]", "Disk quota exceeded"),
 }
 NAMED_FILE = re.compile(r"(?:No space left on device|Disk quota exceeded): '([^']+)'")
