@@ -18,6 +18,11 @@ Tune's newest experiment state are sampled every 2 s; at the end: wall time, tri
 study (from Optuna's completion times), the driver's CPU share overall and per tenth of the wall time with the
 state's size then, the study directory's bytes and bytes per finished trial.
 Each arm writes OUT/ARM-N.json; --combine prints them side by side.
+
+With --profile SECONDS (py-spy installed), the driver is sampled with `py-spy record` for SECONDS twice, once the
+study has started 10 % and once it has started 85 % of its trials; the JSON gets, per window, the share of the
+driver's busy samples spent in each of the functions that use the most (inclusive, and own time), so that what
+grows with the study's size stands out.
 """
 
 from __future__ import annotations
@@ -56,13 +61,20 @@ def space(trials: int, arm: str) -> dict:
     }
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """The process's own CPU time (user + system), from /proc/PID/stat."""
+def cpu_seconds(pid: int, stat: str = "") -> float | None:
+    """The process's own CPU time (user + system), from /proc/PID/stat (or the `stat` file given)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu(pid: int) -> float | None:
+    """The CPU seconds of the process's main thread (Tune's loop: the searcher, the scheduler, the snapshots); the
+    rest of the process's time is its other threads', those that ended included (Tune's copies to the storage run
+    in a thread of their own each)."""
+    return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
 
 
 def du(path: Path) -> int:
@@ -89,12 +101,25 @@ def run(args) -> None:
     t0 = time.time()
     log = open(work / "sweep.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    samples = []  # (seconds since launch, driver CPU seconds, bytes of Tune's newest experiment state)
+    samples = []  # (seconds since launch, driver CPU seconds, bytes of Tune's newest experiment state, main thread's CPU)
+    windows = [0.10, 0.85] if args.profile else []  # fractions of the trials started at which a window opens
+    spies, profiles = [], {}
     while proc.poll() is None:
         cpu = cpu_seconds(proc.pid)
         if cpu is not None:
-            samples.append((time.time() - t0, cpu, state_bytes(work / "scale" / "tune")))
+            samples.append(
+                (time.time() - t0, cpu, state_bytes(work / "scale" / "tune"), main_thread_cpu(proc.pid) or 0.0)
+            )
+        if windows and trials_started(work / "scale" / "tune") >= windows[0] * args.trials:
+            at = windows.pop(0)
+            raw = out / f"profile-{args.arm}-{args.trials}-{at:.2f}.txt"
+            spy = ["py-spy", "record", "--pid", str(proc.pid), "--duration", str(args.profile), "--format", "raw"]
+            spy += ["--gil"]  # samples of the thread holding the GIL: Python at work, not a wait on the disk
+            spies.append((at, raw, subprocess.Popen([*spy, "--rate", "50", "--nonblocking", "--output", str(raw)])))
         time.sleep(2)
+    for at, raw, spy in spies:
+        spy.wait()
+        profiles[f"{at:.0%} of the trials started"] = hot_functions(raw) if raw.exists() else "py-spy wrote nothing"
     wall = time.time() - t0
     log.close()
     if proc.returncode:
@@ -129,6 +154,7 @@ def run(args) -> None:
         "study_bytes": du(sdir),
         "bytes_per_trial": du(sdir) // max(n, 1),
         "checkpoint_bytes": sum(du(p) for p in (sdir / "tune").glob("*/checkpoint_*")),
+        "driver_profile": profiles or None,
         "host_cpus": os.cpu_count(),
         "code": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -155,8 +181,42 @@ def state_bytes(tune_dir: Path) -> int:
         return 0
 
 
-def _by_tenth(samples: list[tuple[float, float, int]]) -> list[dict]:
-    """Per tenth of the run's wall time: the driver's CPU share over it and Tune's state size at its end."""
+def trials_started(tune_dir: Path) -> int:
+    """How many trials Tune has started: its trial directories."""
+    try:
+        return sum(1 for e in os.scandir(tune_dir) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def hot_functions(raw: Path, top: int = 15) -> dict:
+    """From py-spy's raw output (one line per stack: frames joined by ';', then its sample count): the number of
+    busy samples, and the functions with the largest share of them, inclusive (on the stack; without the frames
+    that nearly every sample passes through, the program's entry and Tune's loop) and own (on top)."""
+    total, inclusive, own = 0, {}, {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]  # without line numbers
+        total += n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+
+    def shares(counts: dict, below: float = 1.0) -> list:
+        ranked = [(f, c / total) for f, c in sorted(counts.items(), key=lambda kv: -kv[1]) if c / total < below]
+        return [[f, round(share, 3)] for f, share in ranked[:top]]
+
+    if not total:
+        return {"busy_samples": 0}
+    return {"busy_samples": total, "inclusive": shares(inclusive, 0.6), "own": shares(own)}
+
+
+def _by_tenth(samples: list[tuple[float, float, int, float]]) -> list[dict]:
+    """Per tenth of the run's wall time: the driver's CPU share over it (all, and its main thread's) and Tune's
+    state size at its end."""
     out = []
     n = len(samples)
     for i in range(10):
@@ -165,6 +225,7 @@ def _by_tenth(samples: list[tuple[float, float, int]]) -> list[dict]:
             {
                 "until_s": round(b[0], 1),
                 "driver_cpu_share": round((b[1] - a[1]) / max(b[0] - a[0], 1e-9), 3),
+                "main_thread_share": round((b[3] - a[3]) / max(b[0] - a[0], 1e-9), 3),
                 "state_mb": round(b[2] / 2**20, 1),
             }
         )
@@ -189,11 +250,24 @@ def combine(args) -> None:
     for r in rows:
         print("| " + " | ".join(str(r.get(k)) for k, _ in keys) + f" | {r['trials_per_s_by_tenth']} |")
     for r in rows:
+        for window, prof in (r.get("driver_profile") or {}).items():
+            print(f"{r['arm']} {r['trials']}, driver profile at {window} ({prof.get('busy_samples')} busy samples):")
+            for name, share in prof.get("inclusive", []):
+                print(f"  {share:6.1%}  {name}")
+            print("  on top (own time):")
+            for name, share in prof.get("own", [])[:8]:
+                print(f"  {share:6.1%}  {name}")
+    for r in rows:
         if r.get("by_tenth_of_wall_time"):
             print(
                 f"{r['arm']} {r['trials']}: driver CPU share by tenth of the wall time (Tune state MB at its end): "
                 + ", ".join(f"{x['driver_cpu_share']:.2f} ({x['state_mb']:g})" for x in r["by_tenth_of_wall_time"])
             )
+            tenths = r["by_tenth_of_wall_time"]
+            if all("main_thread_share" in x for x in tenths):
+                print("  its main thread: " + ", ".join(f"{x['main_thread_share']:.2f}" for x in tenths))
+                others = [x["driver_cpu_share"] - x["main_thread_share"] for x in tenths]
+                print("  its other threads: " + ", ".join(f"{x:.2f}" for x in others))
 
 
 def main() -> None:
@@ -205,6 +279,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the study is written (default: the system's temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the study directory")
     p.add_argument("--combine", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="sample the driver with py-spy")
     args = p.parse_args()
     if args.combine:
         combine(args)

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli_args, fer_tune, kill_at_pause, pausing, study_trials, write_space
@@ -283,6 +284,57 @@ def test_the_driver_replaces_tunes_state_files_whole(tmp_path, monkeypatch):
     upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
     assert (storage / "experiment_state-x.json").read_text() == '{"trial_data": ["new"]}'
     assert (storage / "trial" / "result.json").read_text() == "new"
+
+
+def test_the_driver_copies_only_the_files_that_changed_since_their_last_copy(tmp_path, monkeypatch):
+    """Tune copies its whole staging directory at every sync, every trial's logger files included: thousands of
+    files at a big study's end, each written anew and renamed over its target, a growing share of the driver's time.
+    A file still since well before its last copy is left alone until it changes or its copy goes."""
+    import pyarrow.fs
+
+    from fer_tune.tune.runtime import internals
+    from fer_tune.tune.runtime.session import tune_env
+
+    module, name = internals.storage_upload()
+    monkeypatch.setattr(module, name, getattr(module, name))
+    tune_env("quiet")
+    upload = getattr(module, name)
+    staged, storage = tmp_path / "staged", tmp_path / "storage"
+    old = time.time() - 60
+    for trial in ("done", "running"):
+        (staged / trial).mkdir(parents=True)
+        (staged / trial / "result.json").write_text(f"{trial} epoch 1\n")
+    os.utime(staged / "done" / "result.json", (old, old))  # a trial that ended a minute ago
+    (staged / "experiment_state-x.json").write_text('{"trial_data": []}')
+    copied = []
+    real = layout.shutil.copyfile
+
+    def counted(src, dst):
+        copied.append(Path(src).relative_to(staged).as_posix())
+        return real(src, dst)
+
+    monkeypatch.setattr(layout.shutil, "copyfile", counted)
+
+    def sync() -> list:
+        copied.clear()
+        upload(local_path=str(staged), fs=pyarrow.fs.LocalFileSystem(), fs_path=str(storage))
+        return sorted(copied)
+
+    everything = ["done/result.json", "experiment_state-x.json", "running/result.json"]
+    assert sync() == everything
+    inode = (storage / "done" / "result.json").stat().st_ino
+    assert sync() == ["experiment_state-x.json", "running/result.json"]  # changed within the last seconds: copied
+    assert (storage / "done" / "result.json").stat().st_ino == inode
+    with open(staged / "done" / "result.json", "a") as fh:
+        fh.write("done epoch 2\n")  # it changed after all
+    assert "done/result.json" in sync()
+    assert (storage / "done" / "result.json").read_text() == "done epoch 1\ndone epoch 2\n"
+    os.utime(staged / "done" / "result.json", (old, old))
+    assert "done/result.json" in sync()  # a new mtime: copied, and still for long enough to be left next time
+    assert "done/result.json" not in sync()
+    (storage / "done" / "result.json").unlink()  # its copy went
+    assert "done/result.json" in sync()
+    assert (storage / "done" / "result.json").read_text() == "done epoch 1\ndone epoch 2\n"
 
 
 def test_an_interrupted_study_moved_elsewhere_is_resumed_where_it_is(tmp_path, env):

@@ -245,10 +245,18 @@ def set_aside(exp_dir: str | Path) -> str | None:
     return str(target)
 
 
+# Tune copies the whole of the driver's staging directory at every sync, and it holds every trial's logger files
+# (params.json, result.json, progress.csv, ...): thousands of files that stop changing when their trial ends. A file
+# copied once it had been still for UNCHANGED_S seconds is not copied again while its size and mtime stay the same.
+UNCHANGED_S = 2.0
+_COPIED: dict[str, tuple[int, int]] = {}  # target path -> (size, mtime_ns) of the source it was copied from
+
+
 def whole_state_uploads() -> None:
     """In the driver: each file of the state Tune copies from Ray's staging directory to a local storage is
     written beside its target and renamed over it, so a kill or a full disk mid-copy leaves the last whole state in
-    place (Tune's own copy writes in place). Other storages go through Tune's copy unchanged; idempotent."""
+    place (Tune's own copy writes in place), and a file that has not changed since its last copy is left as it is
+    (Tune's copies every file at every sync). Other storages go through Tune's copy unchanged; idempotent."""
     module, name = internals.storage_upload()
     upload = getattr(module, name)
     if getattr(upload, "whole_files", False):
@@ -268,22 +276,39 @@ def whole_state_uploads() -> None:
                 # Tune rewrites the staged experiment state in place, maybe while this copy reads it: a torn read
                 # is not put in place (the next copy brings the newer state)
                 check = _whole_json if f.startswith(STATE_PREFIX) else None
-                replace_whole(os.path.join(root, f), os.path.join(target, f), check)
+                copy_changed(os.path.join(root, f), os.path.join(target, f), check)
 
     whole.whole_files = True  # type: ignore[attr-defined]
     setattr(module, name, whole)
 
 
-def replace_whole(src: str, dst: str, check: Any = None) -> None:
+def copy_changed(src: str, dst: str, check: Any = None) -> None:
+    """replace_whole(src, dst, check), unless dst is a copy of src as it is now (see UNCHANGED_S)."""
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:  # gone since the walk listed it (Tune deletes old states)
+        return
+    now = (st.st_size, st.st_mtime_ns)
+    if _COPIED.get(dst) == now and os.path.exists(dst):
+        return
+    began = time.time()
+    if replace_whole(src, dst, check) and st.st_mtime_ns / 1e9 < began - UNCHANGED_S:
+        _COPIED[dst] = now  # still for a while before the copy began: the copy holds what the file holds now
+    else:
+        _COPIED.pop(dst, None)
+
+
+def replace_whole(src: str, dst: str, check: Any = None) -> bool:
     """Copy src over dst through a temporary file beside it: dst is the old file or the new one, never a part;
-    `check(path)` False: the copy is dropped and dst kept."""
+    `check(path)` False: the copy is dropped and dst kept. True when the copy was put in place."""
     part = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.part")
     try:
         shutil.copyfile(src, part)
         if check is not None and not check(Path(part)):
             os.unlink(part)
-            return
+            return False
         os.replace(part, dst)
+        return True
     except BaseException:
         try:
             os.unlink(part)
