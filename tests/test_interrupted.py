@@ -337,6 +337,53 @@ def test_the_driver_copies_only_the_files_that_changed_since_their_last_copy(tmp
     assert (storage / "done" / "result.json").read_text() == "done epoch 1\ndone epoch 2\n"
 
 
+def test_to_another_storage_the_driver_uploads_only_the_changed_files(tmp_path, monkeypatch):
+    """To S3 or GCS, Tune's copy of its whole staging directory at every sync is a request per file: tens of
+    thousands at a big study's end, again and again. Only the files that changed go, one by one, or through Tune's
+    copy of the directory when many changed (a new driver's first sync)."""
+    import pyarrow.fs
+
+    from fer_tune.tune.runtime import internals
+
+    module, name = internals.storage_upload()
+    tunes = getattr(module, name)
+    tunes = getattr(tunes, "__wrapped__", tunes)  # Tune's own copy, under the driver's if a session installed it
+    staged = tmp_path / "staged"
+    calls = []
+
+    def counted(local_path, fs, fs_path, exclude=None):
+        calls.append(Path(local_path).relative_to(staged).as_posix())
+        return tunes(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+
+    monkeypatch.setattr(module, name, counted)
+    layout.whole_state_uploads()
+    upload = getattr(module, name)
+    assert upload.whole_files and upload.__wrapped__ is counted
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    fs = pyarrow.fs.SubTreeFileSystem(str(bucket), pyarrow.fs.LocalFileSystem())  # a storage other than a local one
+    old = time.time() - 60
+    for trial in ("done", "running"):
+        (staged / trial).mkdir(parents=True)
+        (staged / trial / "result.json").write_text(f"{trial} epoch 1\n")
+    os.utime(staged / "done" / "result.json", (old, old))
+    (staged / "experiment_state-x.json").write_text('{"trial_data": []}')
+
+    def sync() -> list:
+        calls.clear()
+        upload(local_path=str(staged), fs=fs, fs_path="study/tune")
+        return sorted(calls)
+
+    assert sync() == ["done/result.json", "experiment_state-x.json", "running/result.json"]
+    assert (bucket / "study" / "tune" / "done" / "result.json").read_text() == "done epoch 1\n"
+    assert sync() == ["experiment_state-x.json", "running/result.json"]
+    (staged / "done" / "result.json").write_text("done epoch 1\ndone epoch 2\n")
+    assert sync() == ["done/result.json", "experiment_state-x.json", "running/result.json"]
+    assert (bucket / "study" / "tune" / "done" / "result.json").read_text() == "done epoch 1\ndone epoch 2\n"
+    monkeypatch.setattr(layout, "BULK_FILES", 1)
+    assert sync() == ["."]  # more changed files than BULK_FILES: Tune's copy of the directory
+
+
 def test_an_interrupted_study_moved_elsewhere_is_resumed_where_it_is(tmp_path, env):
     """A study stopped with trials yet to begin (a job's time limit), then moved or copied (`mv`, `ray rsync-down`):
     Tune's saved searcher names the old place, yet the resume makes the trials it had not begun in the new one

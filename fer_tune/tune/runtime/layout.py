@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pickletools
+import posixpath
 import shutil
 import time
 from collections.abc import Iterator
@@ -248,15 +249,18 @@ def set_aside(exp_dir: str | Path) -> str | None:
 # Tune copies the whole of the driver's staging directory at every sync, and it holds every trial's logger files
 # (params.json, result.json, progress.csv, ...): thousands of files that stop changing when their trial ends. A file
 # copied once it had been still for UNCHANGED_S seconds is not copied again while its size and mtime stay the same.
+# To another storage (S3, GCS) the changed files go one by one, or all through Tune's copy when there are more than
+# BULK_FILES of them (a new driver's first copy).
 UNCHANGED_S = 2.0
-_COPIED: dict[str, tuple[int, int]] = {}  # target path -> (size, mtime_ns) of the source it was copied from
+BULK_FILES = 100
+_COPIED: dict[tuple[str, str], tuple[int, int]] = {}  # (storage, target) -> (size, mtime_ns) of the source copied
 
 
 def whole_state_uploads() -> None:
     """In the driver: each file of the state Tune copies from Ray's staging directory to a local storage is
     written beside its target and renamed over it, so a kill or a full disk mid-copy leaves the last whole state in
-    place (Tune's own copy writes in place), and a file that has not changed since its last copy is left as it is
-    (Tune's copies every file at every sync). Other storages go through Tune's copy unchanged; idempotent."""
+    place (Tune's own copy writes in place); to any storage, a file that has not changed since its last copy is
+    not copied again (Tune's copies every file at every sync). Idempotent."""
     module, name = internals.storage_upload()
     upload = getattr(module, name)
     if getattr(upload, "whole_files", False):
@@ -266,36 +270,61 @@ def whole_state_uploads() -> None:
     def whole(local_path: str, fs: Any, fs_path: str, exclude: list | None = None) -> None:
         import pyarrow.fs as pafs
 
-        if not (isinstance(fs, pafs.LocalFileSystem) and os.path.isdir(local_path) and not exclude):
+        if not os.path.isdir(local_path) or exclude:
             upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
             return
+        local = isinstance(fs, pafs.LocalFileSystem)
+        changed = []  # (source, target, its stat) of the files not copied as they are now
         for root, _, files in os.walk(local_path):
-            target = os.path.normpath(os.path.join(fs_path, os.path.relpath(root, local_path)))
-            os.makedirs(target, exist_ok=True)
+            rel = os.path.relpath(root, local_path)
+            if local:
+                target = os.path.normpath(os.path.join(fs_path, rel))
+                os.makedirs(target, exist_ok=True)
+            else:
+                target = posixpath.normpath(posixpath.join(fs_path, rel.replace(os.sep, "/")))
             for f in files:
+                dst = os.path.join(target, f) if local else posixpath.join(target, f)
+                st = _changed(os.path.join(root, f), (fs.type_name, dst), local)
+                if st is not None:
+                    changed.append((os.path.join(root, f), dst, st))
+        began = time.time()
+        if local:
+            for src, dst, st in changed:
                 # Tune rewrites the staged experiment state in place, maybe while this copy reads it: a torn read
                 # is not put in place (the next copy brings the newer state)
-                check = _whole_json if f.startswith(STATE_PREFIX) else None
-                copy_changed(os.path.join(root, f), os.path.join(target, f), check)
+                check = _whole_json if os.path.basename(src).startswith(STATE_PREFIX) else None
+                _copied((fs.type_name, dst), st, began, replace_whole(src, dst, check))
+            return
+        if len(changed) > BULK_FILES:
+            upload(local_path=local_path, fs=fs, fs_path=fs_path)
+        else:
+            for src, dst, _ in changed:
+                upload(local_path=src, fs=fs, fs_path=dst)
+        for _, dst, st in changed:
+            _copied((fs.type_name, dst), st, began, True)
 
     whole.whole_files = True  # type: ignore[attr-defined]
     setattr(module, name, whole)
 
 
-def copy_changed(src: str, dst: str, check: Any = None) -> None:
-    """replace_whole(src, dst, check), unless dst is a copy of src as it is now (see UNCHANGED_S)."""
+def _changed(src: str, key: tuple[str, str], local: bool) -> os.stat_result | None:
+    """src's stat, None where it is gone (Tune deletes old states) or its last copy `key` holds it as it is now."""
     try:
         st = os.stat(src)
-    except FileNotFoundError:  # gone since the walk listed it (Tune deletes old states)
-        return
-    now = (st.st_size, st.st_mtime_ns)
-    if _COPIED.get(dst) == now and os.path.exists(dst):
-        return
-    began = time.time()
-    if replace_whole(src, dst, check) and st.st_mtime_ns / 1e9 < began - UNCHANGED_S:
-        _COPIED[dst] = now  # still for a while before the copy began: the copy holds what the file holds now
+    except FileNotFoundError:
+        return None
+    if _COPIED.get(key) == (st.st_size, st.st_mtime_ns) and (not local or os.path.exists(key[1])):
+        return None
+    return st
+
+
+def _copied(key: tuple[str, str], st: os.stat_result, began: float, done: bool) -> None:
+    """Remember a copy that holds what the file holds now: one put in place of a file still for UNCHANGED_S before
+    it began."""
+    if done and st.st_mtime_ns / 1e9 < began - UNCHANGED_S:
+        _COPIED[key] = (st.st_size, st.st_mtime_ns)
     else:
-        _COPIED.pop(dst, None)
+        _COPIED.pop(key, None)
 
 
 def replace_whole(src: str, dst: str, check: Any = None) -> bool:
