@@ -19,6 +19,10 @@ study (from Optuna's completion times), the driver's CPU share overall and per t
 state's size then, the study directory's bytes and bytes per finished trial.
 Each arm writes OUT/ARM-N.json; --combine prints them side by side.
 
+With --storage s3, the study's Ray storage is an S3 bucket served by a local moto server (pip install
+'moto[server]'), and the JSON gets the number of PUT requests the study made to it (the driver's copies of Tune's
+state and the trials' checkpoints) and that per trial.
+
 With --profile SECONDS (py-spy installed), the driver is sampled with `py-spy record` for SECONDS twice, once the
 study has started 10 % and once it has started 85 % of its trials; the JSON gets, per window, the share of the
 driver's busy samples spent in each of the functions that use the most (inclusive, and own time), so that what
@@ -98,6 +102,11 @@ def run(args) -> None:
         env["TUNE_GLOBAL_CHECKPOINT_S"] = "3"
     cmd = [sys.executable, "-m", "fer_tune.cli", "sweep", str(work / "scale.yaml"), "--results", str(work)]
     cmd += ["--quiet", "--num-cpus", str(args.num_cpus)]
+    moto = None
+    if args.storage == "s3":
+        moto, s3_env = s3_server(work)
+        env.update(s3_env)
+        cmd += ["--storage", "s3://bench/studies"]
     t0 = time.time()
     log = open(work / "sweep.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -122,6 +131,11 @@ def run(args) -> None:
         profiles[f"{at:.0%} of the trials started"] = hot_functions(raw) if raw.exists() else "py-spy wrote nothing"
     wall = time.time() - t0
     log.close()
+    puts = None
+    if moto is not None:
+        moto.terminate()
+        moto.wait()
+        puts = sum(line.split('"')[1].startswith("PUT ") for line in (work / "moto.log").open() if line.count('"') >= 2)
     if proc.returncode:
         sys.exit(f"sweep failed ({proc.returncode}); see {work / 'sweep.log'}")
     import optuna
@@ -155,6 +169,9 @@ def run(args) -> None:
         "bytes_per_trial": du(sdir) // max(n, 1),
         "checkpoint_bytes": sum(du(p) for p in (sdir / "tune").glob("*/checkpoint_*")),
         "driver_profile": profiles or None,
+        "storage": args.storage,
+        "storage_puts": puts,
+        "storage_puts_per_trial": round(puts / max(n, 1), 1) if puts is not None else None,
         "host_cpus": os.cpu_count(),
         "code": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -179,6 +196,36 @@ def state_bytes(tune_dir: Path) -> int:
         return max((p.stat().st_size for p in tune_dir.glob("experiment_state-*.json")), default=0)
     except OSError:
         return 0
+
+
+def s3_server(work: Path) -> tuple[subprocess.Popen, dict]:
+    """A moto S3 server on 127.0.0.1 logging every request to WORK/moto.log, with the bucket "bench"; the
+    environment that points boto3 and pyarrow at it."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(work / "moto.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/bench", method="PUT"), timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return server, env
 
 
 def trials_started(tune_dir: Path) -> int:
@@ -244,6 +291,7 @@ def combine(args) -> None:
         ("experiment_state_bytes", "Tune state bytes"),
         ("bytes_per_trial", "bytes / trial"),
         ("checkpoint_bytes", "checkpoint bytes"),
+        ("storage_puts_per_trial", "S3 PUTs / trial"),
     ]
     print("| " + " | ".join(h for _, h in keys) + " | trials/s by tenth |")
     print("|" + "---|" * (len(keys) + 1))
@@ -279,6 +327,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the study is written (default: the system's temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the study directory")
     p.add_argument("--combine", action="store_true")
+    p.add_argument("--storage", choices=("local", "s3"), default="local", help="the study's Ray storage")
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="sample the driver with py-spy")
     args = p.parse_args()
     if args.combine:
