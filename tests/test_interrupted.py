@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import pickle
+import posixpath
 import shutil
 import signal
 import sqlite3
@@ -352,7 +353,7 @@ def test_to_another_storage_the_driver_uploads_only_the_changed_files(tmp_path, 
     calls = []
 
     def counted(local_path, fs, fs_path, exclude=None):
-        calls.append(Path(local_path).relative_to(staged).as_posix())
+        calls.append(posixpath.relpath(fs_path, "study/tune"))  # what it uploads, by its target
         return tunes(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
 
     monkeypatch.setattr(module, name, counted)
@@ -380,8 +381,15 @@ def test_to_another_storage_the_driver_uploads_only_the_changed_files(tmp_path, 
     (staged / "done" / "result.json").write_text("done epoch 1\ndone epoch 2\n")
     assert sync() == ["done/result.json", "experiment_state-x.json", "running/result.json"]
     assert (bucket / "study" / "tune" / "done" / "result.json").read_text() == "done epoch 1\ndone epoch 2\n"
+    # Tune rewrites its staged state in place: a copy that reads it half-written is not uploaded
+    (staged / "experiment_state-x.json").write_text('{"trial_data": [["{')
+    assert sync() == ["done/result.json", "running/result.json"]  # both changed within the last seconds
+    assert (bucket / "study" / "tune" / "experiment_state-x.json").read_text() == '{"trial_data": []}'
+    (staged / "experiment_state-x.json").write_text('{"trial_data": ["new"]}')
     monkeypatch.setattr(layout, "BULK_FILES", 1)
-    assert sync() == ["."]  # more changed files than BULK_FILES: Tune's copy of the directory
+    # more changed files than BULK_FILES: Tune's copy of the directory, then the state read whole
+    assert sync() == [".", "experiment_state-x.json"]
+    assert (bucket / "study" / "tune" / "experiment_state-x.json").read_text() == '{"trial_data": ["new"]}'
 
 
 def test_an_interrupted_study_moved_elsewhere_is_resumed_where_it_is(tmp_path, env):

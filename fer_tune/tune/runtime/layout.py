@@ -26,6 +26,7 @@ import os
 import pickletools
 import posixpath
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,8 +260,9 @@ _COPIED: dict[tuple[str, str], tuple[int, int]] = {}  # (storage, target) -> (si
 def whole_state_uploads() -> None:
     """In the driver: each file of the state Tune copies from Ray's staging directory to a local storage is
     written beside its target and renamed over it, so a kill or a full disk mid-copy leaves the last whole state in
-    place (Tune's own copy writes in place); to any storage, a file that has not changed since its last copy is
-    not copied again (Tune's copies every file at every sync). Idempotent."""
+    place (Tune's own copy writes in place); to another storage, Tune's experiment state is read whole before it is
+    uploaded; to any storage, a file that has not changed since its last copy is not copied again (Tune's copies
+    every file at every sync). Idempotent."""
     module, name = internals.storage_upload()
     upload = getattr(module, name)
     if getattr(upload, "whole_files", False):
@@ -295,16 +297,34 @@ def whole_state_uploads() -> None:
                 check = _whole_json if os.path.basename(src).startswith(STATE_PREFIX) else None
                 _copied((fs.type_name, dst), st, began, replace_whole(src, dst, check))
             return
-        if len(changed) > BULK_FILES:
+        bulk = len(changed) > BULK_FILES
+        if bulk:
             upload(local_path=local_path, fs=fs, fs_path=fs_path)
-        else:
-            for src, dst, _ in changed:
+        for src, dst, st in changed:
+            done = True
+            if os.path.basename(src).startswith(STATE_PREFIX):  # after a bulk copy too: it may have read it torn
+                done = _upload_whole(upload, src, fs, dst)
+            elif not bulk:
                 upload(local_path=src, fs=fs, fs_path=dst)
-        for _, dst, st in changed:
-            _copied((fs.type_name, dst), st, began, True)
+            _copied((fs.type_name, dst), st, began, done)
 
     whole.whole_files = True  # type: ignore[attr-defined]
     setattr(module, name, whole)
+
+
+def _upload_whole(upload: Any, src: str, fs: Any, dst: str) -> bool:
+    """Upload what Tune's experiment state `src` holds now, read whole: copied aside, checked, then uploaded (Tune
+    rewrites it in place, maybe while it is read); False where the copy was torn (the next sync brings it)."""
+    fd, part = tempfile.mkstemp(prefix=".fer-tune-", suffix=".json")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, part)
+        if not _whole_json(Path(part)):
+            return False
+        upload(local_path=part, fs=fs, fs_path=dst)
+        return True
+    finally:
+        os.unlink(part)
 
 
 def _changed(src: str, key: tuple[str, str], local: bool) -> os.stat_result | None:
