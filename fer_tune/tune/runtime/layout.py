@@ -277,15 +277,12 @@ def whole_state_uploads() -> None:
             return
         local = isinstance(fs, pafs.LocalFileSystem)
         changed = []  # (source, target, its stat) of the files not copied as they are now
-        for root, _, files in os.walk(local_path):
-            rel = os.path.relpath(root, local_path)
+        for root, _, files in os.walk(local_path):  # targets as storage paths: '/'-separated
+            target = posixpath.normpath(posixpath.join(fs_path, Path(os.path.relpath(root, local_path)).as_posix()))
             if local:
-                target = os.path.normpath(os.path.join(fs_path, rel))
                 os.makedirs(target, exist_ok=True)
-            else:
-                target = posixpath.normpath(posixpath.join(fs_path, rel.replace(os.sep, "/")))
             for f in files:
-                dst = os.path.join(target, f) if local else posixpath.join(target, f)
+                dst = posixpath.join(target, f)
                 st = _changed(os.path.join(root, f), (fs.type_name, dst), local)
                 if st is not None:
                     changed.append((os.path.join(root, f), dst, st))
