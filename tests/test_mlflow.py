@@ -134,7 +134,8 @@ def assert_runs_match_the_study(client, sdir: Path) -> None:
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == epochs, (row["number"], key, steps)  # every epoch, none twice
         history = client.get_metric_history(run.info.run_id, "val_acc")
-        assert max(m.value for m in history) == pytest.approx(float(row["best_val_acc"]))
+        # trials.csv rounds to 4 decimals
+        assert max(m.value for m in history) == pytest.approx(float(row["best_val_acc"]), abs=5.01e-5)
         assert {"train_loss", "val_loss", "lr", "device_seconds", "val_recall_happy"} <= set(run.data.metrics)
 
 

@@ -15,11 +15,21 @@ from fer_tune.tune.moved import MODULES, NAMES, moved_attribute
 DATA = Path(__file__).parent / "data" / "pickled-by-0.x"
 
 
-def test_tune_state_pickled_by_the_flat_release_loads_into_the_new_classes():
+def test_tune_state_pickled_by_the_flat_release_loads_into_the_new_classes(tmp_path, monkeypatch):
+    import optuna
+
     from fer_tune.tune.pbt.driver import Clip
+    from fer_tune.tune.study import record
     from fer_tune.tune.study.searcher import FinishedInStudy, NumpyTBXLoggerCallback, StudySearch
 
+    # the searcher reconnects to its study's database when unpickled: the pickle names the one where the study was
+    # made (/tmp/legacy/results/cut); a resume reads it in the study's directory where it is now, as here
+    sdir = tmp_path / "results" / "cut"
+    sdir.mkdir(parents=True)
+    optuna.create_study(study_name="cut", storage=f"sqlite:///{sdir / record.OWN_DB}")
+    monkeypatch.setattr(record, "_HERE", [sdir])
     study = pickle.loads((DATA / "study-tuner.pkl").read_bytes())
+    assert record.located(study["_tune_config"].search_alg._storage_ref) == f"sqlite:///{sdir / record.OWN_DB}"
     assert type(study["_tune_config"].search_alg) is StudySearch
     assert type(study["_run_config"].stop) is FinishedInStudy
     assert any(type(c) is NumpyTBXLoggerCallback for c in study["_run_config"].callbacks)

@@ -119,7 +119,7 @@ def accuracy_figure(agg: dict, lines: list = ()) -> Any:
         height=400,
         yaxis_title="%",
     )
-    add_lines(fig, list(lines))
+    add_lines(fig, list(lines), legend=True)
     return fig
 
 

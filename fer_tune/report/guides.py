@@ -37,12 +37,21 @@ def test_lines(seed: dict) -> list[tuple[float, str]]:
     return out
 
 
-def add_lines(fig: Any, lines: list[tuple[float, str]], **where: Any) -> None:
-    """Dotted horizontal lines labelled at their left end (`where`: plotly's row / col of a subplot figure)."""
+def add_lines(fig: Any, lines: list[tuple[float, str]], legend: bool = False, **where: Any) -> None:
+    """Dotted horizontal lines labelled at their left end (`where`: plotly's row / col of a subplot figure), or with
+    `legend` named in the legend instead: a chart whose bars carry their numbers, where a label at the line's end
+    would fall on a bar's number whenever the bar ends near the line."""
+    import plotly.graph_objects as go
+
+    style = {"dash": "dot", "color": "#7f7f7f", "width": 1.5}
     for k, (y, label) in enumerate(lines):
+        if legend:
+            fig.add_hline(y=y, line=style, **where)
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=style, name=label, hoverinfo="skip"))
+            continue
         fig.add_hline(
             y=y,
-            line={"dash": "dot", "color": "#7f7f7f", "width": 1.5},
+            line=style,
             annotation_text=label,
             annotation_position="bottom left" if k == 0 else "top left",
             annotation_font={"size": 11, "color": "#555"},

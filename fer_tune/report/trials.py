@@ -181,7 +181,7 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict], lines: list = 
             yaxis_title=ytitle,
             legend_title_text="scheduler",
         )
-        add_lines(fig, list(lines))
+        add_lines(fig, list(lines), legend=True)
         parts.append(page.figure(fig, "cmp-optimizer-scheduler"))
     for name, label in COMPARISONS:
         if name not in varied or (name == "optimizer" and "scheduler" in varied):
@@ -207,7 +207,7 @@ def comparisons_section(page: Page, spec: dict, rows: list[dict], lines: list = 
             fig.update_xaxes(type="category")
             title = f"{metric} per {label}: the best trial (bar, n trials) and every trial (points)"
         fig.update_layout(title=title, height=380, xaxis_title=label, yaxis_title=ytitle)
-        add_lines(fig, list(lines))
+        add_lines(fig, list(lines), legend=True)
         parts.append(page.figure(fig, f"cmp-{name}"))
     if not scored:
         parts.append('<p class="note">No trial has a value yet.</p>')
