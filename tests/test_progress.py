@@ -97,3 +97,22 @@ def test_tunes_tables_only_with_verbose_and_one_progress_callback_after_a_restor
     monkeypatch.delenv(PAUSE_ENV)
     set_output(tuner, "tables", new, str(tmp_path / "t"))
     assert rc.verbose == 1 and [type(c) for c in rc.callbacks] == [FullDiskStops]
+
+
+def test_only_the_first_driver_to_reach_the_pause_point_pauses(tmp_path, monkeypatch):
+    """The pause hook's marker is written once: a later driver started with the same environment (the next
+    allocation of a SLURM job, which keeps the environment it was submitted with) runs through."""
+    import time
+
+    from fer_tune.tune.runtime import progress
+
+    monkeypatch.setattr(progress, "state_saved_at", lambda exp_dir: time.time() + 1)  # Tune saved after the result
+    waits = []
+    monkeypatch.setattr(progress.signals, "received", lambda: waits.append(1) or True)  # a signal ends the pause
+    marker = tmp_path / "paused"
+    for driver in range(2):
+        hook = progress.PauseAfter(f"2:{marker}", str(tmp_path))
+        for _ in range(3):
+            hook.on_trial_result(0, [], None, {})
+            hook.on_step_end(0, [])
+        assert marker.read_text() == "2" and len(waits) == 1, driver  # the first paused, the second did not

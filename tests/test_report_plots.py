@@ -139,9 +139,8 @@ def test_a_bar_that_ends_at_a_reference_line_keeps_its_number_readable(tmp_path)
     report = write_report(craft_study(tmp_path, trials))
     probe = report.with_name("probe.html")
     probe.write_text(report.read_text().replace("<head>", "<head>" + LAYOUT_PROBE, 1))
-    for width in (900, 1400):
-        r = run_chromium(probe.as_uri(), tmp_path / f"profile{width}", "--dump-dom", f"--window-size={width},1000")
-        m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
-        assert m, r.stderr[-3000:]
-        overlaps = json.loads(html.unescape(m.group(1)))["svg"]
-        assert not [o for o in overlaps if o[0].startswith("fig-cmp-")], (width, overlaps)
+    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom", "--window-size=900,1000")
+    m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
+    assert m, r.stderr[-3000:]
+    overlaps = json.loads(html.unescape(m.group(1)))["svg"]
+    assert not [o for o in overlaps if o[0].startswith("fig-cmp-")], overlaps

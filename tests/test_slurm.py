@@ -1,10 +1,10 @@
 """`fer-tune slurm`: the batch scripts it writes (a study, its final and PBT stages) and its refusals (no SLURM
 needed), and jobs on a real 2-node SLURM cluster on this host (tests/slurmcluster.py): a study across both nodes
-with Ray's token never written down; a study stopped before its time limit (USR1, the script requeues it) and by
-`scontrol requeue` (SIGTERM to every process) that resumes and ends with exactly its trials; a study cancelled
-(`scancel`: the chain ends) that `fer-tune resume` finishes by hand, and its final stage as a job. The cluster
-tests are skipped where SLURM is not installed or the tests do not run as root, unless FER_TUNE_REQUIRE_SLURM is
-set (CI)."""
+with Ray's token never written down; a study stopped by its real time limit (SLURM's USR1 before it: the script
+requeues the job) and by `scontrol requeue` (SIGTERM to every process) that resumes and ends with exactly its
+trials; a study cancelled (`scancel`: the chain ends) that `fer-tune resume` finishes by hand, and its final stage
+as a job. The cluster tests are skipped where SLURM is not installed or the tests do not run as root, unless
+FER_TUNE_REQUIRE_SLURM is set (CI)."""
 
 import json
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SPACE, fer_tune, read_csv, study_trials
+from conftest import ROOT, SPACE, fer_tune, pausing, read_csv, study_trials
 
 TINY = {**SPACE, "num_samples": 4, "max_epochs": 2, "early_stopping": {"type": "none"}}
 
@@ -531,12 +531,16 @@ def test_study_runs_on_both_nodes(slurm, job_env, shared):
 @pytest.mark.slow
 def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
     space = {**TINY, "num_samples": 6}
-    job, sdir = submit(job_env, shared, space)
-    # before its time limit SLURM sends USR1 to the batch script (--signal=B:USR1@GRACE): send it now
-    wait_for(lambda: re.search(r"trial \d epoch 1/2", log_of(sdir, job)), 120, "a trial's first epoch")
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
-    wait_for(lambda: "allocation 2 " in log_of(sdir, job), 120, "the requeued allocation")
+    # a real time limit: SLURM sends USR1 to the batch script GRACE s before it (--signal=B:USR1@GRACE; SLURM
+    # counts the limit in minutes and may signal up to a minute early: here 45-105 s into the allocation); the
+    # first driver waits after 2 results (the pause hook) so that the study cannot end before the limit
+    env = pausing(job_env, shared / "paused", results=2)
+    job, sdir = submit(env, shared, space, "--time", "0-00:03:00", "--grace", "75")
+    wait_for(lambda: "allocation 2 " in log_of(sdir, job), 240, "the requeued allocation")
+    # the rest of the chain with room to finish (an operator may lengthen a job's limit; root here)
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10:00")
     log = log_of(sdir, job)
+    assert "the time limit is 75 s away" in log and (shared / "paused").exists(), log
     assert "SIGTERM received: stopping the trials and saving the study" in log
     assert f"requeueing job {job} (1 of 20)" in log
     # a preemption or `scontrol requeue`: SIGTERM to every process of the job at once, Ray's too

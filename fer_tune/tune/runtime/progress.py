@@ -176,7 +176,8 @@ class PauseAfter(Callback):
     """A test hook (PAUSE_ENV "N:MARKER"): once this driver has handled N trial results and Tune has saved its
     experiment state after that, the driver writes MARKER and stops handling anything, so that a test kills it at
     a point it knows instead of after a guessed sleep. A SIGTERM or SIGHUP ends the pause: the driver then stops
-    as the signal asks."""
+    as the signal asks. Only the first driver to get there pauses: once MARKER exists, a later one started with the
+    same environment (a SLURM job's next allocation) runs through."""
 
     def __init__(self, spec: str, exp_dir: str):
         n, _, self.marker = spec.partition(":")
@@ -184,7 +185,7 @@ class PauseAfter(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.seen += 1
-        if self.seen == self.n:
+        if self.seen == self.n and not Path(self.marker).exists():
             self.at = time.time()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
