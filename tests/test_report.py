@@ -592,6 +592,14 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def need_chromium() -> None:
+    """Skip where chromium is missing; fail instead under FER_TUNE_REQUIRE_BROWSER (CI)."""
+    if chromium() is None:
+        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
 def run_chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess:
     args = [
         chromium(),
@@ -614,10 +622,7 @@ def run_chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedPr
 
 
 def test_report_renders_in_a_real_browser(study, tmp_path):
-    if chromium() is None:
-        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    need_chromium()
     sdir = copy_study(study, tmp_path)
     make_final(sdir)
     report = write_report(sdir)
@@ -661,10 +666,7 @@ def test_every_section_is_drawn_in_a_screenshot_and_no_legend_overflows(study, t
     (plotly cuts the entries it cannot fit), with one seed and with several."""
     from PIL import Image
 
-    if chromium() is None:
-        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    need_chromium()
     sdir = copy_study(study, tmp_path)
     make_final(sdir, seeds=seeds, baseline=True)
     report = write_report(sdir)
@@ -713,21 +715,22 @@ b.textContent.slice(0,30)]));const p=document.createElement('pre');p.id='probe-l
 out);document.body.appendChild(p);},1500));</script>"""
 
 
-@pytest.mark.parametrize("width", [900, 1400])
-def test_no_text_overlaps_and_nothing_runs_off_the_page_at_900_and_1400_px(study, tmp_path, width):
-    if chromium() is None:
-        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    sdir = copy_study(study, tmp_path)
-    make_final(sdir, baseline=True)
-    report = write_report(sdir)
+def page_layout(report: Path, profile: Path, width: int) -> dict:
+    """LAYOUT_PROBE's findings on `report` in chromium `width` px wide."""
     probe = report.with_name("probe.html")
     probe.write_text(report.read_text().replace("<head>", "<head>" + LAYOUT_PROBE, 1))
-    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom", f"--window-size={width},1000")
+    r = run_chromium(probe.as_uri(), profile, "--dump-dom", f"--window-size={width},1000")
     m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
     assert m, r.stderr[-3000:]
-    layout = json.loads(html.unescape(m.group(1)))
+    return json.loads(html.unescape(m.group(1)))
+
+
+@pytest.mark.parametrize("width", [900, 1400])
+def test_no_text_overlaps_and_nothing_runs_off_the_page_at_900_and_1400_px(study, tmp_path, width):
+    need_chromium()
+    sdir = copy_study(study, tmp_path)
+    make_final(sdir, baseline=True)
+    layout = page_layout(write_report(sdir), tmp_path / "profile", width)
     assert layout["width"] == width and layout["scroll"] <= width, layout["scroll"]  # no sideways scrolling
     assert layout["html"] == [] and layout["svg"] == [], (layout["html"][:10], layout["svg"][:10])
 
@@ -766,10 +769,7 @@ def test_a_figure_of_a_trace_type_the_bundle_lacks_is_named_not_drawn():
 
 
 def test_a_browser_without_decompression_says_so_in_each_figures_place(study, tmp_path):
-    if chromium() is None:
-        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    need_chromium()
     text = (study["dir"] / "report.html").read_text()
     old = tmp_path / "old-browser.html"
     old.write_text(text.replace("<head>", "<head><script>delete window.DecompressionStream;</script>", 1))

@@ -3,14 +3,9 @@ the figures' data. Importance and contour only from enough completed trials (a s
 pruned trials in the optimization history at their last value, every trial a point in the comparisons, chance and
 the majority-class rate on the accuracy charts, a legend entry per status, axes with their unit."""
 
-import html
-import json
-import os
-import re
-
 import pytest
 from crafted import VAL_COUNTS, craft_study, some_of_each, trial
-from test_report import LAYOUT_PROBE, chromium, figure, figure_ids, run_chromium
+from test_report import figure, figure_ids, need_chromium, page_layout
 
 from fer_tune.report import write_report
 from fer_tune.report.html import TRACE_TYPES
@@ -127,20 +122,11 @@ def test_one_below_the_threshold_is_still_below(tmp_path, n):
 def test_a_bar_that_ends_at_a_reference_line_keeps_its_number_readable(tmp_path):
     """The leftmost bar ending just above the majority-class line, where the line's label at its left end lay on the
     bar's number at 900 px (seen in a study whose best adam trial scored 25.35 against a majority class of 23.9 %)."""
-    if chromium() is None:
-        if os.environ.get("FER_TUNE_REQUIRE_BROWSER"):
-            pytest.fail("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    need_chromium()
     trials = [
         trial(0, {"optimizer": "adam", "lr": 0.003, "dropout": 0.2}, [20.0, 24.0, 25.0, MAJORITY + 2.5]),
         trial(1, {"optimizer": "sgd_nesterov", "lr": 0.03, "dropout": 0.1}, [12.0, 13.0, 14.0, 35.0]),
         trial(2, {"optimizer": "adam", "lr": 0.01, "dropout": 0.3}, [18.0, 20.0]),
     ]
-    report = write_report(craft_study(tmp_path, trials))
-    probe = report.with_name("probe.html")
-    probe.write_text(report.read_text().replace("<head>", "<head>" + LAYOUT_PROBE, 1))
-    r = run_chromium(probe.as_uri(), tmp_path / "profile", "--dump-dom", "--window-size=900,1000")
-    m = re.search(r'<pre id="probe-layout">(.*?)</pre>', r.stdout, re.S)
-    assert m, r.stderr[-3000:]
-    overlaps = json.loads(html.unescape(m.group(1)))["svg"]
+    overlaps = page_layout(write_report(craft_study(tmp_path, trials)), tmp_path / "profile", 900)["svg"]
     assert not [o for o in overlaps if o[0].startswith("fig-cmp-")], overlaps

@@ -45,18 +45,14 @@ def add_lines(fig: Any, lines: list[tuple[float, str]], legend: bool = False, **
 
     style = {"dash": "dot", "color": "#7f7f7f", "width": 1.5}
     for k, (y, label) in enumerate(lines):
+        at_end = {
+            "annotation_text": label,
+            "annotation_position": "bottom left" if k == 0 else "top left",
+            "annotation_font": {"size": 11, "color": "#555"},
+        }
+        fig.add_hline(y=y, line=style, **({} if legend else at_end), **where)
         if legend:
-            fig.add_hline(y=y, line=style, **where)
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=style, name=label, hoverinfo="skip"))
-            continue
-        fig.add_hline(
-            y=y,
-            line=style,
-            annotation_text=label,
-            annotation_position="bottom left" if k == 0 else "top left",
-            annotation_font={"size": 11, "color": "#555"},
-            **where,
-        )
 
 
 def pct_title(metric: str, lines: list) -> str:
