@@ -66,7 +66,7 @@ SPACE = {
     "max_epochs": 4,
     "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
     "resources": {"cpu": 1, "gpu": 0},
-    "data": {"path": "synthetic:1000", "protocol": "paper"},
+    "data": {"path": "synthetic:500", "protocol": "paper"},
     "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
     "space": {
         "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
@@ -321,15 +321,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start Ray, train through the CLI or read the real FER2013 are `slow`; the fast lane is
-    `pytest -m "not slow"`. The long files come first (LONG_FILES), each file's tests in their order."""
+    """Tests that start Ray, a server (PostgreSQL: the `pg` fixture), a browser or a fer-tune process, train
+    through the CLI or several models (the ensemble's `trained` members), or read the real FER2013 are `slow`:
+    the fast lane, `pytest -m "not slow"`, is the tests of a second or two. The long files come first
+    (LONG_FILES), each file's tests in their order."""
     first = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: first.get(item.path.name, len(LONG_FILES)))
     for item in items:
         if item.get_closest_marker("slow") is None and (
             item.get_closest_marker("realdata") is not None
             or any(
-                f in getattr(item, "fixturenames", ()) for f in ("env", "module_env", "study", "small_study", "cluster")
+                f in getattr(item, "fixturenames", ())
+                for f in ("env", "module_env", "study", "small_study", "cluster", "pg", "trained")
             )
         ):
             item.add_marker(pytest.mark.slow)

@@ -9,7 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import cli_args, fer_tune, kill_at_pause, pausing
+from conftest import SPACE, cli_args, fer_tune, kill_at_pause, pausing
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_an_ensemble_stage_is_interrupted_continued_measured_and_exported(env, s
     combined = np.log(probs.mean(0)).mean(1)  # the crops' log-probabilities averaged, as any model's logits
     from fer_tune.data import load
 
-    _, labels = load("synthetic:1000", "paper").arrays("test")
+    _, labels = load(SPACE["data"]["path"], "paper").arrays("test")
     assert logits.shape == (3, len(labels), 10, 7)
     mine = 100.0 * float((combined.argmax(1) == labels).mean())
     assert s["test"]["top1"] == pytest.approx(mine, abs=1e-4)  # one image is 100 / N points

@@ -185,6 +185,7 @@ def test_a_store_that_cannot_be_written_or_no_mlflow_is_one_line(tmp_path, monke
         check(str(tmp_path / "mlruns"), "t")
 
 
+@pytest.mark.slow  # a fer-tune process
 def test_an_unreachable_server_stops_a_sweep_before_it_starts(tmp_path):
     """One line, exit 2, nothing written, and the credentials of the env:VAR URI not shown."""
     pytest.importorskip("mlflow")

@@ -270,6 +270,7 @@ def test_predict_outputs_folders_globs_csv_and_annotations(tmp_path, detectable)
     assert r.returncode == 0 and r.stdout.startswith(f"{photos / 'more' / 'empty.jpg'}: ") and "no face" not in r.stdout
 
 
+@pytest.mark.slow  # a fer-tune process
 def test_predict_bad_inputs_are_one_line(tmp_path, detectable):
     model = tiny_model(tmp_path)
     good = tmp_path / "good.png"
@@ -357,6 +358,7 @@ def test_predict_skips_bad_photos_names_each_and_exits_3(tmp_path, detectable):
     assert "huge.png: 20000x20000 = 400,000,000 pixels, more than the limit of 100,000,000 (--max-pixels)" in r.stderr
 
 
+@pytest.mark.slow  # a fer-tune process
 def test_predict_with_every_image_skipped_is_one_error_line(tmp_path):
     model = tiny_model(tmp_path)
     truncated_jpeg(tmp_path / "truncated.jpg")

@@ -119,6 +119,7 @@ def test_one_below_the_threshold_is_still_below(tmp_path, n):
     assert "fig-optuna-importance" not in figure_ids(text) and 'id="contour-note"' in text
 
 
+@pytest.mark.slow  # a browser
 def test_a_bar_that_ends_at_a_reference_line_keeps_its_number_readable(tmp_path):
     """The leftmost bar ending just above the majority-class line, where the line's label at its left end lay on the
     bar's number at 900 px (seen in a study whose best adam trial scored 25.35 against a majority class of 23.9 %)."""
