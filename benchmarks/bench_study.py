@@ -7,6 +7,10 @@ python benchmarks/bench_study.py overhead [--trials 8] [--epochs 6] [--n 6000]
     bare script that starts Ray, runs 2 trials that only import torch and make an optimizer, and shuts down.
 python benchmarks/bench_study.py smoke [--repeat 2]
     the shipped smoke space as a user runs it (`fer-tune sweep search_spaces/smoke.yaml`), launch to exit.
+python benchmarks/bench_study.py prestart [--repeat 4]
+    a 2-trial, 2-epoch `fer-tune sweep` launch to exit, as fer-tune starts its local Ray (no idle workers prestarted)
+    and with Ray's default (RAY_prestart_worker_first_driver=1), alternately: wall time, the first trial's start
+    after launch, and the machine's CPU-seconds during the run (from /proc/stat: run it on an idle machine).
 python benchmarks/bench_study.py memory [--data ../shared/datasets/fer2013]
     one trial alone, then two concurrent trials, on the full dataset: each trial process's resident memory
     (RSS counts the shared object-store pages; USS is private memory only) next to the dataset's size.
@@ -29,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXED = {"width": 0.125, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1}
 
 
-def run_sweep(space: dict, workdir: Path) -> tuple[float, float, Path]:
+def run_sweep(space: dict, workdir: Path, **extra_env: str) -> tuple[float, float, Path]:
     path = workdir / f"{space['name']}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env.update(extra_env)
     t0 = time.time()
     r = subprocess.run(
         [sys.executable, "-m", "fer_tune.cli", "sweep", str(path), "--results", str(workdir), "--quiet"],
@@ -170,6 +175,47 @@ def memory(args) -> None:
             print(f"  the two trials ran at the same time: {overlap}")
 
 
+def busy_cpu_seconds() -> float:
+    """CPU-seconds this machine has spent outside idle and iowait since boot (all processes, all cores)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def prestart(args) -> None:
+    """fer-tune's local Ray (no prestarted idle workers) against Ray's default, alternately, on a 2-trial sweep."""
+    space = {
+        "name": "launch",
+        "sampler": "tpe",
+        "seed": 0,
+        "num_samples": 2,
+        "max_epochs": 2,
+        "early_stopping": {"type": "none"},
+        "resources": {"cpu": 1, "gpu": 0},
+        "data": {"path": "synthetic:1000"},
+        "fixed": {**FIXED, "width": 0.0625},
+        "space": {"lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}},
+    }
+    arms = {
+        "fer-tune (no idle workers)": {},
+        "Ray's default (2 idle workers)": {"RAY_prestart_worker_first_driver": "1"},
+    }
+    got: dict[str, list[tuple[float, float, float]]] = {arm: [] for arm in arms}
+    for i in range(args.repeat):
+        for arm, extra in arms.items():
+            with tempfile.TemporaryDirectory() as d:
+                cpu0 = busy_cpu_seconds()
+                t0, wall, sdir = run_sweep(space, Path(d), **extra)
+                cpu = busy_cpu_seconds() - cpu0
+                first = min(rows[0]["trial_start"] for rows in results(sdir).values()) - t0
+            got[arm].append((wall, first, cpu))
+            print(f"run {i + 1} {arm}: {wall:.1f} s launch to exit, first trial after {first:.1f} s, {cpu:.1f} CPU-s")
+    print(f"means over {args.repeat} run(s) each, alternating:")
+    for arm, runs in got.items():
+        wall, first, cpu = (sum(r[k] for r in runs) / len(runs) for k in range(3))
+        spread = max(r[2] for r in runs) - min(r[2] for r in runs)
+        print(f"  {arm}: {wall:.1f} s wall, first trial after {first:.1f} s, {cpu:.1f} CPU-s (spread {spread:.1f})")
+
+
 def smoke(args) -> None:
     """The shipped smoke space as a user runs it: `fer-tune sweep search_spaces/smoke.yaml`, launch to exit."""
     space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
@@ -192,10 +238,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=6000, help="synthetic images")
     p = sub.add_parser("smoke")
     p.add_argument("--repeat", type=int, default=2)
+    p = sub.add_parser("prestart")
+    p.add_argument("--repeat", type=int, default=4)
     p = sub.add_parser("memory")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "fer2013")
     args = ap.parse_args()
-    {"overhead": overhead, "smoke": smoke, "memory": memory}[args.mode](args)
+    {"overhead": overhead, "smoke": smoke, "prestart": prestart, "memory": memory}[args.mode](args)
 
 
 if __name__ == "__main__":

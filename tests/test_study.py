@@ -108,6 +108,37 @@ def test_the_study_driver_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_local_ray_starts_no_idle_workers_unless_the_user_asks(env):
+    """Ray prestarts idle Python workers for the first driver; Tune's trials never use them (they are actors with
+    workers of their own), so fer-tune's local Ray goes without. A user's RAY_prestart_worker_first_driver stands."""
+    code = (
+        "import os, sys, time\n"
+        "from fer_tune.tune.runtime.session import ray_session\n"
+        "def idle():\n"
+        "    mine, n = f\"RAY_TMPDIR={os.environ['RAY_TMPDIR']}\\0\".encode(), 0  # this Ray's processes have it\n"
+        "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "        try:\n"
+        "            with open(f'/proc/{pid}/cmdline', 'rb') as c, open(f'/proc/{pid}/environ', 'rb') as e:\n"
+        "                n += c.read().startswith(b'ray::IDLE') and mine in e.read()\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return n\n"
+        "with ray_session(None, num_cpus=1):\n"
+        "    time.sleep(3)  # Ray's prestarted workers are up about 1 s after the driver connects\n"
+        "    print('fer-tune', idle())\n"
+        "os.environ['RAY_prestart_worker_first_driver'] = '1'\n"
+        "with ray_session(None, num_cpus=1):\n"
+        "    deadline = time.time() + 15\n"
+        "    while not idle() and time.time() < deadline:\n"
+        "        time.sleep(0.2)\n"
+        "    print('user', idle())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = dict(line.split() for line in r.stdout.splitlines())
+    assert counts["fer-tune"] == "0" and int(counts["user"]) >= 1, r.stdout
+
+
 def test_resume_after_the_driver_is_killed(tmp_path, env):
     # the kill lands at a known point (the driver pauses after 3 results and Tune's next saved state): a trial is
     # half-way, however fast the trials are

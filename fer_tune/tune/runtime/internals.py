@@ -35,6 +35,11 @@ SNAPSHOT_SYNC = "sync_up_experiment_state"  # (save_fn, force, wait): saves the 
 CONTROLLER = ("ray.tune.execution.tune_controller", "TuneController")
 CONTROLLER_ATTRS = ("_search_alg", "_storage")
 GENERATOR_EXPERIMENT = "_experiment"
+# Ray's setting (read by its daemons from the environment, RAY_<name>) to start idle Python workers for the first
+# driver that connects: 2 here, whatever the CPUs. Tune's trials are actors that start workers of their own, so these
+# stay idle for the local Ray's life (about 1 CPU-second each to start, then 0.6 CPU-second a minute each, and their
+# memory). A release that renamed it would start them again, nothing more.
+PRESTART_ENV = "RAY_prestart_worker_first_driver"
 # GridSampler (optuna.samplers): its grid points in the order it visits them, and the parameters' order in each;
 # a trial visited grid point `grid_id` of `search_space` (its system attributes)
 GRID_ATTRS = ("_all_grids", "_param_names", "_search_space")
