@@ -213,9 +213,8 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, output: str
     }
     if num_cpus is not None:
         kw["num_cpus"] = num_cpus
-    if (
-        not address
-    ):  # a local Ray without the idle workers nothing uses (internals.PRESTART_ENV); a user's setting stands
+    if not address:
+        # a local Ray without the idle workers nothing uses (internals.PRESTART_ENV); a user's setting stands
         os.environ.setdefault(internals.PRESTART_ENV, "0")
     ray_logger = logging.getLogger("ray")
     saved = ray_logger.handlers[:]
