@@ -76,8 +76,9 @@ def main() -> None:
     for pid, (cmd, ticks) in seen.items():
         spent = (ticks - before.get(pid, ("", 0))[1]) / hz
         if spent > 0:
-            used[kind(cmd)] += spent
-            count[kind(cmd)] += 1
+            name = kind(cmd)
+            used[name] += spent
+            count[name] += 1
     print(f"{' '.join(args)}: exit {proc.returncode}, {wall:.0f} s, {sum(used.values()):.0f} CPU-seconds")
     for name, spent in used.most_common(25):
         print(f"  {spent:8.1f} CPU-s  {count[name]:4d} process(es)  {name}")

@@ -211,6 +211,19 @@ def pausing(env: dict, marker: Path, results: int = 3) -> dict:
     return {**env, PAUSE_ENV: f"{results}:{marker}", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
+def processes() -> list[tuple[int, str, dict]]:
+    """(PID, command line, environment) of every process on this host that this user may read."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            entries = (d / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        out.append((int(d.name), cmd, dict(e.split("=", 1) for e in entries if "=" in e)))
+    return out
+
+
 def kill_at_pause(proc, marker: Path, within: float = 240.0) -> None:
     """SIGKILL a driver started with pausing(...) once it has paused, like a machine going away; then the local
     Ray of its session (it must have been started with start_new_session=True)."""

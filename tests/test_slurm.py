@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SPACE, fer_tune, pausing, read_csv, study_trials
+from conftest import ROOT, SPACE, fer_tune, pausing, processes, read_csv, study_trials
 
 TINY = {**SPACE, "num_samples": 4, "max_epochs": 2, "early_stopping": {"type": "none"}}
 
@@ -480,11 +480,7 @@ def log_of(sdir: Path, job: str) -> str:
 
 def token_of(job: str) -> str | None:
     """RAY_AUTH_TOKEN of the job's processes (this host runs them): read from /proc while it runs."""
-    for env_file in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            env = dict(v.split("=", 1) for v in env_file.read_bytes().decode(errors="replace").split("\0") if "=" in v)
-        except OSError:
-            continue
+    for _, _, env in processes():
         if env.get("SLURM_JOB_ID") == job and env.get("RAY_AUTH_TOKEN"):
             return env["RAY_AUTH_TOKEN"]
     return None
@@ -563,14 +559,7 @@ def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
 
 def job_processes(job: str) -> list[int]:
     """PIDs of this host's processes that belong to the SLURM job (its environment names it)."""
-    pids = []
-    for env_file in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if f"\0SLURM_JOB_ID={job}\0".encode() in b"\0" + env_file.read_bytes():
-                pids.append(int(env_file.parent.name))
-        except (OSError, ValueError):
-            continue
-    return pids
+    return [pid for pid, _, env in processes() if env.get("SLURM_JOB_ID") == job]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, fer_tune, kill_at_pause, pausing, read_csv, study_trials, write_space
+from conftest import SPACE, fer_tune, kill_at_pause, pausing, processes, read_csv, study_trials, write_space
 
 from fer_tune.tune.runtime.checkpoints import checkpointed_results
 
@@ -108,35 +108,44 @@ def test_the_study_driver_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@contextlib.contextmanager
+def local_ray(env: dict):
+    """A process with fer-tune's local Ray (ray_session, 1 CPU) running while the block runs."""
+    code = (
+        "import sys\n"
+        "from fer_tune.tune.runtime.session import ray_session\n"
+        "with ray_session(None, num_cpus=1):\n"
+        "    print('up', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0
+
+
 def test_a_local_ray_starts_no_idle_workers_unless_the_user_asks(env):
     """Ray prestarts idle Python workers for the first driver; Tune's trials never use them (they are actors with
     workers of their own), so fer-tune's local Ray goes without. A user's RAY_prestart_worker_first_driver stands."""
-    code = (
-        "import os, sys, time\n"
-        "from fer_tune.tune.runtime.session import ray_session\n"
-        "def idle():\n"
-        "    mine, n = f\"RAY_TMPDIR={os.environ['RAY_TMPDIR']}\\0\".encode(), 0  # this Ray's processes have it\n"
-        "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
-        "        try:\n"
-        "            with open(f'/proc/{pid}/cmdline', 'rb') as c, open(f'/proc/{pid}/environ', 'rb') as e:\n"
-        "                n += c.read().startswith(b'ray::IDLE') and mine in e.read()\n"
-        "        except OSError:\n"
-        "            pass\n"
-        "    return n\n"
-        "with ray_session(None, num_cpus=1):\n"
-        "    time.sleep(3)  # Ray's prestarted workers are up about 1 s after the driver connects\n"
-        "    print('fer-tune', idle())\n"
-        "os.environ['RAY_prestart_worker_first_driver'] = '1'\n"
-        "with ray_session(None, num_cpus=1):\n"
-        "    deadline = time.time() + 15\n"
-        "    while not idle() and time.time() < deadline:\n"
-        "        time.sleep(0.2)\n"
-        "    print('user', idle())\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    counts = dict(line.split() for line in r.stdout.splitlines())
-    assert counts["fer-tune"] == "0" and int(counts["user"]) >= 1, r.stdout
+    from fer_tune.tune.runtime.internals import PRESTART_ENV
+
+    def idle() -> int:  # this Ray's processes have its RAY_TMPDIR
+        return sum(c.startswith("ray::IDLE") and e.get("RAY_TMPDIR") == env["RAY_TMPDIR"] for _, c, e in processes())
+
+    with local_ray(env):
+        time.sleep(3)  # Ray's prestarted workers are up about 1 s after the driver connects
+        fer_tune_idle = idle()
+    with local_ray({**env, PRESTART_ENV: "1"}):
+        deadline = time.time() + 15
+        while not idle() and time.time() < deadline:
+            time.sleep(0.2)
+        user_idle = idle()
+    assert fer_tune_idle == 0 and user_idle >= 1, (fer_tune_idle, user_idle)
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, env):
