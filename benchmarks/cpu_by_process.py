@@ -79,7 +79,7 @@ def main() -> None:
             name = kind(cmd)
             used[name] += spent
             count[name] += 1
-    print(f"{' '.join(args)}: exit {proc.returncode}, {wall:.0f} s, {sum(used.values()):.0f} CPU-seconds")
+    print(f"{' '.join(args)}: exit {proc.returncode}, {wall:.0f} s, {sum(used.values()):.1f} CPU-seconds")
     for name, spent in used.most_common(25):
         print(f"  {spent:8.1f} CPU-s  {count[name]:4d} process(es)  {name}")
     sys.exit(proc.returncode)
