@@ -20,6 +20,8 @@ import pytest
 import yaml
 from conftest import ROOT, SPACE, fer_tune, pausing, processes, read_csv, study_trials
 
+from fer_tune.tune.runtime.internals import PRESTART_ENV
+
 TINY = {**SPACE, "num_samples": 4, "max_epochs": 2, "early_stopping": {"type": "none"}}
 
 
@@ -502,6 +504,9 @@ def test_study_runs_on_both_nodes(slurm, job_env, shared):
     job, sdir = submit(job_env, shared, TINY)
     token = wait_for(lambda: token_of(job), 60, "the job's Ray token")
     wait_for(lambda: " started: " in log_of(sdir, job), 120, "the study's first trial")
+    # Ray on both nodes without the idle workers it would start for the first driver (one per CPU of a node)
+    raylets = [env for _, cmd, env in processes() if env.get("SLURM_JOB_ID") == job and "/raylet " in cmd]
+    assert [env.get(PRESTART_ENV) for env in raylets] == ["0", "0"]
     r = fer_tune(job_env, "status", sdir)
     assert r.returncode == 0 and f"SLURM job {job} (the study's last session): RUNNING on n[1-2]" in r.stdout, r
     s = json.loads(fer_tune(job_env, "status", sdir, "--json").stdout)

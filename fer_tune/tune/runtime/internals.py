@@ -36,7 +36,8 @@ CONTROLLER = ("ray.tune.execution.tune_controller", "TuneController")
 CONTROLLER_ATTRS = ("_search_alg", "_storage")
 GENERATOR_EXPERIMENT = "_experiment"
 # Ray's setting (read by its daemons from the environment, RAY_<name>) to start idle Python workers for the first
-# driver that connects: 2 here, whatever the CPUs. Tune's trials are actors that start workers of their own, so these
+# driver that connects: one per CPU of the node (services.py passes --num_prestart_python_workers=num_cpus; 2 here,
+# with 2 cores, for num_cpus 2 as for 16). Tune's trials are actors that start workers of their own, so these
 # stay idle for the local Ray's life (about 1 CPU-second each to start, then 0.6 CPU-second a minute each, and their
 # memory). A release that renamed it would start them again, nothing more.
 PRESTART_ENV = "RAY_prestart_worker_first_driver"
