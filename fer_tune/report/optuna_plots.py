@@ -21,7 +21,6 @@ PRUNED_STYLE = {"symbol": "x", "size": 9, "color": "#ff7f0e"}
 
 def optuna_section(page: Page, record: StudyRecord, study, unread, lines: list[tuple[float, str]]) -> None:
     import optuna.visualization as vis
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
 
     parts = page.section("optuna", "Optuna: history, parallel coordinates, importance, slice, contour")
@@ -54,6 +53,9 @@ def optuna_section(page: Page, record: StudyRecord, study, unread, lines: list[t
     elif len(done) < MIN_FOR_SURFACE:
         why = f"{few}: with fewer, which parameter mattered cannot be told apart from the noise of a few trials"
     else:
+        # imported here only: optuna.importance imports scikit-learn (a second of a report's few)
+        from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
