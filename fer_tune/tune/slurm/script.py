@@ -142,13 +142,13 @@ ray_node() {{  # ray_node INDEX OPTIONS: Ray on this node until the job ends, wi
     # its own (it did not join, it crashed) keeps it for its logs. The head's goes in stop_ray, once the driver,
     # which stages the study's state in it, has ended. No drain on SIGTERM: it waits up to 30 s for a head that
     # stops too. No idle Python workers for the first driver that connects (the check below): Ray would start one
-    # per CPU of the node, and the study's trials start workers of their own ({PRESTART}=1 in the environment
-    # brings them back).
+    # per CPU of the node, and the study's trials start workers of their own (to have them, set
+    # {PRESTART}=1 in the environment).
     local id=$1 pid stopped=0
     shift
     # shellcheck disable=SC2086
-    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 {PRESTART}="${{{PRESTART}:-0}}" "$RAY_BIN" start --block \\
-        --temp-dir="$RAY_DIRS.$id" \\
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 {PRESTART}="${{{PRESTART}:-0}}" \\
+        "$RAY_BIN" start --block --temp-dir="$RAY_DIRS.$id" \\
         --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --dashboard-agent-listen-port=$((RAY_PORT + 2 + id % 38)) \\
         --disable-usage-stats "$@" $RAY_START_ARGS >"$RAY_LOGS.$id.log" 2>&1 &
     pid=$!
