@@ -20,14 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpu_by_process import busy_cpu_seconds  # benchmarks/, on sys.path as the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def busy_cpu_seconds() -> float:
-    """The machine's busy CPU-seconds so far (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run(tree: Path, args: list[str]) -> tuple[float, float, float]:

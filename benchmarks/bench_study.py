@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import yaml
+from cpu_by_process import busy_cpu_seconds  # benchmarks/, on sys.path as the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = {"width": 0.125, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1}
@@ -173,12 +174,6 @@ def memory(args) -> None:
             )
         if n > 1:
             print(f"  the two trials ran at the same time: {overlap}")
-
-
-def busy_cpu_seconds() -> float:
-    """CPU-seconds this machine has spent outside idle and iowait since boot (all processes, all cores)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def prestart(args) -> None:

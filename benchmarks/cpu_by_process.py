@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 KINDS = (  # (kind, a substring of its command line), the first match wins
     ("Ray: idle worker", "ray::IDLE"),
@@ -52,6 +53,13 @@ def snapshot() -> dict[int, tuple[str, int]]:
         fields = stat[stat.rfind(")") + 2 :].split()
         out[int(pid)] = (cmd, int(fields[11]) + int(fields[12]))  # no command line: a kernel thread or an exiting one
     return out
+
+
+def busy_cpu_seconds() -> float:
+    """CPU-seconds this machine has spent outside idle and iowait since boot (all processes, all cores; /proc/stat's
+    first eight fields: guest time is counted in user time already)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -20,15 +20,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cpu_by_process import busy_cpu_seconds  # benchmarks/, on sys.path as the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_ENV = "FER_TUNE_CPU_PER_TEST"  # where the plugin writes its JSON lines
-
-
-def busy_cpu_seconds() -> float:
-    """The machine's busy CPU-seconds so far (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the pytest plugin (`-p cpu_per_test`, this module on PYTHONPATH) -----------------------------------------
