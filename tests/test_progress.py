@@ -116,3 +116,36 @@ def test_only_the_first_driver_to_reach_the_pause_point_pauses(tmp_path, monkeyp
             hook.on_trial_result(0, [], None, {})
             hook.on_step_end(0, [])
         assert marker.read_text() == "2" and len(waits) == 1, driver  # the first paused, the second did not
+
+
+def test_ray_warnings_are_counted_in_the_log_that_holds_them(caplog, tmp_path):
+    """One Ray for two stages (the demo's sweep, then its final stage): each stage's "Ray logged N warning(s)"
+    line counts the warnings in its own ray.log, not those an earlier stage's log already holds."""
+    from fer_tune.tune.runtime import session
+
+    caplog.set_level(logging.INFO, logger="fer_tune")
+    ray_log = session._RayLog()
+    session._RAY_LOG.append(ray_log)
+    ray = logging.getLogger("ray.test_progress")
+    try:
+        ray.addHandler(ray_log)
+        ray.propagate = False
+        ray.warning("token authentication is enabled")  # at Ray's start, before the first stage names its log
+        session.ray_log_to(tmp_path / "study.log")
+        session.say_ray_log()
+        ray.warning("a trial's warning")
+        session.ray_log_to(tmp_path / "final.log")  # the next stage, on the same Ray
+        session.say_ray_log()
+        ray.warning("one in the final stage")
+        session.say_ray_log()
+    finally:
+        ray.removeHandler(ray_log)
+        ray_log.close()
+        session._RAY_LOG.remove(ray_log)
+    said = [r.getMessage() for r in caplog.records if "Ray logged" in r.getMessage()]
+    assert said == [
+        f"Ray logged 1 warning(s) on the way: {tmp_path / 'study.log'}",
+        f"Ray logged 1 warning(s) on the way: {tmp_path / 'final.log'}",
+    ], said
+    assert (tmp_path / "study.log").read_text().count("WARNING") == 2
+    assert (tmp_path / "final.log").read_text().count("WARNING") == 1

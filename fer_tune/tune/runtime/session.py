@@ -160,6 +160,8 @@ class _RayLog(logging.Handler):
     def to_file(self, path: Path) -> None:
         if self.file is not None:
             self.file.close()
+        if path != self.path:  # another stage's log (one Ray, several stages): count what this one holds
+            self.warnings = sum(r.levelno >= logging.WARNING for r in self.kept)
         self.file, self.path = _LogFile(path, encoding="utf-8"), path
         self.file.setFormatter(self.formatter)
         for record in self.kept:
