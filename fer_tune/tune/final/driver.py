@@ -31,6 +31,7 @@ from ..pbt.read import REPLAY_DIR, replay_choice, replay_choices
 from ..runtime import preflight, stage
 from ..runtime.checkpoints import pruner
 from ..runtime.lock import acquire
+from ..runtime.progress import params_line
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.outputs import best_trial
 from ..study.record import StudyRecord, read_study, reopen
@@ -42,6 +43,11 @@ from .trial import SNAPSHOT_KEEP, seed_trial
 log = logging.getLogger(__name__)
 
 FINAL_FILE = "final.json"
+
+
+def _count(n: int, what: str) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _settings(out: Path, given: dict) -> dict | None:
@@ -216,9 +222,10 @@ def _final(
         announce = (
             f"final stage of {record['name']}: trial {best['number']} ({spec.metric} {best['value']:.2f}"
             + (", the Pareto front's best; another with --trial N" if spec.multi and trial is None else "")
-            + f") with {best['params']}; {settings['epochs']} epochs + {settings['finetune_epochs']} fine-tune "
-            f"epochs ({settings['finetune_scheduler']} from lr {settings['finetune_lr']:g} on "
-            f"{settings['finetune_on']}), seeds {seeds}"
+            + f") with {params_line(best['params'])}; {_count(settings['epochs'], 'epoch')} + "
+            f"{_count(settings['finetune_epochs'], 'fine-tune epoch')} ({settings['finetune_scheduler']} from lr "
+            f"{settings['finetune_lr']:g} on {settings['finetune_on']}), {_count(len(seeds), 'seed')} "
+            f"({', '.join(map(str, seeds))})"
             + (
                 f"; beside it the {settings['baseline']} recipe with the same epochs, fine-tune and seeds"
                 if settings["baseline"]

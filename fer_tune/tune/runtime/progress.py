@@ -38,6 +38,11 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def params_line(params: dict) -> str:
+    """A configuration as the progress lines show it: `optimizer=adam, lr=0.005539, dropout=0.4459`."""
+    return ", ".join(f"{k}={_num(v)}" for k, v in params.items())
+
+
 class TrialProgress(Callback):
     """Tune callback (in the driver) that logs each trial's start, epochs, end and errors.
 
@@ -91,7 +96,7 @@ class TrialProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         config = trial.config or {}
-        shown = ", ".join(f"{k}={_num(v)}" for k, v in config.items()) if self._params else ""
+        shown = params_line(config) if self._params else ""
         log.info(
             "%s started%s  %s", self._name(trial), f": {shown}" if shown else "", self._counts(trials, trial, "RUNNING")
         )
