@@ -180,6 +180,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """Cancel every job, then stop the daemons this object started (slurmd first, munged last), by PID."""
         if "slurmctld" in self.procs:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+            # a job a failed test left running: its steps end before their slurmd does, else a slurmstepd waits for
+            # that slurmd for ever
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                r = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
+                if r.returncode or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         order = [k for k in self.procs if k.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             pid = self.procs.pop(name, None)
