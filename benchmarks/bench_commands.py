@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def run(tree: Path, args: list[str]) -> tuple[float, float, float]:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall, machine = time.monotonic() - t0, busy_cpu_seconds() - busy
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(["rm", "-rf", env["RAY_TMPDIR"], fresh], check=False)
+    for d in (env["RAY_TMPDIR"], fresh):
+        shutil.rmtree(d, ignore_errors=True)
     if r.returncode:
         sys.exit(f"fer-tune {' '.join(args)} with {tree} exited {r.returncode}:\n{r.stderr[-3000:]}")
     own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
