@@ -176,18 +176,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.stop()
         raise RuntimeError(f"the SLURM nodes did not become idle within {timeout:.0f} s: {r.stdout}{r.stderr}")
 
+    def cancel_all(self, within: float = 30.0) -> None:
+        """Cancel every job and wait (up to `within` s) until the queue is empty: a job's steps end before their
+        slurmd does (else a slurmstepd waits for that slurmd for ever), and before a test removes their files."""
+        if "slurmctld" not in self.procs:
+            return
+        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+        deadline = time.time() + within
+        while time.time() < deadline:
+            r = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
+            if r.returncode or not r.stdout.strip():
+                break
+            time.sleep(0.5)
+
     def stop(self) -> None:
         """Cancel every job, then stop the daemons this object started (slurmd first, munged last), by PID."""
-        if "slurmctld" in self.procs:
-            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
-            # a job a failed test left running: its steps end before their slurmd does, else a slurmstepd waits for
-            # that slurmd for ever
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                r = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
-                if r.returncode or not r.stdout.strip():
-                    break
-                time.sleep(0.5)
+        self.cancel_all()
         order = [k for k in self.procs if k.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             pid = self.procs.pop(name, None)

@@ -440,7 +440,9 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture
-def job_env(slurm, tmp_path):
+def job_env(slurm, shared, tmp_path):
+    """The environment of a test's jobs. At the test's end every job still queued or running is cancelled, before
+    the study directory (`shared`, set up first, removed last) goes: a failed test leaves none writing to it."""
     env = {
         **slurm.env,
         "PYTHONPATH": str(ROOT),  # the job's Python finds this checkout
@@ -450,7 +452,8 @@ def job_env(slurm, tmp_path):
         "TUNE_GLOBAL_CHECKPOINT_S": "1",
     }
     env.pop("RAY_TMPDIR", None)
-    return env
+    yield env
+    slurm.cancel_all()
 
 
 def submit(job_env, shared, space: dict, *args) -> tuple[str, Path]:
