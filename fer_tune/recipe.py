@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import EMOTIONS, code_revision, write_json
+from .common import EMOTIONS, FerTuneError, code_revision, write_json
 from .config import TrainConfig
 
 if TYPE_CHECKING:
@@ -357,3 +357,24 @@ def pm(agg: dict, digits: int = 2, sign: str = "+-") -> str:
     if len(agg["values"]) < 2:
         return f"{agg['mean']:.{digits}f}"
     return f"{agg['mean']:.{digits}f} {sign} {agg['std']:.{digits}f}"
+
+
+def check_final_options(given: dict, *, trial: int | None, gpus: float | None, cpus: float | None) -> None:
+    """FerTuneError for `fer-tune final` options that cannot go together or take no such value (before any stage
+    is read: `fer-tune slurm --final` checks them when it writes the job)."""
+    if given.get("from_pbt") and trial is not None:
+        raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
+    if (given.get("ensemble") or 1) > 1 and trial is not None:
+        raise FerTuneError(
+            f"--ensemble {given['ensemble']} retrains the study's {given['ensemble']} best configurations and "
+            "--trial N one trial: give one"
+        )
+    for k, v in given.items():
+        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
+            raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    if given.get("baseline") not in (None, *BASELINES):
+        raise FerTuneError(f"--baseline {given['baseline']}: the baselines are {', '.join(BASELINES)}")
+    if gpus is not None and gpus < 0:
+        raise FerTuneError(f"--gpus-per-run must be >= 0, got {gpus}")
+    if cpus is not None and cpus <= 0:
+        raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")

@@ -233,10 +233,40 @@ def test_gpu_study_asks_for_gpus(tmp_path, no_slurm):
         (["--sbatch-option", "constraint=a100"], ["--sbatch-option", "one sbatch option"]),
         (["--epochs", "3"], ["--epochs", "need --final"]),
         (["--final"], ["--final", "not a study directory"]),
+        # what `fer-tune sweep` refuses is refused when the job is written, not after its wait in the queue
+        (["--cpus-per-node", "0"], ["--cpus-per-node must be >= 1, got 0"]),
+        (["--num-samples", "0"], ["num_samples=0: must be >= 1"]),
+        (["--max-concurrent", "0"], ["--max-concurrent must be >= 1"]),
+        (["--gpus-per-trial", "-1"], ["resources.gpu must be a number >= 0"]),
+        (["--data", "/nonexistent/fer2013.csv"], ["data path /nonexistent/fer2013.csv does not exist"]),
+        # a job in which no trial could start
+        (["--cpus-per-trial", "4", "--cpus-per-node", "2"], ["each trial asks for 4 CPUs", "has 2", "could start"]),
+        (["--gpus-per-trial", "3", "--gpus-per-node", "2"], ["each trial asks for 3 GPUs", "has 2", "could start"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, no_slurm, args, words):
     one_line_error(slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", *args), *words)
+
+
+def test_gpus_that_the_cpus_of_a_node_cannot_feed_are_said(tmp_path, no_slurm):
+    # joint: 4 CPUs and a quarter GPU a trial; 17 CPUs run 4 trials at once, on 1 of the node's 4 GPUs
+    args = ("joint", "--results", tmp_path / "results", "--gpus-per-trial", "0.25", "--gpus-per-node", "4")
+    r = slurm_cli(no_slurm, *args, "--cpus-per-node", "17")
+    assert r.returncode == 0, r.stderr
+    want = "warning: a node's 17 CPUs run 4 trial(s) at once (4 CPUs each), which use 1 of its 4 GPUs; "
+    assert want + "--cpus-per-node 65 would use them all" in r.stdout, r.stdout
+    r = slurm_cli(no_slurm, *args)  # the default feeds them all
+    assert r.returncode == 0 and "warning" not in r.stdout and "x 65 CPUs, 4 GPU(s) each" in r.stdout, r.stdout
+
+
+def test_the_other_nodes_ray_asks_for_the_nodes_cpus_again(tmp_path, no_slurm):
+    """srun does not take sbatch's --cpus-per-task (SLURM 22.05 on): the step that starts Ray on the other nodes
+    asks for the node's CPUs and its memory itself, or a cluster that binds tasks to cores gives that Ray one."""
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--cpus-per-node", "6")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "results" / "smoke" / "slurm.sbatch").read_text()
+    step = text[text.index("    srun --overlap") : text.index("ray_node $((SLURM_NODEID + 1))")]
+    assert '--cpus-per-task="$CPUS_PER_NODE" --mem=0' in step and "export CPUS_PER_NODE=6 " in text
 
 
 def test_node_local_study_refused_for_several_nodes(tmp_path, no_slurm):
@@ -322,6 +352,15 @@ def test_scripts_of_an_existing_study_and_its_final_stage(small_study, no_slurm,
     assert f"--output={out}/slurm-%j.log" in sbatch_lines(text) and f"--lock-dir {out}" in text
     assert "--job-name=fer-tune-t-final" in sbatch_lines(text)
     one_line_error(slurm_cli(no_slurm, sdir, "--final", "--data", "x.csv"), "--data", "final stage")
+    # sized for the runs' CPUs; the final stage's own refusals said when the job is written
+    r = slurm_cli(no_slurm, sdir, "--final", "--seeds", "3", "--cpus-per-run", "4", "--out", out)
+    assert r.returncode == 0 and "x 17 CPUs" in r.stdout, r.stdout  # 4 runs of 4 CPUs, and the driver
+    one_line_error(slurm_cli(no_slurm, sdir, "--final", "--epochs", "0", "--out", out), "--epochs must be > 0")
+    one_line_error(slurm_cli(no_slurm, sdir, "--final", "--cpus-per-run", "0", "--out", out), "--cpus-per-run must")
+    one_line_error(
+        slurm_cli(no_slurm, sdir, "--final", "--cpus-per-run", "8", "--cpus-per-node", "4", "--out", out),
+        "each run asks for 8 CPUs",
+    )
 
 
 def test_a_warm_start_and_an_ensemble_reach_the_job(small_study, no_slurm, tmp_path):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..common import FerTuneError
-from ..recipe import BASELINES
+from ..recipe import BASELINES, FINAL_DEFAULTS, check_final_options
 from .common import add_output_options, add_read_options, parser_with
 
 # the options handed to the driver: (flag, dest, takes a value); which commands take them
@@ -95,14 +95,28 @@ def _refuse(args: argparse.Namespace, table: tuple, why: str) -> None:
         raise FerTuneError(f"{' '.join(given)}: {why}")
 
 
-def _default_cpus(resources: dict, gpus_per_node: int, trials: int | None = None) -> int:
-    """CPUs for one node: `trials` (default: those its GPUs hold, 4 without GPUs) times a trial's CPUs, and 1 for
-    the driver."""
-    per_trial = float(resources.get("cpu", 1) or 1)
-    gpu = float(resources.get("gpu", 0) or 0)
-    if trials is None:
-        trials = int(gpus_per_node / gpu + 1e-9) if gpu and gpus_per_node else 4
-    return max(2, math.ceil(trials * per_trial) + 1)
+def _with_resources(resources: dict, cpus: float | None, gpus: float | None) -> dict:
+    """`resources` with the command line's CPUs and GPUs per trial (per run)."""
+    return {**resources, **({"cpu": cpus} if cpus is not None else {}), **({"gpu": gpus} if gpus is not None else {})}
+
+
+def _as_sweep_takes_it(spec, args: argparse.Namespace):
+    """A new study's spec with the sweep options of the command line, refused here as `fer-tune sweep` would
+    refuse them, not in the job after its wait in the queue."""
+    from ..data import identify
+    from ..tune.study.record import spec_with
+
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise FerTuneError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    overrides: dict = {"num_samples": args.num_samples} if args.num_samples is not None else {}
+    if args.cpus_per_trial is not None or args.gpus_per_trial is not None:
+        overrides["resources"] = _with_resources(spec.resources, args.cpus_per_trial, args.gpus_per_trial)
+    if overrides:
+        spec = spec_with(spec.text, overrides, f"{args.target} (with command-line overrides)", spec.name)
+    data = args.data or spec.data.get("path")
+    if data and "://" not in data:
+        identify(str(Path(data).expanduser()))
+    return spec
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -133,8 +147,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         storage = record.get("ray_storage")
     if args.final:
         _refuse(args, only_pbt, "PBT-stage options need --pbt")
-        if args.gpus_per_run is not None:
-            resources["gpu"] = args.gpus_per_run
+        given = {k: getattr(args, k, None) for k in FINAL_DEFAULTS}
+        check_final_options(given, trial=args.trial, gpus=args.gpus_per_run, cpus=args.cpus_per_run)
+        resources = _with_resources(resources, args.cpus_per_run, args.gpus_per_run)
         default_out = sdir / (REPLAY_DIR if args.from_pbt else "final")
         out = Path(args.out).expanduser().absolute() if args.out else default_out
         first = again = ["final", str(sdir), *_given(args, FINAL_OPTIONS), *force, *common]
@@ -171,11 +186,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                 from ..tune.study.warmstart import plan
 
                 plan(spec, args.warm_start)
+            spec = _as_sweep_takes_it(spec, args)
             resources = dict(spec.resources)
-            if args.gpus_per_trial is not None:
-                resources["gpu"] = args.gpus_per_trial
-            if args.cpus_per_trial is not None:
-                resources["cpu"] = args.cpus_per_trial
             space = str(Path(args.target).absolute()) if Path(args.target).is_file() else args.target
             first = ["sweep", space, "--name", sdir.name, "--results", str(sdir.parent)]
             first += _given(args, SWEEP_OPTIONS) + common
@@ -189,7 +201,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     job = slurm.Job(
         nodes=args.nodes,
         gpus_per_node=gpus,
-        cpus_per_node=args.cpus_per_node or _default_cpus(resources, gpus, per_node),
+        cpus_per_node=slurm.default_cpus(resources, gpus, per_node)
+        if args.cpus_per_node is None
+        else args.cpus_per_node,
         time=args.time,
         partition=args.partition,
         account=args.account,
@@ -209,6 +223,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
             f"each trial asks for {resources['gpu']:g} GPU but --gpus-per-node is 0: give the job GPUs"
             + (", or --gpus-per-run 0" if args.final else "" if args.pbt else ", or --gpus-per-trial 0 for a CPU study")
         )
+    unit = "run" if args.final else "member" if args.pbt else "trial"
+    warning = slurm.check_fit(job, resources, unit)
+    if warning:
+        print(f"warning: {warning}")
     text = render(
         job,
         what=what,

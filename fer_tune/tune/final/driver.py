@@ -24,7 +24,7 @@ from typing import Any
 
 from ...common import NAME_RULE, FerTuneError, is_plain_name, write_json
 from ...config import TrainConfig, checkpoint_bytes
-from ...recipe import BASELINES, FINAL_DEFAULTS, TEST_CROPS, baseline_config
+from ...recipe import FINAL_DEFAULTS, TEST_CROPS, baseline_config, check_final_options
 from ..mlflow.final import catch_up_final, track_final
 from ..mlflow.tracking import check as check_tracking
 from ..pbt.read import REPLAY_DIR, replay_choice, replay_choices
@@ -84,22 +84,7 @@ def run_final(
     MLflow tracking URI (fer_tune.tune.mlflow.tracking), default the one the stage recorded, else the study's."""
     sdir = Path(study).resolve()
     out_p = Path(out).resolve() if out else sdir / (REPLAY_DIR if given.get("from_pbt") else "final")
-    if given.get("from_pbt") and trial is not None:
-        raise FerTuneError("--from-pbt retrains the PBT stage's best member and --trial N a study trial: give one")
-    if (given.get("ensemble") or 1) > 1 and trial is not None:
-        raise FerTuneError(
-            f"--ensemble {given['ensemble']} retrains the study's {given['ensemble']} best configurations and "
-            "--trial N one trial: give one"
-        )
-    for k, v in given.items():
-        if v is not None and k not in ("finetune_scheduler", "finetune_on", "baseline", "from_pbt") and v <= 0:
-            raise FerTuneError(f"--{k.replace('_', '-')} must be > 0, got {v}")
-    if given.get("baseline") not in (None, *BASELINES):
-        raise FerTuneError(f"--baseline {given['baseline']}: the baselines are {', '.join(BASELINES)}")
-    if gpus is not None and gpus < 0:
-        raise FerTuneError(f"--gpus-per-run must be >= 0, got {gpus}")
-    if cpus is not None and cpus <= 0:
-        raise FerTuneError(f"--cpus-per-run must be > 0, got {cpus}")
+    check_final_options(given, trial=trial, gpus=gpus, cpus=cpus)
     record = read_study(sdir)
     _check_out(out_p, sdir, record)
     with acquire(out_p, what="the final stage", force=opts.force, create=True):

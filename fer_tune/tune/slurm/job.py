@@ -3,6 +3,7 @@ partition (sinfo), sbatch, squeue."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -84,6 +85,42 @@ class Job:
         for opt in self.sbatch_options:
             if not opt.startswith("-") or "\n" in opt:
                 raise FerTuneError(f"--sbatch-option {opt!r}: give one sbatch option, e.g. --constraint=a100")
+
+
+def default_cpus(resources: dict, gpus_per_node: int, trials: int | None = None) -> int:
+    """CPUs for one node: `trials` (default: those its GPUs hold, 4 without GPUs) times a trial's CPUs, and 1 for
+    the driver."""
+    per_trial = float(resources.get("cpu", 1) or 1)
+    gpu = float(resources.get("gpu", 0) or 0)
+    if trials is None:
+        trials = int(gpus_per_node / gpu + 1e-9) if gpu and gpus_per_node else 4
+    return max(2, math.ceil(trials * per_trial) + 1)
+
+
+def check_fit(job: Job, resources: dict, unit: str) -> str | None:
+    """FerTuneError for a job in which no trial (run, member) could start: Ray would wait for resources until the
+    time limit, allocation after allocation. A warning when a node's CPUs run fewer of them than its GPUs hold."""
+    cpu = float(resources.get("cpu", 0) or 0)
+    gpu = float(resources.get("gpu", 0) or 0)
+    if cpu > job.cpus_per_node:
+        raise FerTuneError(
+            f"each {unit} asks for {cpu:g} CPUs but a node of the job has {job.cpus_per_node} (--cpus-per-node): "
+            f"no {unit} could start; give the nodes more CPUs or the {unit}s fewer"
+        )
+    if gpu > job.gpus_per_node > 0:
+        raise FerTuneError(
+            f"each {unit} asks for {gpu:g} GPUs but a node of the job has {job.gpus_per_node} (--gpus-per-node): "
+            f"no {unit} could start; give the nodes more GPUs or the {unit}s fewer"
+        )
+    if gpu > 0 and cpu > 0:
+        by_gpu, by_cpu = int(job.gpus_per_node / gpu + 1e-9), int(job.cpus_per_node / cpu + 1e-9)
+        if by_cpu < by_gpu:
+            return (
+                f"a node's {job.cpus_per_node} CPUs run {by_cpu} {unit}(s) at once ({cpu:g} CPUs each), which use "
+                f"{math.ceil(by_cpu * gpu - 1e-9)} of its {job.gpus_per_node} GPUs; --cpus-per-node "
+                f"{math.ceil(by_gpu * cpu) + 1} would use them all"
+            )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

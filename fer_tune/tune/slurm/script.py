@@ -167,8 +167,10 @@ ray_node 0 --head --port="$RAY_PORT" "${{client_port[@]}}" --include-dashboard=f
     --node-ip-address="$RAY_HEAD_IP" &
 ray_pids=($!)
 if [ "${{#nodes[@]}}" -gt 1 ]; then  # SLURM_NODEID counts the step's nodes: 0 .. nodes - 2
+    # the node's CPUs and memory for its Ray, asked for again: srun does not take sbatch's --cpus-per-task (SLURM
+    # 22.05 on), and a task of one CPU is bound to one core where the cluster binds tasks to cores
     srun --overlap --nodes=$((${{#nodes[@]}} - 1)) --ntasks=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 \\
-        --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 \\
+        --cpus-per-task="$CPUS_PER_NODE" --mem=0 --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 \\
         bash -c 'earlier_dirs; ray_node $((SLURM_NODEID + 1)) --address="$RAY_HEAD_IP:$RAY_PORT"' \\
         2>"$RAY_LOGS.srun.log" &
     ray_pids+=($!)
