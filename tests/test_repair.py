@@ -188,3 +188,12 @@ def test_the_searcher_states_of_a_study_in_an_object_store_are_read_and_renumber
         assert repair._renumber_searcher_states(tmp_path, record, {"a1": 1, "b2": 3, "c3": 2}) == 0
     finally:
         server.stop()
+
+
+def test_a_study_without_its_copy_of_the_space_is_one_line(small_study, tmp_path, env):
+    study = tmp_path / "t"
+    shutil.copytree(small_study, study, ignore=shutil.ignore_patterns("final*", "pbt", ".lock"))
+    (study / "space.yaml").unlink()
+    for argv in (["resume", study], ["extend", study, "--num-samples", "1"]):
+        r = fer_tune(env, *argv)
+        assert r.returncode == 2 and "space.yaml is missing" in r.stderr and r.stderr.count("\n") == 1, r.stderr

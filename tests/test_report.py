@@ -577,6 +577,13 @@ def test_cli_report(study, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fer-tune: error:") and "is not a fer-tune study directory" in err
+    # a directory takes the report as report.html; a path through a file is one line
+    assert main(["report", str(study["dir"]), "--out", str(out.parent)]) == 0
+    assert f"report: {out.parent.resolve() / 'report.html'}" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("")
+    assert main(["report", str(study["dir"]), "--out", str(tmp_path / "afile" / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a directory" in err and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -310,3 +310,33 @@ def test_bad_files_through_the_cli(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()  # nothing written for a refused space
     assert main(["status", str(tmp_path / "nothing")]) == 2
     assert "not a fer-tune study directory" in capsys.readouterr().err
+
+
+def test_a_space_that_is_not_text_or_not_a_file_and_a_study_that_is_not_whole_are_one_line(tmp_path, capsys):
+    """Files a user's tools damage or mix up: a space saved as UTF-16, a directory given as a space, a study.json
+    cut down to `{}` or to bytes that are not text, a study without its copy of the space, a directory that holds
+    only the SLURM job written for it: one line each, exit 2, no traceback."""
+
+    def one_line(argv, *words):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fer-tune: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        for w in words:
+            assert w in err, err
+
+    space = tmp_path / "utf16.yaml"
+    space.write_bytes("name: x\n".encode("utf-16"))
+    one_line(["space", "check", space], "utf16.yaml: not a UTF-8 text file")
+    one_line(["sweep", space, "--results", tmp_path / "r"], "not a UTF-8 text file")
+    one_line(["space", "check", tmp_path], "is a directory, not a search space file")
+    study = tmp_path / "s"
+    study.mkdir()
+    for text, why in (("{}", "it has no name, spec, runs"), ("[1]", "not a JSON object"), (b"\xff\xfe", "codec")):
+        (study / "study.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        for command in ("status", "report", "resume", "extend"):
+            extra = ["--num-samples", "1"] if command == "extend" else []
+            one_line([command, study, *extra], "study.json is damaged", why, "cannot read the study from it")
+    job = tmp_path / "results" / "smoke"
+    job.mkdir(parents=True)
+    (job / "slurm.sbatch").write_text("#!/bin/bash\n")
+    one_line(["status", job], "holds a SLURM job's script (slurm.sbatch) but no study yet", "sbatch")

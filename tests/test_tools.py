@@ -95,7 +95,9 @@ def _study_dir(tmp_path, storage_ref: str, url: str):
         study.tell(t, 30.0 + 3 * i if i != 3 else 60.0)
     sdir = tmp_path / "results" / "dash"
     sdir.mkdir(parents=True)
-    (sdir / "study.json").write_text(json.dumps({"name": "dash", "optuna_study": "dash", "storage": storage_ref}))
+    (sdir / "study.json").write_text(
+        json.dumps({"name": "dash", "spec": {}, "runs": [], "optuna_study": "dash", "storage": storage_ref})
+    )
     return sdir
 
 

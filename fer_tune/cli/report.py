@@ -9,9 +9,22 @@ from .common import log, parser_with
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..common import FerTuneError
     from ..report import write_report
 
-    path = write_report(args.study, args.out)
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and out.is_dir():  # as cp takes one: the file goes in it
+        out = out / "report.html"
+    if out is not None:  # its folders are made as needed, but not through a file
+        found = next((d for d in (out.parent, *out.parent.parents) if d.exists()), None)
+        if found is not None and not found.is_dir():
+            raise FerTuneError(f"--out {args.out}: {found} is a file, not a directory")
+    try:
+        path = write_report(args.study, out)
+    except OSError as exc:
+        if out is None or exc.filename is None or Path(exc.filename).parent != out.parent:
+            raise
+        raise FerTuneError(f"--out {args.out}: the report cannot be written there ({exc.strerror})") from None
     print(f"report: {path.resolve()}")
     return 0
 
@@ -43,5 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """,
     )
     p.add_argument("study", help="the study directory (results/NAME)")
-    p.add_argument("--out", default=None, metavar="FILE", help="where to write it (default: STUDY/report.html)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE|DIR",
+        help="where to write it: a file, or a directory to write report.html in (default: STUDY/report.html)",
+    )
     p.set_defaults(func=cmd_report)

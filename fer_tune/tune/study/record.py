@@ -55,6 +55,9 @@ class RunRecord(TypedDict, total=False):
     sessions: list[SessionRecord]
 
 
+REQUIRED_KEYS = ("name", "spec", "runs")  # what every command reads first
+
+
 class StudyRecord(TypedDict, total=False):
     """study.json (new_record): what was launched, and every run and session since."""
 
@@ -248,12 +251,25 @@ def read_study(sdir: str | Path, *, check: bool = True) -> StudyRecord:
     sdir = Path(sdir)
     f = sdir / STUDY_FILE
     if not f.is_file():
+        from ..slurm.script import SCRIPT
+
+        if (sdir / SCRIPT).is_file():  # `fer-tune slurm SPACE` wrote the job; its first allocation makes the study
+            raise FerTuneError(
+                f"{sdir} holds a SLURM job's script ({SCRIPT}) but no study yet: the job has not started it (submit "
+                f"it with sbatch {sdir / SCRIPT}; squeue --me shows whether it waits in the queue)"
+            )
         hint = " (it does not exist)" if not sdir.exists() else f" ({sdir} has no {STUDY_FILE})"
         raise FerTuneError(f"{sdir} is not a fer-tune study directory{hint}; start one with fer-tune sweep")
     try:
         record = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise FerTuneError(f"{f} is damaged ({exc}); the study cannot be resumed from it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FerTuneError(f"{f} is damaged ({exc}); fer-tune cannot read the study from it") from None
+    if not isinstance(record, dict):
+        raise FerTuneError(f"{f} is damaged (not a JSON object); fer-tune cannot read the study from it")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing or not isinstance(record["runs"], list) or not isinstance(record["spec"], dict):
+        what = f"it has no {', '.join(missing)}" if missing else "its runs or spec are not what fer-tune writes"
+        raise FerTuneError(f"{f} is damaged ({what}); fer-tune cannot read the study from it")
     _working_on(sdir)
     if isinstance(record.get("storage"), str):
         record["storage"] = located(record["storage"])
@@ -372,7 +388,10 @@ def spec_with(text: str, overrides: dict, source: str, name: str) -> StudySpec:
 
 def study_spec(sdir: Path, record: dict) -> StudySpec:
     """The spec of the study in `sdir`: its copy of the space file with the overrides it was launched with."""
-    return spec_with((sdir / "space.yaml").read_text(), record["overrides"], str(sdir / "space.yaml"), record["name"])
+    copy = Path(sdir) / "space.yaml"
+    if not copy.is_file():
+        raise FerTuneError(f"{copy} is missing: the study's copy of its search space, which resume and extend run")
+    return spec_with(copy.read_text(), record["overrides"], str(copy), record["name"])
 
 
 def reopen(sdir: Path, force: bool, loader: Callable[[str, str], Any]) -> tuple[dict, StudySpec, Any]:

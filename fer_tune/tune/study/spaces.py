@@ -99,6 +99,8 @@ def find_space(path: str | Path) -> Path:
     shipped = shipped_spaces()
     if "/" not in name and name in shipped:
         return Path(str(shipped[name]))
+    if p.is_dir():
+        raise FerTuneError(f"{path} is a directory, not a search space file (a YAML file, or a shipped space's name)")
     raise FerTuneError(
         f"search space file {path} does not exist; the spaces that ship with fer-tune, usable by "
         f"name (with or without .yaml): {', '.join(f'{n}.yaml' for n in sorted(shipped)) or 'none'}"
@@ -110,7 +112,10 @@ def load_space(path: str | Path) -> StudySpec:
     import yaml
 
     path = find_space(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise FerTuneError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
