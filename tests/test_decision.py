@@ -116,6 +116,11 @@ def test_no_tie_and_no_collapse_and_the_majority_rate_when_it_was_not_recorded(t
         "(below)."
     )
     assert said(f)["collapsed"].startswith("Collapsed: none (no trial predicts")
+    # several trials share the next best value: all of them are named, not the last one sorted
+    twin = trial(6, {"optimizer": ADAM, "lr": 0.001, "dropout": 0.3}, [20.0, 30.0, 36.0], recalls=some_of_each(20))
+    h = facts_of(craft_study(tmp_path / "d", [*healthy, twin]))  # (numbered in this order: 0, 1, 2)
+    assert h["runner_up"] == {"trial": 1, "value": 36.0, "tied": [1, 2]}, h["runner_up"]
+    assert said(h)["ties"] == "Ties: none; the next best, trials 1, 2 at 36.00 %, lie below the winner's interval."
     # a study recorded before the val split's class counts: a one-emotion trial gives a lower bound
     f = facts_of(craft_study(tmp_path / "b", TRIALS[:2], class_counts=False))
     assert f["majority"] == {"class": "happy", "pct": 25.58, "recorded": False}

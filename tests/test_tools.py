@@ -76,6 +76,20 @@ def test_space_check_refuses_a_bad_space_in_one_line(capsys, tmp_path):
     assert code == 2 and "sgd_nesterov needs momentum > 0" in err and "Traceback" not in err
     code, _, err = run(capsys, "space")
     assert code == 2
+    # the space's own data path names the file and the key; one given with --data is said as given
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(tmp_path / "gone.csv")},
+                "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1}},
+            }
+        )
+    )
+    code, _, err = run(capsys, "space", "check", data)
+    assert code == 2 and err.startswith(f"fer-tune: error: {data}: data.path: data path {tmp_path}/gone.csv does not")
+    code, _, err = run(capsys, "space", "check", data, "--data", tmp_path / "also-gone.csv")
+    assert code == 2 and err.startswith(f"fer-tune: error: data path {tmp_path}/also-gone.csv does not exist"), err
 
 
 def _free_port() -> int:

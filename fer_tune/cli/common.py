@@ -21,7 +21,7 @@ def parser_with(
     """A subcommand whose --help shows `help`, `details` (a paragraph, wrapped) and the examples."""
     import textwrap
 
-    return sub.add_parser(
+    p = sub.add_parser(
         name,
         help=help,
         description=help + ("\n\n" + textwrap.fill(details, 100) if details else ""),
@@ -29,6 +29,9 @@ def parser_with(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **kw,
     )
+    # after the command too (fer-tune status STUDY --debug); SUPPRESS: not given here, `fer-tune --debug ...` stands
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    return p
 
 
 def add_data_options(

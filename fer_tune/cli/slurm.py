@@ -115,7 +115,10 @@ def _as_sweep_takes_it(spec, args: argparse.Namespace):
         spec = spec_with(spec.text, overrides, f"{args.target} (with command-line overrides)", spec.name)
     data = args.data or spec.data.get("path")
     if data and "://" not in data:
-        identify(str(Path(data).expanduser()))
+        try:
+            identify(str(Path(data).expanduser()))
+        except FerTuneError as exc:
+            raise FerTuneError(str(exc) if args.data else f"{args.target}: data.path: {exc}") from None
     return spec
 
 

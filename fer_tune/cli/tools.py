@@ -20,7 +20,12 @@ def cmd_space_check(args: argparse.Namespace) -> int:
     source = args.data or spec.data.get("path")
     if args.data and required and is_synthetic(args.data):
         raise FerTuneError(f"{args.space} is a study of real faces: --data must name real images, not synthetic")
-    data = load_data(args, spec.data.get("protocol", "paper"), source) if source or not required else None
+    try:
+        data = load_data(args, spec.data.get("protocol", "paper"), source) if source or not required else None
+    except FerTuneError as exc:
+        if args.data or not source:
+            raise
+        raise FerTuneError(f"{args.space}: data.path: {exc}") from None  # the space's own data
     r = report(spec, capacity(spec, args.address, args.num_cpus), data, required)
     if args.json:
         print(json.dumps(r, indent=2, default=str))

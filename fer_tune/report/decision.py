@@ -101,8 +101,10 @@ def decide(sdir: str | Path, record: dict, summary: dict, results: dict, final: 
         others = sorted(
             (r for r in scored if r["number"] != best["number"]), key=lambda r: float(r[key]) * (mode == "max" or -1)
         )
-        if others:
-            out["runner_up"] = {"trial": others[-1]["number"], "value": float(others[-1][key])}
+        if others:  # the next best value, and every trial that has it (the first of them named alone)
+            top = float(others[-1][key])
+            same = sorted(r["number"] for r in others if float(r[key]) == top)
+            out["runner_up"] = {"trial": same[0], "value": top, **({"tied": same} if len(same) > 1 else {})}
     out.update(_collapse(spec, data, scored, results, key) if _is_accuracy(metric) else _no_collapse())
     if best is not None and accuracy:
         lo, hi = out["winner"]["interval"]

@@ -76,9 +76,13 @@ def sentences(f: dict) -> list[tuple[str, str]]:
                 if lo <= runner["value"] <= hi
                 else "lies below the winner's interval"
             )
-            out.append(
-                ("ties", f"Ties: none; the next best, trial {runner['trial']} at {runner['value']:.2f} %, {where}.")
-            )
+            tied = runner.get("tied", [runner["trial"]])
+            if len(tied) > 1:  # several trials share the next best value
+                who = f"trials {_trials([str(t) for t in tied])}"
+                where = where.replace("lies", "lie", 1)
+            else:
+                who = f"trial {runner['trial']}"
+            out.append(("ties", f"Ties: none; the next best, {who} at {runner['value']:.2f} %, {where}."))
         elif runner is None:
             out.append(("ties", "Ties: none; it is the only trial with a score."))
     out += _warm_words(f)
