@@ -317,3 +317,19 @@ def test_a_study_of_many_trials_shows_its_best_and_folds_the_rest(tmp_path, caps
     curves = next(f for f in re.findall(r"ferFigure\((.*?)\);</script>", text) if f.startswith('"fig-curves"'))
     assert curves.count('"name":"the other 40 trials"') == 1 and curves.count('"mode":"lines+markers"') == 20
     assert "the best 20 of 60 trials, the others in grey" in curves
+
+
+def test_a_copy_without_the_trials_results_says_so_and_moves_nothing_on(tmp_path):
+    """`rsync --exclude tune/` to a laptop: Optuna's database says the trials finished, their results are not
+    there. The summary opens with that, not with "nothing to decide", and its next step is to bring them back."""
+    import shutil
+
+    sdir = craft_study(tmp_path / "a", [t for t in TRIALS if t["number"] in (0, 4)])
+    assert facts_of(sdir)["unread"] is None
+    record = read_study(sdir)
+    shutil.rmtree(sdir / record["runs"][0]["dir"])
+    f = facts_of(sdir)
+    assert f["unread"] == {"trials": 2, "where": [str(sdir / record["runs"][0]["dir"])]}, f["unread"]
+    first, *_ = sentences(f)
+    assert first[0] == "unread" and first[1].startswith("Results missing: 2 finished trial(s) have none in "), first
+    assert f["next"] == f"fer-tune status {sdir}, once the trials' results are back in {f['unread']['where'][0]}"

@@ -133,6 +133,7 @@ def decide(sdir: str | Path, record: dict, summary: dict, results: dict, final: 
     }
     report = Path(sdir) / "report.html"
     out["report"] = str(report.resolve()) if report.is_file() else None
+    out["unread"] = {"trials": summary["unread"], "where": summary["experiments"]} if summary.get("unread") else None
     out["next"] = _next(Path(sdir), summary, out["final"])
     return out
 
@@ -297,6 +298,8 @@ def _next(sdir: Path, s: dict, final: dict | None) -> str:
     """The one command that moves the study on."""
     if "study" in s["running"]:
         return f"fer-tune status {sdir}"
+    if s.get("unread"):  # nothing moves it on until its trials' results are back
+        return f"fer-tune status {sdir}, once the trials' results are back in {s['experiments'][0]}"
     unfinished = [r for r in s["rows"] if r["state"] not in ("COMPLETE", "PRUNED", "FAIL")]
     if s["finished"] < s["num_samples"] or unfinished:
         return f"fer-tune resume {sdir}"

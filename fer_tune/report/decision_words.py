@@ -28,11 +28,21 @@ def _trials(items: list[str]) -> str:
 
 
 def sentences(f: dict) -> list[tuple[str, str]]:
-    """[(key, sentence)]: winner, ties, warm start, collapsed, edges, final, baseline, cost, next."""
+    """[(key, sentence)]: unread (results missing), winner, ties, warm start, collapsed, edges, final, baseline,
+    cost, next."""
     out: list[tuple[str, str]] = []
     w, metric = f["winner"], f["metric"]
     acc = f["interval_method"] is not None
     unit = " %" if acc else ""
+    if f.get("unread"):
+        n, where = f["unread"]["trials"], " and ".join(f["unread"]["where"])
+        out.append(
+            (
+                "unread",
+                f"Results missing: {n} finished trial(s) have none in {where} (a copy made without tune/, or a Ray "
+                "storage this machine cannot read): the table, the winner and the cost below leave them out.",
+            )
+        )
     if w is None:
         out.append(("winner", f"No trial has reported {metric} yet: there is nothing to decide."))
     else:

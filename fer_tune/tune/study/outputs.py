@@ -259,6 +259,10 @@ def status_summary(sdir: str | Path, record: StudyRecord, scanned: tuple | None 
         "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
         "best": best,
         "rows": rows,
+        # finished trials whose results are not where the study keeps them (a copy without tune/, a storage
+        # this machine cannot read): a completed or pruned trial reported an epoch there
+        "unread": sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED") and not r["epochs"]),
+        "experiments": [str(experiment_dir(Path(sdir), record, r)) for r in record["runs"]],
     }
 
 
@@ -284,8 +288,7 @@ def pick_best(rows: list[dict], spec: dict) -> dict | None:
 def best_trial(
     sdir: Path, record: StudyRecord, spec: StudySpec, number: int | None, rows: list[dict] | None = None
 ) -> dict:
-    """The study's best finished trial by its metric and mode (or trial `number`), with its full config; `rows`:
-    its trials_table when the caller has read it already."""
+    """The study's best finished trial (or trial `number`) with its full config; `rows`: its trials_table, if read."""
     rows = trials_table(sdir, record) if rows is None else rows
     key = f"best_{spec.metric}"
     if number is not None:
@@ -327,8 +330,7 @@ def _short(value: Any) -> str:
 
 
 def objective_value(row: dict, metric: str, first: str) -> Any:
-    """A trials.csv row's value of an objective: the first metric's best, a cost metric, or another at the best
-    epoch."""
+    """A trials.csv row's value of an objective: the first's best, a cost metric, or another's at the best epoch."""
     if metric == first:
         return row[f"best_{metric}"]
     return row[metric] if metric in COST_METRICS else row.get(f"{metric}_at_best", "")
@@ -377,8 +379,7 @@ def summary_lines(sdir: str | Path, spec: dict, table: list[dict]) -> list[str]:
 
 
 class _TrialNumbers:
-    """A Tune trial's Optuna number ("trial 3", as status and trials.csv number them), read from the study's
-    storage when a trial id is first seen."""
+    """A Tune trial's Optuna number (as status and trials.csv number them), read when a trial id is first seen."""
 
     def __init__(self, record: StudyRecord):
         self._record = {k: record[k] for k in ("optuna_study", "storage")}
