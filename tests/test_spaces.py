@@ -340,3 +340,34 @@ def test_a_space_that_is_not_text_or_not_a_file_and_a_study_that_is_not_whole_ar
     job.mkdir(parents=True)
     (job / "slurm.sbatch").write_text("#!/bin/bash\n")
     one_line(["status", job], "holds a SLURM job's script (slurm.sbatch) but no study yet", "sbatch")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["status"], ["the following arguments are required: study", "(see fer-tune status --help)"]),
+        (["report", "x", "--bogus"], ["unrecognized arguments: --bogus", "(see fer-tune report --help)"]),
+        (["data", "check", "x", "--nope"], ["unrecognized arguments: --nope", "(see fer-tune data check --help)"]),
+        (["sweep", "smoke", "--num-samples", "x"], ["--num-samples: invalid int value: 'x'", "fer-tune sweep --help"]),
+        (["nosuch"], ["invalid choice: 'nosuch'", "(see fer-tune --help)"]),
+    ],
+)
+def test_what_the_argument_parser_refuses_is_one_line_too(argv, words, capsys):
+    try:
+        code = main(argv)  # an unrecognized argument: fer-tune says it and returns
+    except SystemExit as exc:  # argparse's own refusals exit
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fer-tune: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_debug_is_taken_after_the_command_too(tmp_path, capsys):
+    (tmp_path / "study.json").write_text("{}")
+    assert main(["status", str(tmp_path)]) == 2
+    with pytest.raises(FerTuneError):
+        main(["status", str(tmp_path), "--debug"])
+    with pytest.raises(FerTuneError):
+        main(["--debug", "status", str(tmp_path)])

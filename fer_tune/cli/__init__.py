@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+from typing import NoReturn
 
 from .. import __version__
 from ..common import EMOTIONS, SQLITE_FULL, FerTuneError
@@ -74,8 +75,16 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as fer-tune's own: `fer-tune: error: MESSAGE (see fer-tune CMD
+    --help)`, exit 2 (its subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fer-tune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fer-tune",
         description="Hyperparameter studies for facial-emotion recognition (FER2013) with Ray Tune and Optuna.",
         epilog=examples("""
@@ -250,7 +259,13 @@ def damaged_database(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said for the command they were given to, not for fer-tune as a whole
+        words = ["fer-tune", getattr(args, "command", None)]
+        words.append(getattr(args, f"{words[1]}_command", None) if words[1] else None)
+        prog = " ".join(w for w in words if w)
+        print(f"fer-tune: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+        return 2
     from ..tune.runtime import lock
 
     lock.COMMAND = shlex.join(["fer-tune", *(sys.argv[1:] if argv is None else argv)])
