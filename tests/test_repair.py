@@ -197,3 +197,16 @@ def test_a_study_without_its_copy_of_the_space_is_one_line(small_study, tmp_path
     for argv in (["resume", study], ["extend", study, "--num-samples", "1"]):
         r = fer_tune(env, *argv)
         assert r.returncode == 2 and "space.yaml is missing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_copy_without_the_trials_results_keeps_its_trials_csv_on_resume(small_study, tmp_path, env):
+    """`rsync --exclude tune/`, then `fer-tune resume` of the finished study: trials.csv keeps the values it came
+    with (they are nowhere else in the copy but Optuna's database), and status says the results are missing."""
+    study = tmp_path / "t"
+    shutil.copytree(small_study, study, ignore=shutil.ignore_patterns("final*", "pbt", ".lock", "tune"))
+    before = (study / "trials.csv").read_text()
+    r = fer_tune(env, "resume", study, "--quiet")
+    assert r.returncode == 0 and "trials.csv is left as it is" in r.stderr, r.stderr
+    assert (study / "trials.csv").read_text() == before
+    r = fer_tune(env, "status", study)
+    assert r.returncode == 0 and "Results missing: 3 finished trial(s) have none in" in r.stdout, r.stdout
