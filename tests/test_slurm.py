@@ -254,7 +254,7 @@ def test_gpus_that_the_cpus_of_a_node_cannot_feed_are_said(tmp_path, no_slurm):
     r = slurm_cli(no_slurm, *args, "--cpus-per-node", "17")
     assert r.returncode == 0, r.stderr
     want = "warning: a node's 17 CPUs run 4 trial(s) at once (4 CPUs each), which use 1 of its 4 GPUs; "
-    assert want + "--cpus-per-node 65 would use them all" in r.stdout, r.stdout
+    assert want + "to use them all, a node needs 65 CPUs (--cpus-per-node), or the trials fewer CPUs each" in r.stdout
     r = slurm_cli(no_slurm, *args)  # the default feeds them all
     assert r.returncode == 0 and "warning" not in r.stdout and "x 65 CPUs, 4 GPU(s) each" in r.stdout, r.stdout
 

@@ -117,8 +117,8 @@ def check_fit(job: Job, resources: dict, unit: str) -> str | None:
         if by_cpu < by_gpu:
             return (
                 f"a node's {job.cpus_per_node} CPUs run {by_cpu} {unit}(s) at once ({cpu:g} CPUs each), which use "
-                f"{math.ceil(by_cpu * gpu - 1e-9)} of its {job.gpus_per_node} GPUs; --cpus-per-node "
-                f"{math.ceil(by_gpu * cpu) + 1} would use them all"
+                f"{math.ceil(by_cpu * gpu - 1e-9)} of its {job.gpus_per_node} GPUs; to use them all, a node needs "
+                f"{math.ceil(by_gpu * cpu) + 1} CPUs (--cpus-per-node), or the {unit}s fewer CPUs each"
             )
     return None
 
