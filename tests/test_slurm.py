@@ -260,13 +260,17 @@ def test_gpus_that_the_cpus_of_a_node_cannot_feed_are_said(tmp_path, no_slurm):
 
 
 def test_the_other_nodes_ray_asks_for_the_nodes_cpus_again(tmp_path, no_slurm):
-    """srun does not take sbatch's --cpus-per-task (SLURM 22.05 on): the step that starts Ray on the other nodes
-    asks for the node's CPUs and its memory itself, or a cluster that binds tasks to cores gives that Ray one."""
+    """srun does not take sbatch's --cpus-per-task (SLURM 22.05 to 23.02): the step that starts Ray on the other
+    nodes asks for the node's CPUs and its memory itself, or a cluster that binds tasks to cores gives that Ray one;
+    and the environment that carries Ray's token, whatever --export the job was submitted with."""
     r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--cpus-per-node", "6")
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "results" / "smoke" / "slurm.sbatch").read_text()
     step = text[text.index("    srun --overlap") : text.index("ray_node $((SLURM_NODEID + 1))")]
-    assert '--cpus-per-task="$CPUS_PER_NODE" --mem=0' in step and "export CPUS_PER_NODE=6 " in text
+    assert '--cpus-per-task="$CPUS_PER_NODE" --mem=0 --export=ALL' in step and "export CPUS_PER_NODE=6 " in text
+    # the step that removes their temp dirs: one task a node whatever the job's task count and CPUs per task
+    cleanup = text[text.index("stop_ray() {") : text.index("# ---- signals")]
+    assert "--ntasks=$((${#nodes[@]} - 1)) --ntasks-per-node=1 --cpus-per-task=1 --mem=0 --export=ALL" in cleanup
 
 
 def test_node_local_study_refused_for_several_nodes(tmp_path, no_slurm):

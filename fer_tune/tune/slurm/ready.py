@@ -94,9 +94,10 @@ def ready(address: str, nodes: int, study: Path, storage: str | None, data: str 
     with ray_session(address):
         while len(alive_nodes()) < nodes:
             if time.time() - start > timeout:
+                logs = os.environ.get("RAY_LOGS")  # the batch script's: where each node's `ray start` writes
                 raise FerTuneError(
-                    f"only {len(alive_nodes())} of the job's {nodes} nodes joined Ray within {timeout:.0f} s (their "
-                    "`ray start` output is in /tmp/rjJOB_*.log on each node)"
+                    f"only {len(alive_nodes())} of the job's {nodes} nodes joined Ray within {timeout:.0f} s (each "
+                    f"node's `ray start` output: {logs + '.N.log' if logs else 'see the job log'})"
                 )
             time.sleep(0.5)
         up = time.time() - start

@@ -81,8 +81,9 @@ def render(
 # MAX_REQUEUES times, counted by SLURM_RESTART_COUNT) and the next allocation continues it. A finished {stage} (exit 0)
 # ends the chain; so does `scancel` (sbatch it again to continue). To stop and requeue the job by hand the same
 # way: scancel --batch --signal=USR1 JOBID. A preemption or `scontrol requeue` sends SIGTERM to every process of
-# the job at once, Ray's too: SLURM requeues it and the {stage} continues from its last saved state (Tune saves it
-# every few seconds; each trial from its last checkpoint).
+# the job at once, Ray's too: SLURM requeues it (a preemption only where the cluster's PreemptMode is REQUEUE;
+# CANCEL ends the chain: sbatch this script again) and the {stage} continues from its last saved state (Tune
+# saves it every few seconds; each trial from its last checkpoint).
 # Every allocation appends to the log below{" and is one session in study.json (with the job id)" if stage == "study" else ""}.
 # Follow it: squeue -j JOBID; tail -f {log_dir}/slurm-JOBID.log; fer-tune status {study}
 #
@@ -168,9 +169,10 @@ ray_node 0 --head --port="$RAY_PORT" "${{client_port[@]}}" --include-dashboard=f
 ray_pids=($!)
 if [ "${{#nodes[@]}}" -gt 1 ]; then  # SLURM_NODEID counts the step's nodes: 0 .. nodes - 2
     # the node's CPUs and memory for its Ray, asked for again: srun does not take sbatch's --cpus-per-task (SLURM
-    # 22.05 on), and a task of one CPU is bound to one core where the cluster binds tasks to cores
+    # 22.05 to 23.02), and a task of one CPU is bound to one core where the cluster binds tasks to cores; the
+    # environment (the token, the functions below) whatever --export the job was submitted with
     srun --overlap --nodes=$((${{#nodes[@]}} - 1)) --ntasks=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 \\
-        --cpus-per-task="$CPUS_PER_NODE" --mem=0 --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 \\
+        --cpus-per-task="$CPUS_PER_NODE" --mem=0 --export=ALL --exclude="$SLURMD_NODENAME" --kill-on-bad-exit=0 \\
         bash -c 'earlier_dirs; ray_node $((SLURM_NODEID + 1)) --address="$RAY_HEAD_IP:$RAY_PORT"' \\
         2>"$RAY_LOGS.srun.log" &
     ray_pids+=($!)
@@ -181,8 +183,11 @@ stop_ray() {{  # this job's Ray only (`ray stop` would stop every Ray of this us
     wait "${{ray_pids[@]}}" 2>/dev/null
     if [ "$ready" = 0 ]; then  # (srun ends its tasks without the signal ray_node waits for: their dirs go here)
         rm -rf "$RAY_DIRS".* "$RAY_LOGS".*.log
-        [ "${{#nodes[@]}}" -gt 1 ] && srun --overlap --nodes=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 \\
-            --exclude="$SLURMD_NODENAME" bash -c 'rm -rf "$RAY_DIRS".*' 2>/dev/null
+        if [ "${{#nodes[@]}}" -gt 1 ] && ! err=$(srun --overlap --nodes=$((${{#nodes[@]}} - 1)) \\
+            --ntasks=$((${{#nodes[@]}} - 1)) --ntasks-per-node=1 --cpus-per-task=1 --mem=0 --export=ALL \\
+            --exclude="$SLURMD_NODENAME" bash -c 'rm -rf "$RAY_DIRS".*' 2>&1); then
+            say "Ray's temp dirs on the other nodes ($RAY_DIRS.*) were not removed: $err"
+        fi
     fi
 }}
 
@@ -197,7 +202,7 @@ on_term() {{  # every process of the job got it, the driver too: nothing to pass
     [ -z "$got" ] && got=TERM
     waiting=1
     say "SLURM stops the job (preempted, requeued or cancelled): every process got SIGTERM, Ray's too; the \\
-{stage} continues from its last saved state when the job runs again"
+{stage} continues from its last saved state when the job runs again (after a cancel: sbatch it again)"
 }}
 trap on_usr1 USR1
 trap on_term TERM
