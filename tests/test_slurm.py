@@ -273,6 +273,31 @@ def test_the_other_nodes_ray_asks_for_the_nodes_cpus_again(tmp_path, no_slurm):
     assert "--ntasks=$((${#nodes[@]} - 1)) --ntasks-per-node=1 --cpus-per-task=1 --mem=0 --export=ALL" in cleanup
 
 
+@pytest.mark.parametrize(
+    "memory, store",
+    [
+        ({"SLURM_MEM_PER_NODE": "10000"}, "--object-store-memory=3145728000"),  # 30 % of 10,000 MiB
+        ({"SLURM_MEM_PER_CPU": "2000"}, "--object-store-memory=3145728000"),  # x 5 CPUs a node
+        ({"SLURM_MEM_PER_GPU": "8000"}, "--object-store-memory=5033164800"),  # x 2 GPUs a node
+        ({}, ""),  # SLURM gives no figure: Ray's own default
+    ],
+)
+def test_rays_object_store_is_sized_from_the_jobs_memory(tmp_path, no_slurm, memory, store):
+    """Ray sizes its object store from the node's memory (30 %, at most 200 GB), which the job's memory limit on
+    a shared node may not hold: the script gives it 30 % of the job's memory on a node where SLURM says it."""
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "r", "--cpus-per-node", "5", "--gpus-per-trial", "1",
+                  "--gpus-per-node", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "r" / "smoke" / "slurm.sbatch").read_text()
+    block = text[text.index("export CPUS_PER_NODE=") : text.index("\n", text.index('[ "${job_mb:-0}" -gt 0 ]'))]
+    env = {"PATH": os.environ["PATH"], **memory}
+    out = subprocess.run(
+        ["bash", "-c", block + '\necho "[$RAY_OBJECT_STORE]"'], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == f"[{store}]", (out.stdout, out.stderr)
+    assert "$RAY_OBJECT_STORE $RAY_START_ARGS" in text  # before the user's own options, which win
+
+
 def test_node_local_study_refused_for_several_nodes(tmp_path, no_slurm):
     r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--nodes", "2")
     one_line_error(r, "the study directory", "under /tmp", "--nodes 1")

@@ -108,6 +108,13 @@ export CPUS_PER_NODE={job.cpus_per_node} GPUS_PER_NODE={job.gpus_per_node}
 MAX_REQUEUES={job.max_requeues}
 # more options for every `ray start` (e.g. --object-store-memory=20000000000): RAY_START_ARGS in the environment
 export RAY_START_ARGS="${{RAY_START_ARGS:-}}"
+# Ray's object store: 30 % of the job's memory on a node where SLURM says it (--mem, --mem-per-cpu, --mem-per-gpu),
+# not Ray's default of 30 % of the node's, which a job's memory limit may not hold
+job_mb=${{SLURM_MEM_PER_NODE:-}}
+[ -z "$job_mb" ] && [ -n "${{SLURM_MEM_PER_CPU:-}}" ] && job_mb=$((SLURM_MEM_PER_CPU * CPUS_PER_NODE))
+[ -z "$job_mb" ] && [ -n "${{SLURM_MEM_PER_GPU:-}}" ] && job_mb=$((SLURM_MEM_PER_GPU * GPUS_PER_NODE))
+export RAY_OBJECT_STORE=""
+[ "${{job_mb:-0}}" -gt 0 ] && RAY_OBJECT_STORE=--object-store-memory=$((job_mb * 1048576 * 3 / 10))
 
 # the nodes' software environment
 {setup or "# (none given: the environment sbatch was called from; --setup 'module load ...; source .venv/bin/activate')"}
@@ -151,7 +158,7 @@ ray_node() {{  # ray_node INDEX OPTIONS: Ray on this node until the job ends, wi
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 {PRESTART}="${{{PRESTART}:-0}}" \\
         "$RAY_BIN" start --block --temp-dir="$RAY_DIRS.$id" \\
         --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --dashboard-agent-listen-port=$((RAY_PORT + 2 + id % 38)) \\
-        --disable-usage-stats "$@" $RAY_START_ARGS >"$RAY_LOGS.$id.log" 2>&1 &
+        --disable-usage-stats "$@" $RAY_OBJECT_STORE $RAY_START_ARGS >"$RAY_LOGS.$id.log" 2>&1 &
     pid=$!
     trap 'stopped=1; kill -TERM $pid 2>/dev/null' TERM
     while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trap ends `wait`: wait again
