@@ -298,6 +298,31 @@ def test_rays_object_store_is_sized_from_the_jobs_memory(tmp_path, no_slurm, mem
     assert "$RAY_OBJECT_STORE $RAY_START_ARGS" in text  # before the user's own options, which win
 
 
+def test_the_heads_port_is_the_jobs_or_the_next_free_one(tmp_path, no_slurm):
+    """Ray's head port comes from the job id (20000 + JOBID % 1000 * 40); on a shared node another job (whose id
+    is the same modulo 1000) or a connection may hold it: the script takes the next slot whose port and Ray
+    Client's (the one after) are both free, rather than a `ray start` that fails and ends the chain."""
+    import socket
+
+    r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "r" / "smoke" / "slurm.sbatch").read_text()
+    block = text[text.index("read -r RAY_HEAD_IP RAY_PORT") : text.index("export RAY_HEAD_IP RAY_PORT")]
+
+    def port_for(job: int) -> int:
+        env = {**os.environ, "SLURM_JOB_ID": str(job)}
+        out = subprocess.run(["bash", "-c", block + 'echo "$RAY_PORT"'], env=env, capture_output=True, text=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    job = 7_000_000 + int(time.time()) % 1000  # a slot no other test takes at once
+    own = 20000 + job % 1000 * 40
+    assert port_for(job) == own
+    with socket.socket() as head, socket.socket() as client:
+        head.bind(("", own))  # another job's head on this node
+        client.bind(("", 20000 + (job + 1) % 1000 * 40 + 1))  # and, in the next slot, something on its client port
+        assert port_for(job) == 20000 + (job + 2) % 1000 * 40
+
+
 def test_node_local_study_refused_for_several_nodes(tmp_path, no_slurm):
     r = slurm_cli(no_slurm, "smoke", "--results", tmp_path / "results", "--nodes", "2")
     one_line_error(r, "the study directory", "under /tmp", "--nodes 1")

@@ -129,19 +129,31 @@ nodes ${{nodes[*]}}"
 export RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')
 export RAY_AUTH_TOKEN
-export RAY_PORT=$((20000 + SLURM_JOB_ID % 1000 * 40))   # this job's ports: RAY_PORT .. RAY_PORT + 39
 export RAY_DIRS=/tmp/rj${{SLURM_JOB_ID}}_$allocation        # short: Ray's socket paths must fit in 107 characters
 export RAY_LOGS={shlex.quote(str(log_dir))}/ray-${{SLURM_JOB_ID}}_$allocation  # each node's `ray start` output
-# the head's address, and Ray Client's port when Ray Client is installed (else Ray refuses the option)
-read -r RAY_HEAD_IP client < <({python} -c 'import socket
+# the head's address; its port and Ray Client's (the next one) from the job id, 20000 + JOBID % 1000 * 40, or the
+# first such pair after it that is free on this node (another job's, or a connection's, on a shared node); Ray
+# picks its other ports itself. Ray Client's port only where Ray Client is installed (else Ray refuses the option).
+read -r RAY_HEAD_IP RAY_PORT client < <({python} - "$SLURM_JOB_ID" <<'PY'
+import socket, sys
 from ray._private.utils import get_ray_client_dependency_error as missing
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 try:
     s.connect(("10.255.255.255", 1)); ip = s.getsockname()[0]
 except OSError:
     ip = socket.gethostbyname(socket.gethostname())
-print(ip, "yes" if missing() is None else "no")')
-export RAY_HEAD_IP
+def free(port):
+    with socket.socket() as t:
+        try:
+            t.bind(("", port))
+        except OSError:
+            return False
+        return True
+slots = [20000 + (int(sys.argv[1]) + k) % 1000 * 40 for k in range(1000)]
+print(ip, next((p for p in slots if free(p) and free(p + 1)), slots[0]), "yes" if missing() is None else "no")
+PY
+)
+export RAY_HEAD_IP RAY_PORT
 client_port=()
 [ "$client" = yes ] && client_port=(--ray-client-server-port=$((RAY_PORT + 1)))
 ray_node() {{  # ray_node INDEX OPTIONS: Ray on this node until the job ends, with a temp dir and agent port of its
