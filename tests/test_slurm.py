@@ -139,7 +139,7 @@ def test_script_of_a_new_study(shared, no_slurm):
     assert 'if [ -f "$STUDY/study.json" ]' in text  # sweep the first time, resume after
     # Ray: this job's own port and short temp dirs, token authentication with a token made in the job
     assert "export RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom" in text
-    assert "SLURM_JOB_ID % 1000" in text and "RAY_DIRS=/tmp/rj${SLURM_JOB_ID}_$allocation" in text
+    assert "JOBID % 1000 * 40" in text and "RAY_DIRS=/tmp/rj${SLURM_JOB_ID}_$allocation" in text
     assert len("/tmp/rj4294967295_20.12/session_2026-12-06_14-29-33_648123_123456/sockets/plasma_store") < 107
     assert "ray stop" not in text.replace("`ray stop` would", "")
     # the time limit: USR1 to the script, SIGTERM to the driver, requeue while the study is unfinished
