@@ -179,10 +179,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
             storage = record.get("ray_storage")
         else:
             if target.is_dir() and (target / SCRIPT).is_file():
-                raise FerTuneError(
-                    f"{args.target} holds a job script ({SCRIPT}) but no study yet: submit it with sbatch "
-                    f"{target / SCRIPT}, or write it again from the space (fer-tune slurm SPACE --name {target.name})"
-                )
+                read_study(target)  # says that the job written there has not started the study yet
             spec = load_space(args.target)  # a space file or a shipped space's name
             sdir = out = study_dir(args.results, args.name, spec.name, args.target)
             if (sdir / STUDY_FILE).is_file():

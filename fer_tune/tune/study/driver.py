@@ -45,7 +45,14 @@ from ..runtime.session import (
 )
 from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
 from ..runtime.storage import experiment_dir, study_storage
-from .outputs import has_unfinished, left_to_finish, status_summary, study_progress, write_trials_csv
+from .outputs import (
+    has_unfinished,
+    left_to_finish,
+    study_progress,
+    trials_table,
+    unread_trials,
+    write_trials_csv,
+)
 from .record import (
     STUDY_FILE,
     RunRecord,
@@ -338,15 +345,16 @@ def resume(sdir: str, opts: RunOptions) -> int:
         exp = experiment_dir(sdir_p, record, run)
         if not has_unfinished(record, run, exp, errors=True):
             write_study(sdir_p, record)
-            summary = status_summary(sdir_p, record)
-            if summary["unread"]:  # a copy without tune/: trials.csv keeps the values it came with
+            rows = trials_table(sdir_p, record)
+            if unread := unread_trials(rows):  # a copy without tune/: trials.csv keeps the values it came with
+                where = " and ".join(experiment_dir(sdir_p, record, r) for r in record["runs"])
                 log.warning(
                     "fer-tune: warning: %d finished trial(s) have no results in %s: trials.csv is left as it is",
-                    summary["unread"],
-                    " and ".join(summary["experiments"]),
+                    unread,
+                    where,
                 )
             else:
-                write_trials_csv(sdir_p, record)
+                write_trials_csv(sdir_p, record, rows)
             catch_up_study(sdir_p, record, spec)
             log.info(
                 "%s: the study is complete; nothing to resume (add trials with fer-tune extend %s --num-samples N)",

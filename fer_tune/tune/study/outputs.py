@@ -87,8 +87,7 @@ def _kept(row: dict) -> dict:
 
 
 def _add_checkpointed(trial_dir: str, tid: str | None, rows: dict[int, dict]) -> str | None:
-    """Epochs whose result.json line a killed driver never wrote (Tune's driver writes it and copies it to the
-    storage every few seconds), from the copy each checkpoint holds (fer_tune.checkpoints)."""
+    """Epochs whose result.json line a killed driver never wrote, from the copy each checkpoint holds."""
     for row in checkpointed_results(trial_dir, missing=lambda epoch: epoch not in rows):
         if row.get("trial_id", tid):
             tid = tid or row["trial_id"]
@@ -102,8 +101,7 @@ def read_results(exp_dirs: Iterable[str | Path]) -> dict[str, list[dict]]:
 
 
 def has_unfinished(record: StudyRecord, run: RunRecord, exp_dir: str, *, errors: bool = False) -> bool:
-    """True when one run of the study leaves trials to finish (see left_to_finish): a Ctrl-C, a killed driver;
-    with errors=True, trials that errored out count too (resume retries them)."""
+    """True when one run leaves trials to finish (left_to_finish); errors=True: errored ones too (resume retries)."""
     return left_to_finish(record, run, exp_dir, errors=errors) > 0
 
 
@@ -148,8 +146,7 @@ def study_results(sdir: str | Path, record: StudyRecord) -> tuple[dict[str, list
 def trials_table(
     sdir: str | Path, record: StudyRecord, scanned: tuple | None = None, live: bool | None = None
 ) -> list[dict]:
-    """One row per Optuna trial, joined with its Ray results (see results/README.md for the columns); `live`:
-    whether a command runs the study now (read from its lock when not given)."""
+    """One row per Optuna trial with its Ray results (results/README.md); `live`: a command runs it now (or lock)."""
     sdir = Path(sdir)
     spec = record["spec"]
     metric = spec["metric"]
@@ -221,9 +218,9 @@ def trials_table(
     return rows
 
 
-def write_trials_csv(sdir: str | Path, record: StudyRecord) -> list[dict]:
-    """trials.csv (see results/README.md for the columns); returns its rows."""
-    rows = trials_table(sdir, record)
+def write_trials_csv(sdir: str | Path, record: StudyRecord, rows: list[dict] | None = None) -> list[dict]:
+    """trials.csv (see results/README.md for the columns; `rows`: its trials_table, if read); returns its rows."""
+    rows = trials_table(sdir, record) if rows is None else rows
     buf = io.StringIO(newline="")
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -259,11 +256,14 @@ def status_summary(sdir: str | Path, record: StudyRecord, scanned: tuple | None 
         "device_hours": round(sum(float(r["device_seconds"]) for r in rows) / 3600, 4),
         "best": best,
         "rows": rows,
-        # finished trials whose results are not where the study keeps them (a copy without tune/, a storage
-        # this machine cannot read): a completed or pruned trial reported an epoch there
-        "unread": sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED") and not r["epochs"]),
+        "unread": unread_trials(rows),
         "experiments": [str(experiment_dir(Path(sdir), record, r)) for r in record["runs"]],
     }
+
+
+def unread_trials(rows: list[dict]) -> int:
+    """Completed or pruned trials without an epoch in the study's results (a copy without tune/, say)."""
+    return sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED") and not r["epochs"])
 
 
 def ranked(rows: list[dict], metric: str, mode: str) -> list[dict]:
