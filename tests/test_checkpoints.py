@@ -212,3 +212,24 @@ def test_a_completed_trial_stopped_at_its_first_result_after_a_restart_keeps_its
     cb.on_trial_complete(0, [], trial)
     other = _finished_trial(exp, "m", [40, 41, 42], cb)  # worse than k's 60: k stays the one kept
     assert _weights(done) == ["checkpoint_000001"] and _weights(other) == []
+
+
+def test_a_trials_memory_is_read_at_most_every_memory_s(monkeypatch):
+    """Each epoch's result carries the trial process's memory; reading /proc/self/smaps costs tens of milliseconds
+    once PyTorch is loaded, so a reading is reused for MEMORY_S seconds."""
+    from fer_tune.tune.runtime import trial
+
+    clock = [1000.0]
+    reads = []
+    real = trial._read_memory
+    monkeypatch.setattr(trial.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trial, "_read_memory", lambda: reads.append(clock[0]) or real())
+    monkeypatch.setattr(trial, "_LAST_READING", [])
+    first = trial.memory_mb()
+    assert first["rss_mb"] > 0 and 0 < first["pss_mb"] <= first["rss_mb"] and first["uss_mb"] <= first["rss_mb"]
+    clock[0] += trial.MEMORY_S - 0.5
+    first["rss_mb"] = -1.0  # a caller's change is not kept
+    assert trial.memory_mb()["rss_mb"] > 0 and reads == [1000.0]
+    clock[0] += 0.5
+    trial.memory_mb()
+    assert reads == [1000.0, 1000.0 + trial.MEMORY_S]

@@ -4,11 +4,18 @@ its memory, the device-seconds it used) and the report itself, with a checkpoint
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoints import write_meta
+
+# How often a trial process reads its memory, at most: /proc/self/smaps of a process that has loaded PyTorch holds
+# some 25,000 lines and takes about 40 ms of CPU to read, which an epoch of a few seconds would notice. A report
+# within MEMORY_S of the last reading carries that reading.
+MEMORY_S = 10.0
+_LAST_READING: list[tuple[float, dict]] = []  # (time.monotonic(), memory_mb's figures): this process's last
 
 
 def device_seconds(weight: float, *histories: list[dict]) -> float:
@@ -44,7 +51,15 @@ def report(result: dict, write: Callable[[Path], None] | None) -> None:
 
 
 def memory_mb() -> dict:
-    """This trial process's resident memory: rss (shared pages counted in full), pss (shared pages split between
+    """This trial process's resident memory, read at most every MEMORY_S seconds (`_read_memory`)."""
+    now = time.monotonic()
+    if not _LAST_READING or now - _LAST_READING[0][0] >= MEMORY_S:
+        _LAST_READING[:] = [(now, _read_memory())]
+    return dict(_LAST_READING[0][1])
+
+
+def _read_memory() -> dict:
+    """This process's resident memory now: rss (shared pages counted in full), pss (shared pages split between
     the processes that map them) and uss (private pages only; the dataset in Ray's object store is not in it);
     store_rss / store_pss: the part that is Ray's object store (its /dev/shm plasma mapping), where the dataset
     lives: a store_pss well under store_rss means other processes map the same pages."""
