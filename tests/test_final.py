@@ -175,36 +175,30 @@ def wait_for_results(out, proc, lines):
     pytest.fail("the final stage reported nothing")
 
 
-def test_final_resume_after_kill(env, study, tmp_path):
+def test_one_driver_runs_a_final_stage_a_crash_is_continued_and_sighup_stops_it_like_ctrl_c(env, study, tmp_path):
     out = tmp_path / "final"
-    proc = start_final(pausing(env, tmp_path / "paused"), study, out)
-    kill_at_pause(proc, tmp_path / "paused")  # the driver and its Ray, as a crash would
-    assert not (out / "metrics.json").exists()
-    r = fer_tune(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]
-    # continued from a checkpoint, not from scratch: the newest one Tune's last saved state (every 3 s) named
-    assert max(x.get("resumed_at", 0) for x in rows) >= 1
-    m = json.loads((out / "metrics.json").read_text())
-    s = m["seeds"][0]
-    assert s["status"] == "complete" and [h["epoch"] for h in s["history"]] == list(range(1, 13))
-    assert [h["epoch"] for h in s["history"] if "test_acc" in h] == [4, 8, 12]
-    with open(out / "history.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 12 + 2
-
-
-def test_final_stops_on_sighup_like_ctrl_c_and_one_driver_runs_it(env, study, tmp_path):
-    out = tmp_path / "final"
-    proc = start_final(env, study, out, stderr=subprocess.PIPE)
+    marker = tmp_path / "paused"
+    proc = start_final(pausing(env, marker), study, out)  # it holds still after 3 epochs, to be killed
     try:
-        wait_for_results(out, proc, 1)
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
         r = fer_tune(env, "final", study, "--out", out, "--quiet")  # a second driver of the same final stage
         assert r.returncode == 2 and "the final stage is being run by `fer-tune final" in r.stderr, r.stderr
         assert f"(PID {proc.pid} on " in r.stderr and len(r.stderr.strip().splitlines()) == 1
         r = fer_tune(env, "status", study)
         assert r.returncode == 0 and "its final stage is being run now" not in r.stdout  # not STUDY/final
+    finally:
+        kill_at_pause(proc, marker)  # the driver and its Ray, as a crash would
+    assert not (out / "metrics.json").exists()
+    done = len(next(out.glob("tune/*/result.json")).read_text().splitlines())
+
+    # the same command continues it; a closed terminal (SIGHUP) stops it as Ctrl-C does
+    proc = start_final(env, study, out, stderr=subprocess.PIPE)
+    try:
+        wait_for_results(out, proc, done + 1)
         t0 = time.time()
-        os.killpg(proc.pid, signal.SIGHUP)  # a closed terminal
+        os.killpg(proc.pid, signal.SIGHUP)
         stdout, stderr = proc.communicate(timeout=90)
         took = time.time() - t0
     finally:
@@ -215,9 +209,18 @@ def test_final_stops_on_sighup_like_ctrl_c_and_one_driver_runs_it(env, study, tm
     assert f"final stage interrupted; continue it with:\n    fer-tune final {study} --out {out}" in stderr
     assert "SIGHUP received" in stderr and "Traceback" not in stderr and "PC: @" not in stderr
     assert (out / "history.csv").exists() and (out / ".lock").read_text() == ""
-    r = fer_tune(env, "final", study, "--out", out, "--quiet")
+
+    r = fer_tune(env, "resume", out, "--quiet")  # `fer-tune resume DIR/final` continues it too
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["seeds"][0]["status"] == "complete"
+    rows = [json.loads(x) for x in next(out.glob("tune/*/result.json")).read_text().splitlines()]
+    # continued from checkpoints, not from scratch: the newest ones Tune's last saved state named
+    assert max(x.get("resumed_at", 0) for x in rows) >= 1
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["seeds"][0]
+    assert s["status"] == "complete" and [h["epoch"] for h in s["history"]] == list(range(1, 13))
+    assert [h["epoch"] for h in s["history"] if "test_acc" in h] == [4, 8, 12]
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 12 + 2
 
 
 def test_final_bad_inputs(env, study, tmp_path):

@@ -1,8 +1,9 @@
 """Studies on a real PostgreSQL server (tests/pgserver.py starts one per module): the password only in the
-environment, two studies on one database at once, a SIGKILLed driver resumed with nothing lost, the server
-restarted mid-study. Skipped where PostgreSQL is not installed, unless FER_TUNE_REQUIRE_POSTGRES is set (CI)."""
+environment, two studies on one database at once, the server restarted mid-study, then the driver SIGKILLed and the study
+resumed with nothing lost. Skipped where PostgreSQL is not installed, unless FER_TUNE_REQUIRE_POSTGRES is set (CI)."""
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -125,59 +126,58 @@ def start_sweep(space, results, env, num_cpus: int = 2, **popen) -> subprocess.P
     return subprocess.Popen(args, env=env, **popen)
 
 
-def test_sigkill_mid_study_then_resume_loses_nothing(pg, tmp_path, env):
-    url = pg.create_db("killed")
-    env = {**env, ENV_VAR: url}
-    space = write_space(
-        tmp_path,
-        name="k",
-        max_epochs=4,
-        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
-    )
-    results = tmp_path / "results"
-    paused = pausing(env, tmp_path / "paused")
-    proc = start_sweep(
-        space, results, paused, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    kill_at_pause(proc, tmp_path / "paused")
-    before = trials_of(url, "k")
-    assert before and not all(t.state.is_finished() for t in before) or len(before) < 6
-    r = fer_tune(env, "resume", results / "k", "--quiet")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    trials = trials_of(url, "k")
-    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)  # no duplicates, none left running
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
-    assert len(read_csv(results / "k")) == 6 and files_hold(results, pg.password) == []
-
-
-def test_the_server_restarts_mid_study_and_the_study_finishes(pg, tmp_path, env):
+def test_the_server_restarts_mid_study_then_a_sigkill_and_a_resume_lose_nothing(pg, tmp_path, env):
     url = pg.create_db("restarted")
     env = {**env, ENV_VAR: url}
-    space = write_space(tmp_path, name="s")
+    space = write_space(
+        tmp_path, name="s", max_epochs=4, early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2}
+    )
     results = tmp_path / "results"
-    proc = start_sweep(space, results, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not any((results / "s").glob("tune/*/result.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.3)
+    marker = tmp_path / "paused"
+    # the driver pauses (to be killed) after its 6th result: past the restart, whose outage holds it at the first
+    # storage call after the first result
+    proc = start_sweep(
+        space,
+        results,
+        pausing(env, marker, results=6),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-    pg.halt()  # every connection drops; back once the driver has met the closed door (not after a guessed time)
-    while not any("the Optuna database went away" in line for line in lines):
-        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.2)
-    pg.start()
-    out = proc.stdout.read()
-    proc.wait(timeout=600)
+    try:
+        deadline = time.time() + 240
+        while not any((results / "s").glob("tune/*/result.json")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.3)
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        pg.halt()  # every connection drops; back once the driver has met the closed door (not after a guessed time)
+        while not any("the Optuna database went away" in line for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        pg.start()
+        # the driver's storage calls waited for the server instead of failing the study, and said so
+        while not any("the Optuna database is back" in line for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        assert not marker.exists()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    kill_at_pause(proc, marker)  # then a crash: the driver and its Ray, after results that followed the outage
     reader.join(timeout=60)
-    err = "".join(lines)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    # the driver's storage calls waited for the server instead of failing the study, and said so
-    assert "the Optuna database went away" in err and "the Optuna database is back" in err, err[-3000:]
+    before = trials_of(url, "s")
+    assert before and not all(t.state.is_finished() for t in before) or len(before) < 6
+    r = fer_tune(env, "resume", results / "s", "--quiet")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     trials = trials_of(url, "s")
-    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
-    assert len(read_csv(results / "s")) == 6
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)  # no duplicates, none left running
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert len(read_csv(results / "s")) == 6 and files_hold(results, pg.password) == []
+    assert "Traceback" not in "".join(lines)
 
 
 def test_a_database_that_is_not_there_at_start_is_one_line(monkeypatch):

@@ -596,36 +596,6 @@ def sessions(sdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_study_runs_on_both_nodes(slurm, job_env, shared):
-    job, sdir = submit(job_env, shared, TINY)
-    token = wait_for(lambda: token_of(job), 60, "the job's Ray token")
-    wait_for(lambda: " started: " in log_of(sdir, job), 120, "the study's first trial")
-    # Ray on both nodes without the idle workers it would start for the first driver (one per CPU of a node)
-    raylets = [env for _, cmd, env in processes() if env.get("SLURM_JOB_ID") == job and "/raylet " in cmd]
-    assert [env.get(PRESTART_ENV) for env in raylets] == ["0", "0"]
-    r = fer_tune(job_env, "status", sdir)
-    assert r.returncode == 0 and f"SLURM job {job} (the study's last session): RUNNING on n[1-2]" in r.stdout, r
-    s = json.loads(fer_tune(job_env, "status", sdir, "--json").stdout)
-    assert s["slurm_job"] == {"job_id": job, "state": "RUNNING", "nodes": "n[1-2]"}, s["slurm_job"]
-    finished(slurm, job, sdir, 240)
-    log = log_of(sdir, job)
-    assert "Ray is up on 2 node(s)" in log and f"every node sees {sdir}" in log and "done: the study is finished" in log
-    rows = read_csv(sdir)
-    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
-    node_ids = {json.loads(line)["node_id"] for f in (sdir / "tune").glob("*/result.json") for line in f.open()}
-    assert len(node_ids) == 2  # trials ran on both Ray nodes (one host: one IP, two node ids)
-    (s,) = sessions(sdir)
-    assert s["slurm"]["job_id"] == job and s["slurm"]["nodes"] == "n[1-2]" and s["outcome"] == "finished"
-    # the token never reached a file: not the study, not the log, not Tune's pickles
-    assert len(token) == 64
-    for f in [*sdir.rglob("*"), shared / "t.yaml"]:
-        if f.is_file():
-            assert token.encode() not in f.read_bytes(), f
-    assert not list(Path("/tmp").glob(f"rj{job}_*"))  # Ray's temp dirs removed
-    assert not list(sdir.glob("ray-*.log"))  # and its start-up logs, every node having joined
-
-
-@pytest.mark.slow
 def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
     space = {**TINY, "num_samples": 6}
     # a real time limit: SLURM sends USR1 to the batch script GRACE s before it (--signal=B:USR1@GRACE; SLURM
@@ -633,6 +603,15 @@ def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
     # first driver waits after 2 results (the pause hook) so that the study cannot end before the limit
     env = pausing(job_env, shared / "paused", results=2)
     job, sdir = submit(env, shared, space, "--time", "0-00:03:00", "--grace", "75")
+    token = wait_for(lambda: token_of(job), 60, "the job's Ray token")
+    wait_for(lambda: " started: " in log_of(sdir, job), 120, "the study's first trial")
+    # Ray on both nodes without the idle workers it would start for the first driver (one per CPU of a node)
+    raylets = [env for _, cmd, env in processes() if env.get("SLURM_JOB_ID") == job and "/raylet " in cmd]
+    assert [env.get(PRESTART_ENV) for env in raylets] == ["0", "0"]
+    r = fer_tune(job_env, "status", sdir)
+    assert r.returncode == 0 and f"SLURM job {job} (the study's last session): RUNNING on n[1-2]" in r.stdout, r
+    st = json.loads(fer_tune(job_env, "status", sdir, "--json").stdout)
+    assert st["slurm_job"] == {"job_id": job, "state": "RUNNING", "nodes": "n[1-2]"}, st["slurm_job"]
     wait_for(lambda: "allocation 2 " in log_of(sdir, job), 240, "the requeued allocation")
     # the rest of the chain with room to finish (an operator may lengthen a job's limit; root here)
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10:00")
@@ -656,6 +635,17 @@ def test_time_limit_and_requeue_resume_the_study(slurm, job_env, shared):
     assert len(ss) >= 3 and all(s["slurm"]["job_id"] == job for s in ss)
     assert [s["slurm"]["restarts"] for s in ss] == list(range(len(ss)))
     assert ss[0]["outcome"] == "interrupted" and ss[-1]["outcome"] == "finished"
+    assert all(s["slurm"]["nodes"] == "n[1-2]" for s in ss)
+    assert "Ray is up on 2 node(s)" in log and f"every node sees {sdir}" in log
+    node_ids = {json.loads(line)["node_id"] for f in (sdir / "tune").glob("*/result.json") for line in f.open()}
+    assert len(node_ids) >= 2  # trials ran on both Ray nodes (one host: one IP, two node ids an allocation)
+    # the token never reached a file: not the study, not the log, not Tune's pickles
+    assert len(token) == 64
+    for f in [*sdir.rglob("*"), shared / "t.yaml"]:
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
+    assert not list(Path("/tmp").glob(f"rj{job}_*"))  # Ray's temp dirs removed, every allocation's
+    assert not list(sdir.glob("ray-*.log"))  # and its start-up logs, every node having joined
 
 
 def job_processes(job: str) -> list[int]:

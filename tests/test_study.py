@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, fer_tune, kill_at_pause, pausing, processes, read_csv, study_trials, write_space
+from conftest import SPACE, fer_tune, pausing, processes, read_csv, study_trials, write_space
 
 from fer_tune.tune.runtime.checkpoints import checkpointed_results
 
@@ -146,67 +146,6 @@ def test_a_local_ray_starts_no_idle_workers_unless_the_user_asks(env):
             time.sleep(0.2)
         user_idle = idle()
     assert fer_tune_idle == 0 and user_idle >= 1, (fer_tune_idle, user_idle)
-
-
-def test_resume_after_the_driver_is_killed(tmp_path, env):
-    # the kill lands at a known point (the driver pauses after 3 results and Tune's next saved state): a trial is
-    # half-way, however fast the trials are
-    space = write_space(
-        tmp_path,
-        num_samples=6,
-        max_epochs=4,
-        early_stopping={"type": "asha", "grace_period": 2, "reduction_factor": 2},
-    )
-    results = tmp_path / "results"
-    sdir = results / "t"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fer_tune.cli",
-            "sweep",
-            str(space),
-            "--results",
-            str(results),
-            "--quiet",
-            "--num-cpus",
-            "2",
-        ],
-        env=pausing(env, tmp_path / "paused"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    kill_at_pause(proc, tmp_path / "paused", within=180)  # a trial half-way: 2 of its 4 epochs reported
-    before = {t.number: t.state.name for t in study_trials(sdir)}
-    assert before and len(before) < 6 or any(s == "RUNNING" for s in before.values())
-
-    r = fer_tune(env, "resume", sdir, "--quiet")
-    assert r.returncode == 0, r.stdout + r.stderr
-    trials = study_trials(sdir)
-    assert len(trials) == 6, [t.state.name for t in trials]  # no duplicates, no orphans left over
-    assert all(t.state.is_finished() for t in trials)
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no replayed suggestions
-    rows = read_csv(sdir)
-    assert len(rows) == 6
-    # a trial that was running continued from its checkpoint (start_epoch > 0), not from scratch
-    starts = [
-        json.loads(line).get("start_epoch", 0)
-        for f in sdir.glob("tune/*/result.json")
-        for line in f.read_text().splitlines()
-        if line.strip()
-    ]
-    assert max(starts) > 0
-    # the killed sweep's session has no end; the resume's took up the unfinished trials and finished
-    killed, resumed = json.loads((sdir / "study.json").read_text())["runs"][0]["sessions"]
-    assert killed["kind"] == "start" and "outcome" not in killed
-    assert resumed["kind"] == "resume" and resumed["outcome"] == "finished" and resumed["trials_finished"] == 6
-    assert 1 <= resumed["trials_continued"] <= 6
-    from fer_tune.report.study import sessions_text
-
-    text = sessions_text([killed, resumed])
-    assert "ended without a record (the driver was killed)" in text and "finished after 0:" in text
-    assert f"resumed {resumed['started']} ({resumed['trials_continued']} unfinished trial(s) taken up)" in text
 
 
 def children(pid: int) -> list[int]:
@@ -437,7 +376,8 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
     state), three times (twice during a resume), the last one as if it came while Tune wrote its state (the file
     cut off, as a kill mid-copy or a full disk leaves it): the last resume continues from the state before it and
     ends with exactly num_samples finished trials, no duplicate parameters, no RUNNING leftovers, and every finished
-    trial's per-epoch history complete."""
+    trial's per-epoch history complete; trials continue from their checkpoints, and the study's record keeps each
+    command's session (the killed ones without an end)."""
     import random
 
     rng = random.Random(int(os.environ.get("FER_TUNE_CHAOS_SEED", "0")))
@@ -516,3 +456,22 @@ def test_chaos_three_sigkills_then_a_resume_lose_nothing(tmp_path, env):
         # every epoch up to the study's decision (a trial that restarted may have run one more before it was stopped)
         assert got[:want] == list(range(1, want + 1)) and len(got) <= want + 1, (t.number, got)
         assert int(rows[t.number]["epochs"]) == want, (t.number, rows[t.number])
+    # trials that were running continued from their checkpoints (start_epoch > 0), not from scratch
+    starts = [
+        json.loads(line).get("start_epoch", 0)
+        for f in sdir.glob("tune/*/result.json")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+    assert max(starts) > 0
+    # a killed command's session has no end; the last resume took up the unfinished trials and finished
+    sessions = json.loads((sdir / "study.json").read_text())["runs"][0]["sessions"]
+    assert [s["kind"] for s in sessions] == ["start", "resume", "resume", "resume"], sessions
+    assert [("outcome" in s) for s in sessions[:3]] == [k == "ended first" for k in kills], (sessions, kills)
+    last = sessions[-1]
+    assert last["outcome"] == "finished" and last["trials_finished"] == n and 1 <= last["trials_continued"] <= n
+    from fer_tune.report.study import sessions_text
+
+    text = sessions_text(sessions)
+    assert "ended without a record (the driver was killed)" in text and "finished after 0:" in text
+    assert f"resumed {last['started']} ({last['trials_continued']} unfinished trial(s) taken up)" in text
