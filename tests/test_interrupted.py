@@ -163,12 +163,10 @@ def _forget_the_last_trials(sdir, k):
     return forgotten
 
 
-def test_trials_suggested_after_tunes_last_state_are_taken_up_by_the_resume(tmp_path, env):
-    n = 4
-    space = write_space(tmp_path, num_samples=n, max_epochs=2)
-    sdir = tmp_path / "results" / "t"
-    r = fer_tune(env, "sweep", space, "--results", tmp_path / "results", "--quiet")
-    assert r.returncode == 0, r.stderr
+def test_trials_suggested_after_tunes_last_state_are_taken_up_by_the_resume(tmp_path, env, small_study):
+    n = 3
+    sdir = tmp_path / "results" / "t"  # a copy of the small study (finished), elsewhere
+    shutil.copytree(small_study, sdir, ignore=shutil.ignore_patterns("final*", "pbt", ".lock", "report.html"))
     before = {t.number: t.params for t in study_trials(sdir)}
     forgotten = _forget_the_last_trials(sdir, 2)
 
