@@ -265,6 +265,8 @@ def test_pb2_continues_after_its_driver_is_killed(env, study, tmp_path):
         "--method",
         "pb2",
         "--quiet",
+        "--num-cpus",
+        "2",
     )
     paused = pausing(env, tmp_path / "paused")  # a member's second epoch
     proc = subprocess.Popen(args, env=paused, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -273,7 +275,8 @@ def test_pb2_continues_after_its_driver_is_killed(env, study, tmp_path):
     r = fer_tune(env, "status", sdir)
     assert r.returncode == 0 and "interrupted (fer-tune pbt continues it)" in r.stdout
     time.sleep(1)
-    r = fer_tune(env, "pbt", sdir, "--quiet")
+    # continued as it ran: its own local Ray of 2 CPUs, two of the three members at a time
+    r = fer_tune(env, "pbt", sdir, "--quiet", "--num-cpus", "2", process=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "continuing the PBT stage" in r.stderr
     results = [json.loads(x) for f in (sdir / "pbt").glob("tune/*/result.json") for x in f.read_text().splitlines()]

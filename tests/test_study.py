@@ -280,7 +280,7 @@ def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path,
         assert r.returncode == 2, r.stdout + r.stderr
         line = r.stderr.strip()
         assert line.count("\n") == 0 and "Traceback" not in line, line
-        assert f"each trial asks for {asked}, but the local Ray on this machine has 2 CPU and 0 GPU" in line
+        assert f"each trial asks for {asked}, but the local Ray on this machine has 1 CPU and 0 GPU" in line
         assert "--cpus-per-trial N and --gpus-per-trial F" in line and "--address" in line
         assert time.time() - t0 < 60
     assert not (tmp_path / "results" / "t").exists()  # refused before anything was written
