@@ -122,15 +122,17 @@ def cli_args(*args, num_cpus: int | None = 2) -> list[str]:
 
 
 RAY_COMMANDS = (*LOCAL_RAY_COMMANDS, "pbt")
+# the session Ray's CPUs (session_ray); FER_TUNE_TEST_RAY_CPUS=2 measures the suite with two trials at once
+SESSION_RAY_CPUS = int(os.environ.get("FER_TUNE_TEST_RAY_CPUS", "1"))
 _SESSION_RAY: list = []  # the test session's one local Ray for commands run in-process (started on first use)
 
 
 def session_ray() -> None:
-    """One local Ray (1 CPU, private RAY_TMPDIR) for every command the tests run in-process, started once: each
-    command's own local Ray cost 9-14 s. fer-tune's commands join a running Ray (as the demo's sweep and final
-    stage share one). One CPU: their trials run one at a time, in one trial process each (its PyTorch and Tune
-    imports cost 3-4 CPU-seconds); two trials at once are the subject of the tests that run a command as a process
-    with --num-cpus 2. Shut down at the end of the session (pytest_sessionfinish)."""
+    """One local Ray (SESSION_RAY_CPUS, 1 by default; private RAY_TMPDIR) for every command the tests run
+    in-process, started once: each command's own local Ray cost 9-14 s. fer-tune's commands join a running Ray
+    (as the demo's sweep and final stage share one). One CPU: their trials run one at a time, in one trial process
+    each (its PyTorch and Tune imports cost 3-4 CPU-seconds); two trials at once are the subject of the tests that
+    run a command as a process with --num-cpus 2. Shut down at the end of the session (pytest_sessionfinish)."""
     import tempfile
 
     if _SESSION_RAY:
@@ -139,7 +141,7 @@ def session_ray() -> None:
 
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
-    ctx = ray_session(None, num_cpus=1, output="quiet")
+    ctx = ray_session(None, num_cpus=SESSION_RAY_CPUS, output="quiet")
     ctx.__enter__()
     _SESSION_RAY.append((ctx, ray_tmp))
 

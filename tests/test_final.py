@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import cli_args, fer_tune, kill_at_pause, pausing
+from conftest import SESSION_RAY_CPUS, cli_args, fer_tune, kill_at_pause, pausing
 
 from fer_tune.common import EMOTIONS
 
@@ -346,7 +346,10 @@ def test_final_with_the_paper_recipe_as_baseline(env, study, tmp_path):
 def test_final_refuses_a_run_too_big_for_the_local_ray(env, study, tmp_path):
     r = fer_tune({**env, "CUDA_VISIBLE_DEVICES": ""}, "final", study, "--out", tmp_path / "big", "--gpus-per-run", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has 1 CPU and 0 GPU" in r.stderr
+    assert (
+        f"each run asks for 1 CPU and 1 GPU, but the local Ray on this machine has {SESSION_RAY_CPUS} CPU and 0 GPU"
+        in r.stderr
+    )
     assert "--gpus-per-run F" in r.stderr and not (tmp_path / "big").exists()
 
 

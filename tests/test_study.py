@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPACE, fer_tune, pausing, processes, read_csv, study_trials, write_space
+from conftest import SESSION_RAY_CPUS, SPACE, fer_tune, pausing, processes, read_csv, study_trials, write_space
 
 from fer_tune.tune.runtime.checkpoints import checkpointed_results
 
@@ -280,7 +280,10 @@ def test_a_trial_too_big_for_the_local_ray_is_refused_before_it_starts(tmp_path,
         assert r.returncode == 2, r.stdout + r.stderr
         line = r.stderr.strip()
         assert line.count("\n") == 0 and "Traceback" not in line, line
-        assert f"each trial asks for {asked}, but the local Ray on this machine has 1 CPU and 0 GPU" in line
+        assert (
+            f"each trial asks for {asked}, but the local Ray on this machine has {SESSION_RAY_CPUS} CPU and 0 GPU"
+            in line
+        )
         assert "--cpus-per-trial N and --gpus-per-trial F" in line and "--address" in line
         assert time.time() - t0 < 60
     assert not (tmp_path / "results" / "t").exists()  # refused before anything was written
