@@ -242,6 +242,11 @@ def experiment_dir(sdir: str | Path, record: dict, run: dict) -> str:
     return join(study_storage(sdir, record), run["dir"])
 
 
+def experiment_dirs(sdir: str | Path, record: dict) -> list[str]:
+    """Every Ray experiment of the study, its runs' order (experiment_dir of each)."""
+    return [experiment_dir(sdir, record, r) for r in record["runs"]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # multi-node clusters need storage every node reaches
 # ---------------------------------------------------------------------------------------------------------

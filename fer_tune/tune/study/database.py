@@ -27,9 +27,9 @@ def check_database(sdir: str | Path, record: Any) -> None:
     fix = f"rebuild it from the trials' own results with: fer-tune repair {sdir}"
     if not db.exists():
         from ..runtime.layout import experiment_trials
-        from ..runtime.storage import experiment_dir
+        from ..runtime.storage import experiment_dirs
 
-        ran = sum(len(experiment_trials(experiment_dir(sdir, record, r), unsaved=True)) for r in record["runs"])
+        ran = sum(len(experiment_trials(exp, unsaved=True)) for exp in experiment_dirs(sdir, record))
         if ran:
             raise FerTuneError(f"{db}, the study's Optuna database, is missing while {ran} trial(s) ran; {fix}")
         return

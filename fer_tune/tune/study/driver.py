@@ -44,7 +44,7 @@ from ..runtime.session import (
     trials_that_fit,
 )
 from ..runtime.stage import RunOptions, run_config, stopped, threads, trainable, weight
-from ..runtime.storage import experiment_dir, study_storage
+from ..runtime.storage import experiment_dir, experiment_dirs, study_storage
 from .outputs import (
     has_unfinished,
     left_to_finish,
@@ -119,7 +119,7 @@ def _run(
         )
         if run is record["runs"][0]:  # the sweep's run: the warm start's points first (none it enqueued before)
             enqueue(load_optuna_study(record), record.get("warm_start"))
-        history = [experiment_dir(sdir, record, r) for r in record["runs"]]
+        history = experiment_dirs(sdir, record)
         scheduler = make_scheduler(spec, history)
         callbacks = [NumpyTBXLoggerCallback(), pruner(latest=3, score=spec.metric, mode=spec.mode)]
         keep = record["spec"].get("keep_checkpoints", "all")  # a study of an earlier release keeps all
@@ -347,7 +347,7 @@ def resume(sdir: str, opts: RunOptions) -> int:
             write_study(sdir_p, record)
             rows = trials_table(sdir_p, record)
             if unread := unread_trials(rows):  # a copy without tune/: trials.csv keeps the values it came with
-                where = " and ".join(experiment_dir(sdir_p, record, r) for r in record["runs"])
+                where = " and ".join(experiment_dirs(sdir_p, record))
                 log.warning(
                     "fer-tune: warning: %d finished trial(s) have no results in %s: trials.csv is left as it is",
                     unread,

@@ -18,7 +18,7 @@ from ...cost import COST_METRICS
 from ..runtime.checkpoints import checkpointed_results
 from ..runtime.layout import experiment_trial_states, trial_results
 from ..runtime.lock import holder
-from ..runtime.storage import experiment_dir, join, listdir
+from ..runtime.storage import experiment_dirs, join, listdir
 from .record import RunRecord, StudyRecord, epoch_values, load_optuna_study
 from .spec import StudySpec, objectives
 
@@ -140,7 +140,7 @@ def to_finish(states: dict[str, str], num_samples: int, *, errors: bool = True) 
 
 def study_results(sdir: str | Path, record: StudyRecord) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """scan_results over every Ray experiment of the study (local or in its Ray storage)."""
-    return scan_results([experiment_dir(sdir, record, r) for r in record["runs"]])
+    return scan_results(experiment_dirs(sdir, record))
 
 
 def trials_table(
@@ -150,7 +150,7 @@ def trials_table(
     sdir = Path(sdir)
     spec = record["spec"]
     metric = spec["metric"]
-    runs = [experiment_dir(sdir, record, r) for r in record["runs"]]
+    runs = experiment_dirs(sdir, record)
     results, restarted = scanned or scan_results(runs)
     tune_states: dict[str, str] = {}
     for r in runs:
@@ -257,7 +257,7 @@ def status_summary(sdir: str | Path, record: StudyRecord, scanned: tuple | None 
         "best": best,
         "rows": rows,
         "unread": unread_trials(rows),
-        "experiments": [str(experiment_dir(Path(sdir), record, r)) for r in record["runs"]],
+        "experiments": experiment_dirs(sdir, record),
     }
 
 
