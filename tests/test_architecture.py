@@ -222,6 +222,15 @@ def test_every_private_ray_and_optuna_attribute_relied_on_is_still_there(tmp_pat
 
     tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=3))
     assert all(hasattr(tuner, a) for a in ri.TUNER_ATTRS) and ri.tuner_run_config(tuner).verbose == 3
+    assert all(hasattr(tuner._local_tuner, a) for a in ri.TUNER_INTERNAL_ATTRS)
+    assert ri.tuner_tune_config(tuner).num_samples == 1
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    pbt = PopulationBasedTraining(time_attr="epoch", metric="m", mode="max", hyperparam_mutations={"a": [1, 2]})
+    assert all(hasattr(pbt, a) for a in ri.PBT_ATTRS) and getattr(pbt, ri.PBT_ATTRS[0]) == {}
+    made = inspect.getsource(inspect.getmodule(PopulationBasedTraining)._PBTTrialState.__init__)
+    assert all(f"self.{a}:" in made for a in ri.PBT_STATE_ATTRS), ri.PBT_STATE_ATTRS
+    assert list(inspect.signature(pbt.choose_trial_to_run).parameters) == ["tune_controller"]
     from ray.tune.search import SearchGenerator
 
     controller = ri.tune_controller()  # a resume re-roots the experiment its search algorithm makes trials from

@@ -4,6 +4,8 @@ the user runs them (CLI subprocesses over a real tiny study)."""
 
 import csv
 import json
+import os
+import re
 import shutil
 import subprocess
 import time
@@ -285,6 +287,58 @@ def test_pb2_continues_after_its_driver_is_killed(env, study, tmp_path):
     assert {int(x["member"]) for x in rows if x["epoch"] == "4"} == {0, 1, 2}
     m = json.loads((sdir / "pbt" / "metrics.json").read_text())
     assert m["status"] == "complete" and m["settings"]["method"] == "pb2"
+
+
+STUCK_ENV = "FER_TUNE_TEST_STUCK_PBT"
+
+
+def stuck_scheduler(real):
+    """Ray's PBT scheduler (`real`, as the stage made it) made to go round in circles where STUCK_ENV is set, as
+    one was seen to: member 1 is in the bottom quantile at every result, takes member 0's last checkpoint, and
+    (its perturbation and train times reset) is chosen to run again before member 0 can go on."""
+
+    class Stuck(type(real)):
+        def _quantiles(self):
+            if not os.environ.get(STUCK_ENV):
+                return super()._quantiles()
+            scored = [t for t, s in self._trial_state.items() if s.last_score is not None and not t.is_finished()]
+            return ([scored[1]], [scored[0]]) if len(scored) == 2 else ([], [])
+
+        def _exploit(self, tune_controller, trial, trial_to_clone):
+            super()._exploit(tune_controller, trial, trial_to_clone)
+            if os.environ.get(STUCK_ENV):
+                state = self._trial_state[trial]
+                state.last_perturbation_time = state.last_train_time = 0
+
+    real.__class__ = Stuck
+    return real
+
+
+def test_a_pbt_scheduler_going_round_in_circles_stops_the_stage_which_then_continues(env, study, tmp_path, monkeypatch):
+    from fer_tune.tune.pbt import driver
+
+    sdir = copy_study(study, tmp_path / "t")
+    make = driver.make_scheduler
+    monkeypatch.setattr(driver, "make_scheduler", lambda rec: stuck_scheduler(make(rec)))
+    args = ("--top-k", "2", "--population", "2", "--epochs", "4", "--interval", "1", "--quiet")
+    r = fer_tune({**env, STUCK_ENV: "1"}, "pbt", sdir, *args)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    said = [x for x in r.stderr.splitlines() if "made no progress" in x]
+    stuck = re.search(
+        r"member 1 was restarted 5 times in a row from member 0's checkpoint of epoch (\d) and trained "
+        r"epoch (\d) each time",
+        said[0] if len(said) == 1 else "",
+    )
+    assert stuck and int(stuck[2]) == int(stuck[1]) + 1, r.stderr[-3000:]
+    assert f"continue it with:\n    fer-tune pbt {sdir}" in r.stderr
+    assert "Traceback" not in r.stderr and not (sdir / "pbt" / "metrics.json").exists()
+    assert max(int(x["epoch"]) for x in rows_of(sdir / "pbt") if x["member"] == "1") == int(stuck[2])
+    assert "interrupted (fer-tune pbt continues it)" in fer_tune(env, "status", sdir).stdout
+    # the scheduler mended, the stage goes on from the members' checkpoints to the end
+    r = fer_tune(env, "pbt", sdir, "--quiet")
+    assert r.returncode == 0 and "continuing the PBT stage" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert {x["member"] for x in rows_of(sdir / "pbt") if x["epoch"] == "4"} == {"0", "1"}
+    assert json.loads((sdir / "pbt" / "metrics.json").read_text())["status"] == "complete"
 
 
 def test_pbt_and_final_from_pbt_bad_inputs(env, study, tmp_path):

@@ -29,16 +29,18 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from ...common import FerTuneError, write_json
 from ...schedule import MUTABLE
-from ..runtime import preflight, signals, stage
+from ..runtime import internals, preflight, signals, stage
 from ..runtime.checkpoints import pruner
 from ..runtime.layout import experiment_trial_states
 from ..runtime.lock import acquire
 from ..runtime.session import ray_log_to, ray_session, say_ray_log, set_output
 from ..study.record import StudyRecord, read_study, reopen, study_spec
 from .outputs import evaluate_best, population_progress, write_population
-from .read import PBT_DIR, PBT_FILE, PbtRecord, cadence
+from .read import PBT_DIR, PBT_FILE, PbtRecord, cadence, member_number
 from .trial import ORIGIN, member_trial
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,35 @@ def param_space(rec: PbtRecord) -> dict:
     return {ORIGIN: tune.randint(0, len(rec["bases"])), **_domains(rec["mutations"])}
 
 
+class TakeTurns:
+    """Mixed into Ray's PBT and PB2 schedulers: of the members waiting with the same time, the one that has waited
+    longest runs next. Ray gives each member a fair share of the trial slots by the time (epoch) it last reported
+    at an interval, and breaks ties by the order of its trials. A member that has just taken a donor's weights has
+    the donor's time, so where it comes first it runs again before the donor can go on, and if it stays at the
+    bottom it takes the same weights again, for ever (seen where fewer members run at once than the population
+    has, after a continued stage had reordered the trials)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.turns: dict[str, int] = {}  # trial id -> when it was last chosen to run
+        self.turn = 0
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        chosen = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+        if chosen is None:
+            return None
+        at = internals.pbt_train_time(self, chosen)
+        tied = [
+            t
+            for t in tune_controller.get_trials()
+            if t.status in ("PENDING", "PAUSED") and internals.pbt_train_time(self, t) == at
+        ]
+        chosen = min(tied, key=lambda t: self.turns.get(t.trial_id, -1))
+        self.turn += 1
+        self.turns[chosen.trial_id] = self.turn
+        return chosen
+
+
 def make_scheduler(rec: PbtRecord) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
@@ -160,10 +191,11 @@ def make_scheduler(rec: PbtRecord) -> Any:
     }
     clip = Clip({k: (lo, hi) for k, (lo, hi, _) in ranges.items()})
     if s["method"] == "pb2":
-        return PB2(
+        return type("FairPB2", (TakeTurns, PB2), {})(
             **common, hyperparam_bounds={k: [lo, hi] for k, (lo, hi, _) in ranges.items()}, custom_explore_fn=clip
         )
-    return PopulationBasedTraining(**common, hyperparam_mutations=_domains(ranges), custom_explore_fn=clip)
+    fair = type("FairPBT", (TakeTurns, PopulationBasedTraining), {})
+    return fair(**common, hyperparam_mutations=_domains(ranges), custom_explore_fn=clip)
 
 
 def top_trials(sdir: Path, record: StudyRecord, spec: Any, k: int) -> list[dict]:
@@ -233,6 +265,38 @@ def new_record(sdir: Path, record: StudyRecord, spec: Any, data: Any, s: dict, g
     }
 
 
+# a member restarted this often in a row from one checkpoint to the same epoch is stuck (a member retried after a
+# failure repeats an epoch at most FAILURES + 1 times)
+REPEATS = stage.FAILURES + 3
+
+
+class StuckGuard(Callback):
+    """Stops the stage as Ctrl-C does (Tune's state saved, every member resumable) when Ray's PBT scheduler goes
+    round in circles: it hands a member the same donor's checkpoint again and again, the member trains the same
+    epoch each time, and the rest of the population waits. Seen with a continued PB2 stage whose three members
+    shared one trial slot; it would burn a whole allocation. `stuck`: what it saw, or ""."""
+
+    def __init__(self) -> None:
+        self.stuck = ""
+        self._last: dict[str, tuple] = {}  # trial id -> ((since, start_epoch, epoch), times in a row)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        key = (result.get("since", ""), result.get("start_epoch"), result.get("epoch"))
+        seen, times = self._last.get(trial.trial_id, (None, 0))
+        times = times + 1 if key == seen else 1
+        self._last[trial.trial_id] = (key, times)
+        if times >= REPEATS and not self.stuck:
+            since, start, epoch = key
+            donor, at = since.split("@") if since else (trial.trial_id, start)
+            self.stuck = (
+                f"member {member_number(trial.trial_id)} was restarted {times} times in a row from member "
+                f"{member_number(donor)}'s checkpoint of epoch {at} and trained epoch {epoch} each time: Ray's PBT "
+                "scheduler made no progress, so the stage was stopped (seen where fewer members run at once than the "
+                "population has; more --num-cpus or a cluster run them all)"
+            )
+            signals.interrupt()
+
+
 _FIX = "the PBT stage runs its members with the study's resources per trial: run it where they fit (--address)"
 
 
@@ -263,6 +327,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
             write_json(out / PBT_FILE, rec)
         ray_log_to(out / "ray.log")
         res = rec["resources"]
+        guard = StuckGuard()
         fn = stage.trainable(
             member_trial,
             res,
@@ -292,12 +357,18 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
             )
 
         tuner, exp = stage.stage_tuner(rec, fn, new_tuner, s["population"])
-        set_output(tuner, output, population_progress(rec), exp)
+        config = internals.tuner_tune_config(tuner)
+        if config is not None:  # a continued stage too (Tune restores the scheduler of an earlier release)
+            config.scheduler = make_scheduler(rec)
+        set_output(tuner, output, population_progress(rec), exp, guards=(guard,))
         random.seed(rec["seed"])  # PBT's choices of donors and perturbations (their order still follows the results)
         grid = stage.fit_stage(tuner, rec, out / PBT_FILE)
         members = write_population(out, exp, rec)
         say_ray_log()
         states = experiment_trial_states(exp).values()
-        if grid is None or signals.received() or any(s not in ("TERMINATED", "ERROR") for s in states):
-            return stage.stopped("PBT stage", f"fer-tune pbt {rec['study_dir']}")
+        if guard.stuck:
+            log.error("%s", guard.stuck)
+        if guard.stuck or grid is None or signals.received() or any(s not in ("TERMINATED", "ERROR") for s in states):
+            code = stage.stopped("PBT stage", f"fer-tune pbt {rec['study_dir']}")
+            return 1 if guard.stuck else code
         return evaluate_best(out, rec, grid, members, data)

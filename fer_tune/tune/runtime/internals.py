@@ -16,8 +16,13 @@ from typing import Any
 SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE = "_ot_study", "_ot_trials", "_storage"
 SEARCH_UNPICKLED = (SEARCH_STUDY, SEARCH_TRIALS, SEARCH_STORAGE)
 SEARCH_ATTRS = (*SEARCH_UNPICKLED, "_completed_trials", "_sampler", "_study_name", "_space")
-# Tuner (ray.tune): its local TunerInternal, whose RunConfig a restored Tuner cannot be given
+# Tuner (ray.tune): its local TunerInternal, whose RunConfig and TuneConfig (its scheduler) a restored Tuner cannot
+# be given
 TUNER_ATTRS = ("_local_tuner",)
+TUNER_INTERNAL_ATTRS = ("_tune_config",)
+# PopulationBasedTraining (ray.tune.schedulers): {Trial: its state}, each with the time it last reported at an interval
+PBT_ATTRS = ("_trial_state",)
+PBT_STATE_ATTRS = ("last_train_time",)
 # ray.train._internal.storage: the function Tune's background syncer copies the driver's state to the storage with
 STORAGE_UPLOAD = ("ray.train._internal.storage", "_upload_to_fs_path")
 # ASHAScheduler (ray.tune.schedulers): its brackets, each with rungs [(milestone, {trial id: reward})]
@@ -131,6 +136,18 @@ def tuner_run_config(tuner: Any) -> Any:
     """The RunConfig a ray.tune.Tuner runs with (a restored one: the saved one), None under Ray Client."""
     local = getattr(tuner, "_local_tuner", None)
     return None if local is None else local.get_run_config()
+
+
+def tuner_tune_config(tuner: Any) -> Any:
+    """The TuneConfig a ray.tune.Tuner runs with (a restored one: the saved one), None under Ray Client."""
+    local = getattr(tuner, "_local_tuner", None)
+    return None if local is None else getattr(local, TUNER_INTERNAL_ATTRS[0])
+
+
+def pbt_train_time(scheduler: Any, trial: Any) -> float:
+    """The time (time_attr) at which a PBT scheduler last saw `trial` report at a perturbation interval (after a
+    clone: its donor's); what the scheduler gives every trial a fair share of by."""
+    return getattr(getattr(scheduler, PBT_ATTRS[0])[trial], PBT_STATE_ATTRS[0])
 
 
 def storage_upload() -> tuple[Any, str]:

@@ -272,21 +272,22 @@ def tune_verbosity(output: str) -> int:
     return 1 if output == "tables" else 0
 
 
-def set_output(tuner: Any, output: str, progress: Any, exp_dir: str) -> None:
+def set_output(tuner: Any, output: str, progress: Any, exp_dir: str, guards: tuple = ()) -> None:
     """Tune's verbosity and fer-tune's progress callback on a Tuner of the experiment in `exp_dir`, new or restored
-    (a restored one keeps the RunConfig it was saved with: its verbosity, and the progress callback of an earlier
-    run, which is replaced); the stop on a full disk (first, before a callback that writes to that disk); and the
-    test hook PAUSE_ENV where it is set."""
+    (a restored one keeps the RunConfig it was saved with: its verbosity, and the callbacks of an earlier run,
+    which are replaced); the stop on a full disk (first, before a callback that writes to that disk); the stage's
+    `guards` (callbacks the driver reads after the run); and the test hook PAUSE_ENV where it is set."""
     from .progress import PAUSE_ENV, FullDiskStops, PauseAfter, TrialProgress
 
     run_config = internals.tuner_run_config(tuner)
     if run_config is None:  # Ray Client: the Tuner lives on the cluster
         return
     run_config.verbose = tune_verbosity(output)
-    ours = (TrialProgress, PauseAfter, FullDiskStops)
+    ours = (TrialProgress, PauseAfter, FullDiskStops, *map(type, guards))
     callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, ours)]
     pause = [PauseAfter(os.environ[PAUSE_ENV], exp_dir)] if os.environ.get(PAUSE_ENV) else []
-    run_config.callbacks = [FullDiskStops(), *callbacks] + ([progress] if output == "progress" else []) + pause
+    shown = [progress] if output == "progress" else []
+    run_config.callbacks = [FullDiskStops(), *callbacks, *guards, *shown, *pause]
 
 
 def restore_tuner(exp_dir: str, trainable: Any, saved_by: str | None = None) -> Any:

@@ -54,9 +54,15 @@ def _handler(signum: int, frame) -> None:
         f"\nfer-tune: {name} received: stopping the trials and saving the study as Ctrl-C does (send it again to "
         "stop at once)\n"
     )
-    interrupt = signal.getsignal(signal.SIGINT)
-    if callable(interrupt):  # Tune's (stops the run and saves its state) or Python's (KeyboardInterrupt)
-        interrupt(signal.SIGINT, frame)
+    interrupt(frame)
+
+
+def interrupt(frame=None) -> None:
+    """Stop the command's run as Ctrl-C does, from its main thread: through the SIGINT handler in place, Tune's
+    (it stops the trials and saves its state, every trial resumable) or Python's (KeyboardInterrupt)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
     else:
         raise KeyboardInterrupt
 
