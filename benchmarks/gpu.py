@@ -337,7 +337,7 @@ def part_accuracy(dev: torch.device, size: dict, data: str | None, work: Path) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=os.environ.get("FER2013_DIR") or str(ROOT.parent / "shared/datasets/fer2013"))
-    ap.add_argument("--out", default=None, help="where gpu.json and the runs go (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="where gpu.json and the runs go, a new folder (default: a temp dir)")
     ap.add_argument("--parts", default="env,throughput,epoch,study,accuracy")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: every code path, on a CPU too")
     args = ap.parse_args()
@@ -345,6 +345,10 @@ def main() -> int:
     parts = args.parts.split(",")
     dev = device()
     work = Path(args.out or tempfile.mkdtemp(prefix="fer-tune-gpu-"))
+    earlier = [n for n in ("gpu.json", "gpu_study", "accuracy") if (work / n).exists()]
+    if earlier:  # its study and training run would refuse to start over there, and its figures are not this run's
+        print(f"gpu.sh: {work} holds an earlier run ({', '.join(earlier)}): pass an empty --out", file=sys.stderr)
+        return 2
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {"smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S")}

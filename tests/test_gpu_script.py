@@ -35,3 +35,15 @@ def test_gpu_script_smoke_runs_every_part(env, tmp_path):
     for line in ("env: ", "throughput (", "epoch (", "study (", "accuracy ("):
         assert line in r.stdout
     assert wall < 300, f"the smoke run took {wall:.0f} s"
+    again = subprocess.run(
+        [str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "gpu")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and again.stdout == "", again
+    assert (
+        again.stderr
+        == f"gpu.sh: {tmp_path / 'gpu'} holds an earlier run (gpu.json, gpu_study, accuracy): pass an empty --out\n"
+    )
