@@ -112,7 +112,8 @@ def compile_model(model: torch.nn.Module, setting: str, device: torch.device) ->
 
 
 def prepare_device(device: torch.device) -> None:
-    """Per-process settings for training on `device`: cuDNN picks its fastest convolution for the run's fixed
-    shapes on CUDA."""
+    """Settings for a run on `device`: cuDNN picks its fastest convolution for the run's fixed shapes on CUDA, and
+    the peak of GPU memory a run reports is its own (Tune runs trial after trial in one process)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)

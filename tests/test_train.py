@@ -516,6 +516,21 @@ def test_the_batch_loop_never_waits_for_the_gpu():
     assert syncs(64) == syncs(192)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_runs_gpu_memory_peak_is_its_own_in_a_process_that_ran_a_bigger_one():
+    """Tune runs trial after trial in one process (reuse_actors): each reports its own peak, not the process's."""
+    dev = torch.device("cuda")
+    x = np.random.default_rng(0).integers(0, 256, (128, 48, 48), dtype=np.uint8)
+    data = _Splits({"train": (x, np.arange(128) % 7), "val": (x[:32], np.arange(32) % 7)})
+
+    def peak(width: float) -> float:
+        res = fit(TrainConfig(**{**TINY, "width": width, "batch_size": 64}, epochs=1), data, device=dev)
+        return res.history[-1]["gpu_mem_mb"]
+
+    big, small = peak(1.0), peak(0.0625)
+    assert small < big / 4, (small, big)
+
+
 def test_an_epochs_checkpoint_is_built_only_when_taken_and_only_then(small, monkeypatch):
     """fit() copies the run's state to the CPU for an epoch whose caller takes its checkpoint, and once more for the
     result at the end; a take() kept past its epoch is refused (the weights have moved on)."""
