@@ -312,7 +312,8 @@ def _run_final(out: Path, rec: FinalRecord, data: Any, opts: stage.RunOptions, *
                     "seed": tune.grid_search(rec["seeds"]),
                     **({"arm": tune.grid_search([WINNER, *arms])} if arms else {}),
                 },
-                tune_config=tune.TuneConfig(reuse_actors=False),
+                # a run after another in the same trial process (fit seeds all it draws: the same results)
+                tune_config=tune.TuneConfig(reuse_actors=True),
                 # Tune deletes no checkpoint; kept: the latest 3, the --eval-every snapshots, the finished one
                 run_config=stage.run_config(
                     "tune",
