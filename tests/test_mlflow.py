@@ -236,6 +236,56 @@ def test_mlflow_going_away_is_said_once_and_what_it_missed_follows_when_it_is_ba
     assert [(m.step, m.value) for m in real.get_metric_history(run.id, "val_acc")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
 
 
+def test_a_run_made_just_before_mlflow_went_away_gets_its_params_once_it_is_back(tmp_path, monkeypatch):
+    """A trial's run was made, then MLflow went away before its params went through: they follow when it answers
+    again (the run was kept as it was, without them, for good)."""
+    pytest.importorskip("mlflow")
+    import types
+
+    import optuna
+
+    from fer_tune.tune.mlflow import tracking
+    from fer_tune.tune.mlflow.study import StudyTracking
+    from fer_tune.tune.study.record import mlflow_ref
+    from fer_tune.tune.study.spaces import load_space
+
+    monkeypatch.setattr(tracking, "RETRY_S", 0.0)  # try again at once
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    t = optuna.create_study(study_name="t", storage=storage).ask()
+    params = {
+        "optimizer": t.suggest_categorical("optimizer", ["sgd_nesterov", "adam"]),
+        "lr": t.suggest_float("lr", 1e-3, 5e-2, log=True),
+        "dropout": t.suggest_float("dropout", 0.0, 0.5),
+    }
+    t.set_user_attr("ray_trial_id", "a_00000")
+    record = {"name": "t", "created": "2026-12-08T00:00:00", "optuna_study": "t", "storage": storage, "runs": []}
+    st = StudyTracking(
+        tmp_path, {**record, "mlflow": mlflow_ref(str(tmp_path / "mlruns"))}, load_space(write_space(tmp_path))
+    )
+    st.setup()  # connects, finds no run
+    real = st.ml.client
+
+    class ParamsLost:
+        down = True
+
+        def __getattr__(self, name):
+            if ParamsLost.down and name == "log_batch":
+                raise ConnectionError("[Errno 111] Connection refused")
+            return getattr(real, name)
+
+    st.ml.client = ParamsLost()
+    trial = types.SimpleNamespace(trial_id="a_00000")
+    st.on_trial_start(0, [], trial)  # the run is made; its params do not go through
+    ParamsLost.down = False
+    st.on_trial_result(1, [], trial, {"epoch": 1, "val_acc": 20.0, "train_loss": 1.5})
+    st.on_experiment_end([])
+    (run,) = study_runs(real)[0]
+    assert run.data.params["optimizer"] == params["optimizer"] and float(run.data.params["lr"]) == params["lr"]
+    assert float(run.data.params["width"]) == SPACE["fixed"]["width"]  # the whole config
+    assert [m.value for m in real.get_metric_history(run.info.run_id, "val_acc")] == [20.0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # studies with Ray, through the CLI
 # ---------------------------------------------------------------------------------------------------------

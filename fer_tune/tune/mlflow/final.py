@@ -118,7 +118,7 @@ class FinalTracking(Tracking):
             self._catch_up()
 
     def _open(self) -> bool:
-        """The stage's run, found or made (False when MLflow is away)."""
+        """The stage's run, found or made, with its params (False when MLflow is away)."""
         if self.run is None and self.ml.client is not None:
             rec = self._rec
             found = self.ml.find_runs(stage="final", final_created=str(rec["created"]))
@@ -143,7 +143,7 @@ class FinalTracking(Tracking):
                 "trial": rec["trial"]["number"],
                 "baseline": ",".join(rec.get("baselines", {})) or "none",
             }
-            self.ml.log_params(self.run, params)
+            return self.ml.log_params(self.run, params)  # False: away before they went through, sent next time
         return self.run is not None
 
     def _finish(self, metrics: dict | None, rows: list[dict]) -> None:

@@ -163,7 +163,7 @@ class StudyTracking(Tracking):
             if (run is None and not rows) or (run is not None and run.status in TERMINAL):
                 continue
             writes = self.ml.writes
-            run = run or self._open(t, tid)
+            run = self._open(t, tid)  # made, or known and its params sent if they had not gone through
             if run is None or not self.ml.log(run, [p for row in rows for p in trial_points(row)]):
                 behind += 1
                 continue
@@ -232,8 +232,8 @@ class StudyTracking(Tracking):
             if run is None:
                 return None
             self._runs[t.number] = run
-        if not run.has_params:
-            self.ml.log_params(run, self._params(t))
+        if not run.has_params and not self.ml.log_params(run, self._params(t)):
+            return None  # away before its params went through: they go at the next catch-up
         return run
 
     def _params(self, t: Any) -> dict:
