@@ -75,6 +75,34 @@ def test_what_is_wrong_with_a_database_is_said_in_one_line(tmp_path):
     assert damaged_database(sqlite3.OperationalError("database is locked")) is None
 
 
+def test_a_database_whose_writer_was_killed_mid_transaction_is_not_damaged(tmp_path):
+    """A writer SIGKILLed mid-transaction (a SLURM requeue, a preemption) leaves a hot journal: read only, SQLite
+    refuses the database ("attempt to write a readonly database"); it is rolled back, and nothing is lost."""
+    import optuna
+
+    db = _optuna_db(tmp_path / "optuna.db", trials=5)
+    before = [_same(t) for t in optuna.load_study(study_name="t", storage=f"sqlite:///{db}").trials]
+    kill = (
+        "import os, signal, sqlite3, sys\n"
+        "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "con.execute('PRAGMA cache_size=1')\n"  # the transaction's pages spill into the file before it commits
+        "con.execute('BEGIN')\n"
+        "con.execute('UPDATE trial_values SET value = value + 1')\n"
+        "con.execute('CREATE TABLE filler (x)')\n"
+        "con.executemany('INSERT INTO filler VALUES (?)', [(os.urandom(512),) for _ in range(400)])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", kill, str(db)], capture_output=True, timeout=60)
+    assert r.returncode == -9 and (tmp_path / "optuna.db-journal").stat().st_size > 0
+    ro = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly database"):  # what the check met before
+        ro.execute("SELECT count(*) FROM trials").fetchone()
+    ro.close()
+    assert database_damage(db) is None
+    after = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").trials
+    assert [_same(t) for t in after] == before
+
+
 def test_a_lost_database_is_rebuilt_as_it_was_and_the_study_extends_on_it(tmp_path, env, small_study):
     sdir = tmp_path / "t"
     shutil.copytree(small_study, sdir)

@@ -39,9 +39,20 @@ def check_database(sdir: str | Path, record: Any) -> None:
 
 
 def database_damage(db: Path) -> str | None:
-    """What is wrong with an Optuna sqlite database, read only (None: it is whole and holds Optuna's tables)."""
+    """What is wrong with an Optuna sqlite database (None: it is whole and holds Optuna's tables), read only. A
+    journal beside it (a writer killed mid-transaction: SIGKILL, a SLURM requeue, a preemption) is rolled back
+    first, as SQLite's next writer would: read only, SQLite refuses to read past it ("attempt to write a readonly
+    database") although nothing is damaged."""
+    import contextlib
     import sqlite3
 
+    hot = db.with_name(db.name + "-journal")
+    try:
+        if hot.exists() and hot.stat().st_size:
+            with contextlib.closing(sqlite3.connect(db, timeout=60)) as rw:
+                rw.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        pass  # a database it cannot write: read only below says what is wrong
     try:
         con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
     except sqlite3.Error as exc:
