@@ -23,30 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_scale import space
+from cpu_by_process import busy_cpu_seconds as busy
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--seeds", "2", "--epochs", "3", "--finetune-epochs", "1", "--baseline", "paper", "--quiet", "--num-cpus", "1"]
-SPACE = {
-    "name": "t",
-    "sampler": "tpe",
-    "seed": 0,
-    "num_samples": 3,
-    "max_epochs": 2,
-    "early_stopping": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "resources": {"cpu": 1, "gpu": 0},
-    "data": {"path": "synthetic:500", "protocol": "paper"},
-    "fixed": {"width": 0.0625, "train_crops": "one", "test_crops": "center", "batch_size": 32, "threads": 1},
-    "space": {
-        "optimizer": {"type": "categorical", "choices": ["sgd_nesterov", "adam"]},
-        "lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
-        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
-    },
-}
-
-
-def busy() -> float:
-    """The machine's busy CPU-seconds so far (user, nice, system, irq, softirq, steal)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+# the scale benchmark's tiny trials, 3 of them, on 500 synthetic faces
+SPACE = {**space(3, "after"), "name": "t", "data": {"path": "synthetic:500", "protocol": "paper"}}
 
 
 def one(arm: str, study: str) -> int:

@@ -10,14 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_script_smoke_runs_every_part(env, tmp_path):
+    def smoke(timeout):
+        return subprocess.run(
+            [str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "gpu")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     t0 = time.monotonic()
-    r = subprocess.run(
-        [str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "gpu")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = smoke(600)
     wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -35,13 +38,7 @@ def test_gpu_script_smoke_runs_every_part(env, tmp_path):
     for line in ("env: ", "throughput (", "epoch (", "study (", "accuracy ("):
         assert line in r.stdout
     assert wall < 300, f"the smoke run took {wall:.0f} s"
-    again = subprocess.run(
-        [str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "gpu")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = smoke(120)
     assert again.returncode == 2 and again.stdout == "", again
     assert (
         again.stderr

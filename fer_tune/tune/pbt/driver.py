@@ -327,7 +327,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
             write_json(out / PBT_FILE, rec)
         ray_log_to(out / "ray.log")
         res = rec["resources"]
-        guard = StuckGuard()
+        guard, scheduler = StuckGuard(), make_scheduler(rec)
         fn = stage.trainable(
             member_trial,
             res,
@@ -343,7 +343,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
                 param_space=param_space(rec),
                 tune_config=tune.TuneConfig(
                     search_alg=BasicVariantGenerator(points_to_evaluate=rec["points"]),
-                    scheduler=make_scheduler(rec),
+                    scheduler=scheduler,
                     num_samples=s["population"],
                     reuse_actors=True,
                 ),
@@ -359,7 +359,7 @@ def _run(out: Path, rec: PbtRecord, data: Any, opts: stage.RunOptions) -> int:
         tuner, exp = stage.stage_tuner(rec, fn, new_tuner, s["population"])
         config = internals.tuner_tune_config(tuner)
         if config is not None:  # a continued stage too (Tune restores the scheduler of an earlier release)
-            config.scheduler = make_scheduler(rec)
+            config.scheduler = scheduler
         set_output(tuner, output, population_progress(rec), exp, guards=(guard,))
         random.seed(rec["seed"])  # PBT's choices of donors and perturbations (their order still follows the results)
         grid = stage.fit_stage(tuner, rec, out / PBT_FILE)

@@ -140,7 +140,7 @@ def tuner_run_config(tuner: Any) -> Any:
 
 def tuner_tune_config(tuner: Any) -> Any:
     """The TuneConfig a ray.tune.Tuner runs with (a restored one: the saved one), None under Ray Client."""
-    local = getattr(tuner, "_local_tuner", None)
+    local = getattr(tuner, TUNER_ATTRS[0], None)
     return None if local is None else getattr(local, TUNER_INTERNAL_ATTRS[0])
 
 
